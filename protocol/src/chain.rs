@@ -1,0 +1,104 @@
+//! Chain verification: where a batch stands relative to a feed's head.
+//!
+//! Invariant: a feed accepts batch `n + 1` only, and only if it links to the
+//! hash of batch `n`. Anything else is a gap (batches missing), a replay (a
+//! batch already accepted, byte for byte) or a fork (a different batch at a
+//! position already taken, or a wrong link).
+
+use serde::{Deserialize, Serialize};
+
+use crate::batch::BatchHash;
+
+/// The head of a feed: the last accepted batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedCursor {
+    pub last_seq: u64,
+    pub last_hash: BatchHash,
+}
+
+impl Default for FeedCursor {
+    fn default() -> Self {
+        FeedCursor::START
+    }
+}
+
+/// Why a batch cannot extend the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("sequence gap: expected {expected}, got {got}")]
+    Gap { expected: u64, got: u64 },
+    #[error("replay of batch {seq}, which was already accepted")]
+    Replay { seq: u64 },
+    #[error("fork at batch {seq}: it does not match the accepted chain")]
+    Fork { seq: u64 },
+}
+
+impl FeedCursor {
+    /// A feed with no batches yet.
+    pub const START: FeedCursor = FeedCursor {
+        last_seq: 0,
+        last_hash: BatchHash::GENESIS,
+    };
+
+    /// The sequence number the next batch must have.
+    pub fn next_seq(&self) -> u64 {
+        self.last_seq + 1
+    }
+
+    /// Decides whether a batch with `seq`, linking to `prev` and hashing to
+    /// `hash`, extends this chain. `accepted` looks up the hash of an
+    /// already-accepted batch by sequence number (for telling a replay from
+    /// a fork); it is only called for `seq <= last_seq`.
+    pub fn check(
+        &self,
+        seq: u64,
+        prev: BatchHash,
+        hash: BatchHash,
+        accepted: impl FnOnce(u64) -> Option<BatchHash>,
+    ) -> Result<(), ChainError> {
+        if seq == self.next_seq() {
+            if prev == self.last_hash {
+                Ok(())
+            } else {
+                Err(ChainError::Fork { seq })
+            }
+        } else if seq > self.next_seq() {
+            Err(ChainError::Gap {
+                expected: self.next_seq(),
+                got: seq,
+            })
+        } else if accepted(seq) == Some(hash) {
+            Err(ChainError::Replay { seq })
+        } else {
+            Err(ChainError::Fork { seq })
+        }
+    }
+
+    /// Moves the head to an accepted batch.
+    pub fn advance(&mut self, seq: u64, hash: BatchHash) {
+        self.last_seq = seq;
+        self.last_hash = hash;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let h1 = BatchHash([1; 32]);
+        let h2 = BatchHash([2; 32]);
+        let mut c = FeedCursor::START;
+        assert_eq!(c.check(1, BatchHash::GENESIS, h1, |_| None), Ok(()));
+        c.advance(1, h1);
+        assert_eq!(c.check(2, h2, h2, |_| None), Err(ChainError::Fork { seq: 2 }));
+        assert_eq!(c.check(2, h1, h2, |_| None), Ok(()));
+        assert_eq!(
+            c.check(4, h1, h2, |_| None),
+            Err(ChainError::Gap { expected: 2, got: 4 })
+        );
+        assert_eq!(c.check(1, BatchHash::GENESIS, h1, |_| Some(h1)), Err(ChainError::Replay { seq: 1 }));
+        assert_eq!(c.check(1, BatchHash::GENESIS, h2, |_| Some(h1)), Err(ChainError::Fork { seq: 1 }));
+    }
+}

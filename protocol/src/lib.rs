@@ -1,0 +1,40 @@
+//! shuyuan's wire protocol, with no networking policy in it.
+//!
+//! Everything both ends of a feed must agree on lives here: node identities
+//! ([`identity`]), the one wire and storage encoding ([`encoding`]), the row
+//! and value model ([`value`], [`change`]), signed hash-chained batches
+//! ([`batch`], [`chain`]), the versioned message envelope ([`message`]), bounded
+//! framing ([`frame`]) and the sans-IO send/ack bookkeeping ([`window`]). The
+//! QUIC glue that the agent's uplink and the hub share is in [`quic`], behind
+//! the `quic` feature.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod batch;
+pub mod chain;
+pub mod change;
+pub mod cycle;
+pub mod encoding;
+pub mod feed;
+pub mod frame;
+pub mod identity;
+pub mod message;
+#[cfg(feature = "quic")]
+pub mod quic;
+pub mod time;
+pub mod value;
+pub mod window;
+
+pub use batch::{BatchBody, BatchHash, Entry, SignedBatch, ZeroUpdate};
+pub use chain::{ChainError, FeedCursor};
+pub use change::{Column, Op, RowChange, TableSchema};
+pub use cycle::UpdateCycle;
+pub use feed::{DepartmentCode, FeedId, ResourceCode};
+pub use frame::MAX_FRAME_SIZE;
+pub use identity::{NodeId, NodeKey};
+pub use message::{ALPN, Message, MessageV1, RejectReason};
+pub use time::UnixMillis;
+pub use value::Value;
+
+/// The software version, sent in `Hello` so the hub can tell operators which
+/// agent build is talking to it.
+pub const SOFTWARE: &str = concat!("shuyuan/", env!("CARGO_PKG_VERSION"));

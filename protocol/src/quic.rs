@@ -1,0 +1,476 @@
+//! QUIC glue shared by the agent's uplink and the hub: TLS 1.3 with
+//! certificates made from node keys, mutual key pinning, and framed messages
+//! on streams.
+//!
+//! Invariant: a handshake completes only if the server's key equals the key
+//! the client pinned and the client's key is admitted by the server's
+//! [`PeerPolicy`]; the TLS handshake signatures are still checked, so a peer
+//! must hold the private key of the identity it presents.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{ConnectionError, RecvStream, SendStream, TransportConfig, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::frame::{self, FrameError, LENGTH_PREFIX};
+use crate::identity::{NodeId, NodeKey};
+use crate::message::{ALPN, Message};
+
+/// The name every node puts in its certificate; identity is the key, not
+/// the name, so it is the same everywhere.
+pub const SERVER_NAME: &str = "shuyuan.invalid";
+
+/// How often an idle connection sends a keep-alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(4);
+/// How long a silent connection lives before it is declared lost.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410); the raw 32-byte
+/// key follows it.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Errors setting up QUIC or moving frames.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    #[error("cannot build the TLS certificate from the node key: {0}")]
+    Certificate(String),
+    #[error("cannot configure TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot configure QUIC: {0}")]
+    Config(String),
+    #[error("connection lost: {0}")]
+    Connection(#[from] ConnectionError),
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Decides which client keys may complete a handshake with a server.
+pub trait PeerPolicy: Send + Sync + fmt::Debug + 'static {
+    /// Whether `peer` may connect. Called during the handshake; refusing
+    /// implementations should log and count the refusal themselves.
+    fn admit(&self, peer: &NodeId) -> bool;
+
+    /// A client presented a certificate that holds no ed25519 key.
+    fn refuse_unreadable(&self, reason: &str) {
+        let _ = reason;
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A self-signed certificate for `key` and the matching rustls private key.
+pub fn certificate(
+    key: &NodeKey,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), QuicError> {
+    let der = key
+        .to_pkcs8_der()
+        .map_err(|e| QuicError::Certificate(e.to_string()))?;
+    let pkcs8 = PrivatePkcs8KeyDer::from(der);
+    let key_pair =
+        rcgen::KeyPair::try_from(&pkcs8).map_err(|e| QuicError::Certificate(e.to_string()))?;
+    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+        .map_err(|e| QuicError::Certificate(e.to_string()))?;
+    let cert = params
+        .self_signed(&key_pair)
+        .map_err(|e| QuicError::Certificate(e.to_string()))?;
+    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(pkcs8)))
+}
+
+/// The ed25519 key inside a certificate.
+pub fn certificate_key(cert: &CertificateDer<'_>) -> Result<NodeId, String> {
+    let parsed = rustls::server::ParsedCertificate::try_from(cert).map_err(|e| e.to_string())?;
+    let spki = parsed.subject_public_key_info();
+    let bytes: &[u8] = spki.as_ref();
+    let raw = bytes
+        .strip_prefix(&ED25519_SPKI_PREFIX[..])
+        .and_then(|k| <&[u8; 32]>::try_from(k).ok())
+        .ok_or_else(|| "certificate does not hold an ed25519 key".to_string())?;
+    NodeId::from_bytes(raw).map_err(|e| e.to_string())
+}
+
+/// The peer's key on an established connection.
+pub fn peer_id(connection: &quinn::Connection) -> Option<NodeId> {
+    let identity = connection.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certificate_key(certs.first()?).ok()
+}
+
+fn transport() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(
+        IDLE_TIMEOUT.as_millis() as u32,
+    ))));
+    // Feeds stream large batches on one stream; give it room.
+    t.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
+    t.receive_window(VarInt::from_u32(16 * 1024 * 1024));
+    t.send_window(16 * 1024 * 1024);
+    Arc::new(t)
+}
+
+/// Server configuration: presents `key`'s certificate, requires a client
+/// certificate, and admits only keys `policy` admits.
+pub fn server_config(
+    key: &NodeKey,
+    policy: Arc<dyn PeerPolicy>,
+) -> Result<quinn::ServerConfig, QuicError> {
+    let (cert, private) = certificate(key)?;
+    let provider = provider();
+    let verifier = Arc::new(AdmittedClients {
+        policy,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert], private)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// Client configuration: presents `key`'s certificate and accepts only a
+/// server whose key is `server`.
+pub fn client_config(key: &NodeKey, server: NodeId) -> Result<quinn::ClientConfig, QuicError> {
+    let (cert, private) = certificate(key)?;
+    let provider = provider();
+    let verifier = Arc::new(PinnedServer {
+        pinned: server,
+        provider: provider.clone(),
+    });
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![cert], private)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(quic));
+    config.transport_config(transport());
+    Ok(config)
+}
+
+/// A client endpoint on an ephemeral port of the right address family.
+pub fn client_endpoint(remote: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let local: SocketAddr = if remote.is_ipv6() {
+        "[::]:0".parse().map_err(std::io::Error::other)?
+    } else {
+        "0.0.0.0:0".parse().map_err(std::io::Error::other)?
+    };
+    quinn::Endpoint::client(local)
+}
+
+#[derive(Debug)]
+struct PinnedServer {
+    pinned: NodeId,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedServer {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = certificate_key(end_entity).map_err(rustls::Error::General)?;
+        if presented == self.pinned {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "hub key mismatch: the server presented {presented}, the config pins {}",
+                self.pinned
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+#[derive(Debug)]
+struct AdmittedClients {
+    policy: Arc<dyn PeerPolicy>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for AdmittedClients {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let peer = match certificate_key(end_entity) {
+            Ok(peer) => peer,
+            Err(reason) => {
+                self.policy.refuse_unreadable(&reason);
+                return Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::BadEncoding,
+                ));
+            }
+        };
+        if self.policy.admit(&peer) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Writes one framed message.
+pub async fn write_message(send: &mut SendStream, message: &Message) -> Result<(), QuicError> {
+    let frame = frame::encode_frame(message)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one framed message; `Ok(None)` when the peer finished the stream
+/// cleanly between frames. The length is checked before the payload buffer
+/// is allocated.
+pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, QuicError> {
+    let mut prefix = [0u8; LENGTH_PREFIX];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(QuicError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    let len = frame::payload_len(prefix)?;
+    let mut payload = vec![0u8; len];
+    match recv.read_exact(&mut payload).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(QuicError::Truncated),
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    Ok(Some(frame::decode_payload(&payload)?))
+}
+
+/// What went wrong with a connection, in words for an operator. TLS alerts
+/// during or right after the handshake mean the peer refused our identity
+/// (with TLS 1.3 client authentication the client learns this only on its
+/// first stream operation).
+pub fn explain(error: &ConnectionError) -> String {
+    match error {
+        ConnectionError::ConnectionClosed(close) if is_tls_alert(close.error_code) => format!(
+            "authentication failed: the peer refused this node's key during the TLS handshake ({}); \
+             ask its administrator to enroll this node's key",
+            String::from_utf8_lossy(&close.reason)
+        ),
+        ConnectionError::TransportError(e) if is_tls_alert(e.code) => {
+            format!("authentication failed: {}", e.reason)
+        }
+        ConnectionError::TimedOut => "no answer from the peer (timed out)".to_string(),
+        ConnectionError::ApplicationClosed(close) => format!(
+            "the peer closed the connection: {}",
+            String::from_utf8_lossy(&close.reason)
+        ),
+        ConnectionError::Reset => "the peer reset the connection (it may have restarted)".to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Whether a connection error is a TLS authentication failure.
+pub fn is_auth_failure(error: &ConnectionError) -> bool {
+    match error {
+        ConnectionError::ConnectionClosed(close) => is_tls_alert(close.error_code),
+        ConnectionError::TransportError(e) => is_tls_alert(e.code),
+        _ => false,
+    }
+}
+
+fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
+    // QUIC carries TLS alerts as CRYPTO_ERROR codes 0x0100-0x01ff (RFC 9001).
+    let code = u64::from(code);
+    (0x100..=0x1ff).contains(&code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Ack, MessageV1};
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    struct Allow(Mutex<Vec<NodeId>>, Mutex<Vec<NodeId>>);
+    impl PeerPolicy for Allow {
+        fn admit(&self, peer: &NodeId) -> bool {
+            let ok = self.0.lock().unwrap().contains(peer);
+            if !ok {
+                self.1.lock().unwrap().push(*peer);
+            }
+            ok
+        }
+    }
+
+    #[test]
+    fn certificate_carries_the_node_key() {
+        let key = NodeKey::from_seed([11; 32]);
+        let (cert, _) = certificate(&key).unwrap();
+        assert_eq!(certificate_key(&cert).unwrap(), key.id());
+    }
+
+    async fn pair(
+        client_key: &NodeKey,
+        pinned: NodeId,
+        policy: Arc<Allow>,
+        server_key: &NodeKey,
+    ) -> (quinn::Endpoint, Result<(quinn::Connection, NodeId), String>) {
+        let server = quinn::Endpoint::server(
+            server_config(server_key, policy).unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let srv = server.clone();
+        let accept = tokio::spawn(async move {
+            let conn = srv.accept().await?.await.ok()?;
+            let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+            let m = read_message(&mut recv).await.ok()??;
+            write_message(&mut send, &m).await.ok()?;
+            send.finish().ok()?;
+            let _ = conn.closed().await;
+            Some(())
+        });
+        let client = client_endpoint(addr).unwrap();
+        let result = async {
+            let conn = client
+                .connect_with(client_config(client_key, pinned).unwrap(), addr, SERVER_NAME)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| explain(&e))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| explain(&e))?;
+            let m = Message::V1(MessageV1::Ack(Ack {
+                feed: "D:R".parse().unwrap(),
+                seq: 9,
+            }));
+            write_message(&mut send, &m).await.map_err(|e| e.to_string())?;
+            let echoed = match read_message(&mut recv).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err("stream ended".to_string()),
+                Err(QuicError::Read(quinn::ReadError::ConnectionLost(e))) => return Err(explain(&e)),
+                Err(e) => return Err(e.to_string()),
+            };
+            assert_eq!(echoed, m);
+            let peer = peer_id(&conn).ok_or("no peer id")?;
+            Ok((conn, peer))
+        }
+        .await;
+        drop(accept);
+        (server, result)
+    }
+
+    #[tokio::test]
+    async fn mutual_pinning() {
+        let hub = NodeKey::from_seed([1; 32]);
+        let agent = NodeKey::from_seed([2; 32]);
+        let stranger = NodeKey::from_seed([3; 32]);
+        let policy = Arc::new(Allow::default());
+        policy.0.lock().unwrap().push(agent.id());
+
+        let (_s, ok) = pair(&agent, hub.id(), policy.clone(), &hub).await;
+        let (_conn, peer) = ok.unwrap();
+        assert_eq!(peer, hub.id());
+
+        let (_s, refused) = pair(&stranger, hub.id(), policy.clone(), &hub).await;
+        let err = refused.unwrap_err();
+        assert!(err.contains("authentication failed"), "{err}");
+        assert_eq!(policy.1.lock().unwrap().as_slice(), &[stranger.id()]);
+
+        let (_s, wrong_hub) = pair(&agent, stranger.id(), policy.clone(), &hub).await;
+        let err = wrong_hub.unwrap_err();
+        assert!(err.contains("hub key mismatch"), "{err}");
+    }
+}
