@@ -1,1 +1,191 @@
+//! shuyuan agent: runs next to a department database, captures every change
+//! of its shared tables, seals the changes into signed, hash-chained feeds,
+//! keeps them in a durable outbox and pushes them to the hub over QUIC, with
+//! signed zero-updates (零更新) when a resource is quiet.
+//!
+//! The data path, one module each: [`source`] (capture) -> [`seal`] ->
+//! [`outbox`] -> [`uplink`]; [`capture`] is the loop that drives the first
+//! three, and the only writer of the outbox.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod capture;
+pub mod config;
+pub mod outbox;
+pub mod seal;
+pub mod source;
+pub mod status;
+pub mod uplink;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use shuyuan_protocol::control;
+use shuyuan_protocol::identity::IdentityError;
+use shuyuan_protocol::{NodeKey, NodeId};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::{CaptureError, CaptureLoop};
+use crate::config::Config;
+use crate::outbox::{Outbox, OutboxError};
+use crate::source::SourceError;
+use crate::status::{AgentStatus, StatusBoard};
+use crate::uplink::Uplink;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0} (create the key with `shuyuan-agent init`)")]
+    Key(IdentityError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+    #[error("cannot open the control socket {path}: {source}")]
+    Control { path: PathBuf, source: std::io::Error },
+}
+
+/// A request on the agent's control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ControlRequest {
+    Status,
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Agent {
+    cancel: CancellationToken,
+    capture: Option<std::thread::JoinHandle<()>>,
+    uplink: tokio::task::JoinHandle<()>,
+    control: tokio::task::JoinHandle<()>,
+    status: StatusBoard,
+    node: NodeId,
+    socket: PathBuf,
+}
+
+impl Agent {
+    /// Opens the key, outbox and source, then starts capture, the uplink and
+    /// the control socket.
+    pub async fn start(config: Config) -> Result<Agent, StartError> {
+        let config = Arc::new(config);
+        let key = NodeKey::load(&config.key_file).map_err(StartError::Key)?;
+        let outbox = Outbox::open(&config.outbox_path())?;
+        let source = source::open(&config)?;
+        let status = StatusBoard::new(AgentStatus::initial(&config, key.id().to_string(), true));
+        let sealed = Arc::new(Notify::new());
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        let capture = CaptureLoop::new(
+            config.clone(),
+            key.clone(),
+            outbox.clone(),
+            source,
+            ack_rx,
+            sealed.clone(),
+            status.clone(),
+        )?;
+        let socket = config.control_socket();
+        let listener = control::bind(&socket).map_err(|source| StartError::Control {
+            path: socket.clone(),
+            source,
+        })?;
+        let cancel = CancellationToken::new();
+        let capture = {
+            let cancel = cancel.clone();
+            std::thread::Builder::new()
+                .name("capture".into())
+                .spawn(move || capture.run(cancel))
+                .map_err(|source| StartError::Control {
+                    path: socket.clone(),
+                    source,
+                })?
+        };
+        let node = key.id();
+        let uplink = Uplink {
+            config: config.clone(),
+            key,
+            outbox,
+            acks: ack_tx,
+            sealed,
+            status: status.clone(),
+        };
+        let uplink = tokio::spawn(uplink.run(cancel.clone()));
+        let control = tokio::spawn(serve_control(listener, status.clone(), cancel.clone()));
+        tracing::info!(
+            node = %node,
+            department = %config.department,
+            resources = config.resources.len(),
+            "agent started"
+        );
+        Ok(Agent {
+            cancel,
+            capture: Some(capture),
+            uplink,
+            control,
+            status,
+            node,
+            socket,
+        })
+    }
+
+    /// This agent's key.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The live status.
+    pub fn status(&self) -> AgentStatus {
+        self.status.snapshot()
+    }
+
+    /// Stops capture and the uplink and waits for them.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        let _ = (&mut self.uplink).await;
+        let _ = (&mut self.control).await;
+        if let Some(capture) = self.capture.take() {
+            let _ = tokio::task::spawn_blocking(move || capture.join()).await;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        tracing::info!("agent stopped");
+    }
+}
+
+async fn serve_control(listener: tokio::net::UnixListener, status: StatusBoard, cancel: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    continue;
+                }
+            },
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let mut stream = BufReader::new(stream);
+            let request = match control::read_request::<ControlRequest>(&mut stream).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = control::write_error(stream.get_mut(), &e.to_string()).await;
+                    return;
+                }
+            };
+            match request {
+                ControlRequest::Status => {
+                    let body = serde_json::to_vec(&status.snapshot()).unwrap_or_default();
+                    let out = stream.get_mut();
+                    let _ = control::write_ok(out).await;
+                    let _ = out.write_all(&body).await;
+                    let _ = out.write_all(b"\n").await;
+                }
+            }
+        });
+    }
+}

@@ -1,1 +1,211 @@
-fn main() {}
+//! `shuyuan-agent`: the command line of the department agent.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use shuyuan_agent::config::{Config, SourceConfig};
+use shuyuan_agent::source::sqlite::{InstallOutcome, install_triggers, uninstall_triggers};
+use shuyuan_agent::status::{self, AgentStatus};
+use shuyuan_agent::{Agent, ControlRequest};
+use shuyuan_protocol::NodeKey;
+use shuyuan_protocol::control::{self, ControlError};
+
+/// The example configuration written by `init` when none exists.
+const CONFIG_TEMPLATE: &str = include_str!("../../deploy/agent.toml");
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shuyuan-agent",
+    version,
+    about = "shuyuan (数源) department agent: captures a department database's changes and pushes signed feeds to the hub"
+)]
+struct Cli {
+    /// The agent's configuration file.
+    #[arg(long, short, global = true, env = "SHUYUAN_AGENT_CONFIG", default_value = "/etc/shuyuan/agent.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the agent's key (and an example config if none exists), and print the public key to enroll at the hub.
+    Init {
+        /// Print only the public key (for scripts).
+        #[arg(long)]
+        key_only: bool,
+    },
+    /// Run the agent: capture, seal, buffer and push changes until SIGTERM or Ctrl-C.
+    Run,
+    /// Show the live state: hub link, outbox depth, last ack, next zero-update (零更新) per resource.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install or remove the capture triggers in the department's SQLite database.
+    Triggers {
+        #[command(subcommand)]
+        action: TriggerAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TriggerAction {
+    /// Create the change table and triggers for every configured resource, and queue the rows already there (idempotent).
+    Install,
+    /// Remove the triggers (and the change table once no table is captured).
+    Uninstall {
+        /// Drop captured changes that were not yet sealed into the outbox.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(logs).with_writer(std::io::stderr).init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Init { key_only } => init(&cli.config, key_only),
+        Command::Run => {
+            let config = Config::load(&cli.config)?;
+            tokio::runtime::Runtime::new()?.block_on(serve(config))
+        }
+        Command::Status { json } => {
+            let config = Config::load(&cli.config)?;
+            let status = tokio::runtime::Runtime::new()?.block_on(live_status(&config))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Command::Triggers { action } => {
+            let config = Config::load(&cli.config)?;
+            let SourceConfig::Sqlite { path, busy_timeout, .. } = &config.source;
+            match action {
+                TriggerAction::Install => {
+                    let (mode, outcomes) = install_triggers(path, *busy_timeout, &config.resources)?;
+                    println!("{}: journal mode {mode}", path.display());
+                    for (code, table, outcome) in outcomes {
+                        match outcome {
+                            InstallOutcome::Installed { existing_rows } => println!(
+                                "{code} (table {table}): triggers installed; {existing_rows} existing rows queued for the hub"
+                            ),
+                            InstallOutcome::Reinstalled { existing_rows } => println!(
+                                "{code} (table {table}): triggers replaced for the new key; {existing_rows} rows queued again"
+                            ),
+                            InstallOutcome::AlreadyInstalled => {
+                                println!("{code} (table {table}): triggers already installed")
+                            }
+                        }
+                    }
+                }
+                TriggerAction::Uninstall { force } => {
+                    for table in uninstall_triggers(path, *busy_timeout, &config.resources, force)? {
+                        println!("table {table}: capture triggers removed");
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn init(config_path: &Path, key_only: bool) -> Result<()> {
+    let wrote_config = if config_path.exists() {
+        false
+    } else {
+        if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        std::fs::write(config_path, CONFIG_TEMPLATE)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        true
+    };
+    let config = Config::load(config_path)?;
+    let (key, created) = NodeKey::load_or_create(&config.key_file)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    if key_only {
+        println!("{}", key.id());
+        return Ok(());
+    }
+    if wrote_config {
+        println!("wrote an example config to {}; edit it (department, hub address and key, source, resources)", config_path.display());
+    }
+    println!(
+        "{} key {}",
+        if created { "created" } else { "existing" },
+        config.key_file.display()
+    );
+    println!("agent public key (节点公钥): {}", key.id());
+    println!("ask the hub administrator to enroll it:");
+    println!("  shuyuan-hub enroll --department {} --name \"<department name>\" {}", config.department, key.id());
+    Ok(())
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let agent = Agent::start(config).await?;
+    wait_for_signal().await?;
+    agent.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
+        r = tokio::signal::ctrl_c() => { r?; tracing::info!("interrupted, stopping") }
+    }
+    Ok(())
+}
+
+async fn live_status(config: &Config) -> Result<AgentStatus> {
+    let mut out = Vec::new();
+    match control::call(&config.control_socket(), &ControlRequest::Status, &mut out).await {
+        Ok(()) => Ok(serde_json::from_slice(&out).context("bad status from the agent")?),
+        Err(ControlError::NotRunning { .. }) => {
+            let node = NodeKey::load(&config.key_file).map(|k| k.id().to_string()).unwrap_or_else(|_| "(no key)".into());
+            match status::offline(config, node) {
+                Ok(s) => Ok(s),
+                Err(shuyuan_agent::outbox::OutboxError::AlreadyOpen(p)) => {
+                    bail!("{} is held by a running agent whose control socket does not answer", p.display())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn template_is_a_valid_config() {
+        Config::parse(Path::new("deploy/agent.toml"), CONFIG_TEMPLATE).unwrap();
+    }
+}

@@ -12,6 +12,8 @@
 pub mod batch;
 pub mod chain;
 pub mod change;
+#[cfg(feature = "control")]
+pub mod control;
 pub mod cycle;
 pub mod encoding;
 pub mod feed;

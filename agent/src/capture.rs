@@ -1,0 +1,315 @@
+//! The capture loop: read the source, seal batches, commit them to the
+//! outbox with the source position, release the source, and send a
+//! zero-update (零更新) for every resource whose cycle passed in silence.
+//!
+//! Invariants: this loop is the only writer of the outbox; a source change
+//! is released only after the outbox transaction covering it committed; a
+//! zero-update is sealed only from a read that saw every pending change, so
+//! it never claims "no changes" while changes wait; when the outbox is full,
+//! capture stops reading (changes wait in the source, nothing is dropped)
+//! until acks make room.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use shuyuan_protocol::batch::{Entry, ZeroUpdate};
+use shuyuan_protocol::{FeedId, NodeKey, RowChange, TableSchema, UnixMillis};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, SourceConfig};
+use crate::outbox::{Commit, FeedState, Outbox, OutboxError, Totals};
+use crate::seal::{BatchLimits, SealError, seal_entries};
+use crate::source::{self, Source, SourceError};
+use crate::status::StatusBoard;
+
+/// The hub acknowledged a feed up to `seq` (sent by the uplink).
+#[derive(Debug, Clone)]
+pub struct AckNote {
+    pub feed: FeedId,
+    pub seq: u64,
+    pub at: UnixMillis,
+}
+
+/// Why a capture step failed. Nothing is lost: the step's changes stay in
+/// the source and are read again.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+/// The capture loop's state.
+pub struct CaptureLoop {
+    config: Arc<Config>,
+    key: NodeKey,
+    outbox: Outbox,
+    source: Box<dyn Source>,
+    /// One per configured resource, in config order.
+    feeds: Vec<(FeedId, FeedState)>,
+    position: String,
+    released: Option<String>,
+    totals: Totals,
+    acks: Receiver<AckNote>,
+    pending_acks: Vec<AckNote>,
+    sealed: Arc<Notify>,
+    status: StatusBoard,
+    skipped_null_keys: u64,
+}
+
+impl std::fmt::Debug for CaptureLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaptureLoop")
+            .field("position", &self.position)
+            .field("totals", &self.totals)
+            .finish_non_exhaustive()
+    }
+}
+
+fn same_shape(a: &TableSchema, b: &TableSchema) -> bool {
+    a.table == b.table && a.columns == b.columns && a.key == b.key
+}
+
+impl CaptureLoop {
+    /// Loads the feed states and source position from the outbox.
+    pub fn new(
+        config: Arc<Config>,
+        key: NodeKey,
+        outbox: Outbox,
+        source: Box<dyn Source>,
+        acks: Receiver<AckNote>,
+        sealed: Arc<Notify>,
+        status: StatusBoard,
+    ) -> Result<Self, CaptureError> {
+        let stored = outbox.feeds()?;
+        let feeds = config
+            .resources
+            .iter()
+            .map(|r| {
+                let feed = FeedId::new(config.department.clone(), r.code.clone());
+                let state = stored.get(&feed).cloned().unwrap_or_default();
+                (feed, state)
+            })
+            .collect();
+        let position = outbox
+            .position()?
+            .unwrap_or_else(|| source::initial_position(&config));
+        let totals = outbox.totals()?;
+        Ok(CaptureLoop {
+            config,
+            key,
+            outbox,
+            source,
+            feeds,
+            position,
+            released: None,
+            totals,
+            acks,
+            pending_acks: Vec::new(),
+            sealed,
+            status,
+            skipped_null_keys: 0,
+        })
+    }
+
+    fn poll_interval(&self) -> Duration {
+        match self.config.source {
+            SourceConfig::Sqlite { poll_interval, .. } => poll_interval,
+        }
+    }
+
+    /// Runs until `cancel` fires.
+    pub fn run(mut self, cancel: CancellationToken) {
+        let mut last_error: Option<String> = None;
+        self.publish(None);
+        while !cancel.is_cancelled() {
+            let more = match self.step(UnixMillis::now()) {
+                Ok(more) => {
+                    if last_error.take().is_some() {
+                        tracing::info!("capture recovered");
+                    }
+                    self.publish(None);
+                    more
+                }
+                Err(e) => {
+                    let text = e.to_string();
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        if matches!(&e, CaptureError::Source(s) if s.is_transient()) {
+                            tracing::warn!(error = %text, "capture step failed; retrying");
+                        } else {
+                            tracing::error!(error = %text, "capture step failed; retrying until fixed");
+                        }
+                    }
+                    self.publish(Some(text.clone()));
+                    last_error = Some(text);
+                    false
+                }
+            };
+            if more {
+                continue;
+            }
+            match self.acks.recv_timeout(self.poll_interval()) {
+                Ok(note) => self.pending_acks.push(note),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(self.poll_interval()),
+            }
+        }
+        tracing::info!("capture stopped");
+    }
+
+    fn publish(&mut self, error: Option<String>) {
+        let backlog = self.source.backlog(&self.position).unwrap_or(0);
+        let paused = self.totals.bytes >= self.config.outbox.max_bytes;
+        let config = self.config.clone();
+        let feeds = &self.feeds;
+        let (position, totals, skipped) = (self.position.clone(), self.totals, self.skipped_null_keys);
+        self.status.update(|s| {
+            s.apply_feeds(&config, feeds);
+            s.apply_totals(totals);
+            s.source.position = position;
+            s.source.backlog = backlog;
+            s.source.paused_outbox_full = paused;
+            s.source.error = error;
+            s.source.skipped_null_keys = skipped;
+            s.source.last_read_at = Some(UnixMillis::now());
+        });
+    }
+
+    /// One round. Returns whether more changes are waiting right now.
+    pub fn step(&mut self, now: UnixMillis) -> Result<bool, CaptureError> {
+        // The source may still hold changes an earlier run committed to the
+        // outbox but did not get to delete.
+        if self.released.as_deref() != Some(self.position.as_str()) {
+            self.source.release(&self.position)?;
+            self.released = Some(self.position.clone());
+        }
+
+        let mut feeds = self.feeds.clone();
+        let mut commit = Commit::default();
+        while let Ok(note) = self.acks.try_recv() {
+            self.pending_acks.push(note);
+        }
+        let mut prune: BTreeMap<usize, u64> = BTreeMap::new();
+        for note in self.pending_acks.drain(..) {
+            if let Some(i) = feeds.iter().position(|(f, _)| *f == note.feed) {
+                let state = &mut feeds[i].1;
+                if note.seq > state.acked {
+                    state.acked = note.seq;
+                    state.last_ack_at = Some(note.at);
+                    prune.insert(i, note.seq);
+                }
+            }
+        }
+        commit.prune = prune.iter().map(|(&i, &seq)| (feeds[i].0.clone(), seq)).collect();
+
+        let paused = self.totals.bytes >= self.config.outbox.max_bytes;
+        let mut more = false;
+        let mut new_position = None;
+        if !paused {
+            let limit = self.config.outbox.batch_max_changes.saturating_mul(10).max(1);
+            let read = match self.source.read(&self.position, limit) {
+                Ok(read) => read,
+                Err(e) => {
+                    // Keep the acks even when the source is unreadable, so
+                    // the outbox still drains.
+                    if !commit.prune.is_empty() {
+                        commit.feeds = feeds.clone();
+                        self.totals = self.outbox.commit(&commit)?;
+                        self.feeds = feeds;
+                    }
+                    return Err(e.into());
+                }
+            };
+            self.skipped_null_keys += read.skipped_null_keys;
+            more = !read.complete;
+            let mut entries: Vec<Vec<Entry>> = vec![Vec::new(); feeds.len()];
+            if let Some(shapes) = read.shapes {
+                for (i, shape) in shapes.into_iter().enumerate() {
+                    let state = &mut feeds[i].1;
+                    let changed = state.schema.as_ref().is_none_or(|s| !same_shape(s, &shape));
+                    if changed {
+                        let version = state.schema.as_ref().map_or(1, |s| s.version + 1);
+                        let schema = TableSchema { version, ..shape };
+                        tracing::info!(feed = %feeds[i].0, version, "table shape recorded");
+                        entries[i].push(Entry::Schema(schema.clone()));
+                        feeds[i].1.schema = Some(schema);
+                    }
+                }
+            }
+            let mut has_changes = vec![false; feeds.len()];
+            for c in read.changes {
+                let version = feeds[c.resource].1.schema.as_ref().map_or(0, |s| s.version);
+                has_changes[c.resource] = true;
+                entries[c.resource].push(Entry::Change(RowChange {
+                    op: c.op,
+                    key: c.key,
+                    row: c.row,
+                    schema_version: version,
+                }));
+            }
+            let limits = BatchLimits {
+                max_changes: self.config.outbox.batch_max_changes,
+                max_bytes: self.config.outbox.batch_max_bytes,
+            };
+            for (i, es) in entries.into_iter().enumerate() {
+                let resource = &self.config.resources[i];
+                let (feed, state) = &mut feeds[i];
+                let es = if es.is_empty() && read.complete && state.schema.is_some() {
+                    // Quiet resource: is a zero-update due?
+                    match state.last_batch_at {
+                        Some(last) if now >= last.saturating_add(resource.heartbeat) => {
+                            state.last_zero_update_at = Some(now);
+                            vec![Entry::ZeroUpdate(ZeroUpdate {
+                                since: last,
+                                until: now,
+                                source_position: read.position.clone(),
+                            })]
+                        }
+                        _ => continue,
+                    }
+                } else {
+                    es
+                };
+                if es.is_empty() {
+                    continue;
+                }
+                if has_changes[i] {
+                    state.last_change_at = Some(now);
+                }
+                for (seq, bytes) in seal_entries(&self.key, feed, state, es, now, limits)? {
+                    commit.appended.push((feed.clone(), seq, bytes));
+                }
+            }
+            if read.position != self.position {
+                new_position = Some(read.position);
+            }
+        }
+        commit.position = new_position.clone();
+        if commit.is_empty() {
+            return Ok(more);
+        }
+        commit.feeds = feeds
+            .iter()
+            .zip(&self.feeds)
+            .filter(|(new, old)| new.1 != old.1)
+            .map(|(new, _)| new.clone())
+            .collect();
+        self.totals = self.outbox.commit(&commit)?;
+        self.feeds = feeds;
+        if !commit.appended.is_empty() {
+            self.sealed.notify_one();
+        }
+        if let Some(p) = new_position {
+            self.position = p;
+            self.source.release(&self.position)?;
+            self.released = Some(self.position.clone());
+        }
+        Ok(more)
+    }
+}

@@ -1,0 +1,442 @@
+//! The agent's configuration: one TOML file, parsed into a raw form and then
+//! validated into [`Config`] ("parse, don't validate").
+//!
+//! Invariant: every error names the file, the key and the reason; relative
+//! paths are resolved against the directory of the config file, so a config
+//! means the same thing whatever directory the service starts in.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use shuyuan_protocol::cycle::parse_duration;
+use shuyuan_protocol::frame::MAX_BATCH_BODY;
+use shuyuan_protocol::{DepartmentCode, NodeId, ResourceCode, UpdateCycle};
+
+/// The most key columns a resource may have (the change table's width).
+pub const MAX_KEY_COLUMNS: usize = 8;
+
+/// A config problem, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// The TOML key path, e.g. `resource[1].update_cycle`, or a line and column.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: RawAgent,
+    hub: RawHub,
+    source: RawSource,
+    #[serde(default)]
+    outbox: RawOutbox,
+    #[serde(default, rename = "resource")]
+    resources: Vec<RawResource>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    department: String,
+    #[serde(default = "default_key_file")]
+    key_file: PathBuf,
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+}
+
+fn default_key_file() -> PathBuf {
+    PathBuf::from("agent.key")
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("agent-data")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHub {
+    address: String,
+    key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+enum RawSource {
+    Sqlite {
+        path: PathBuf,
+        poll_interval: Option<String>,
+        busy_timeout: Option<String>,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    max_size: Option<String>,
+    batch_max_changes: Option<usize>,
+    batch_max_size: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawResource {
+    code: String,
+    name: Option<String>,
+    table: String,
+    key: Vec<String>,
+    update_cycle: String,
+    heartbeat: Option<String>,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub file: PathBuf,
+    pub department: DepartmentCode,
+    pub key_file: PathBuf,
+    pub data_dir: PathBuf,
+    pub hub: HubConfig,
+    pub source: SourceConfig,
+    pub outbox: OutboxConfig,
+    pub resources: Vec<ResourceConfig>,
+}
+
+/// Where the hub is and which key it must present.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// `host:port` as written; resolved at every connection attempt.
+    pub address: String,
+    pub key: NodeId,
+}
+
+/// The department database.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Sqlite {
+        path: PathBuf,
+        poll_interval: Duration,
+        busy_timeout: Duration,
+    },
+}
+
+/// Outbox limits.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Capture pauses when the outbox holds this many bytes.
+    pub max_bytes: u64,
+    pub batch_max_changes: usize,
+    pub batch_max_bytes: usize,
+}
+
+/// One shared resource (one table).
+#[derive(Debug, Clone)]
+pub struct ResourceConfig {
+    pub code: ResourceCode,
+    pub name: String,
+    pub table: String,
+    pub key: Vec<String>,
+    pub update_cycle: UpdateCycle,
+    /// How long the resource may stay quiet before a zero-update is sent.
+    pub heartbeat: Duration,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates config text as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let err = |key: &str, reason: String| ConfigError {
+            file: path.to_owned(),
+            key: key.to_string(),
+            reason,
+        };
+        let department = DepartmentCode::new(raw.agent.department)
+            .map_err(|e| err("agent.department", e.to_string()))?;
+        let key = raw
+            .hub
+            .key
+            .parse::<NodeId>()
+            .map_err(|e| err("hub.key", e.to_string()))?;
+        if raw.hub.address.parse::<SocketAddr>().is_err() && !looks_like_host_port(&raw.hub.address) {
+            return Err(err(
+                "hub.address",
+                format!("{:?} is not HOST:PORT", raw.hub.address),
+            ));
+        }
+        let source = match raw.source {
+            RawSource::Sqlite {
+                path: db,
+                poll_interval,
+                busy_timeout,
+            } => SourceConfig::Sqlite {
+                path: base.join(db),
+                poll_interval: duration(&err, "source.poll_interval", poll_interval, Duration::from_millis(200))?,
+                busy_timeout: duration(&err, "source.busy_timeout", busy_timeout, Duration::from_secs(5))?,
+            },
+        };
+        let outbox = OutboxConfig {
+            max_bytes: match raw.outbox.max_size {
+                Some(s) => parse_size(&s).ok_or_else(|| err("outbox.max_size", format!("{s:?} is not a size such as \"256 MiB\"")))?,
+                None => 256 * 1024 * 1024,
+            },
+            batch_max_changes: match raw.outbox.batch_max_changes {
+                Some(0) => return Err(err("outbox.batch_max_changes", "must be at least 1".into())),
+                Some(n) => n,
+                None => 1000,
+            },
+            batch_max_bytes: match raw.outbox.batch_max_size {
+                Some(s) => {
+                    let n = parse_size(&s).ok_or_else(|| err("outbox.batch_max_size", format!("{s:?} is not a size such as \"1 MiB\"")))?;
+                    let n = usize::try_from(n).unwrap_or(usize::MAX);
+                    if n > MAX_BATCH_BODY || n < 1024 {
+                        return Err(err("outbox.batch_max_size", format!("must be between 1 KiB and {} bytes (the frame limit)", MAX_BATCH_BODY)));
+                    }
+                    n
+                }
+                None => 1024 * 1024,
+            },
+        };
+        if outbox.max_bytes < outbox.batch_max_bytes as u64 {
+            return Err(err("outbox.max_size", "must be at least outbox.batch_max_size".into()));
+        }
+        if raw.resources.is_empty() {
+            return Err(err("resource", "no [[resource]] is declared; the agent would have nothing to share".into()));
+        }
+        let mut resources = Vec::new();
+        let mut codes = BTreeSet::new();
+        let mut tables = BTreeSet::new();
+        for (i, r) in raw.resources.into_iter().enumerate() {
+            let at = |k: &str| format!("resource[{i}].{k}");
+            let code = ResourceCode::new(r.code).map_err(|e| err(&at("code"), e.to_string()))?;
+            if !codes.insert(code.clone()) {
+                return Err(err(&at("code"), format!("{code} is declared twice")));
+            }
+            if !is_identifier(&r.table) {
+                return Err(err(&at("table"), format!("{:?} is not a plain table name (letters, digits, _)", r.table)));
+            }
+            if !tables.insert(r.table.clone()) {
+                return Err(err(&at("table"), format!("table {} is already shared by another resource", r.table)));
+            }
+            if r.key.is_empty() || r.key.len() > MAX_KEY_COLUMNS {
+                return Err(err(&at("key"), format!("give 1 to {MAX_KEY_COLUMNS} key columns")));
+            }
+            if let Some(bad) = r.key.iter().find(|k| !is_identifier(k)) {
+                return Err(err(&at("key"), format!("{bad:?} is not a plain column name")));
+            }
+            let update_cycle: UpdateCycle = r
+                .update_cycle
+                .parse()
+                .map_err(|e: shuyuan_protocol::cycle::CycleError| err(&at("update_cycle"), e.to_string()))?;
+            let heartbeat = match r.heartbeat {
+                Some(h) => match parse_duration(&h) {
+                    Some(d) if !d.is_zero() && d <= update_cycle.period() => d,
+                    Some(_) => return Err(err(&at("heartbeat"), format!("must be positive and no longer than the update cycle ({})", update_cycle))),
+                    None => return Err(err(&at("heartbeat"), format!("{h:?} is not a duration such as \"30s\""))),
+                },
+                None => update_cycle.period(),
+            };
+            resources.push(ResourceConfig {
+                name: r.name.unwrap_or_else(|| r.table.clone()),
+                code,
+                table: r.table,
+                key: r.key,
+                update_cycle,
+                heartbeat,
+            });
+        }
+        Ok(Config {
+            file: path.to_owned(),
+            department,
+            key_file: base.join(raw.agent.key_file),
+            data_dir: base.join(raw.agent.data_dir),
+            hub: HubConfig {
+                address: raw.hub.address,
+                key,
+            },
+            source,
+            outbox,
+            resources,
+        })
+    }
+
+    /// The outbox database file.
+    pub fn outbox_path(&self) -> PathBuf {
+        self.data_dir.join("outbox.redb")
+    }
+
+    /// The control socket `status` talks to.
+    pub fn control_socket(&self) -> PathBuf {
+        self.data_dir.join("agent.sock")
+    }
+}
+
+fn duration(
+    err: &impl Fn(&str, String) -> ConfigError,
+    key: &str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => match parse_duration(&v) {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => Err(err(key, format!("{v:?} is not a positive duration such as \"200ms\" or \"5s\""))),
+        },
+    }
+}
+
+fn looks_like_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+/// A plain SQL identifier: letters, digits and `_`, not starting with a digit.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 63
+}
+
+/// Parses `1048576`, `512 KiB`, `256 MiB`, `1 GiB`, `10 MB`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let n: u64 = s[..digits].parse().ok()?;
+    let mult: u64 = match s[digits..].trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// Turns a TOML error into a [`ConfigError`] naming the line and column.
+pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let key = match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {col}")
+        }
+        None => "(document)".to_string(),
+    };
+    ConfigError {
+        file: path.to_owned(),
+        key,
+        reason: e.message().trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HUB: &str = "mfrggzdfmztwq2lknnwg23tpobyxe43uov3ho6dzpjsx2ytdmrsxs";
+
+    fn good() -> String {
+        format!(
+            r#"
+[agent]
+department = "GA-330902"
+[hub]
+address = "127.0.0.1:7700"
+key = "{HUB}"
+[source]
+kind = "sqlite"
+path = "dept.db"
+[[resource]]
+code = "A01/0001"
+table = "household"
+key = ["id_number"]
+update_cycle = "daily"
+"#
+        )
+    }
+
+    fn hub_key() -> String {
+        shuyuan_protocol::NodeKey::from_seed([1; 32]).id().to_string()
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/shuyuan/agent.toml"), &text.replace(HUB, &hub_key()))
+    }
+
+    #[test]
+    fn good_config_resolves_paths() {
+        let c = parse(&good()).unwrap();
+        assert_eq!(c.key_file, PathBuf::from("/etc/shuyuan/agent.key"));
+        match &c.source {
+            SourceConfig::Sqlite { path, poll_interval, .. } => {
+                assert_eq!(path, &PathBuf::from("/etc/shuyuan/dept.db"));
+                assert_eq!(*poll_interval, Duration::from_millis(200));
+            }
+        }
+        assert_eq!(c.resources[0].heartbeat, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let cases = [
+            (good().replace("daily", "fortnightly"), "resource[0].update_cycle", "fortnightly"),
+            (good().replace("GA-330902", "GA 330902"), "agent.department", "not valid"),
+            (good().replace(HUB, "abc"), "hub.key", "52 base32"),
+            (good().replace("127.0.0.1:7700", "nowhere"), "hub.address", "HOST:PORT"),
+            (good().replace("table = \"household\"", "table = \"house; drop\""), "resource[0].table", "plain table name"),
+            (good().replace("key = [\"id_number\"]", "key = []"), "resource[0].key", "key columns"),
+            (good() + "[outbox]\nmax_size = \"lots\"\n", "outbox.max_size", "not a size"),
+            (good().replace("[agent]", "[agent]\ncolour = \"red\""), "line 3", "unknown field `colour`"),
+            (good().replace("kind = \"sqlite\"", "kind = \"oracle\""), "line", "oracle"),
+        ];
+        for (text, key, reason) in cases {
+            let e = parse(&text).unwrap_err();
+            let shown = e.to_string();
+            assert!(shown.starts_with("/etc/shuyuan/agent.toml: "), "{shown}");
+            assert!(e.key.contains(key), "expected key {key} in {shown}");
+            assert!(shown.contains(reason), "expected {reason:?} in {shown}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256 MiB"), Some(256 << 20));
+        assert_eq!(parse_size("10MB"), Some(10_000_000));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("lots"), None);
+        assert_eq!(parse_size("5 TiB"), None);
+    }
+}

@@ -1,0 +1,323 @@
+//! The outbox: signed batches waiting for the hub's ack, in redb.
+//!
+//! Invariants: an entry is deleted only after an ack that covers its
+//! sequence number; the source position is committed in the same
+//! transaction as the batches it produced, so a crash between capture and
+//! outbox neither skips nor repeats a change; the capture loop is the only
+//! writer of this file (the uplink reads it and sends its acks to the loop).
+//!
+//! Tables (the `_v1` suffix is the layout version):
+//! - `outbox_v1`: (feed text `DEPT:RES`, seq) -> postcard `SignedBatch`
+//! - `feeds_v1`: feed text -> postcard [`FeedState`]
+//! - `meta_v1`: name -> bytes; `position` (source position, UTF-8),
+//!   `batches` and `bytes` (u64 big-endian totals of `outbox_v1`)
+//! - `migrations_v1`: migration name -> unix millis applied
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use shuyuan_protocol::encoding::{self, decode, encode};
+use shuyuan_protocol::{FeedCursor, FeedId, SignedBatch, TableSchema, UnixMillis};
+
+const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox_v1");
+const FEEDS: TableDefinition<&str, &[u8]> = TableDefinition::new("feeds_v1");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
+const MIGRATIONS: TableDefinition<&str, i64> = TableDefinition::new("migrations_v1");
+
+/// Named, idempotent migrations, applied in order once each.
+const MIGRATION_NAMES: &[&str] = &["0001-create-tables"];
+
+/// Errors of the outbox store.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("{0} is in use by another shuyuan-agent process (only one agent may use a data directory)")]
+    AlreadyOpen(PathBuf),
+    #[error("outbox storage error: {0}")]
+    Storage(String),
+    #[error("outbox entry {feed} #{seq} is corrupt: {reason}")]
+    Corrupt { feed: String, seq: u64, reason: String },
+    #[error("stored feed state of {feed} is corrupt: {reason}")]
+    CorruptState { feed: String, reason: String },
+}
+
+fn storage(e: impl Into<redb::Error>) -> OutboxError {
+    OutboxError::Storage(e.into().to_string())
+}
+
+/// What the agent knows about one feed, kept with its batches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedState {
+    /// The last sealed batch.
+    pub head: FeedCursor,
+    /// The highest sequence number the hub acknowledged.
+    pub acked: u64,
+    /// The table shape under the current schema version.
+    pub schema: Option<TableSchema>,
+    /// When the last batch (of any kind) was sealed.
+    pub last_batch_at: Option<UnixMillis>,
+    /// When the last batch with row changes was sealed.
+    pub last_change_at: Option<UnixMillis>,
+    /// When the last zero-update was sealed.
+    pub last_zero_update_at: Option<UnixMillis>,
+    /// When the hub last acknowledged a batch.
+    pub last_ack_at: Option<UnixMillis>,
+}
+
+/// Size of the outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub batches: u64,
+    pub bytes: u64,
+}
+
+/// One atomic change of the outbox.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// New batches: feed, seq, encoded `SignedBatch`.
+    pub appended: Vec<(FeedId, u64, Vec<u8>)>,
+    /// Feed states to store (whole).
+    pub feeds: Vec<(FeedId, FeedState)>,
+    /// The source position these batches cover.
+    pub position: Option<String>,
+    /// Delete every entry of the feed up to and including the sequence
+    /// number (the hub acknowledged them).
+    pub prune: Vec<(FeedId, u64)>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.appended.is_empty() && self.feeds.is_empty() && self.position.is_none() && self.prune.is_empty()
+    }
+}
+
+/// Handle to the outbox file; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+impl Outbox {
+    /// Opens (or creates) the outbox and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, OutboxError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| OutboxError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => OutboxError::AlreadyOpen(path.to_owned()),
+            other => storage(other),
+        })?;
+        let outbox = Outbox {
+            db: Arc::new(db),
+            path: path.to_owned(),
+        };
+        outbox.migrate()?;
+        Ok(outbox)
+    }
+
+    fn migrate(&self) -> Result<(), OutboxError> {
+        let tx = self.db.begin_write().map_err(storage)?;
+        {
+            let mut done = tx.open_table(MIGRATIONS).map_err(storage)?;
+            for name in MIGRATION_NAMES {
+                if done.get(*name).map_err(storage)?.is_some() {
+                    continue;
+                }
+                match *name {
+                    "0001-create-tables" => {
+                        tx.open_table(OUTBOX).map_err(storage)?;
+                        tx.open_table(FEEDS).map_err(storage)?;
+                        tx.open_table(META).map_err(storage)?;
+                    }
+                    _ => {}
+                }
+                done.insert(*name, UnixMillis::now().0).map_err(storage)?;
+            }
+        }
+        tx.commit().map_err(storage)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every feed's stored state.
+    pub fn feeds(&self) -> Result<BTreeMap<FeedId, FeedState>, OutboxError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(FEEDS).map_err(storage)?;
+        let mut out = BTreeMap::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let feed: FeedId = k.value().parse().map_err(|e: shuyuan_protocol::feed::CodeError| OutboxError::CorruptState {
+                feed: k.value().to_string(),
+                reason: e.to_string(),
+            })?;
+            let state: FeedState = decode(v.value()).map_err(|e| OutboxError::CorruptState {
+                feed: k.value().to_string(),
+                reason: e.to_string(),
+            })?;
+            out.insert(feed, state);
+        }
+        Ok(out)
+    }
+
+    /// The committed source position, if any.
+    pub fn position(&self) -> Result<Option<String>, OutboxError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let meta = tx.open_table(META).map_err(storage)?;
+        Ok(meta
+            .get("position")
+            .map_err(storage)?
+            .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
+    }
+
+    /// How many batches and bytes the outbox holds.
+    pub fn totals(&self) -> Result<Totals, OutboxError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let meta = tx.open_table(META).map_err(storage)?;
+        read_totals(&meta)
+    }
+
+    /// One stored batch.
+    pub fn batch(&self, feed: &FeedId, seq: u64) -> Result<Option<SignedBatch>, OutboxError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(OUTBOX).map_err(storage)?;
+        let key = feed.to_string();
+        let Some(v) = table.get((key.as_str(), seq)).map_err(storage)? else {
+            return Ok(None);
+        };
+        let batch: SignedBatch = decode(v.value()).map_err(|e: encoding::DecodeError| OutboxError::Corrupt {
+            feed: key.clone(),
+            seq,
+            reason: e.to_string(),
+        })?;
+        Ok(Some(batch))
+    }
+
+    /// The lowest stored sequence number of a feed.
+    pub fn first_seq(&self, feed: &FeedId) -> Result<Option<u64>, OutboxError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(OUTBOX).map_err(storage)?;
+        let key = feed.to_string();
+        let mut range = table.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(storage)?;
+        Ok(match range.next() {
+            Some(item) => Some(item.map_err(storage)?.0.value().1),
+            None => None,
+        })
+    }
+
+    /// Applies one commit durably and returns the new totals.
+    pub fn commit(&self, c: &Commit) -> Result<Totals, OutboxError> {
+        let tx = self.db.begin_write().map_err(storage)?;
+        let totals = {
+            let mut outbox = tx.open_table(OUTBOX).map_err(storage)?;
+            let mut feeds = tx.open_table(FEEDS).map_err(storage)?;
+            let mut meta = tx.open_table(META).map_err(storage)?;
+            let mut totals = read_totals(&meta)?;
+            for (feed, seq, bytes) in &c.appended {
+                let key = feed.to_string();
+                let old = outbox.insert((key.as_str(), *seq), bytes.as_slice()).map_err(storage)?;
+                if let Some(old) = old {
+                    totals.batches -= 1;
+                    totals.bytes -= old.value().len() as u64;
+                }
+                totals.batches += 1;
+                totals.bytes += bytes.len() as u64;
+            }
+            for (feed, upto) in &c.prune {
+                let key = feed.to_string();
+                let removed = outbox
+                    .extract_from_if((key.as_str(), 0)..=(key.as_str(), *upto), |_, _| true)
+                    .map_err(storage)?;
+                for item in removed {
+                    let (_, v) = item.map_err(storage)?;
+                    totals.batches -= 1;
+                    totals.bytes -= v.value().len() as u64;
+                }
+            }
+            for (feed, state) in &c.feeds {
+                let bytes = encode(state).map_err(|e| OutboxError::Storage(e.to_string()))?;
+                feeds.insert(feed.to_string().as_str(), bytes.as_slice()).map_err(storage)?;
+            }
+            if let Some(p) = &c.position {
+                meta.insert("position", p.as_bytes()).map_err(storage)?;
+            }
+            meta.insert("batches", totals.batches.to_be_bytes().as_slice()).map_err(storage)?;
+            meta.insert("bytes", totals.bytes.to_be_bytes().as_slice()).map_err(storage)?;
+            totals
+        };
+        tx.commit().map_err(storage)?;
+        Ok(totals)
+    }
+}
+
+fn read_totals(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Totals, OutboxError> {
+    let get = |name: &str| -> Result<u64, OutboxError> {
+        Ok(meta
+            .get(name)
+            .map_err(storage)?
+            .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    };
+    Ok(Totals {
+        batches: get("batches")?,
+        bytes: get("bytes")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(r: &str) -> FeedId {
+        format!("D:{r}").parse().unwrap()
+    }
+
+    #[test]
+    fn commit_prune_and_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.redb");
+        let ob = Outbox::open(&path).unwrap();
+        assert!(matches!(Outbox::open(&path), Err(OutboxError::AlreadyOpen(_))));
+        let key = shuyuan_protocol::NodeKey::from_seed([1; 32]);
+        let mut appended = Vec::new();
+        for seq in 1..=5u64 {
+            let body = shuyuan_protocol::BatchBody {
+                feed: feed("A"),
+                seq,
+                prev: shuyuan_protocol::BatchHash::GENESIS,
+                created_at: UnixMillis(1),
+                entries: vec![],
+            };
+            let b = SignedBatch::seal(&key, &body).unwrap();
+            appended.push((feed("A"), seq, encode(&b).unwrap()));
+        }
+        let sizes: u64 = appended.iter().map(|a| a.2.len() as u64).sum();
+        let state = FeedState { acked: 0, ..Default::default() };
+        let t = ob
+            .commit(&Commit {
+                appended,
+                feeds: vec![(feed("A"), state.clone())],
+                position: Some("42".into()),
+                prune: vec![],
+            })
+            .unwrap();
+        assert_eq!(t, Totals { batches: 5, bytes: sizes });
+        assert_eq!(ob.position().unwrap().as_deref(), Some("42"));
+        assert_eq!(ob.feeds().unwrap()[&feed("A")], state);
+        assert_eq!(ob.first_seq(&feed("A")).unwrap(), Some(1));
+        let t = ob.commit(&Commit { prune: vec![(feed("A"), 3), (feed("B"), 9)], ..Default::default() }).unwrap();
+        assert_eq!(t.batches, 2);
+        assert_eq!(ob.first_seq(&feed("A")).unwrap(), Some(4));
+        assert!(ob.batch(&feed("A"), 3).unwrap().is_none());
+        assert_eq!(ob.batch(&feed("A"), 4).unwrap().unwrap().signer, key.id());
+        drop(ob);
+        let ob = Outbox::open(&path).unwrap();
+        assert_eq!(ob.totals().unwrap().batches, 2, "totals survive reopening");
+    }
+}

@@ -1,0 +1,116 @@
+//! Capture connectors: where changes come from.
+//!
+//! A connector reads a department database and yields, in order, the
+//! changes of the configured resources since a position, together with the
+//! tables' current shapes whenever they may have changed. Positions are the
+//! connector's own text form (for SQLite, the change-table id) and are
+//! committed in the outbox in the same transaction as the batches they
+//! produced.
+//!
+//! Invariant: one [`Source::read`] is one consistent snapshot of the
+//! database: every row it returns was read under the shapes it reports (or
+//! the last ones reported), and every change up to the returned position is
+//! included.
+
+pub mod sqlite;
+
+use shuyuan_protocol::{Op, TableSchema, Value};
+
+use crate::config::{Config, SourceConfig};
+
+/// Errors from a source database.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot open SQLite database {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("database {path} is locked by another process (waited {waited_ms} ms); will retry")]
+    Locked { path: String, waited_ms: u128 },
+    #[error("table {table} does not exist in {path}")]
+    MissingTable { table: String, path: String },
+    #[error("table {table} has no column {column} (named as a key column in the config)")]
+    MissingColumn { table: String, column: String },
+    #[error("key columns ({columns}) of table {table} are neither its primary key nor a unique index, so they cannot identify a row")]
+    KeyNotUnique { table: String, columns: String },
+    #[error("capture triggers are not installed for table {table}; run `shuyuan-agent triggers install`")]
+    NoTriggers { table: String },
+    #[error("capture triggers of table {table} were installed for key ({installed}) but the config says ({configured}); run `shuyuan-agent triggers install` again")]
+    KeyChanged {
+        table: String,
+        installed: String,
+        configured: String,
+    },
+    #[error("{pending} captured changes are still waiting in the change table; run the agent until they are sent, or pass --force to drop them")]
+    PendingChanges { pending: u64 },
+    #[error("bad capture position {0:?}")]
+    BadPosition(String),
+    #[error("SQLite error while {context}: {source}")]
+    Sql {
+        context: String,
+        source: rusqlite::Error,
+    },
+}
+
+impl SourceError {
+    /// Whether retrying later may succeed without anyone doing anything.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Locked { .. })
+    }
+}
+
+/// One change as captured: the resource (an index into the config's
+/// resources), what happened, the key, and the current row (`None` when the
+/// row no longer exists).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Captured {
+    pub resource: usize,
+    pub op: Op,
+    pub key: Vec<Value>,
+    pub row: Option<Vec<Value>>,
+}
+
+/// The result of one read.
+#[derive(Debug, Default)]
+pub struct SourceRead {
+    /// The current shape of every resource's table, in config order, when the
+    /// database's schema may have changed since the previous read (always on
+    /// the first read). Their `version` is 0; the capture loop numbers them.
+    pub shapes: Option<Vec<TableSchema>>,
+    pub changes: Vec<Captured>,
+    /// The position this read covers up to.
+    pub position: String,
+    /// No further changes were pending when this read was taken.
+    pub complete: bool,
+    /// Changes skipped because a key column was NULL (a NULL key cannot
+    /// address a row in the shared copy).
+    pub skipped_null_keys: u64,
+}
+
+/// A capture connector.
+pub trait Source: Send {
+    /// One line for status and logs.
+    fn describe(&self) -> String;
+    /// Reads up to `limit` changes after `after`, as one snapshot.
+    fn read(&mut self, after: &str, limit: usize) -> Result<SourceRead, SourceError>;
+    /// Forgets changes up to `upto`; they are durable in the outbox.
+    fn release(&mut self, upto: &str) -> Result<(), SourceError>;
+    /// How many captured changes wait after `after`.
+    fn backlog(&mut self, after: &str) -> Result<u64, SourceError>;
+}
+
+/// Opens the configured source, checking that capture is set up.
+pub fn open(config: &Config) -> Result<Box<dyn Source>, SourceError> {
+    match &config.source {
+        SourceConfig::Sqlite { path, busy_timeout, .. } => Ok(Box::new(sqlite::SqliteSource::open(
+            path,
+            *busy_timeout,
+            &config.resources,
+        )?)),
+    }
+}
+
+/// The position before any change.
+pub fn initial_position(config: &Config) -> String {
+    match config.source {
+        SourceConfig::Sqlite { .. } => "0".to_string(),
+    }
+}

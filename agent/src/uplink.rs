@@ -1,0 +1,385 @@
+//! The uplink: the agent's QUIC connection to the hub.
+//!
+//! It introduces the agent (`Hello`), learns the hub's durable head of each
+//! feed (`Welcome`), checks that the hub's chain is the agent's own, then
+//! streams batches from the outbox through the [`SendWindow`] and hands the
+//! hub's acks to the capture loop, which prunes the outbox. Lost
+//! connections are retried with backoff; every new connection resumes right
+//! after what the hub durably holds.
+//!
+//! Invariant: the uplink never deletes anything itself; it only reports acks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use quinn::{ConnectionError, Endpoint, ReadError, WriteError};
+use shuyuan_protocol::message::{AgentReport, FeedPosition, Hello, Reject};
+use shuyuan_protocol::quic::{self, QuicError};
+use shuyuan_protocol::window::{SendWindow, WindowError};
+use shuyuan_protocol::{FeedId, Message, MessageV1, NodeKey, UnixMillis};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::capture::AckNote;
+use crate::config::Config;
+use crate::outbox::{Outbox, OutboxError};
+use crate::status::{LinkState, StatusBoard};
+
+/// Batches per feed sent ahead of the hub's acks.
+pub const MAX_IN_FLIGHT: u64 = 32;
+/// First reconnect delay; doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often the agent reports its backlog to the hub.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
+/// How long the hub may take to answer `Hello` or the handshake.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot resolve hub address {address}: {reason}")]
+    Resolve { address: String, reason: String },
+    #[error("{0}")]
+    Auth(String),
+    #[error("{0}")]
+    Lost(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Chain(String),
+    #[error(transparent)]
+    Window(#[from] WindowError),
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    #[error("cannot set up QUIC: {0}")]
+    Setup(String),
+}
+
+/// The uplink task.
+#[derive(Debug)]
+pub struct Uplink {
+    pub config: Arc<Config>,
+    pub key: NodeKey,
+    pub outbox: Outbox,
+    pub acks: Sender<AckNote>,
+    pub sealed: Arc<Notify>,
+    pub status: StatusBoard,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Uplink {
+    /// Connects, streams, reconnects; until `cancel` fires.
+    pub async fn run(self, cancel: CancellationToken) {
+        let client = match quic::client_config(&self.key, self.config.hub.key) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot configure QUIC; the uplink is not running");
+                self.set_link(LinkState::Disconnected, Some(e.to_string()));
+                return;
+            }
+        };
+        let mut endpoint: Option<Endpoint> = None;
+        let mut backoff = BACKOFF_MIN;
+        let mut last_error = String::new();
+        while !cancel.is_cancelled() {
+            self.set_link(LinkState::Connecting, None);
+            let mut established = false;
+            let result = self
+                .session(&client, &mut endpoint, &cancel, &mut established)
+                .await;
+            if established {
+                backoff = BACKOFF_MIN;
+            }
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    let text = e.to_string();
+                    let auth = matches!(e, SessionError::Auth(_));
+                    self.set_link(
+                        if auth { LinkState::AuthenticationFailed } else { LinkState::Disconnected },
+                        Some(text.clone()),
+                    );
+                    if text != last_error || established {
+                        if auth || matches!(e, SessionError::Chain(_)) {
+                            tracing::error!(error = %text, "hub connection failed");
+                        } else {
+                            tracing::warn!(error = %text, "hub connection lost; reconnecting with backoff");
+                        }
+                    }
+                    last_error = text;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        if let Some(ep) = endpoint {
+            ep.close(0u32.into(), b"agent stopping");
+            ep.wait_idle().await;
+        }
+    }
+
+    fn set_link(&self, link: LinkState, detail: Option<String>) {
+        self.status.update(|s| {
+            if s.hub.link != link || link != LinkState::Connected {
+                s.hub.since = Some(UnixMillis::now());
+            }
+            s.hub.link = link;
+            s.hub.detail = detail;
+        });
+    }
+
+    fn connection_error(&self, e: &ConnectionError) -> SessionError {
+        let explained = quic::explain(e);
+        if quic::is_auth_failure(e) {
+            if explained.contains("hub key mismatch") {
+                SessionError::Auth(format!(
+                    "the server at {} is not the configured hub ({explained}); check hub.key in {}",
+                    self.config.hub.address,
+                    self.config.file.display()
+                ))
+            } else {
+                SessionError::Auth(format!(
+                    "authentication failed: the hub at {} refused this agent's key {}. \
+                     Ask the hub administrator to run: shuyuan-hub enroll --department {} --name \"<department name>\" {}",
+                    self.config.hub.address,
+                    self.key.id(),
+                    self.config.department,
+                    self.key.id()
+                ))
+            }
+        } else {
+            SessionError::Lost(format!("connection to the hub at {} lost: {explained}", self.config.hub.address))
+        }
+    }
+
+    fn quic_error(&self, e: QuicError) -> SessionError {
+        match e {
+            QuicError::Connection(c)
+            | QuicError::Read(ReadError::ConnectionLost(c))
+            | QuicError::Write(WriteError::ConnectionLost(c)) => self.connection_error(&c),
+            QuicError::Frame(f) => SessionError::Protocol(f.to_string()),
+            other => SessionError::Lost(other.to_string()),
+        }
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, SessionError> {
+        let address = &self.config.hub.address;
+        let resolve_err = |reason: String| SessionError::Resolve {
+            address: address.clone(),
+            reason,
+        };
+        tokio::net::lookup_host(address.as_str())
+            .await
+            .map_err(|e| resolve_err(e.to_string()))?
+            .next()
+            .ok_or_else(|| resolve_err("no addresses".into()))
+    }
+
+    async fn session(
+        &self,
+        client: &quinn::ClientConfig,
+        endpoint: &mut Option<Endpoint>,
+        cancel: &CancellationToken,
+        established: &mut bool,
+    ) -> Result<(), SessionError> {
+        let addr = self.resolve().await?;
+        if endpoint.is_none() {
+            *endpoint = Some(quic::client_endpoint(addr).map_err(|e| SessionError::Setup(e.to_string()))?);
+        }
+        let Some(ep) = endpoint.as_ref() else {
+            return Err(SessionError::Setup("no endpoint".into()));
+        };
+        let connecting = ep
+            .connect_with(client.clone(), addr, quic::SERVER_NAME)
+            .map_err(|e| SessionError::Setup(e.to_string()))?;
+        let conn = match tokio::time::timeout(ANSWER_TIMEOUT, connecting).await {
+            Err(_) => return Err(SessionError::Lost(format!("no answer from the hub at {addr} within {}s", ANSWER_TIMEOUT.as_secs()))),
+            Ok(Err(e)) => return Err(self.connection_error(&e)),
+            Ok(Ok(c)) => c,
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.connection_error(&e))?;
+        let hello = Hello {
+            software: shuyuan_protocol::SOFTWARE.to_string(),
+            department: self.config.department.clone(),
+            resources: self.config.resources.iter().map(|r| r.code.clone()).collect(),
+        };
+        quic::write_message(&mut send, &MessageV1::Hello(hello).into())
+            .await
+            .map_err(|e| self.quic_error(e))?;
+        let welcome = match tokio::time::timeout(ANSWER_TIMEOUT, quic::read_message(&mut recv)).await {
+            Err(_) => return Err(SessionError::Protocol("the hub did not answer Hello".into())),
+            Ok(Err(e)) => return Err(self.quic_error(e)),
+            Ok(Ok(None)) => return Err(SessionError::Protocol("the hub closed the stream after Hello".into())),
+            Ok(Ok(Some(Message::V1(MessageV1::Welcome(w))))) => w,
+            Ok(Ok(Some(Message::V1(MessageV1::Reject(r))))) => {
+                return Err(SessionError::Auth(format!("the hub refused this agent: {} ({})", r.detail, r.reason)));
+            }
+            Ok(Ok(Some(other))) => return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
+        };
+        self.check_chains(&welcome.feeds)?;
+        let local = self.outbox.feeds()?;
+        let (mut window, prune) = SendWindow::start(
+            &welcome.feeds,
+            |f| local.get(f).map_or(0, |s| s.head.last_seq),
+            MAX_IN_FLIGHT,
+        )?;
+        let now = UnixMillis::now();
+        for (feed, seq) in prune {
+            if seq > local.get(&feed).map_or(0, |s| s.acked) {
+                let _ = self.acks.send(AckNote { feed, seq, at: now });
+            }
+        }
+        *established = true;
+        tracing::info!(hub = %addr, hub_software = %welcome.software, "connected to the hub");
+        self.set_link(LinkState::Connected, None);
+
+        // The reader only ever holds acks and rejections for batches the
+        // window let out, so its queue is bounded by the window.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _reader = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let m = quic::read_message(&mut recv).await;
+                let end = !matches!(m, Ok(Some(_)));
+                if tx.send(m).is_err() || end {
+                    break;
+                }
+            }
+        }));
+        let mut report = tokio::time::interval(REPORT_INTERVAL);
+        loop {
+            let now = UnixMillis::now();
+            while let Some((feed, seq)) = window.poll_send(now) {
+                let batch = self.outbox.batch(&feed, seq)?.ok_or_else(|| {
+                    SessionError::Chain(format!("batch {seq} of {feed} is missing from the outbox"))
+                })?;
+                quic::write_message(&mut send, &MessageV1::Batch(batch).into())
+                    .await
+                    .map_err(|e| self.quic_error(e))?;
+            }
+            let wake = window.next_wakeup().map(|t| {
+                tokio::time::Instant::now() + t.since(UnixMillis::now())
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    let _ = send.finish();
+                    conn.close(0u32.into(), b"agent stopping");
+                    return Ok(());
+                }
+                m = rx.recv() => match m {
+                    Some(Ok(Some(Message::V1(m)))) => self.handle(&mut window, m)?,
+                    Some(Ok(None)) | None => return Err(SessionError::Lost("the hub closed the stream".into())),
+                    Some(Err(e)) => return Err(self.quic_error(e)),
+                },
+                _ = self.sealed.notified() => {
+                    for (feed, state) in self.outbox.feeds()? {
+                        window.set_head(&feed, state.head.last_seq);
+                    }
+                }
+                _ = async { if let Some(w) = wake { tokio::time::sleep_until(w).await } }, if wake.is_some() => {}
+                _ = report.tick() => {
+                    let s = self.status.snapshot();
+                    let r = AgentReport {
+                        at: UnixMillis::now(),
+                        outbox_batches: s.outbox.batches,
+                        outbox_bytes: s.outbox.bytes,
+                        outbox_limit_bytes: s.outbox.limit_bytes,
+                        capture_paused: s.source.paused_outbox_full,
+                    };
+                    quic::write_message(&mut send, &MessageV1::Report(r).into())
+                        .await
+                        .map_err(|e| self.quic_error(e))?;
+                }
+            }
+        }
+    }
+
+    fn handle(&self, window: &mut SendWindow, m: MessageV1) -> Result<(), SessionError> {
+        let now = UnixMillis::now();
+        match m {
+            MessageV1::Ack(ack) => {
+                if let Some(seq) = window.on_ack(&ack.feed, ack.seq)? {
+                    let _ = self.acks.send(AckNote { feed: ack.feed, seq, at: now });
+                }
+                Ok(())
+            }
+            MessageV1::Reject(r) => {
+                self.record_rejection(&r);
+                let Some(feed) = r.feed else {
+                    return Err(SessionError::Protocol(format!("the hub rejected a message: {} ({})", r.detail, r.reason)));
+                };
+                if let Some(seq) = window.on_reject(&feed, r.resend_from, now)? {
+                    let _ = self.acks.send(AckNote { feed, seq, at: now });
+                }
+                Ok(())
+            }
+            other => Err(SessionError::Protocol(format!("unexpected message from the hub: {other:?}"))),
+        }
+    }
+
+    fn record_rejection(&self, r: &Reject) {
+        let feed = r.feed.as_ref().map_or_else(|| "?".to_string(), FeedId::to_string);
+        let text = format!("batch {} of {feed}: {} ({}); resending from {}", r.seq, r.detail, r.reason, r.resend_from);
+        tracing::warn!(%feed, seq = r.seq, reason = %r.reason, detail = %r.detail, "the hub rejected a batch");
+        self.status.update(|s| {
+            s.hub.rejections += 1;
+            s.hub.last_rejection = Some(text);
+        });
+    }
+
+    /// The hub's head of each feed must be a batch of this agent's own
+    /// chain; otherwise the two disagree about history and sending on would
+    /// only produce forks.
+    fn check_chains(&self, positions: &[FeedPosition]) -> Result<(), SessionError> {
+        let local = self.outbox.feeds()?;
+        for p in positions {
+            let hub = p.cursor;
+            if hub.last_seq == 0 {
+                continue;
+            }
+            let state = local.get(&p.feed).cloned().unwrap_or_default();
+            let ours = if hub.last_seq == state.head.last_seq {
+                Some(state.head.last_hash)
+            } else if hub.last_seq < state.head.last_seq {
+                match self.outbox.batch(&p.feed, hub.last_seq + 1)? {
+                    Some(next) => Some(
+                        next.open()
+                            .map_err(|e| SessionError::Chain(format!("outbox batch {} of {} is damaged: {e}", hub.last_seq + 1, p.feed)))?
+                            .prev,
+                    ),
+                    None => {
+                        return Err(SessionError::Chain(format!(
+                            "the hub holds {} batches of {} but this agent already pruned batch {}; the hub lost acknowledged data",
+                            hub.last_seq,
+                            p.feed,
+                            hub.last_seq + 1
+                        )));
+                    }
+                }
+            } else {
+                None // the window reports "hub ahead"
+            };
+            if let Some(ours) = ours
+                && ours != hub.last_hash
+            {
+                return Err(SessionError::Chain(format!(
+                    "the hub's chain of {} differs from this agent's at batch {}; this agent's data directory was probably replaced. \
+                     Sending stopped to avoid a fork; ask the hub administrator",
+                    p.feed, hub.last_seq
+                )));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,173 @@
+//! The local control channel: how `status`, `enroll` and `export` talk to a
+//! running service.
+//!
+//! A Unix socket in the service's data directory, mode 0600, so only the
+//! service's own user (or root) can use it. One connection carries one
+//! request: the client writes a JSON line; the server answers with a JSON
+//! header line, `{"ok":true}` or `{"ok":false,"error":"..."}`, followed by
+//! the response body, streamed until it closes the connection.
+//!
+//! Invariant: a request line longer than [`MAX_REQUEST`] is refused before it
+//! is buffered in full.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Errors of the control channel.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no running service answers on {path}: {source}")]
+    NotRunning {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("control socket I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad control message: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("request longer than {MAX_REQUEST} bytes")]
+    TooLong,
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Binds the control socket, replacing a stale socket file, mode 0600.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        // A live service would still answer; a dead one left the file behind.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running service", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(listener)
+}
+
+/// Reads the request line of an accepted connection.
+pub async fn read_request<T: DeserializeOwned>(
+    stream: &mut BufReader<UnixStream>,
+) -> Result<T, ControlError> {
+    let mut line = Vec::new();
+    let mut limited = (&mut *stream).take(MAX_REQUEST as u64 + 1);
+    limited.read_until(b'\n', &mut line).await?;
+    if line.len() > MAX_REQUEST {
+        return Err(ControlError::TooLong);
+    }
+    Ok(serde_json::from_slice(&line)?)
+}
+
+/// Writes the header of a successful response; the body follows.
+pub async fn write_ok<W: AsyncWrite + Unpin>(out: &mut W) -> std::io::Result<()> {
+    out.write_all(b"{\"ok\":true}\n").await
+}
+
+/// Writes a refusal and nothing else.
+pub async fn write_error<W: AsyncWrite + Unpin>(out: &mut W, error: &str) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(&serde_json::json!({ "ok": false, "error": error }))
+        .unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    out.write_all(&line).await
+}
+
+/// Sends `request` to the service at `socket` and copies the response body
+/// to `out`.
+pub async fn call<R: Serialize>(
+    socket: &Path,
+    request: &R,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ControlError> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .map_err(|source| ControlError::NotRunning {
+            path: socket.display().to_string(),
+            source,
+        })?;
+    let mut stream = BufReader::new(stream);
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    stream.get_mut().write_all(&line).await?;
+    let mut header = Vec::new();
+    (&mut stream).take(MAX_REQUEST as u64).read_until(b'\n', &mut header).await?;
+    let header: serde_json::Value = serde_json::from_slice(&header)?;
+    if header.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
+        let error = header
+            .get("error")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("the service refused the request");
+        return Err(ControlError::Refused(error.to_string()));
+    }
+    copy_body(&mut stream, out).await
+}
+
+async fn copy_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ControlError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        out.write_all(&buf[..n])?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn request_response_and_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("c.sock");
+        let listener = bind(&sock).unwrap();
+        assert!(bind(&sock).is_err(), "a live socket is not replaced");
+        let server = tokio::spawn(async move {
+            let mut answered = 0;
+            while answered < 2 {
+                let (s, _) = listener.accept().await.unwrap();
+                let mut s = BufReader::new(s);
+                // The liveness probe of the second bind() sends nothing.
+                let Ok(req) = read_request::<serde_json::Value>(&mut s).await else {
+                    continue;
+                };
+                answered += 1;
+                if req["cmd"] == "hello" {
+                    write_ok(s.get_mut()).await.unwrap();
+                    s.get_mut().write_all(b"line 1\nline 2\n").await.unwrap();
+                } else {
+                    write_error(s.get_mut(), "unknown command").await.unwrap();
+                }
+            }
+        });
+        let mut out = Vec::new();
+        call(&sock, &serde_json::json!({"cmd": "hello"}), &mut out).await.unwrap();
+        assert_eq!(out, b"line 1\nline 2\n");
+        let err = call(&sock, &serde_json::json!({"cmd": "nope"}), &mut Vec::new()).await.unwrap_err();
+        assert_eq!(err.to_string(), "unknown command");
+        server.await.unwrap();
+        drop(std::fs::remove_file(&sock));
+        let err = call(&sock, &serde_json::json!({}), &mut Vec::new()).await.unwrap_err();
+        assert!(matches!(err, ControlError::NotRunning { .. }));
+    }
+}
