@@ -1,1 +1,305 @@
+//! shuyuan hub: accepts departments' signed change feeds over QUIC,
+//! verifies and applies them to a durable shared copy, acknowledges only
+//! after commit, and keeps per-feed state (last sequence, last change, last
+//! zero-update, connection, rejections) and an audit log.
+//!
+//! The data path, one module each: [`ingest`] (verify) -> [`store`]
+//! (apply, ack); [`peers`] decides who may connect; [`status`] and
+//! [`export`] read what the store holds.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod config;
+pub mod export;
+pub mod ingest;
+pub mod live;
+pub mod peers;
+pub mod status;
+pub mod store;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use shuyuan_protocol::control;
+use shuyuan_protocol::identity::IdentityError;
+use shuyuan_protocol::quic;
+use shuyuan_protocol::{DepartmentCode, NodeId, NodeKey, UnixMillis};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::export::Format;
+use crate::ingest::Ingest;
+use crate::live::Live;
+use crate::peers::Peers;
+use crate::status::{HubStatus, LiveFacts};
+use crate::store::redb::RedbBackend;
+use crate::store::{Enrollment, NodeKind, Store, StoreError, Writer};
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0} (create the key with `shuyuan-hub init`)")]
+    Key(IdentityError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot set up QUIC: {0}")]
+    Quic(#[from] quic::QuicError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot open the control socket {path}: {source}")]
+    Control { path: PathBuf, source: std::io::Error },
+}
+
+/// A request on the hub's control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ControlRequest {
+    Status,
+    Enroll {
+        department: String,
+        name: String,
+        key: String,
+    },
+    Export {
+        resource: String,
+        department: Option<String>,
+        format: Format,
+    },
+    Audit {
+        limit: usize,
+    },
+}
+
+/// Validates the arguments of `enroll`.
+pub fn enrollment(department: &str, name: &str, key: &str) -> Result<(NodeId, Enrollment), String> {
+    let department = DepartmentCode::new(department).map_err(|e| e.to_string())?;
+    let key: NodeId = key.parse().map_err(|e: IdentityError| e.to_string())?;
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        return Err("the department name must be 1 to 200 characters".into());
+    }
+    Ok((
+        key,
+        Enrollment {
+            department,
+            name: name.to_string(),
+            kind: NodeKind::Agent,
+            enrolled_at: UnixMillis::now(),
+        },
+    ))
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct Hub {
+    cancel: CancellationToken,
+    endpoint: quinn::Endpoint,
+    accept: tokio::task::JoinHandle<()>,
+    control: tokio::task::JoinHandle<()>,
+    store: Store,
+    writer: Option<Writer>,
+    node: NodeId,
+    local_addr: SocketAddr,
+    socket: PathBuf,
+}
+
+/// What the control socket's handlers share.
+#[derive(Debug)]
+struct Shared {
+    config: Config,
+    node: NodeId,
+    store: Store,
+    peers: Arc<Peers>,
+    live: Arc<Live>,
+    local_addr: SocketAddr,
+    started_at: UnixMillis,
+}
+
+impl Hub {
+    /// Opens the key and store, starts listening for agents and opens the
+    /// control socket.
+    pub async fn bind(config: Config) -> Result<Hub, StartError> {
+        let key = NodeKey::load(&config.key_file).map_err(StartError::Key)?;
+        let backend = Arc::new(RedbBackend::open(&config.store_path())?);
+        let (store, writer) = Store::start(backend)?;
+        let peers = Arc::new(Peers::load(store.clone())?);
+        let server = quic::server_config(&key, peers.clone())?;
+        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let socket = config.control_socket();
+        let listener = control::bind(&socket).map_err(|source| StartError::Control {
+            path: socket.clone(),
+            source,
+        })?;
+        let live = Arc::new(Live::default());
+        let cancel = CancellationToken::new();
+        let ingest = Arc::new(Ingest {
+            store: store.clone(),
+            peers: peers.clone(),
+            live: live.clone(),
+        });
+        let accept = tokio::spawn(ingest::serve(endpoint.clone(), ingest, config.max_connections, cancel.clone()));
+        let shared = Arc::new(Shared {
+            config,
+            node: key.id(),
+            store: store.clone(),
+            peers,
+            live,
+            local_addr,
+            started_at: UnixMillis::now(),
+        });
+        let control = tokio::spawn(serve_control(listener, shared, cancel.clone()));
+        tracing::info!(listen = %local_addr, key = %key.id(), "hub listening");
+        Ok(Hub {
+            cancel,
+            endpoint,
+            accept,
+            control,
+            store,
+            writer: Some(writer),
+            node: key.id(),
+            local_addr,
+            socket,
+        })
+    }
+
+    /// The address agents connect to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The hub's key.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Stops accepting, closes connections, lets the writer finish its queue.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        self.endpoint.close(0u32.into(), b"hub stopping");
+        let _ = (&mut self.accept).await;
+        let _ = (&mut self.control).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        self.store.close().await;
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        tracing::info!("hub stopped");
+    }
+}
+
+/// Sends what a blocking export writes to the control connection.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Vec<u8>>);
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(buf.to_vec())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "control client went away"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn serve_control(listener: tokio::net::UnixListener, shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut stream = BufReader::new(stream);
+            let request = match control::read_request::<ControlRequest>(&mut stream).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = control::write_error(stream.get_mut(), &e.to_string()).await;
+                    return;
+                }
+            };
+            let out = stream.get_mut();
+            if let Err(e) = answer(&shared, request, out).await {
+                let _ = control::write_error(out, &e).await;
+            }
+        });
+    }
+}
+
+async fn answer(shared: &Arc<Shared>, request: ControlRequest, out: &mut tokio::net::UnixStream) -> Result<(), String> {
+    match request {
+        ControlRequest::Status => {
+            let status = live_status(shared).map_err(|e| e.to_string())?;
+            let body = serde_json::to_vec(&status).map_err(|e| e.to_string())?;
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out.write_all(&body).await;
+            let _ = out.write_all(b"\n").await;
+        }
+        ControlRequest::Enroll { department, name, key } => {
+            let (key, enrollment) = enrollment(&department, &name, &key)?;
+            let new = shared.peers.enroll(key, enrollment).await.map_err(|e| e.to_string())?;
+            tracing::info!(%key, %department, new, "enrolled");
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out.write_all(format!("{}\n", serde_json::json!({ "new": new })).as_bytes()).await;
+        }
+        ControlRequest::Audit { limit } => {
+            let entries = shared.store.backend().audit(limit).map_err(|e| e.to_string())?;
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out.write_all(&serde_json::to_vec(&entries).unwrap_or_default()).await;
+            let _ = out.write_all(b"\n").await;
+        }
+        ControlRequest::Export { resource, department, format } => {
+            let feed = export::resolve(shared.store.backend(), &resource, department.as_deref()).map_err(|e| e.to_string())?;
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+            let store = shared.store.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let mut w = std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter(tx));
+                export::export(store.backend(), &feed, format, &mut w)
+            });
+            while let Some(chunk) = rx.recv().await {
+                if out.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            drop(rx);
+            if let Ok(Err(e)) = task.await {
+                tracing::warn!(error = %e, "export failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn live_status(shared: &Shared) -> Result<HubStatus, StoreError> {
+    status::collect(
+        shared.store.backend(),
+        &shared.config.name,
+        shared.node.to_string(),
+        true,
+        LiveFacts {
+            listen: Some(shared.local_addr.to_string()),
+            started_at: Some(shared.started_at),
+            connections: shared.live.connections(),
+            handshakes_refused: shared.peers.refused(),
+        },
+    )
+}

@@ -478,7 +478,9 @@ pub fn install_triggers(
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(e("starting the install"))?;
     let slots = (0..MAX_KEY_COLUMNS)
-        .map(|i| format!("k{i} ANY"))
+        // BLOB affinity: SQLite stores each key exactly as given (a declared
+        // type like ANY would mean NUMERIC affinity and turn '0123' into 123).
+        .map(|i| format!("k{i} BLOB"))
         .collect::<Vec<_>>()
         .join(", ");
     tx.execute_batch(&format!(
@@ -671,7 +673,8 @@ mod tests {
             "CREATE TABLE person (id TEXT PRIMARY KEY, name TEXT, score REAL, photo BLOB);
              CREATE TABLE parcel (district TEXT NOT NULL, no INTEGER NOT NULL, area REAL, UNIQUE (district, no));
              CREATE TABLE loose (a TEXT, b TEXT);
-             INSERT INTO person VALUES ('p1', '甲', 1.5, x'00ff');",
+             INSERT INTO person VALUES ('p1', '甲', 1.5, x'00ff');
+             INSERT INTO person VALUES ('0330902199001011234', NULL, NULL, NULL);",
         )
         .unwrap();
         (dir, path, conn)
@@ -683,7 +686,7 @@ mod tests {
         let rs = [resource("person", &["id"]), resource("parcel", &["district", "no"])];
         let (mode, outcomes) = install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
         assert_eq!(mode, "wal");
-        assert_eq!(outcomes[0].2, InstallOutcome::Installed { existing_rows: 1 });
+        assert_eq!(outcomes[0].2, InstallOutcome::Installed { existing_rows: 2 });
         let (_, again) = install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
         assert_eq!(again[0].2, InstallOutcome::AlreadyInstalled);
 
@@ -692,9 +695,16 @@ mod tests {
         assert!(first.complete);
         let shapes = first.shapes.unwrap();
         assert_eq!(shapes[1].key, vec![0, 1]);
-        assert_eq!(first.changes.len(), 1);
+        assert_eq!(first.changes.len(), 2);
+        let numeric_looking = first
+            .changes
+            .iter()
+            .find(|c| c.key == vec![Value::Text("0330902199001011234".into())])
+            .expect("a numeric-looking text key stays text");
+        assert!(numeric_looking.row.is_some());
+        let p1 = first.changes.iter().find(|c| c.key == vec![Value::Text("p1".into())]).unwrap();
         assert_eq!(
-            first.changes[0].row,
+            p1.row,
             Some(vec![Value::Text("p1".into()), Value::Text("甲".into()), Value::Real(1.5), Value::Bytes(vec![0, 255])])
         );
         src.release(&first.position).unwrap();
@@ -746,7 +756,7 @@ mod tests {
         assert_eq!(a.changes.len(), 4);
         let b = src.read(&a.position, 100).unwrap();
         assert!(b.complete);
-        assert_eq!(b.changes.len(), 7);
+        assert_eq!(b.changes.len(), 8, "6 more inserts and the 2 rows queued at install");
     }
 
     #[test]
@@ -790,7 +800,7 @@ mod tests {
         let rs = [resource("person", &["id"])];
         install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
         let err = uninstall_triggers(&path, Duration::from_secs(1), &rs, false).unwrap_err();
-        assert!(matches!(err, SourceError::PendingChanges { pending: 1 }));
+        assert!(matches!(err, SourceError::PendingChanges { pending: 2 }));
         uninstall_triggers(&path, Duration::from_secs(1), &rs, true).unwrap();
         let n: i64 = conn
             .query_row("SELECT count(*) FROM sqlite_master WHERE name LIKE '_shuyuan%'", [], |r| r.get(0))

@@ -1,0 +1,154 @@
+//! The hub's configuration: one TOML file, parsed raw and validated.
+//!
+//! Invariant: every error names the file, the key and the reason; relative
+//! paths are resolved against the directory of the config file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A config problem, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    hub: RawHub,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHub {
+    name: Option<String>,
+    #[serde(default = "default_key_file")]
+    key_file: PathBuf,
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+    #[serde(default = "default_listen")]
+    listen: String,
+    max_connections: Option<usize>,
+}
+
+fn default_key_file() -> PathBuf {
+    PathBuf::from("hub.key")
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("hub-data")
+}
+fn default_listen() -> String {
+    "0.0.0.0:7700".to_string()
+}
+
+/// A validated hub configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    /// The platform's display name.
+    pub name: String,
+    pub key_file: PathBuf,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub max_connections: usize,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Validates config text as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let key = match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                    format!("line {line}, column {col}")
+                }
+                None => "(document)".to_string(),
+            };
+            ConfigError {
+                file: path.to_owned(),
+                key,
+                reason: e.message().trim().to_string(),
+            }
+        })?;
+        let err = |key: &str, reason: String| ConfigError {
+            file: path.to_owned(),
+            key: key.to_string(),
+            reason,
+        };
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let listen: SocketAddr = raw
+            .hub
+            .listen
+            .parse()
+            .map_err(|_| err("hub.listen", format!("{:?} is not IP:PORT (for example \"0.0.0.0:7700\")", raw.hub.listen)))?;
+        let max_connections = match raw.hub.max_connections {
+            Some(0) => return Err(err("hub.max_connections", "must be at least 1".into())),
+            Some(n) => n,
+            None => 1024,
+        };
+        Ok(Config {
+            file: path.to_owned(),
+            name: raw.hub.name.unwrap_or_else(|| "shuyuan hub".to_string()),
+            key_file: base.join(raw.hub.key_file),
+            data_dir: base.join(raw.hub.data_dir),
+            listen,
+            max_connections,
+        })
+    }
+
+    /// The hub's database.
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("hub.redb")
+    }
+
+    /// The control socket used by `status`, `enroll`, `export` and `audit`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.data_dir.join("hub.sock")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = Config::parse(Path::new("/srv/hub.toml"), "[hub]\n").unwrap();
+        assert_eq!(c.key_file, PathBuf::from("/srv/hub.key"));
+        assert_eq!(c.listen.port(), 7700);
+        let e = Config::parse(Path::new("/srv/hub.toml"), "[hub]\nlisten = \"everywhere\"\n").unwrap_err();
+        assert_eq!(e.key, "hub.listen");
+        assert!(e.to_string().starts_with("/srv/hub.toml: hub.listen: "), "{e}");
+        let e = Config::parse(Path::new("/srv/hub.toml"), "[hub]\nport = 1\n").unwrap_err();
+        assert!(e.to_string().contains("line 2") && e.to_string().contains("unknown field `port`"), "{e}");
+        let e = Config::parse(Path::new("/srv/hub.toml"), "").unwrap_err();
+        assert!(e.to_string().contains("missing field `hub`"), "{e}");
+    }
+}

@@ -1,0 +1,333 @@
+//! Ingest: the hub's side of a feed connection.
+//!
+//! Each connection reads `Hello`, answers `Welcome` with the hub's durable
+//! head of each feed, then verifies every batch (signature over the exact
+//! received bytes, signer, department) and hands it to the store writer;
+//! a separate task writes each batch's ack or rejection, in order, once the
+//! writer's transaction has committed.
+//!
+//! Invariants: nothing is acknowledged before it is durable; a batch whose
+//! signature fails is never decoded as trusted (its claimed feed is only
+//! used to route the rejection); an agent writes only feeds of the
+//! department its key is enrolled for; every refusal is audited.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Connection, RecvStream, SendStream};
+use shuyuan_protocol::batch::BatchError;
+use shuyuan_protocol::encoding::decode;
+use shuyuan_protocol::message::{FeedPosition, Hello, Reject, Welcome};
+use shuyuan_protocol::quic::{self, QuicError};
+use shuyuan_protocol::{BatchBody, FeedId, Message, MessageV1, NodeId, RejectReason, SignedBatch, UnixMillis};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::live::{ConnectionInfo, Live};
+use crate::peers::Peers;
+use crate::store::{AuditEntry, AuditKind, Enrollment, Incoming, Outcome, Store, VerifiedBatch};
+
+/// How long a new connection may take to open its stream and say `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches of one connection queued for the writer before reading pauses.
+const PIPELINE: usize = 256;
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct Ingest {
+    pub store: Store,
+    pub peers: Arc<Peers>,
+    pub live: Arc<Live>,
+}
+
+/// Accepts connections until `cancel` fires, at most `max` at once.
+pub async fn serve(endpoint: quinn::Endpoint, ingest: Arc<Ingest>, max: usize, cancel: CancellationToken) {
+    let limit = Arc::new(Semaphore::new(max));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => break,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "connection limit reached; refusing");
+            incoming.refuse();
+            continue;
+        };
+        let ingest = ingest.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            handle(ingest, incoming, cancel).await;
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn handle(ingest: Arc<Ingest>, incoming: quinn::Incoming, cancel: CancellationToken) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            // Refused keys were already logged and audited by the verifier.
+            tracing::debug!(%remote, error = %quic::explain(&e), "handshake failed");
+            return;
+        }
+    };
+    let Some(peer) = quic::peer_id(&conn) else {
+        conn.close(1u32.into(), b"no peer key");
+        return;
+    };
+    let Some(enrollment) = ingest.peers.get(&peer) else {
+        conn.close(1u32.into(), b"not enrolled");
+        return;
+    };
+    let span = tracing::info_span!("connection", peer = %peer.short(), department = %enrollment.department, %remote);
+    async move {
+        match session(&ingest, &conn, peer, &enrollment, remote, &cancel).await {
+            Ok(()) => tracing::info!("agent disconnected"),
+            Err(e) => tracing::info!(reason = %e, "connection ended"),
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Quic(#[from] QuicError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("hub is shutting down")]
+    Stopping,
+}
+
+async fn session(
+    ingest: &Ingest,
+    conn: &Connection,
+    peer: NodeId,
+    enrollment: &Enrollment,
+    remote: std::net::SocketAddr,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let opened = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await;
+    let (mut send, mut recv) = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(QuicError::Connection(e).into()),
+        Err(_) => return Err(SessionError::Refused("no stream opened".into())),
+    };
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, quic::read_message(&mut recv)).await {
+        Ok(Ok(Some(Message::V1(MessageV1::Hello(h))))) => h,
+        Ok(Ok(other)) => {
+            return Err(refuse_connection(ingest, conn, &mut send, peer, format!("expected Hello, got {other:?}")).await);
+        }
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(SessionError::Refused("no Hello".into())),
+    };
+    if hello.department != enrollment.department {
+        let detail = format!(
+            "key {peer} is enrolled for department {}, but the agent says it serves {}",
+            enrollment.department, hello.department
+        );
+        return Err(refuse_connection(ingest, conn, &mut send, peer, detail).await);
+    }
+    let welcome = welcome(ingest, &hello)?;
+    quic::write_message(&mut send, &MessageV1::Welcome(welcome).into()).await?;
+    let id = ingest.live.next_id();
+    ingest.live.register(
+        id,
+        ConnectionInfo {
+            peer,
+            department: hello.department.clone(),
+            resources: hello.resources.clone(),
+            remote,
+            since: UnixMillis::now(),
+            software: hello.software.clone(),
+            report: None,
+        },
+    );
+    tracing::info!(software = %hello.software, resources = hello.resources.len(), "agent connected");
+    let result = stream_batches(ingest, id, peer, enrollment, send, &mut recv, cancel).await;
+    ingest.live.unregister(id);
+    ingest.store.connection_closed(id);
+    if let Err(SessionError::Refused(reason)) = &result {
+        conn.close(2u32.into(), reason.as_bytes());
+    }
+    result
+}
+
+fn welcome(ingest: &Ingest, hello: &Hello) -> Result<Welcome, SessionError> {
+    let mut feeds = Vec::with_capacity(hello.resources.len());
+    for r in &hello.resources {
+        let feed = FeedId::new(hello.department.clone(), r.clone());
+        let record = ingest
+            .store
+            .backend()
+            .feed(&feed)
+            .map_err(|e| SessionError::Refused(e.to_string()))?;
+        feeds.push(FeedPosition {
+            feed,
+            cursor: record.map(|r| r.cursor).unwrap_or_default(),
+        });
+    }
+    Ok(Welcome {
+        software: shuyuan_protocol::SOFTWARE.to_string(),
+        feeds,
+    })
+}
+
+async fn refuse_connection(
+    ingest: &Ingest,
+    conn: &Connection,
+    send: &mut SendStream,
+    peer: NodeId,
+    detail: String,
+) -> SessionError {
+    tracing::warn!(%detail, "connection refused");
+    let mut entry = AuditEntry::new(AuditKind::ConnectionRefused, detail.clone());
+    entry.peer = Some(peer);
+    ingest.store.audit(entry);
+    let reject = Reject {
+        feed: None,
+        seq: 0,
+        reason: RejectReason::WrongDepartment,
+        detail: detail.clone(),
+        resend_from: 0,
+    };
+    let _ = quic::write_message(send, &MessageV1::Reject(reject).into()).await;
+    let _ = send.finish();
+    // Give the rejection a moment to leave before the connection closes.
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    conn.close(2u32.into(), b"refused");
+    SessionError::Refused(detail)
+}
+
+async fn stream_batches(
+    ingest: &Ingest,
+    id: u64,
+    peer: NodeId,
+    enrollment: &Enrollment,
+    send: SendStream,
+    recv: &mut RecvStream,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let (pending_tx, pending_rx) = mpsc::channel::<oneshot::Receiver<Outcome>>(PIPELINE);
+    let replies = tokio::spawn(write_replies(send, pending_rx));
+    let result = loop {
+        let message = tokio::select! {
+            _ = cancel.cancelled() => break Err(SessionError::Stopping),
+            m = quic::read_message(recv) => m,
+        };
+        let message = match message {
+            Ok(Some(Message::V1(m))) => m,
+            Ok(None) => break Ok(()),
+            Err(QuicError::Frame(e)) => {
+                let detail = format!("unreadable frame: {e}");
+                let mut entry = AuditEntry::new(AuditKind::ConnectionRefused, detail.clone());
+                entry.peer = Some(peer);
+                entry.reason = Some(RejectReason::Malformed);
+                ingest.store.audit(entry);
+                break Err(SessionError::Refused(detail));
+            }
+            Err(e) => break Err(e.into()),
+        };
+        match message {
+            MessageV1::Batch(batch) => {
+                let incoming = verify(&ingest.peers, peer, enrollment, batch);
+                let outcome = match ingest.store.apply(id, peer, incoming).await {
+                    Ok(rx) => rx,
+                    Err(_) => break Err(SessionError::Stopping),
+                };
+                if pending_tx.send(outcome).await.is_err() {
+                    break Err(SessionError::Refused("could not write replies".into()));
+                }
+            }
+            MessageV1::Report(report) => ingest.live.report(id, report),
+            other => {
+                let detail = format!("unexpected message after Hello: {}", message_name(&other));
+                let mut entry = AuditEntry::new(AuditKind::ConnectionRefused, detail.clone());
+                entry.peer = Some(peer);
+                entry.reason = Some(RejectReason::ProtocolViolation);
+                ingest.store.audit(entry);
+                break Err(SessionError::Refused(detail));
+            }
+        }
+    };
+    drop(pending_tx);
+    let _ = replies.await;
+    result
+}
+
+fn message_name(m: &MessageV1) -> &'static str {
+    match m {
+        MessageV1::Hello(_) => "Hello",
+        MessageV1::Welcome(_) => "Welcome",
+        MessageV1::Batch(_) => "Batch",
+        MessageV1::Ack(_) => "Ack",
+        MessageV1::Reject(_) => "Reject",
+        MessageV1::Report(_) => "Report",
+    }
+}
+
+/// Writes each batch's outcome in the order the batches arrived.
+async fn write_replies(mut send: SendStream, mut pending: mpsc::Receiver<oneshot::Receiver<Outcome>>) {
+    while let Some(rx) = pending.recv().await {
+        let message = match rx.await {
+            Ok(Outcome::Ack(a)) => MessageV1::Ack(a),
+            Ok(Outcome::Reject(r)) => MessageV1::Reject(r),
+            Ok(Outcome::Discarded) => continue,
+            Err(_) => break,
+        };
+        if quic::write_message(&mut send, &message.into()).await.is_err() {
+            break;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// Checks a batch's signature and signer before it may reach the store.
+/// Only the signature check makes the body trustworthy; before it, the body
+/// is peeked at solely to say which feed a rejection is about.
+pub fn verify(peers: &Peers, peer: NodeId, enrollment: &Enrollment, batch: SignedBatch) -> Incoming {
+    let claimed: Option<BatchBody> = decode(&batch.body).ok();
+    let (feed, seq) = claimed.map_or((None, 0), |b| (Some(b.feed), b.seq));
+    let refused = |reason, detail: String| Incoming::Refused {
+        feed: feed.clone(),
+        seq,
+        reason,
+        detail,
+    };
+    if peers.get(&batch.signer).is_none() {
+        return refused(RejectReason::UnknownSigner, format!("signer {} is not enrolled", batch.signer));
+    }
+    if batch.signer != peer {
+        return refused(
+            RejectReason::UnknownSigner,
+            format!("batch signed by {} but sent by {peer}; agents send only their own batches", batch.signer),
+        );
+    }
+    let hash = batch.hash();
+    match batch.open() {
+        Ok(body) if body.feed.department != enrollment.department => refused(
+            RejectReason::WrongDepartment,
+            format!(
+                "feed {} belongs to department {}, the signer is enrolled for {}",
+                body.feed, body.feed.department, enrollment.department
+            ),
+        ),
+        Ok(body) => Incoming::Verified(Box::new(VerifiedBatch {
+            signed: batch,
+            body,
+            hash,
+        })),
+        Err(e @ BatchError::BadSignature { .. }) => refused(RejectReason::BadSignature, e.to_string()),
+        Err(e @ BatchError::Malformed(_)) => refused(RejectReason::Malformed, e.to_string()),
+        Err(e @ BatchError::Invalid { .. }) => refused(RejectReason::InvalidContent, e.to_string()),
+    }
+}

@@ -1,0 +1,293 @@
+//! What `shuyuan-hub status` shows: per department and resource, the last
+//! sequence number, last change, last zero-update (零更新), whether an agent
+//! is connected, and rejections; plus recent audit entries.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+use shuyuan_protocol::message::AgentReport;
+use shuyuan_protocol::{FeedId, UnixMillis};
+
+use crate::live::ConnectionInfo;
+use crate::store::{AuditEntry, Backend, Enrollment, FeedRecord, RejectionRecord, StoreError, ZeroUpdateRecord};
+
+/// Everything `status` reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HubStatus {
+    pub running: bool,
+    pub software: String,
+    pub name: String,
+    pub node: String,
+    pub listen: Option<String>,
+    pub started_at: Option<UnixMillis>,
+    pub departments: Vec<DepartmentStatus>,
+    /// Handshakes refused since the hub started.
+    pub handshakes_refused: u64,
+    pub audit_entries: u64,
+    pub recent_audit: Vec<AuditEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DepartmentStatus {
+    pub code: String,
+    pub name: String,
+    pub agents: Vec<AgentEntry>,
+    pub resources: Vec<ResourceEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentEntry {
+    pub key: String,
+    pub name: String,
+    pub enrolled_at: UnixMillis,
+    pub connected: bool,
+    pub connected_since: Option<UnixMillis>,
+    pub remote: Option<String>,
+    pub software: Option<String>,
+    /// The agent's last backlog report.
+    pub report: Option<AgentReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResourceEntry {
+    pub resource: String,
+    pub feed: String,
+    pub table: Option<String>,
+    pub schema_version: u32,
+    pub connected: bool,
+    pub last_seq: u64,
+    pub rows: u64,
+    pub batches_applied: u64,
+    pub changes_applied: u64,
+    pub last_batch_received_at: Option<UnixMillis>,
+    pub last_change_at: Option<UnixMillis>,
+    pub last_zero_update: Option<ZeroUpdateRecord>,
+    pub rejected: u64,
+    pub last_rejection: Option<RejectionRecord>,
+    pub signer: Option<String>,
+}
+
+/// Live facts that only a running hub has.
+#[derive(Debug, Clone, Default)]
+pub struct LiveFacts {
+    pub listen: Option<String>,
+    pub started_at: Option<UnixMillis>,
+    pub connections: Vec<ConnectionInfo>,
+    pub handshakes_refused: u64,
+}
+
+/// Builds the status from the store and, for a running hub, its live state.
+pub fn collect(
+    backend: &dyn Backend,
+    name: &str,
+    node: String,
+    running: bool,
+    live: LiveFacts,
+) -> Result<HubStatus, StoreError> {
+    let enrollments: Vec<(shuyuan_protocol::NodeId, Enrollment)> = backend.enrollments()?;
+    let feeds: Vec<(FeedId, FeedRecord)> = backend.feeds()?;
+    let mut departments: BTreeMap<String, DepartmentStatus> = BTreeMap::new();
+    for (key, e) in &enrollments {
+        let d = department(&mut departments, e.department.as_str());
+        if d.name.is_empty() {
+            d.name = e.name.clone();
+        }
+        let conn = live.connections.iter().find(|c| c.peer == *key);
+        d.agents.push(AgentEntry {
+            key: key.to_string(),
+            name: e.name.clone(),
+            enrolled_at: e.enrolled_at,
+            connected: conn.is_some(),
+            connected_since: conn.map(|c| c.since),
+            remote: conn.map(|c| c.remote.to_string()),
+            software: conn.map(|c| c.software.clone()),
+            report: conn.and_then(|c| c.report.clone()),
+        });
+    }
+    let connected = |f: &FeedId| {
+        live.connections
+            .iter()
+            .any(|c| c.department == f.department && c.resources.contains(&f.resource))
+    };
+    for (feed, r) in &feeds {
+        {
+            department(&mut departments, feed.department.as_str()).resources.push(ResourceEntry {
+                resource: feed.resource.to_string(),
+                feed: feed.to_string(),
+                table: r.schema.as_ref().map(|s| s.table.clone()),
+                schema_version: r.schema.as_ref().map_or(0, |s| s.version),
+                connected: connected(feed),
+                last_seq: r.cursor.last_seq,
+                rows: r.rows,
+                batches_applied: r.batches_applied,
+                changes_applied: r.changes_applied,
+                last_batch_received_at: r.last_batch_received_at,
+                last_change_at: r.last_change_at,
+                last_zero_update: r.last_zero_update.clone(),
+                rejected: r.rejected,
+                last_rejection: r.last_rejection.clone(),
+                signer: r.signer.map(|s| s.to_string()),
+            });
+        }
+    }
+    // Resources an agent announced but never sent a batch for.
+    for c in &live.connections {
+        for res in &c.resources {
+            let feed = FeedId::new(c.department.clone(), res.clone());
+            if feeds.iter().any(|(f, _)| *f == feed) {
+                continue;
+            }
+            let d = department(&mut departments, feed.department.as_str());
+            if !d.resources.iter().any(|r| r.feed == feed.to_string()) {
+                d.resources.push(ResourceEntry {
+                    resource: res.to_string(),
+                    feed: feed.to_string(),
+                    table: None,
+                    schema_version: 0,
+                    connected: true,
+                    last_seq: 0,
+                    rows: 0,
+                    batches_applied: 0,
+                    changes_applied: 0,
+                    last_batch_received_at: None,
+                    last_change_at: None,
+                    last_zero_update: None,
+                    rejected: 0,
+                    last_rejection: None,
+                    signer: None,
+                });
+            }
+        }
+    }
+    Ok(HubStatus {
+        running,
+        software: shuyuan_protocol::SOFTWARE.to_string(),
+        name: name.to_string(),
+        node,
+        listen: live.listen,
+        started_at: live.started_at,
+        departments: departments.into_values().collect(),
+        handshakes_refused: live.handshakes_refused,
+        audit_entries: backend.audit_count()?,
+        recent_audit: backend.audit(10)?,
+    })
+}
+
+fn department<'a>(map: &'a mut BTreeMap<String, DepartmentStatus>, code: &str) -> &'a mut DepartmentStatus {
+    map.entry(code.to_string()).or_insert_with(|| DepartmentStatus {
+        code: code.to_string(),
+        name: String::new(),
+        agents: Vec::new(),
+        resources: Vec::new(),
+    })
+}
+
+fn t(x: Option<UnixMillis>) -> String {
+    x.map_or_else(|| "-".to_string(), |x| x.to_string())
+}
+
+impl HubStatus {
+    /// Human-readable form.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "{} ({})  hub key {}", self.name, self.software, self.node);
+        let _ = writeln!(
+            s,
+            "{}{}",
+            if self.running { "running" } else { "NOT RUNNING (figures from the store)" },
+            self.listen.as_ref().map(|l| format!(", listening on {l}")).unwrap_or_default()
+        );
+        if self.departments.is_empty() {
+            let _ = writeln!(s, "no departments enrolled yet (shuyuan-hub enroll --department CODE --name NAME KEY)");
+        }
+        for d in &self.departments {
+            let _ = writeln!(s, "\ndepartment {} {}", d.code, d.name);
+            for a in &d.agents {
+                let link = if a.connected {
+                    format!("connected since {} from {}", t(a.connected_since), a.remote.as_deref().unwrap_or("?"))
+                } else {
+                    "not connected".to_string()
+                };
+                let _ = writeln!(s, "  agent {}  {}", a.key, link);
+                if let Some(r) = &a.report {
+                    let _ = writeln!(
+                        s,
+                        "        outbox {} batches, {} bytes{}",
+                        r.outbox_batches,
+                        r.outbox_bytes,
+                        if r.capture_paused { ", CAPTURE PAUSED (outbox full)" } else { "" }
+                    );
+                }
+            }
+            for r in &d.resources {
+                let _ = writeln!(
+                    s,
+                    "  resource {}  table {}  {}",
+                    r.resource,
+                    r.table.as_deref().unwrap_or("-"),
+                    if r.connected { "connected" } else { "disconnected" }
+                );
+                let _ = writeln!(
+                    s,
+                    "        last seq #{}  rows {}  last change {}  last batch received {}",
+                    r.last_seq,
+                    r.rows,
+                    t(r.last_change_at),
+                    t(r.last_batch_received_at)
+                );
+                match &r.last_zero_update {
+                    Some(z) => {
+                        let _ = writeln!(
+                            s,
+                            "        last zero-update (零更新) #{} received {}: no changes {} .. {}",
+                            z.seq,
+                            z.received_at,
+                            z.since,
+                            z.until
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(s, "        last zero-update (零更新) -");
+                    }
+                }
+                if r.rejected > 0 {
+                    let last = r
+                        .last_rejection
+                        .as_ref()
+                        .map(|x| format!("#{} {}: {}", x.seq, x.reason, x.detail))
+                        .unwrap_or_default();
+                    let _ = writeln!(s, "        REJECTED {} batches; last {last}", r.rejected);
+                }
+            }
+        }
+        let _ = writeln!(
+            s,
+            "\naudit: {} entries; {} handshakes refused since start",
+            self.audit_entries, self.handshakes_refused
+        );
+        for a in &self.recent_audit {
+            let _ = writeln!(s, "  {}", render_audit(a));
+        }
+        s
+    }
+}
+
+/// One audit entry on one line.
+pub fn render_audit(a: &AuditEntry) -> String {
+    let mut line = format!("#{} {} {:?}", a.id, a.at, a.kind);
+    if let Some(r) = a.reason {
+        let _ = write!(line, " {r}");
+    }
+    if let Some(f) = &a.feed {
+        let _ = write!(line, " feed {f}");
+    }
+    if let Some(q) = a.seq {
+        let _ = write!(line, " seq {q}");
+    }
+    if let Some(p) = &a.peer {
+        let _ = write!(line, " peer {p}");
+    }
+    let _ = write!(line, ": {}", a.detail);
+    line
+}

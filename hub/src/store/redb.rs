@@ -1,0 +1,632 @@
+//! The embedded store on redb.
+//!
+//! Tables (the `_v1` suffix is the layout version; values are postcard):
+//! - `enrollments_v1`: node key (32 bytes) -> [`Enrollment`]
+//! - `feeds_v1`: feed text `DEPT:RES` -> [`FeedRecord`]
+//! - `schemas_v1`: (feed text, schema version) -> `TableSchema`
+//! - `batches_v1`: (feed text, seq) -> the `SignedBatch` as received
+//! - `rows_v1`: (feed text, order-preserving key encoding) -> [`StoredRow`]
+//! - `audit_v1`: id -> [`AuditEntry`]
+//! - `migrations_v1`: migration name -> unix millis applied
+
+use std::path::Path;
+
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
+    WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shuyuan_protocol::batch::Entry;
+use shuyuan_protocol::encoding::{decode, encode};
+use shuyuan_protocol::message::{Ack, Reject};
+use shuyuan_protocol::value::encode_key;
+use shuyuan_protocol::{
+    BatchHash, ChainError, FeedId, NodeId, RejectReason, SignedBatch, TableSchema, UnixMillis,
+};
+
+use super::{
+    AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming, Outcome, RejectionRecord,
+    StoreError, StoredRow, VerifiedBatch, WriteOp, ZeroUpdateRecord,
+};
+
+const ENROLLMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrollments_v1");
+const FEEDS: TableDefinition<&str, &[u8]> = TableDefinition::new("feeds_v1");
+const SCHEMAS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("schemas_v1");
+const BATCHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("batches_v1");
+const ROWS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("rows_v1");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_v1");
+const MIGRATIONS: TableDefinition<&str, i64> = TableDefinition::new("migrations_v1");
+
+/// Named, idempotent migrations, applied once each in order.
+const MIGRATION_NAMES: &[&str] = &["0001-create-tables"];
+
+fn storage(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Storage(e.into().to_string())
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    encode(v).map_err(|e| StoreError::Storage(e.to_string()))
+}
+
+fn dec<T: DeserializeOwned>(what: impl FnOnce() -> String, bytes: &[u8]) -> Result<T, StoreError> {
+    decode(bytes).map_err(|e| StoreError::Corrupt {
+        what: what(),
+        reason: e.to_string(),
+    })
+}
+
+/// The redb storage engine.
+#[derive(Debug)]
+pub struct RedbBackend {
+    db: Database,
+}
+
+impl RedbBackend {
+    /// Opens or creates the store file and applies pending migrations.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::AlreadyOpen(path.display().to_string()),
+            other => storage(other),
+        })?;
+        let backend = RedbBackend { db };
+        backend.migrate()?;
+        Ok(backend)
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(storage)?;
+        {
+            let mut done = tx.open_table(MIGRATIONS).map_err(storage)?;
+            for name in MIGRATION_NAMES {
+                if done.get(*name).map_err(storage)?.is_some() {
+                    continue;
+                }
+                if *name == "0001-create-tables" {
+                    tx.open_table(ENROLLMENTS).map_err(storage)?;
+                    tx.open_table(FEEDS).map_err(storage)?;
+                    tx.open_table(SCHEMAS).map_err(storage)?;
+                    tx.open_table(BATCHES).map_err(storage)?;
+                    tx.open_table(ROWS).map_err(storage)?;
+                    tx.open_table(AUDIT).map_err(storage)?;
+                }
+                done.insert(*name, UnixMillis::now().0).map_err(storage)?;
+            }
+        }
+        tx.commit().map_err(storage)
+    }
+}
+
+/// The tables one write transaction works on.
+struct Tables<'t> {
+    enrollments: Table<'t, &'static [u8], &'static [u8]>,
+    feeds: Table<'t, &'static str, &'static [u8]>,
+    schemas: Table<'t, (&'static str, u32), &'static [u8]>,
+    batches: Table<'t, (&'static str, u64), &'static [u8]>,
+    rows: Table<'t, (&'static str, &'static [u8]), &'static [u8]>,
+    audit: Table<'t, u64, &'static [u8]>,
+    next_audit: u64,
+    now: UnixMillis,
+}
+
+impl<'t> Tables<'t> {
+    fn open(tx: &'t WriteTransaction) -> Result<Self, StoreError> {
+        let audit = tx.open_table(AUDIT).map_err(storage)?;
+        let next_audit = match audit.last().map_err(storage)? {
+            Some((k, _)) => k.value() + 1,
+            None => 1,
+        };
+        Ok(Tables {
+            enrollments: tx.open_table(ENROLLMENTS).map_err(storage)?,
+            feeds: tx.open_table(FEEDS).map_err(storage)?,
+            schemas: tx.open_table(SCHEMAS).map_err(storage)?,
+            batches: tx.open_table(BATCHES).map_err(storage)?,
+            rows: tx.open_table(ROWS).map_err(storage)?,
+            audit,
+            next_audit,
+            now: UnixMillis::now(),
+        })
+    }
+
+    fn audit(&mut self, mut entry: AuditEntry) -> Result<(), StoreError> {
+        entry.id = self.next_audit;
+        self.next_audit += 1;
+        self.audit.insert(entry.id, enc(&entry)?.as_slice()).map_err(storage)?;
+        Ok(())
+    }
+
+    fn feed(&self, key: &str) -> Result<FeedRecord, StoreError> {
+        match self.feeds.get(key).map_err(storage)? {
+            Some(v) => dec(|| format!("feed {key}"), v.value()),
+            None => Ok(FeedRecord::default()),
+        }
+    }
+
+    fn enrollment(&self, key: &NodeId) -> Result<Option<Enrollment>, StoreError> {
+        match self.enrollments.get(key.as_bytes().as_slice()).map_err(storage)? {
+            Some(v) => Ok(Some(dec(|| format!("enrollment {key}"), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn stored_hash(&self, feed: &str, seq: u64) -> Result<Option<BatchHash>, StoreError> {
+        match self.batches.get((feed, seq)).map_err(storage)? {
+            Some(v) => {
+                let b: SignedBatch = dec(|| format!("batch {feed} #{seq}"), v.value())?;
+                Ok(Some(b.hash()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Refuses a batch: counts it on the feed (when the feed belongs to the
+    /// peer's department), audits it and builds the reply.
+    fn reject(
+        &mut self,
+        peer: NodeId,
+        feed: Option<FeedId>,
+        seq: u64,
+        reason: RejectReason,
+        detail: String,
+    ) -> Result<Outcome, StoreError> {
+        let own_department = match (&feed, self.enrollment(&peer)?) {
+            (Some(f), Some(e)) => f.department == e.department,
+            _ => false,
+        };
+        let mut resend_from = 1;
+        if let Some(f) = feed.as_ref().filter(|_| own_department) {
+            let key = f.to_string();
+            let mut rec = self.feed(&key)?;
+            rec.rejected += 1;
+            rec.last_rejection = Some(RejectionRecord {
+                at: self.now,
+                seq,
+                reason,
+                detail: detail.clone(),
+            });
+            resend_from = rec.cursor.next_seq();
+            self.feeds.insert(key.as_str(), enc(&rec)?.as_slice()).map_err(storage)?;
+        }
+        tracing::warn!(peer = %peer, feed = ?feed.as_ref().map(ToString::to_string), seq, reason = %reason, %detail, "batch rejected");
+        self.audit(AuditEntry {
+            id: 0,
+            at: self.now,
+            kind: AuditKind::BatchRejected,
+            peer: Some(peer),
+            feed: feed.clone(),
+            seq: Some(seq),
+            reason: Some(reason),
+            detail: detail.clone(),
+        })?;
+        Ok(Outcome::Reject(Reject {
+            feed,
+            seq,
+            reason,
+            detail,
+            resend_from,
+        }))
+    }
+
+    fn apply(&mut self, peer: NodeId, v: &VerifiedBatch) -> Result<Outcome, StoreError> {
+        let body = &v.body;
+        let key = body.feed.to_string();
+        let mut rec = self.feed(&key)?;
+        let mut lookup_err = None;
+        let verdict = rec.cursor.check(body.seq, body.prev, v.hash, |s| {
+            self.stored_hash(&key, s).unwrap_or_else(|e| {
+                lookup_err = Some(e);
+                None
+            })
+        });
+        if let Some(e) = lookup_err {
+            return Err(e);
+        }
+        if let Err(e) = verdict {
+            let reason = match e {
+                ChainError::Gap { .. } => RejectReason::Gap,
+                ChainError::Replay { .. } => RejectReason::Replay,
+                ChainError::Fork { .. } => RejectReason::Fork,
+            };
+            return self.reject(peer, Some(body.feed.clone()), body.seq, reason, e.to_string());
+        }
+        if let Err(detail) = check_content(rec.schema.as_ref(), &body.entries) {
+            return self.reject(peer, Some(body.feed.clone()), body.seq, RejectReason::InvalidContent, detail);
+        }
+        let mut had_changes = false;
+        for entry in &body.entries {
+            match entry {
+                Entry::Schema(s) => {
+                    self.schemas
+                        .insert((key.as_str(), s.version), enc(s)?.as_slice())
+                        .map_err(storage)?;
+                    rec.schema = Some(s.clone());
+                }
+                Entry::Change(c) => {
+                    had_changes = true;
+                    rec.changes_applied += 1;
+                    let row_key = encode_key(&c.key);
+                    match &c.row {
+                        Some(values) => {
+                            let stored = enc(&StoredRow {
+                                schema_version: c.schema_version,
+                                values: values.clone(),
+                            })?;
+                            let old = self
+                                .rows
+                                .insert((key.as_str(), row_key.as_slice()), stored.as_slice())
+                                .map_err(storage)?;
+                            if old.is_none() {
+                                rec.rows += 1;
+                            }
+                        }
+                        None => {
+                            let old = self
+                                .rows
+                                .remove((key.as_str(), row_key.as_slice()))
+                                .map_err(storage)?;
+                            if old.is_some() {
+                                rec.rows -= 1;
+                            }
+                        }
+                    }
+                }
+                Entry::ZeroUpdate(z) => {
+                    rec.last_zero_update = Some(ZeroUpdateRecord {
+                        seq: body.seq,
+                        since: z.since,
+                        until: z.until,
+                        source_position: z.source_position.clone(),
+                        received_at: self.now,
+                    });
+                }
+            }
+        }
+        if had_changes {
+            rec.last_change_at = Some(body.created_at);
+        }
+        rec.cursor.advance(body.seq, v.hash);
+        rec.signer = Some(v.signed.signer);
+        rec.batches_applied += 1;
+        rec.last_batch_received_at = Some(self.now);
+        self.batches
+            .insert((key.as_str(), body.seq), enc(&v.signed)?.as_slice())
+            .map_err(storage)?;
+        self.feeds.insert(key.as_str(), enc(&rec)?.as_slice()).map_err(storage)?;
+        Ok(Outcome::Ack(Ack {
+            feed: body.feed.clone(),
+            seq: body.seq,
+        }))
+    }
+}
+
+/// Checks every entry against the feed's schema as it evolves within the
+/// batch, before anything is applied.
+fn check_content(current: Option<&TableSchema>, entries: &[Entry]) -> Result<(), String> {
+    let mut schema = current.cloned();
+    for (i, entry) in entries.iter().enumerate() {
+        match entry {
+            Entry::Schema(s) => {
+                s.validate().map_err(|e| format!("entry {i}: schema: {e}"))?;
+                let expected = schema.as_ref().map_or(1, |c| c.version + 1);
+                if s.version != expected {
+                    return Err(format!("entry {i}: schema version {} but {expected} expected", s.version));
+                }
+                schema = Some(s.clone());
+            }
+            Entry::Change(c) => {
+                let s = schema
+                    .as_ref()
+                    .ok_or_else(|| format!("entry {i}: row change before any schema"))?;
+                s.check(c).map_err(|e| format!("entry {i}: {e}"))?;
+            }
+            Entry::ZeroUpdate(_) => {}
+        }
+    }
+    Ok(())
+}
+
+impl Backend for RedbBackend {
+    fn write(&self, group: &mut [WriteOp], discards: &mut Discards) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(storage)?;
+        {
+            let mut t = Tables::open(&tx)?;
+            for op in group.iter_mut() {
+                match op {
+                    WriteOp::Apply {
+                        conn,
+                        peer,
+                        incoming,
+                        outcome,
+                    } => {
+                        let (feed, seq) = match &*incoming {
+                            Incoming::Verified(v) => (Some(v.body.feed.clone()), v.body.seq),
+                            Incoming::Refused { feed, seq, .. } => (feed.clone(), *seq),
+                        };
+                        if let Some(f) = &feed
+                            && discards.discard(*conn, f, seq)
+                        {
+                            *outcome = Some(Outcome::Discarded);
+                            continue;
+                        }
+                        let result = match &*incoming {
+                            Incoming::Verified(v) => t.apply(*peer, v)?,
+                            Incoming::Refused {
+                                feed,
+                                seq,
+                                reason,
+                                detail,
+                            } => t.reject(*peer, feed.clone(), *seq, *reason, detail.clone())?,
+                        };
+                        if let Some(f) = &feed {
+                            discards.record(*conn, f, seq, &result);
+                        }
+                        *outcome = Some(result);
+                    }
+                    WriteOp::Audit(entry) => t.audit(entry.clone())?,
+                    WriteOp::Enroll {
+                        key,
+                        enrollment,
+                        outcome,
+                    } => {
+                        *outcome = Some(match t.enrollment(key)? {
+                            Some(old) if old.department != enrollment.department => Err(StoreError::EnrolledElsewhere {
+                                key: *key,
+                                department: old.department,
+                            }),
+                            old => {
+                                t.enrollments
+                                    .insert(key.as_bytes().as_slice(), enc(enrollment)?.as_slice())
+                                    .map_err(storage)?;
+                                let mut entry = AuditEntry::new(
+                                    AuditKind::Enrolled,
+                                    format!(
+                                        "{} key for department {} ({})",
+                                        if old.is_some() { "renamed" } else { "enrolled" },
+                                        enrollment.department,
+                                        enrollment.name
+                                    ),
+                                );
+                                entry.peer = Some(*key);
+                                t.audit(entry)?;
+                                Ok(old.is_none())
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(storage)
+    }
+
+    fn enrollments(&self) -> Result<Vec<(NodeId, Enrollment)>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(ENROLLMENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let bytes: [u8; 32] = k.value().try_into().map_err(|_| StoreError::Corrupt {
+                what: "enrollment key".into(),
+                reason: "not 32 bytes".into(),
+            })?;
+            let id = NodeId::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
+                what: "enrollment key".into(),
+                reason: e.to_string(),
+            })?;
+            out.push((id, dec(|| format!("enrollment {id}"), v.value())?));
+        }
+        Ok(out)
+    }
+
+    fn feeds(&self) -> Result<Vec<(FeedId, FeedRecord)>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(FEEDS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let feed: FeedId = k.value().parse().map_err(|e: shuyuan_protocol::feed::CodeError| StoreError::Corrupt {
+                what: format!("feed key {}", k.value()),
+                reason: e.to_string(),
+            })?;
+            out.push((feed, dec(|| format!("feed {}", k.value()), v.value())?));
+        }
+        Ok(out)
+    }
+
+    fn feed(&self, feed: &FeedId) -> Result<Option<FeedRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(FEEDS).map_err(storage)?;
+        let key = feed.to_string();
+        match table.get(key.as_str()).map_err(storage)? {
+            Some(v) => Ok(Some(dec(|| format!("feed {key}"), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn schema(&self, feed: &FeedId, version: u32) -> Result<Option<TableSchema>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(SCHEMAS).map_err(storage)?;
+        let key = feed.to_string();
+        match table.get((key.as_str(), version)).map_err(storage)? {
+            Some(v) => Ok(Some(dec(|| format!("schema {key} v{version}"), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn rows(
+        &self,
+        feed: &FeedId,
+        visit: &mut dyn FnMut(StoredRow) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(ROWS).map_err(storage)?;
+        let key = feed.to_string();
+        let lo: (&str, &[u8]) = (key.as_str(), &[]);
+        let hi: (&str, &[u8]) = (key.as_str(), &[0xff]);
+        for item in table.range(lo..hi).map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            visit(dec(|| format!("row of {key}"), v.value())?)?;
+        }
+        Ok(())
+    }
+
+    fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(AUDIT).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)?.rev().take(limit) {
+            let (k, v) = item.map_err(storage)?;
+            out.push(dec(|| format!("audit entry {}", k.value()), v.value())?);
+        }
+        Ok(out)
+    }
+
+    fn audit_count(&self) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(AUDIT).map_err(storage)?;
+        table.len().map_err(storage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NodeKind, Store};
+    use shuyuan_protocol::batch::{BatchBody, ZeroUpdate};
+    use shuyuan_protocol::{Column, NodeKey, Op, RowChange, Value};
+    use std::sync::Arc;
+
+    fn schema() -> TableSchema {
+        TableSchema {
+            version: 1,
+            table: "t".into(),
+            columns: vec![
+                Column { name: "id".into(), sql_type: "INTEGER".into(), nullable: false },
+                Column { name: "v".into(), sql_type: "TEXT".into(), nullable: true },
+            ],
+            key: vec![0],
+        }
+    }
+
+    fn verified(key: &NodeKey, seq: u64, prev: BatchHash, entries: Vec<Entry>) -> VerifiedBatch {
+        let body = BatchBody {
+            feed: "D:R".parse().unwrap(),
+            seq,
+            prev,
+            created_at: UnixMillis(7),
+            entries,
+        };
+        let signed = SignedBatch::seal(key, &body).unwrap();
+        let hash = signed.hash();
+        VerifiedBatch { signed, body, hash }
+    }
+
+    fn upsert(id: i64, v: &str) -> Entry {
+        Entry::Change(RowChange {
+            op: Op::Insert,
+            key: vec![Value::Int(id)],
+            row: Some(vec![Value::Int(id), Value::Text(v.into())]),
+            schema_version: 1,
+        })
+    }
+
+    #[tokio::test]
+    async fn apply_is_idempotent_and_refusals_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let backend = Arc::new(RedbBackend::open(&dir.path().join("hub.redb")).unwrap());
+        let (store, writer) = Store::start(backend.clone()).unwrap();
+        let key = NodeKey::from_seed([8; 32]);
+        let enrollment = Enrollment {
+            department: "D".parse().unwrap(),
+            name: "测试".into(),
+            kind: NodeKind::Agent,
+            enrolled_at: UnixMillis(1),
+        };
+        assert!(store.enroll(key.id(), enrollment.clone()).await.unwrap());
+        assert!(!store.enroll(key.id(), enrollment.clone()).await.unwrap());
+        let mut other = enrollment.clone();
+        other.department = "E".parse().unwrap();
+        assert!(matches!(store.enroll(key.id(), other).await, Err(StoreError::EnrolledElsewhere { .. })));
+
+        let b1 = verified(&key, 1, BatchHash::GENESIS, vec![Entry::Schema(schema()), upsert(1, "a"), upsert(2, "b")]);
+        let b2 = verified(&key, 2, b1.hash, vec![upsert(1, "c"), Entry::Change(RowChange {
+            op: Op::Delete,
+            key: vec![Value::Int(2)],
+            row: None,
+            schema_version: 1,
+        })]);
+        let apply = |b: &VerifiedBatch, conn| {
+            let store = store.clone();
+            let b = b.clone();
+            let peer = key.id();
+            async move { store.apply(conn, peer, Incoming::Verified(Box::new(b))).await.unwrap().await.unwrap() }
+        };
+        assert!(matches!(apply(&b1, 1).await, Outcome::Ack(Ack { seq: 1, .. })));
+        assert!(matches!(apply(&b2, 1).await, Outcome::Ack(Ack { seq: 2, .. })));
+        // Replaying batch 1 changes nothing and is refused.
+        match apply(&b1, 2).await {
+            Outcome::Reject(r) => {
+                assert_eq!(r.reason, RejectReason::Replay);
+                assert_eq!(r.resend_from, 3);
+            }
+            o => panic!("{o:?}"),
+        }
+        // A different batch 2 is a fork.
+        let fork = verified(&key, 2, b1.hash, vec![upsert(9, "x")]);
+        match apply(&fork, 3).await {
+            Outcome::Reject(r) => assert_eq!(r.reason, RejectReason::Fork),
+            o => panic!("{o:?}"),
+        }
+        // A gap, then its pipelined successor is discarded quietly; a
+        // different sequence number is judged again.
+        let gap = verified(&key, 5, b2.hash, vec![upsert(5, "g")]);
+        let next = verified(&key, 6, gap.hash, vec![upsert(6, "g")]);
+        // Submitted back to back, so they may share one write group.
+        let first = store.apply(4, key.id(), Incoming::Verified(Box::new(gap.clone()))).await.unwrap();
+        let second = store.apply(4, key.id(), Incoming::Verified(Box::new(next.clone()))).await.unwrap();
+        match first.await.unwrap() {
+            Outcome::Reject(r) => assert_eq!(r.reason, RejectReason::Gap),
+            o => panic!("{o:?}"),
+        }
+        assert_eq!(second.await.unwrap(), Outcome::Discarded);
+        // Content that does not fit the schema is refused before anything applies.
+        let bad = verified(&key, 3, b2.hash, vec![upsert(3, "ok"), Entry::Change(RowChange {
+            op: Op::Insert,
+            key: vec![Value::Int(4)],
+            row: Some(vec![Value::Int(4)]),
+            schema_version: 1,
+        })]);
+        match apply(&bad, 5).await {
+            Outcome::Reject(r) => assert_eq!(r.reason, RejectReason::InvalidContent),
+            o => panic!("{o:?}"),
+        }
+        let zero = verified(&key, 3, b2.hash, vec![Entry::ZeroUpdate(ZeroUpdate {
+            since: UnixMillis(7),
+            until: UnixMillis(9),
+            source_position: "12".into(),
+        })]);
+        assert!(matches!(apply(&zero, 5).await, Outcome::Ack(Ack { seq: 3, .. })));
+
+        let feed: FeedId = "D:R".parse().unwrap();
+        let rec = backend.feed(&feed).unwrap().unwrap();
+        assert_eq!(rec.cursor.last_seq, 3);
+        assert_eq!(rec.rows, 1);
+        assert_eq!(rec.rejected, 4);
+        assert_eq!(rec.last_zero_update.as_ref().unwrap().seq, 3);
+        let mut rows = Vec::new();
+        backend.rows(&feed, &mut |r| { rows.push(r.values); Ok(()) }).unwrap();
+        assert_eq!(rows, vec![vec![Value::Int(1), Value::Text("c".into())]]);
+        let audit = backend.audit(10).unwrap();
+        let reasons: Vec<_> = audit.iter().filter_map(|a| a.reason).collect();
+        assert_eq!(
+            reasons,
+            vec![RejectReason::InvalidContent, RejectReason::Gap, RejectReason::Fork, RejectReason::Replay]
+        );
+        assert_eq!(audit.last().unwrap().kind, AuditKind::Enrolled);
+        drop(store);
+        writer.join();
+    }
+}
