@@ -25,6 +25,9 @@ use crate::seal::{BatchLimits, SealError, seal_entries};
 use crate::source::{self, Source, SourceError};
 use crate::status::StatusBoard;
 
+/// The shortest time between two deletions from the source's change table.
+pub const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// The hub acknowledged a feed up to `seq` (sent by the uplink).
 #[derive(Debug, Clone)]
 pub struct AckNote {
@@ -55,6 +58,7 @@ pub struct CaptureLoop {
     feeds: Vec<(FeedId, FeedState)>,
     position: String,
     released: Option<String>,
+    last_release: Option<UnixMillis>,
     totals: Totals,
     acks: Receiver<AckNote>,
     pending_acks: Vec<AckNote>,
@@ -109,6 +113,7 @@ impl CaptureLoop {
             feeds,
             position,
             released: None,
+            last_release: None,
             totals,
             acks,
             pending_acks: Vec::new(),
@@ -127,14 +132,14 @@ impl CaptureLoop {
     /// Runs until `cancel` fires.
     pub fn run(mut self, cancel: CancellationToken) {
         let mut last_error: Option<String> = None;
-        self.publish(None);
         while !cancel.is_cancelled() {
-            let more = match self.step(UnixMillis::now()) {
+            let started = UnixMillis::now();
+            let more = match self.step(started) {
                 Ok(more) => {
                     if last_error.take().is_some() {
                         tracing::info!("capture recovered");
                     }
-                    self.publish(None);
+                    self.publish(None, Some(started));
                     more
                 }
                 Err(e) => {
@@ -146,7 +151,7 @@ impl CaptureLoop {
                             tracing::error!(error = %text, "capture step failed; retrying until fixed");
                         }
                     }
-                    self.publish(Some(text.clone()));
+                    self.publish(Some(text.clone()), None);
                     last_error = Some(text);
                     false
                 }
@@ -163,7 +168,10 @@ impl CaptureLoop {
         tracing::info!("capture stopped");
     }
 
-    fn publish(&mut self, error: Option<String>) {
+    /// Updates the status board; `read_at` is when the step that just
+    /// succeeded started reading, so the status covers every change
+    /// committed before that moment.
+    fn publish(&mut self, error: Option<String>, read_at: Option<UnixMillis>) {
         let backlog = self.source.backlog(&self.position).unwrap_or(0);
         let paused = self.totals.bytes >= self.config.outbox.max_bytes;
         let config = self.config.clone();
@@ -177,18 +185,31 @@ impl CaptureLoop {
             s.source.paused_outbox_full = paused;
             s.source.error = error;
             s.source.skipped_null_keys = skipped;
-            s.source.last_read_at = Some(UnixMillis::now());
+            if read_at.is_some() {
+                s.source.last_read_at = read_at;
+            }
         });
+    }
+
+    /// Deletes the source's record of changes that are durable in the
+    /// outbox (including those an earlier run committed but did not get to
+    /// delete). Each release is a write on the department's database, so it
+    /// happens at most every [`RELEASE_INTERVAL`] to stay out of the way of
+    /// the department's own writers.
+    fn release_if_due(&mut self, now: UnixMillis) -> Result<(), CaptureError> {
+        let behind = self.released.as_deref() != Some(self.position.as_str());
+        let due = self.last_release.is_none_or(|t| now.since(t) >= RELEASE_INTERVAL);
+        if behind && due {
+            self.source.release(&self.position)?;
+            self.released = Some(self.position.clone());
+            self.last_release = Some(now);
+        }
+        Ok(())
     }
 
     /// One round. Returns whether more changes are waiting right now.
     pub fn step(&mut self, now: UnixMillis) -> Result<bool, CaptureError> {
-        // The source may still hold changes an earlier run committed to the
-        // outbox but did not get to delete.
-        if self.released.as_deref() != Some(self.position.as_str()) {
-            self.source.release(&self.position)?;
-            self.released = Some(self.position.clone());
-        }
+        self.release_if_due(now)?;
 
         let mut feeds = self.feeds.clone();
         let mut commit = Commit::default();
@@ -307,8 +328,7 @@ impl CaptureLoop {
         }
         if let Some(p) = new_position {
             self.position = p;
-            self.source.release(&self.position)?;
-            self.released = Some(self.position.clone());
+            self.release_if_due(now)?;
         }
         Ok(more)
     }

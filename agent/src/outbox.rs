@@ -27,6 +27,10 @@ const FEEDS: TableDefinition<&str, &[u8]> = TableDefinition::new("feeds_v1");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
 const MIGRATIONS: TableDefinition<&str, i64> = TableDefinition::new("migrations_v1");
 
+/// How long `open` waits for another process to let go of the file.
+const OPEN_ATTEMPTS: u32 = 50;
+const OPEN_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Named, idempotent migrations, applied in order once each.
 const MIGRATION_NAMES: &[&str] = &["0001-create-tables"];
 
@@ -106,10 +110,20 @@ impl Outbox {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| OutboxError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => OutboxError::AlreadyOpen(path.to_owned()),
-            other => storage(other),
-        })?;
+        // A `status` run while the agent was down may hold the file for a
+        // moment; wait for it rather than fail the start.
+        let mut attempts = 0;
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if attempts < OPEN_ATTEMPTS => {
+                    attempts += 1;
+                    std::thread::sleep(OPEN_RETRY);
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OutboxError::AlreadyOpen(path.to_owned())),
+                Err(other) => return Err(storage(other)),
+            }
+        };
         let outbox = Outbox {
             db: Arc::new(db),
             path: path.to_owned(),

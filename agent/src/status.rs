@@ -56,6 +56,8 @@ pub struct SourceStatus {
     pub paused_outbox_full: bool,
     pub error: Option<String>,
     pub skipped_null_keys: u64,
+    /// When the last successful capture step began reading the source: every
+    /// change committed before it is sealed (or paused for a full outbox).
     pub last_read_at: Option<UnixMillis>,
 }
 

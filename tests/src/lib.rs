@@ -1,1 +1,522 @@
+//! Harness for shuyuan's end-to-end tests, demo and benchmark: builds and
+//! starts the real `shuyuan-hub` and `shuyuan-agent` binaries on loopback,
+//! each in its own temporary directory, with real SQLite department
+//! databases, and reads back what the hub holds.
+//!
+//! Processes are killed when their handle drops, so a failing test leaves
+//! nothing running.
 
+pub mod data;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value as Json;
+
+/// Where the binaries are, built once per test process.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("SHUYUAN_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
+        let exe = std::env::current_exe().expect("current exe");
+        let mut dir = exe.parent().expect("exe dir").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+            // Running under `cargo test`: make sure the service binaries
+            // match the source (a no-op when they are fresh).
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let release = dir.ends_with("release");
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--workspace", "--bins", "--quiet"]);
+            if release {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "cargo build of the service binaries failed");
+        }
+        for b in ["shuyuan-hub", "shuyuan-agent"] {
+            assert!(dir.join(b).exists(), "{} is missing; build with `cargo build --workspace --bins`", dir.join(b).display());
+        }
+        dir
+    })
+}
+
+fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    s.local_addr().expect("addr").port()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout`
+/// naming `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "timed out after {:?} waiting for {what}{}",
+                timeout,
+                last_err.map(|e| format!(" (last error: {e:#})")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs a command to completion, failing with its output if it fails.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A child process that is killed when dropped.
+#[derive(Debug)]
+struct Proc {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, config: &Path, log: &Path) -> Result<Proc> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = Command::new(bin)
+            .args(["--config"])
+            .arg(config)
+            .arg("run")
+            .env("RUST_LOG", std::env::var("SHUYUAN_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        Ok(Proc {
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    fn signal(&mut self, sig: Signal) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = Pid::from_raw(i32::try_from(child.id())?);
+        kill(pid, sig)?;
+        let start = Instant::now();
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("process did not stop within 20s after {sig:?}; log {}", self.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A hub process with its own directory.
+#[derive(Debug)]
+pub struct HubProcess {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub key: String,
+    pub addr: SocketAddr,
+    proc: Option<Proc>,
+}
+
+impl HubProcess {
+    /// Writes a config (listening on a free loopback port) and creates the key.
+    pub fn init(dir: &Path) -> Result<HubProcess> {
+        std::fs::create_dir_all(dir)?;
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
+        let config = dir.join("hub.toml");
+        std::fs::write(
+            &config,
+            format!("[hub]\nname = \"test hub\"\nlisten = \"{addr}\"\nkey_file = \"hub.key\"\ndata_dir = \"data\"\n"),
+        )?;
+        let key = run(Command::new(bin("shuyuan-hub")).arg("--config").arg(&config).args(["init", "--key-only"]))?
+            .trim()
+            .to_string();
+        Ok(HubProcess {
+            dir: dir.to_owned(),
+            config,
+            key,
+            addr,
+            proc: None,
+        })
+    }
+
+    /// Starts `shuyuan-hub run` and waits until it answers `status`.
+    pub fn start(&mut self) -> Result<()> {
+        self.proc = Some(Proc::spawn(&bin("shuyuan-hub"), &self.config, &self.dir.join("hub.log"))?);
+        wait_for("the hub to answer status", Duration::from_secs(30), || {
+            if !self.proc.as_mut().is_some_and(Proc::running) {
+                bail!("the hub exited; log:\n{}", self.log());
+            }
+            Ok(self.status().ok().filter(|s| s["running"] == true))
+        })?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> Result<()> {
+        match self.proc.take() {
+            Some(mut p) => p.signal(Signal::SIGTERM),
+            None => Ok(()),
+        }
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) -> Result<()> {
+        match self.proc.take() {
+            Some(mut p) => p.signal(Signal::SIGKILL),
+            None => Ok(()),
+        }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(bin("shuyuan-hub"));
+        c.arg("--config").arg(&self.config).env("RUST_LOG", "warn");
+        c
+    }
+
+    pub fn enroll(&self, department: &str, name: &str, key: &str) -> Result<String> {
+        run(self.cmd().args(["enroll", "--department", department, "--name", name, key]))
+    }
+
+    pub fn status(&self) -> Result<Json> {
+        Ok(serde_json::from_str(&run(self.cmd().args(["status", "--json"]))?)?)
+    }
+
+    pub fn audit(&self) -> Result<Vec<Json>> {
+        Ok(serde_json::from_str(&run(self.cmd().args(["audit", "--json", "--limit", "1000"]))?)?)
+    }
+
+    /// The shared copy of a resource as parsed JSON lines, in key order.
+    pub fn export_jsonl(&self, feed: &str) -> Result<Vec<Json>> {
+        let out = run(self.cmd().args(["export", feed, "--format", "jsonl"]))?;
+        out.lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
+    }
+
+    pub fn export_csv(&self, feed: &str) -> Result<String> {
+        run(self.cmd().args(["export", feed, "--format", "csv"]))
+    }
+
+    /// The status entry of one feed (`DEPT:RES`), if the hub has it.
+    pub fn feed_status(&self, feed: &str) -> Result<Option<Json>> {
+        let status = self.status()?;
+        for d in status["departments"].as_array().into_iter().flatten() {
+            for r in d["resources"].as_array().into_iter().flatten() {
+                if r["feed"] == feed {
+                    return Ok(Some(r.clone()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("hub.log")).unwrap_or_default()
+    }
+}
+
+/// One shared table of an agent.
+#[derive(Debug, Clone)]
+pub struct ResourceSpec {
+    pub code: String,
+    pub table: String,
+    pub key: Vec<String>,
+    pub cycle: String,
+}
+
+impl ResourceSpec {
+    pub fn new(code: &str, table: &str, key: &[&str], cycle: &str) -> Self {
+        ResourceSpec {
+            code: code.into(),
+            table: table.into(),
+            key: key.iter().map(|s| s.to_string()).collect(),
+            cycle: cycle.into(),
+        }
+    }
+}
+
+/// An agent process next to a SQLite database.
+#[derive(Debug)]
+pub struct AgentProcess {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub key: String,
+    pub department: String,
+    pub db: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl AgentProcess {
+    /// Writes a config for `db` and creates the key. `extra` is appended to
+    /// the `[outbox]` section.
+    pub fn init(
+        dir: &Path,
+        hub: &HubProcess,
+        department: &str,
+        db: &Path,
+        resources: &[ResourceSpec],
+        outbox: &str,
+    ) -> Result<AgentProcess> {
+        std::fs::create_dir_all(dir)?;
+        let mut text = format!(
+            "[agent]\ndepartment = \"{department}\"\nkey_file = \"agent.key\"\ndata_dir = \"data\"\n\
+             [hub]\naddress = \"{}\"\nkey = \"{}\"\n\
+             [source]\nkind = \"sqlite\"\npath = \"{}\"\npoll_interval = \"50ms\"\n\
+             [outbox]\n{outbox}\n",
+            hub.addr,
+            hub.key,
+            db.display()
+        );
+        for r in resources {
+            text.push_str(&format!(
+                "[[resource]]\ncode = \"{}\"\ntable = \"{}\"\nkey = [{}]\nupdate_cycle = \"{}\"\n",
+                r.code,
+                r.table,
+                r.key.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "),
+                r.cycle
+            ));
+        }
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, text)?;
+        let key = run(Command::new(bin("shuyuan-agent")).arg("--config").arg(&config).args(["init", "--key-only"]))?
+            .trim()
+            .to_string();
+        Ok(AgentProcess {
+            dir: dir.to_owned(),
+            config,
+            key,
+            department: department.into(),
+            db: db.to_owned(),
+            proc: None,
+        })
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(bin("shuyuan-agent"));
+        c.arg("--config").arg(&self.config).env("RUST_LOG", "warn");
+        c
+    }
+
+    pub fn install_triggers(&self) -> Result<String> {
+        run(self.cmd().args(["triggers", "install"]))
+    }
+
+    /// Starts `shuyuan-agent run` and waits until it answers `status`.
+    pub fn start(&mut self) -> Result<()> {
+        self.proc = Some(Proc::spawn(&bin("shuyuan-agent"), &self.config, &self.dir.join("agent.log"))?);
+        wait_for("the agent to answer status", Duration::from_secs(30), || {
+            if !self.proc.as_mut().is_some_and(Proc::running) {
+                bail!("the agent exited; log:\n{}", self.log());
+            }
+            Ok(self.status().ok().filter(|s| s["running"] == true))
+        })?;
+        Ok(())
+    }
+
+    pub fn stop(&mut self) -> Result<()> {
+        match self.proc.take() {
+            Some(mut p) => p.signal(Signal::SIGTERM),
+            None => Ok(()),
+        }
+    }
+
+    pub fn kill(&mut self) -> Result<()> {
+        match self.proc.take() {
+            Some(mut p) => p.signal(Signal::SIGKILL),
+            None => Ok(()),
+        }
+    }
+
+    pub fn status(&self) -> Result<Json> {
+        Ok(serde_json::from_str(&run(self.cmd().args(["status", "--json"]))?)?)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Waits until a capture step that began after this call has found
+    /// nothing waiting in the source, and every sealed batch is acknowledged;
+    /// returns the status.
+    pub fn wait_drained(&self, timeout: Duration) -> Result<Json> {
+        let asked = now_millis();
+        wait_for("the agent to drain its outbox", timeout, || {
+            let s = self.status()?;
+            let drained = s["source"]["last_read_at"].as_i64().is_some_and(|t| t > asked)
+                && s["outbox"]["batches"] == 0
+                && s["source"]["backlog"] == 0
+                && s["resources"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().all(|r| r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0)));
+            Ok(drained.then_some(s))
+        })
+    }
+}
+
+/// Begins an IMMEDIATE transaction, as a department application should for
+/// writes: a deferred one that reads first cannot upgrade to a write while
+/// another connection (such as the agent releasing sent changes) has
+/// written meanwhile, and SQLite then answers SQLITE_BUSY at once.
+pub fn immediate(conn: &rusqlite::Connection) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)
+}
+
+/// Milliseconds since the Unix epoch, as the services report times.
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Reads a SQLite table in key order and renders each row the way the hub's
+/// JSON-lines export must: columns by name, SQLite storage classes as JSON
+/// null, numbers and strings, blobs as `{"hex": ...}`. Written independently
+/// of the hub's code so that the comparison means something.
+pub fn source_rows(db: &Path, table: &str, key: &[String]) -> Result<Vec<Json>> {
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let order = key.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ");
+    let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\" ORDER BY {order}"))?;
+    let names: Vec<String> = stmt.column_names().map(|s| s.to_string()).collect();
+    let rows = stmt.query_map([], |row| {
+        let mut obj = serde_json::Map::new();
+        for (i, name) in names.iter().enumerate() {
+            let v = match row.get_ref(i)? {
+                rusqlite::types::ValueRef::Null => Json::Null,
+                rusqlite::types::ValueRef::Integer(x) => Json::from(x),
+                rusqlite::types::ValueRef::Real(x) => Json::from(x),
+                rusqlite::types::ValueRef::Text(t) => Json::from(String::from_utf8_lossy(t).into_owned()),
+                rusqlite::types::ValueRef::Blob(b) => {
+                    serde_json::json!({ "hex": b.iter().map(|x| format!("{x:02x}")).collect::<String>() })
+                }
+            };
+            obj.insert(name.clone(), v);
+        }
+        Ok(Json::Object(obj))
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Fails with the first differing row if the hub's copy differs from the source.
+pub fn assert_same_rows(source: &[Json], hub: &[Json]) -> Result<()> {
+    for (i, (s, h)) in source.iter().zip(hub).enumerate() {
+        if s != h {
+            bail!("row {i} differs:\n source: {s}\n hub:    {h}");
+        }
+    }
+    if source.len() != hub.len() {
+        bail!(
+            "the source has {} rows, the hub {}; first extra: {}",
+            source.len(),
+            hub.len(),
+            source.get(hub.len()).or_else(|| hub.get(source.len())).map(ToString::to_string).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// A temporary directory with a hub in it (initialised, not started).
+#[derive(Debug)]
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub hub: HubProcess,
+}
+
+impl Sandbox {
+    /// Set `SHUYUAN_KEEP=1` to keep the directory (logs, databases) after
+    /// the test.
+    pub fn new() -> Result<Sandbox> {
+        let mut dir = tempfile::Builder::new().prefix("shuyuan-e2e-").tempdir()?;
+        if std::env::var_os("SHUYUAN_KEEP").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
+        let hub = HubProcess::init(&dir.path().join("hub"))?;
+        Ok(Sandbox { dir, hub })
+    }
+
+    /// A new SQLite department database with the given tables.
+    pub fn database(&self, name: &str, ddl: &[&str]) -> Result<(PathBuf, rusqlite::Connection)> {
+        let path = self.dir.path().join(name);
+        let conn = rusqlite::Connection::open(&path)?;
+        for d in ddl {
+            conn.execute_batch(d)?;
+        }
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok((path, conn))
+    }
+
+    /// An agent for `db`: config and key created, key enrolled at the hub,
+    /// capture triggers installed. Not started.
+    pub fn agent(
+        &self,
+        name: &str,
+        department: &str,
+        db: &Path,
+        resources: &[ResourceSpec],
+        outbox: &str,
+    ) -> Result<AgentProcess> {
+        let agent = AgentProcess::init(&self.dir.path().join(name), &self.hub, department, db, resources, outbox)?;
+        self.hub.enroll(department, &format!("{name} department"), &agent.key)?;
+        agent.install_triggers()?;
+        Ok(agent)
+    }
+}
+
+/// Compares every resource of `agent` between its database and the hub.
+pub fn assert_in_sync(hub: &HubProcess, agent: &AgentProcess, resources: &[ResourceSpec]) -> Result<usize> {
+    let mut total = 0;
+    for r in resources {
+        let source = source_rows(&agent.db, &r.table, &r.key)?;
+        let copy = hub.export_jsonl(&format!("{}:{}", agent.department, r.code))?;
+        assert_same_rows(&source, &copy).with_context(|| format!("resource {} (table {})", r.code, r.table))?;
+        total += source.len();
+    }
+    Ok(total)
+}

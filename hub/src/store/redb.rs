@@ -38,6 +38,10 @@ const ROWS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("rows_v
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_v1");
 const MIGRATIONS: TableDefinition<&str, i64> = TableDefinition::new("migrations_v1");
 
+/// How long `open` waits for another process to let go of the file.
+const OPEN_ATTEMPTS: u32 = 50;
+const OPEN_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Named, idempotent migrations, applied once each in order.
 const MIGRATION_NAMES: &[&str] = &["0001-create-tables"];
 
@@ -69,10 +73,22 @@ impl RedbBackend {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::AlreadyOpen(path.display().to_string()),
-            other => storage(other),
-        })?;
+        // A `status` or `export` run while the hub was down may hold the
+        // file for a moment; wait for it rather than fail the start.
+        let mut attempts = 0;
+        let db = loop {
+            match Database::create(path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if attempts < OPEN_ATTEMPTS => {
+                    attempts += 1;
+                    std::thread::sleep(OPEN_RETRY);
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(StoreError::AlreadyOpen(path.display().to_string()));
+                }
+                Err(other) => return Err(storage(other)),
+            }
+        };
         let backend = RedbBackend { db };
         backend.migrate()?;
         Ok(backend)
