@@ -65,6 +65,8 @@ pub struct CaptureLoop {
     sealed: Arc<Notify>,
     status: StatusBoard,
     skipped_null_keys: u64,
+    /// Encoded bytes per change in the latest batches, for sizing reads.
+    bytes_per_change: u64,
 }
 
 impl std::fmt::Debug for CaptureLoop {
@@ -120,6 +122,7 @@ impl CaptureLoop {
             sealed,
             status,
             skipped_null_keys: 0,
+            bytes_per_change: 256,
         })
     }
 
@@ -233,7 +236,17 @@ impl CaptureLoop {
         let mut more = false;
         let mut new_position = None;
         if !paused {
-            let limit = self.config.outbox.batch_max_changes.saturating_mul(10).max(1);
+            // Read no more than the outbox has room for, judging by the size
+            // of recent changes, so a full outbox is overrun by little.
+            let room = self.config.outbox.max_bytes - self.totals.bytes;
+            let fits = usize::try_from(room / self.bytes_per_change.max(1)).unwrap_or(usize::MAX);
+            let limit = self
+                .config
+                .outbox
+                .batch_max_changes
+                .saturating_mul(10)
+                .min(fits)
+                .max(1);
             let read = match self.source.read(&self.position, limit) {
                 Ok(read) => read,
                 Err(e) => {
@@ -303,7 +316,13 @@ impl CaptureLoop {
                 if has_changes[i] {
                     state.last_change_at = Some(now);
                 }
-                for (seq, bytes) in seal_entries(&self.key, feed, state, es, now, limits)? {
+                let n = es.len() as u64;
+                let sealed = seal_entries(&self.key, feed, state, es, now, limits)?;
+                let bytes: u64 = sealed.iter().map(|(_, b)| b.len() as u64).sum();
+                if has_changes[i] {
+                    self.bytes_per_change = (bytes / n.max(1)).max(1);
+                }
+                for (seq, bytes) in sealed {
                     commit.appended.push((feed.clone(), seq, bytes));
                 }
             }

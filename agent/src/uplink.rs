@@ -130,13 +130,19 @@ impl Uplink {
         }
     }
 
+    /// Records the link state. `since` is when the link last went up or
+    /// down; while reconnecting, the last error stays visible.
     fn set_link(&self, link: LinkState, detail: Option<String>) {
         self.status.update(|s| {
-            if s.hub.link != link || link != LinkState::Connected {
+            let was_up = s.hub.link == LinkState::Connected;
+            let is_up = link == LinkState::Connected;
+            if was_up != is_up || s.hub.since.is_none() {
                 s.hub.since = Some(UnixMillis::now());
             }
             s.hub.link = link;
-            s.hub.detail = detail;
+            if detail.is_some() || link == LinkState::Connected {
+                s.hub.detail = detail;
+            }
         });
     }
 

@@ -111,11 +111,46 @@ code_type!(
     "resource code"
 );
 
-/// One feed: the change stream of one resource of one department.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// One feed: the change stream of one resource of one department. Binary
+/// encodings carry the two codes; human-readable ones (JSON) the text form
+/// `DEPARTMENT:RESOURCE`.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FeedId {
     pub department: DepartmentCode,
     pub resource: ResourceCode,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename = "FeedId")]
+struct FeedIdFields {
+    department: DepartmentCode,
+    resource: ResourceCode,
+}
+
+impl Serialize for FeedId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            FeedIdFields {
+                department: self.department.clone(),
+                resource: self.resource.clone(),
+            }
+            .serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for FeedId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            let f = FeedIdFields::deserialize(deserializer)?;
+            Ok(FeedId::new(f.department, f.resource))
+        }
+    }
 }
 
 impl FeedId {
@@ -165,6 +200,22 @@ mod tests {
         assert!(ResourceCode::new("户籍").is_err());
         let bytes = encode("a b").unwrap();
         assert!(decode::<ResourceCode>(&bytes).is_err());
+    }
+
+    #[test]
+    fn json_uses_text_forms_and_binary_stays_compact() {
+        let f: FeedId = "GA:A01/0001".parse().unwrap();
+        assert_eq!(serde_json::to_string(&f).unwrap(), "\"GA:A01/0001\"");
+        assert_eq!(serde_json::from_str::<FeedId>("\"GA:A01/0001\"").unwrap(), f);
+        assert!(serde_json::from_str::<FeedId>("\"GA\"").is_err());
+        let bytes = encode(&f).unwrap();
+        assert_eq!(bytes, b"\x02GA\x08A01/0001");
+        assert_eq!(decode::<FeedId>(&bytes).unwrap(), f);
+        let id = crate::NodeKey::from_seed([1; 32]).id();
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<crate::NodeId>(&json).unwrap(), id);
+        assert_eq!(encode(&id).unwrap().len(), 33);
     }
 
     #[test]

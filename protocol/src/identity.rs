@@ -137,10 +137,31 @@ impl NodeKey {
     }
 }
 
-/// A node's public key, which is its identity.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(transparent)]
+/// A node's public key, which is its identity. Binary encodings carry the
+/// 32 raw bytes; human-readable ones (JSON) the text form.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct NodeId(VerifyingKey);
+
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if deserializer.is_human_readable() {
+            let text = String::deserialize(deserializer)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            VerifyingKey::deserialize(deserializer).map(NodeId)
+        }
+    }
+}
 
 impl NodeId {
     /// Builds an id from 32 raw bytes, refusing points that are not valid

@@ -49,7 +49,7 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
-fn bin(name: &str) -> PathBuf {
+pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(name)
 }
 

@@ -1,0 +1,155 @@
+//! Faults: the agent killed mid-stream, the hub down for a while, the
+//! outbox full. Each time, nothing is lost, duplicated or skipped.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use shuyuan_tests::data::{self, Rng};
+use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, immediate, wait_for};
+
+fn household() -> Vec<ResourceSpec> {
+    vec![ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime")]
+}
+
+fn no_rejections(sb: &Sandbox) -> Result<()> {
+    let rejected: Vec<_> = sb
+        .hub
+        .audit()?
+        .into_iter()
+        .filter(|a| a["kind"] == "batch_rejected")
+        .collect();
+    assert!(rejected.is_empty(), "the hub refused batches: {rejected:?}");
+    Ok(())
+}
+
+/// Every batch of the feed was applied exactly once: the chain is gap-free
+/// by construction, and a replayed or duplicated batch would have been
+/// refused (and audited) rather than applied.
+fn applied_once(sb: &Sandbox, feed: &str) -> Result<()> {
+    let f = sb.hub.feed_status(feed)?.expect("feed at the hub");
+    assert_eq!(f["batches_applied"], f["last_seq"], "{feed}: {f}");
+    assert_eq!(f["rejected"], 0, "{feed}: {f}");
+    Ok(())
+}
+
+#[test]
+fn agent_killed_mid_stream_loses_and_repeats_nothing() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
+    let resources = household();
+    sb.hub.start()?;
+    // Small batches, so that the stream is long enough to interrupt.
+    let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 20")?;
+    agent.start()?;
+    let mut rng = Rng::new(11);
+    let total = 8000;
+    let tx = immediate(&conn)?;
+    for _ in 0..total {
+        data::insert_household(&tx, &mut rng)?;
+    }
+    tx.commit()?;
+    let at_kill = wait_for("the hub to be part-way through", Duration::from_secs(60), || {
+        let rows = sb.hub.feed_status("GA:A01/0001")?.and_then(|f| f["rows"].as_u64()).unwrap_or(0);
+        Ok((rows > 0).then_some(rows))
+    })?;
+    agent.kill()?;
+    let after_kill = sb.hub.feed_status("GA:A01/0001")?.unwrap()["rows"].as_u64().unwrap();
+    assert!(after_kill < total as u64, "the agent was killed after everything arrived ({at_kill} rows), so the test proved nothing");
+
+    // The department keeps working while its agent is down.
+    let tx = immediate(&conn)?;
+    for _ in 0..500 {
+        data::churn_one(&tx, "household", &mut rng)?;
+    }
+    tx.commit()?;
+    agent.start()?;
+    for _ in 0..500 {
+        data::churn_one(&conn, "household", &mut rng)?;
+    }
+    agent.wait_drained(Duration::from_secs(180))?;
+    let rows = assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert!(rows >= total, "{rows} rows");
+    applied_once(&sb, "GA:A01/0001")?;
+    no_rejections(&sb)?;
+    Ok(())
+}
+
+#[test]
+fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL, data::PARCEL_DDL])?;
+    let resources = vec![
+        ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime"),
+        ResourceSpec::new("B02/0007", "land_parcel", &["district", "parcel_no"], "daily"),
+    ];
+    sb.hub.start()?;
+    let mut agent = sb.agent("zr", "ZR", &db, &resources, "")?;
+    agent.start()?;
+    let mut rng = Rng::new(12);
+    for _ in 0..300 {
+        data::churn_one(&conn, "household", &mut rng)?;
+    }
+    agent.wait_drained(Duration::from_secs(60))?;
+    sb.hub.stop()?;
+
+    let tx = immediate(&conn)?;
+    for _ in 0..3000 {
+        data::churn_one(&tx, "household", &mut rng)?;
+        data::churn_one(&tx, "land_parcel", &mut rng)?;
+    }
+    tx.commit()?;
+    // Everything is sealed into the outbox and waits there.
+    let buffered = wait_for("the agent to buffer the changes", Duration::from_secs(60), || {
+        let s = agent.status()?;
+        let sealed = s["source"]["backlog"] == 0 && s["outbox"]["batches"].as_u64() > Some(0);
+        Ok((sealed && s["hub"]["link"] != "connected").then_some(s))
+    })?;
+    assert!(buffered["hub"]["detail"].as_str().is_some_and(|d| !d.is_empty()), "{buffered}");
+
+    std::thread::sleep(Duration::from_secs(2));
+    sb.hub.start()?;
+    agent.wait_drained(Duration::from_secs(120))?;
+    assert_in_sync(&sb.hub, &agent, &resources)?;
+    applied_once(&sb, "ZR:A01/0001")?;
+    applied_once(&sb, "ZR:B02/0007")?;
+    no_rejections(&sb)?;
+    Ok(())
+}
+
+#[test]
+fn full_outbox_pauses_capture_without_losing_changes() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
+    let resources = household();
+    // The hub is enrolled but not running: nothing is acknowledged.
+    let mut agent = sb.agent("ga", "GA", &db, &resources, "max_size = \"64 KiB\"\nbatch_max_size = \"8 KiB\"")?;
+    agent.start()?;
+    let mut rng = Rng::new(13);
+    let tx = immediate(&conn)?;
+    for _ in 0..3000 {
+        data::insert_household(&tx, &mut rng)?;
+    }
+    tx.commit()?;
+    let paused = wait_for("capture to pause on the full outbox", Duration::from_secs(60), || {
+        let s = agent.status()?;
+        Ok((s["source"]["paused_outbox_full"] == true).then_some(s))
+    })?;
+    let bytes = paused["outbox"]["bytes"].as_u64().unwrap();
+    assert!((64 * 1024..=96 * 1024).contains(&bytes), "the outbox stops near its limit: {paused}");
+    assert!(paused["source"]["backlog"].as_u64() > Some(0), "changes wait in the source: {paused}");
+    let text = shuyuan_tests::run(
+        std::process::Command::new(shuyuan_tests::bin_dir().join("shuyuan-agent"))
+            .arg("--config")
+            .arg(&agent.config)
+            .arg("status"),
+    )?;
+    assert!(text.contains("CAPTURE PAUSED"), "{text}");
+
+    sb.hub.start()?;
+    let s = agent.wait_drained(Duration::from_secs(120))?;
+    assert_eq!(s["source"]["paused_outbox_full"], false);
+    assert_in_sync(&sb.hub, &agent, &resources)?;
+    applied_once(&sb, "GA:A01/0001")?;
+    no_rejections(&sb)?;
+    Ok(())
+}
