@@ -179,7 +179,8 @@ impl CaptureLoop {
         let paused = self.totals.bytes >= self.config.outbox.max_bytes;
         let config = self.config.clone();
         let feeds = &self.feeds;
-        let (position, totals, skipped) = (self.position.clone(), self.totals, self.skipped_null_keys);
+        let (position, totals, skipped) =
+            (self.position.clone(), self.totals, self.skipped_null_keys);
         self.status.update(|s| {
             s.apply_feeds(&config, feeds);
             s.apply_totals(totals);
@@ -201,7 +202,9 @@ impl CaptureLoop {
     /// the department's own writers.
     fn release_if_due(&mut self, now: UnixMillis) -> Result<(), CaptureError> {
         let behind = self.released.as_deref() != Some(self.position.as_str());
-        let due = self.last_release.is_none_or(|t| now.since(t) >= RELEASE_INTERVAL);
+        let due = self
+            .last_release
+            .is_none_or(|t| now.since(t) >= RELEASE_INTERVAL);
         if behind && due {
             self.source.release(&self.position)?;
             self.released = Some(self.position.clone());
@@ -230,7 +233,10 @@ impl CaptureLoop {
                 }
             }
         }
-        commit.prune = prune.iter().map(|(&i, &seq)| (feeds[i].0.clone(), seq)).collect();
+        commit.prune = prune
+            .iter()
+            .map(|(&i, &seq)| (feeds[i].0.clone(), seq))
+            .collect();
 
         let paused = self.totals.bytes >= self.config.outbox.max_bytes;
         let mut more = false;

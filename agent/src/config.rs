@@ -183,7 +183,8 @@ impl Config {
             .key
             .parse::<NodeId>()
             .map_err(|e| err("hub.key", e.to_string()))?;
-        if raw.hub.address.parse::<SocketAddr>().is_err() && !looks_like_host_port(&raw.hub.address) {
+        if raw.hub.address.parse::<SocketAddr>().is_err() && !looks_like_host_port(&raw.hub.address)
+        {
             return Err(err(
                 "hub.address",
                 format!("{:?} is not HOST:PORT", raw.hub.address),
@@ -196,26 +197,54 @@ impl Config {
                 busy_timeout,
             } => SourceConfig::Sqlite {
                 path: base.join(db),
-                poll_interval: duration(&err, "source.poll_interval", poll_interval, Duration::from_millis(200))?,
-                busy_timeout: duration(&err, "source.busy_timeout", busy_timeout, Duration::from_secs(5))?,
+                poll_interval: duration(
+                    &err,
+                    "source.poll_interval",
+                    poll_interval,
+                    Duration::from_millis(200),
+                )?,
+                busy_timeout: duration(
+                    &err,
+                    "source.busy_timeout",
+                    busy_timeout,
+                    Duration::from_secs(5),
+                )?,
             },
         };
         let outbox = OutboxConfig {
             max_bytes: match raw.outbox.max_size {
-                Some(s) => parse_size(&s).ok_or_else(|| err("outbox.max_size", format!("{s:?} is not a size such as \"256 MiB\"")))?,
+                Some(s) => parse_size(&s).ok_or_else(|| {
+                    err(
+                        "outbox.max_size",
+                        format!("{s:?} is not a size such as \"256 MiB\""),
+                    )
+                })?,
                 None => 256 * 1024 * 1024,
             },
             batch_max_changes: match raw.outbox.batch_max_changes {
-                Some(0) => return Err(err("outbox.batch_max_changes", "must be at least 1".into())),
+                Some(0) => {
+                    return Err(err("outbox.batch_max_changes", "must be at least 1".into()));
+                }
                 Some(n) => n,
                 None => 1000,
             },
             batch_max_bytes: match raw.outbox.batch_max_size {
                 Some(s) => {
-                    let n = parse_size(&s).ok_or_else(|| err("outbox.batch_max_size", format!("{s:?} is not a size such as \"1 MiB\"")))?;
+                    let n = parse_size(&s).ok_or_else(|| {
+                        err(
+                            "outbox.batch_max_size",
+                            format!("{s:?} is not a size such as \"1 MiB\""),
+                        )
+                    })?;
                     let n = usize::try_from(n).unwrap_or(usize::MAX);
-                    if n > MAX_BATCH_BODY || n < 1024 {
-                        return Err(err("outbox.batch_max_size", format!("must be between 1 KiB and {} bytes (the frame limit)", MAX_BATCH_BODY)));
+                    if !(1024..=MAX_BATCH_BODY).contains(&n) {
+                        return Err(err(
+                            "outbox.batch_max_size",
+                            format!(
+                                "must be between 1 KiB and {} bytes (the frame limit)",
+                                MAX_BATCH_BODY
+                            ),
+                        ));
                     }
                     n
                 }
@@ -223,10 +252,16 @@ impl Config {
             },
         };
         if outbox.max_bytes < outbox.batch_max_bytes as u64 {
-            return Err(err("outbox.max_size", "must be at least outbox.batch_max_size".into()));
+            return Err(err(
+                "outbox.max_size",
+                "must be at least outbox.batch_max_size".into(),
+            ));
         }
         if raw.resources.is_empty() {
-            return Err(err("resource", "no [[resource]] is declared; the agent would have nothing to share".into()));
+            return Err(err(
+                "resource",
+                "no [[resource]] is declared; the agent would have nothing to share".into(),
+            ));
         }
         let mut resources = Vec::new();
         let mut codes = BTreeSet::new();
@@ -238,26 +273,56 @@ impl Config {
                 return Err(err(&at("code"), format!("{code} is declared twice")));
             }
             if !is_identifier(&r.table) {
-                return Err(err(&at("table"), format!("{:?} is not a plain table name (letters, digits, _)", r.table)));
+                return Err(err(
+                    &at("table"),
+                    format!(
+                        "{:?} is not a plain table name (letters, digits, _)",
+                        r.table
+                    ),
+                ));
             }
             if !tables.insert(r.table.clone()) {
-                return Err(err(&at("table"), format!("table {} is already shared by another resource", r.table)));
+                return Err(err(
+                    &at("table"),
+                    format!("table {} is already shared by another resource", r.table),
+                ));
             }
             if r.key.is_empty() || r.key.len() > MAX_KEY_COLUMNS {
-                return Err(err(&at("key"), format!("give 1 to {MAX_KEY_COLUMNS} key columns")));
+                return Err(err(
+                    &at("key"),
+                    format!("give 1 to {MAX_KEY_COLUMNS} key columns"),
+                ));
             }
             if let Some(bad) = r.key.iter().find(|k| !is_identifier(k)) {
-                return Err(err(&at("key"), format!("{bad:?} is not a plain column name")));
+                return Err(err(
+                    &at("key"),
+                    format!("{bad:?} is not a plain column name"),
+                ));
             }
-            let update_cycle: UpdateCycle = r
-                .update_cycle
-                .parse()
-                .map_err(|e: shuyuan_protocol::cycle::CycleError| err(&at("update_cycle"), e.to_string()))?;
+            let update_cycle: UpdateCycle =
+                r.update_cycle
+                    .parse()
+                    .map_err(|e: shuyuan_protocol::cycle::CycleError| {
+                        err(&at("update_cycle"), e.to_string())
+                    })?;
             let heartbeat = match r.heartbeat {
                 Some(h) => match parse_duration(&h) {
                     Some(d) if !d.is_zero() && d <= update_cycle.period() => d,
-                    Some(_) => return Err(err(&at("heartbeat"), format!("must be positive and no longer than the update cycle ({})", update_cycle))),
-                    None => return Err(err(&at("heartbeat"), format!("{h:?} is not a duration such as \"30s\""))),
+                    Some(_) => {
+                        return Err(err(
+                            &at("heartbeat"),
+                            format!(
+                                "must be positive and no longer than the update cycle ({})",
+                                update_cycle
+                            ),
+                        ));
+                    }
+                    None => {
+                        return Err(err(
+                            &at("heartbeat"),
+                            format!("{h:?} is not a duration such as \"30s\""),
+                        ));
+                    }
                 },
                 None => update_cycle.period(),
             };
@@ -306,7 +371,10 @@ fn duration(
         None => Ok(default),
         Some(v) => match parse_duration(&v) {
             Some(d) if !d.is_zero() => Ok(d),
-            _ => Err(err(key, format!("{v:?} is not a positive duration such as \"200ms\" or \"5s\""))),
+            _ => Err(err(
+                key,
+                format!("{v:?} is not a positive duration such as \"200ms\" or \"5s\""),
+            )),
         },
     }
 }
@@ -389,11 +457,16 @@ update_cycle = "daily"
     }
 
     fn hub_key() -> String {
-        shuyuan_protocol::NodeKey::from_seed([1; 32]).id().to_string()
+        shuyuan_protocol::NodeKey::from_seed([1; 32])
+            .id()
+            .to_string()
     }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(Path::new("/etc/shuyuan/agent.toml"), &text.replace(HUB, &hub_key()))
+        Config::parse(
+            Path::new("/etc/shuyuan/agent.toml"),
+            &text.replace(HUB, &hub_key()),
+        )
     }
 
     #[test]
@@ -401,7 +474,11 @@ update_cycle = "daily"
         let c = parse(&good()).unwrap();
         assert_eq!(c.key_file, PathBuf::from("/etc/shuyuan/agent.key"));
         match &c.source {
-            SourceConfig::Sqlite { path, poll_interval, .. } => {
+            SourceConfig::Sqlite {
+                path,
+                poll_interval,
+                ..
+            } => {
                 assert_eq!(path, &PathBuf::from("/etc/shuyuan/dept.db"));
                 assert_eq!(*poll_interval, Duration::from_millis(200));
             }
@@ -412,15 +489,47 @@ update_cycle = "daily"
     #[test]
     fn errors_name_file_key_and_reason() {
         let cases = [
-            (good().replace("daily", "fortnightly"), "resource[0].update_cycle", "fortnightly"),
-            (good().replace("GA-330902", "GA 330902"), "agent.department", "not valid"),
+            (
+                good().replace("daily", "fortnightly"),
+                "resource[0].update_cycle",
+                "fortnightly",
+            ),
+            (
+                good().replace("GA-330902", "GA 330902"),
+                "agent.department",
+                "not valid",
+            ),
             (good().replace(HUB, "abc"), "hub.key", "52 base32"),
-            (good().replace("127.0.0.1:7700", "nowhere"), "hub.address", "HOST:PORT"),
-            (good().replace("table = \"household\"", "table = \"house; drop\""), "resource[0].table", "plain table name"),
-            (good().replace("key = [\"id_number\"]", "key = []"), "resource[0].key", "key columns"),
-            (good() + "[outbox]\nmax_size = \"lots\"\n", "outbox.max_size", "not a size"),
-            (good().replace("[agent]", "[agent]\ncolour = \"red\""), "line 3", "unknown field `colour`"),
-            (good().replace("kind = \"sqlite\"", "kind = \"oracle\""), "line", "oracle"),
+            (
+                good().replace("127.0.0.1:7700", "nowhere"),
+                "hub.address",
+                "HOST:PORT",
+            ),
+            (
+                good().replace("table = \"household\"", "table = \"house; drop\""),
+                "resource[0].table",
+                "plain table name",
+            ),
+            (
+                good().replace("key = [\"id_number\"]", "key = []"),
+                "resource[0].key",
+                "key columns",
+            ),
+            (
+                good() + "[outbox]\nmax_size = \"lots\"\n",
+                "outbox.max_size",
+                "not a size",
+            ),
+            (
+                good().replace("[agent]", "[agent]\ncolour = \"red\""),
+                "line 3",
+                "unknown field `colour`",
+            ),
+            (
+                good().replace("kind = \"sqlite\"", "kind = \"oracle\""),
+                "line",
+                "oracle",
+            ),
         ];
         for (text, key, reason) in cases {
             let e = parse(&text).unwrap_err();

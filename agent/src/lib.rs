@@ -22,7 +22,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::control;
 use shuyuan_protocol::identity::IdentityError;
-use shuyuan_protocol::{NodeKey, NodeId};
+use shuyuan_protocol::{NodeId, NodeKey};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,10 @@ pub enum StartError {
     #[error(transparent)]
     Capture(#[from] CaptureError),
     #[error("cannot open the control socket {path}: {source}")]
-    Control { path: PathBuf, source: std::io::Error },
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A request on the agent's control socket.
@@ -155,7 +158,11 @@ impl Agent {
     }
 }
 
-async fn serve_control(listener: tokio::net::UnixListener, status: StatusBoard, cancel: CancellationToken) {
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    status: StatusBoard,
+    cancel: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,

@@ -23,7 +23,13 @@ const CONFIG_TEMPLATE: &str = include_str!("../../deploy/agent.toml");
 )]
 struct Cli {
     /// The agent's configuration file.
-    #[arg(long, short, global = true, env = "SHUYUAN_AGENT_CONFIG", default_value = "/etc/shuyuan/agent.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "SHUYUAN_AGENT_CONFIG",
+        default_value = "/etc/shuyuan/agent.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -68,7 +74,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(logs).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(logs)
+        .with_writer(std::io::stderr)
+        .init();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -97,13 +106,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Triggers { action } => {
             let config = Config::load(&cli.config)?;
-            let SourceConfig::Sqlite { path, busy_timeout, .. } = &config.source;
+            let SourceConfig::Sqlite {
+                path, busy_timeout, ..
+            } = &config.source;
             match action {
                 TriggerAction::Install => {
-                    let (mode, outcomes) = install_triggers(path, *busy_timeout, &config.resources)?;
-                    println!("{}: journal mode {mode}", path.display());
-                    for (code, table, outcome) in outcomes {
-                        match outcome {
+                    let report = install_triggers(path, *busy_timeout, &config.resources)?;
+                    println!("{}: journal mode {}", path.display(), report.journal_mode);
+                    for t in report.tables {
+                        let (code, table) = (t.resource, t.table);
+                        match t.outcome {
                             InstallOutcome::Installed { existing_rows } => println!(
                                 "{code} (table {table}): triggers installed; {existing_rows} existing rows queued for the hub"
                             ),
@@ -117,7 +129,8 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 TriggerAction::Uninstall { force } => {
-                    for table in uninstall_triggers(path, *busy_timeout, &config.resources, force)? {
+                    for table in uninstall_triggers(path, *busy_timeout, &config.resources, force)?
+                    {
                         println!("table {table}: capture triggers removed");
                     }
                 }
@@ -132,7 +145,8 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
         false
     } else {
         if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         std::fs::write(config_path, CONFIG_TEMPLATE)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
@@ -147,7 +161,10 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
         return Ok(());
     }
     if wrote_config {
-        println!("wrote an example config to {}; edit it (department, hub address and key, source, resources)", config_path.display());
+        println!(
+            "wrote an example config to {}; edit it (department, hub address and key, source, resources)",
+            config_path.display()
+        );
     }
     println!(
         "{} key {}",
@@ -156,7 +173,11 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
     );
     println!("agent public key (节点公钥): {}", key.id());
     println!("ask the hub administrator to enroll it:");
-    println!("  shuyuan-hub enroll --department {} --name \"<department name>\" {}", config.department, key.id());
+    println!(
+        "  shuyuan-hub enroll --department {} --name \"<department name>\" {}",
+        config.department,
+        key.id()
+    );
     Ok(())
 }
 
@@ -181,11 +202,16 @@ async fn live_status(config: &Config) -> Result<AgentStatus> {
     match control::call(&config.control_socket(), &ControlRequest::Status, &mut out).await {
         Ok(()) => Ok(serde_json::from_slice(&out).context("bad status from the agent")?),
         Err(ControlError::NotRunning { .. }) => {
-            let node = NodeKey::load(&config.key_file).map(|k| k.id().to_string()).unwrap_or_else(|_| "(no key)".into());
+            let node = NodeKey::load(&config.key_file)
+                .map(|k| k.id().to_string())
+                .unwrap_or_else(|_| "(no key)".into());
             match status::offline(config, node) {
                 Ok(s) => Ok(s),
                 Err(shuyuan_agent::outbox::OutboxError::AlreadyOpen(p)) => {
-                    bail!("{} is held by a running agent whose control socket does not answer", p.display())
+                    bail!(
+                        "{} is held by a running agent whose control socket does not answer",
+                        p.display()
+                    )
                 }
                 Err(e) => Err(e.into()),
             }

@@ -37,12 +37,18 @@ const MIGRATION_NAMES: &[&str] = &["0001-create-tables"];
 /// Errors of the outbox store.
 #[derive(Debug, thiserror::Error)]
 pub enum OutboxError {
-    #[error("{0} is in use by another shuyuan-agent process (only one agent may use a data directory)")]
+    #[error(
+        "{0} is in use by another shuyuan-agent process (only one agent may use a data directory)"
+    )]
     AlreadyOpen(PathBuf),
     #[error("outbox storage error: {0}")]
     Storage(String),
     #[error("outbox entry {feed} #{seq} is corrupt: {reason}")]
-    Corrupt { feed: String, seq: u64, reason: String },
+    Corrupt {
+        feed: String,
+        seq: u64,
+        reason: String,
+    },
     #[error("stored feed state of {feed} is corrupt: {reason}")]
     CorruptState { feed: String, reason: String },
 }
@@ -93,7 +99,10 @@ pub struct Commit {
 
 impl Commit {
     pub fn is_empty(&self) -> bool {
-        self.appended.is_empty() && self.feeds.is_empty() && self.position.is_none() && self.prune.is_empty()
+        self.appended.is_empty()
+            && self.feeds.is_empty()
+            && self.position.is_none()
+            && self.prune.is_empty()
     }
 }
 
@@ -108,7 +117,9 @@ impl Outbox {
     /// Opens (or creates) the outbox and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, OutboxError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| OutboxError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                OutboxError::Storage(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         // A `status` run while the agent was down may hold the file for a
         // moment; wait for it rather than fail the start.
@@ -120,7 +131,9 @@ impl Outbox {
                     attempts += 1;
                     std::thread::sleep(OPEN_RETRY);
                 }
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(OutboxError::AlreadyOpen(path.to_owned())),
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    return Err(OutboxError::AlreadyOpen(path.to_owned()));
+                }
                 Err(other) => return Err(storage(other)),
             }
         };
@@ -140,13 +153,10 @@ impl Outbox {
                 if done.get(*name).map_err(storage)?.is_some() {
                     continue;
                 }
-                match *name {
-                    "0001-create-tables" => {
-                        tx.open_table(OUTBOX).map_err(storage)?;
-                        tx.open_table(FEEDS).map_err(storage)?;
-                        tx.open_table(META).map_err(storage)?;
-                    }
-                    _ => {}
+                if *name == "0001-create-tables" {
+                    tx.open_table(OUTBOX).map_err(storage)?;
+                    tx.open_table(FEEDS).map_err(storage)?;
+                    tx.open_table(META).map_err(storage)?;
                 }
                 done.insert(*name, UnixMillis::now().0).map_err(storage)?;
             }
@@ -166,10 +176,15 @@ impl Outbox {
         let mut out = BTreeMap::new();
         for item in table.iter().map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
-            let feed: FeedId = k.value().parse().map_err(|e: shuyuan_protocol::feed::CodeError| OutboxError::CorruptState {
-                feed: k.value().to_string(),
-                reason: e.to_string(),
-            })?;
+            let feed: FeedId =
+                k.value()
+                    .parse()
+                    .map_err(
+                        |e: shuyuan_protocol::feed::CodeError| OutboxError::CorruptState {
+                            feed: k.value().to_string(),
+                            reason: e.to_string(),
+                        },
+                    )?;
             let state: FeedState = decode(v.value()).map_err(|e| OutboxError::CorruptState {
                 feed: k.value().to_string(),
                 reason: e.to_string(),
@@ -204,11 +219,12 @@ impl Outbox {
         let Some(v) = table.get((key.as_str(), seq)).map_err(storage)? else {
             return Ok(None);
         };
-        let batch: SignedBatch = decode(v.value()).map_err(|e: encoding::DecodeError| OutboxError::Corrupt {
-            feed: key.clone(),
-            seq,
-            reason: e.to_string(),
-        })?;
+        let batch: SignedBatch =
+            decode(v.value()).map_err(|e: encoding::DecodeError| OutboxError::Corrupt {
+                feed: key.clone(),
+                seq,
+                reason: e.to_string(),
+            })?;
         Ok(Some(batch))
     }
 
@@ -217,7 +233,9 @@ impl Outbox {
         let tx = self.db.begin_read().map_err(storage)?;
         let table = tx.open_table(OUTBOX).map_err(storage)?;
         let key = feed.to_string();
-        let mut range = table.range((key.as_str(), 0)..=(key.as_str(), u64::MAX)).map_err(storage)?;
+        let mut range = table
+            .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+            .map_err(storage)?;
         Ok(match range.next() {
             Some(item) => Some(item.map_err(storage)?.0.value().1),
             None => None,
@@ -234,7 +252,9 @@ impl Outbox {
             let mut totals = read_totals(&meta)?;
             for (feed, seq, bytes) in &c.appended {
                 let key = feed.to_string();
-                let old = outbox.insert((key.as_str(), *seq), bytes.as_slice()).map_err(storage)?;
+                let old = outbox
+                    .insert((key.as_str(), *seq), bytes.as_slice())
+                    .map_err(storage)?;
                 if let Some(old) = old {
                     totals.batches -= 1;
                     totals.bytes -= old.value().len() as u64;
@@ -255,13 +275,17 @@ impl Outbox {
             }
             for (feed, state) in &c.feeds {
                 let bytes = encode(state).map_err(|e| OutboxError::Storage(e.to_string()))?;
-                feeds.insert(feed.to_string().as_str(), bytes.as_slice()).map_err(storage)?;
+                feeds
+                    .insert(feed.to_string().as_str(), bytes.as_slice())
+                    .map_err(storage)?;
             }
             if let Some(p) = &c.position {
                 meta.insert("position", p.as_bytes()).map_err(storage)?;
             }
-            meta.insert("batches", totals.batches.to_be_bytes().as_slice()).map_err(storage)?;
-            meta.insert("bytes", totals.bytes.to_be_bytes().as_slice()).map_err(storage)?;
+            meta.insert("batches", totals.batches.to_be_bytes().as_slice())
+                .map_err(storage)?;
+            meta.insert("bytes", totals.bytes.to_be_bytes().as_slice())
+                .map_err(storage)?;
             totals
         };
         tx.commit().map_err(storage)?;
@@ -269,7 +293,9 @@ impl Outbox {
     }
 }
 
-fn read_totals(meta: &impl ReadableTable<&'static str, &'static [u8]>) -> Result<Totals, OutboxError> {
+fn read_totals(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Totals, OutboxError> {
     let get = |name: &str| -> Result<u64, OutboxError> {
         Ok(meta
             .get(name)
@@ -297,7 +323,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.redb");
         let ob = Outbox::open(&path).unwrap();
-        assert!(matches!(Outbox::open(&path), Err(OutboxError::AlreadyOpen(_))));
+        assert!(matches!(
+            Outbox::open(&path),
+            Err(OutboxError::AlreadyOpen(_))
+        ));
         let key = shuyuan_protocol::NodeKey::from_seed([1; 32]);
         let mut appended = Vec::new();
         for seq in 1..=5u64 {
@@ -312,7 +341,10 @@ mod tests {
             appended.push((feed("A"), seq, encode(&b).unwrap()));
         }
         let sizes: u64 = appended.iter().map(|a| a.2.len() as u64).sum();
-        let state = FeedState { acked: 0, ..Default::default() };
+        let state = FeedState {
+            acked: 0,
+            ..Default::default()
+        };
         let t = ob
             .commit(&Commit {
                 appended,
@@ -321,11 +353,22 @@ mod tests {
                 prune: vec![],
             })
             .unwrap();
-        assert_eq!(t, Totals { batches: 5, bytes: sizes });
+        assert_eq!(
+            t,
+            Totals {
+                batches: 5,
+                bytes: sizes
+            }
+        );
         assert_eq!(ob.position().unwrap().as_deref(), Some("42"));
         assert_eq!(ob.feeds().unwrap()[&feed("A")], state);
         assert_eq!(ob.first_seq(&feed("A")).unwrap(), Some(1));
-        let t = ob.commit(&Commit { prune: vec![(feed("A"), 3), (feed("B"), 9)], ..Default::default() }).unwrap();
+        let t = ob
+            .commit(&Commit {
+                prune: vec![(feed("A"), 3), (feed("B"), 9)],
+                ..Default::default()
+            })
+            .unwrap();
         assert_eq!(t.batches, 2);
         assert_eq!(ob.first_seq(&feed("A")).unwrap(), Some(4));
         assert!(ob.batch(&feed("A"), 3).unwrap().is_none());

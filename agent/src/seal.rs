@@ -22,10 +22,16 @@ pub struct BatchLimits {
 /// Sealing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
-    #[error("batch {seq} of {feed} encodes to {len} bytes, over the {MAX_BATCH_BODY}-byte frame limit; a single row is too large to share")]
+    #[error(
+        "batch {seq} of {feed} encodes to {len} bytes, over the {MAX_BATCH_BODY}-byte frame limit; a single row is too large to share"
+    )]
     TooLarge { feed: FeedId, seq: u64, len: usize },
     #[error("cannot encode batch {seq} of {feed}: {reason}")]
-    Encode { feed: FeedId, seq: u64, reason: String },
+    Encode {
+        feed: FeedId,
+        seq: u64,
+        reason: String,
+    },
 }
 
 /// A rough upper estimate of an entry's encoded size, for cutting batches.
@@ -46,7 +52,13 @@ fn estimate(entry: &Entry) -> usize {
     }
     match entry {
         Entry::Change(c) => 8 + values(&c.key) + c.row.as_deref().map_or(0, values),
-        Entry::Schema(s) => 32 + s.columns.iter().map(|c| c.name.len() + c.sql_type.len() + 4).sum::<usize>(),
+        Entry::Schema(s) => {
+            32 + s
+                .columns
+                .iter()
+                .map(|c| c.name.len() + c.sql_type.len() + 4)
+                .sum::<usize>()
+        }
         Entry::ZeroUpdate(z) => 32 + z.source_position.len(),
     }
 }
@@ -134,9 +146,15 @@ mod tests {
             })
         };
         let entries: Vec<Entry> = (0..25).map(|i| change(i, 10)).collect();
-        let limits = BatchLimits { max_changes: 10, max_bytes: 1 << 20 };
+        let limits = BatchLimits {
+            max_changes: 10,
+            max_bytes: 1 << 20,
+        };
         let sealed = seal_entries(&key, &feed, &mut state, entries, UnixMillis(5), limits).unwrap();
-        assert_eq!(sealed.iter().map(|s| s.0).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            sealed.iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         let mut prev = BatchHash::GENESIS;
         let mut total = 0;
         for (seq, bytes) in &sealed {
@@ -152,7 +170,10 @@ mod tests {
         assert_eq!(state.head.last_hash, prev);
 
         let big: Vec<Entry> = (0..6).map(|i| change(i, 4000)).collect();
-        let limits = BatchLimits { max_changes: 1000, max_bytes: 9000 };
+        let limits = BatchLimits {
+            max_changes: 1000,
+            max_bytes: 9000,
+        };
         let sealed = seal_entries(&key, &feed, &mut state, big, UnixMillis(6), limits).unwrap();
         assert_eq!(sealed.len(), 3, "two 4 KB rows per 9 KB batch");
         assert_eq!(sealed[0].0, 4);
@@ -166,11 +187,18 @@ mod tests {
         let huge = Entry::Change(RowChange {
             op: Op::Insert,
             key: vec![Value::Int(1)],
-            row: Some(vec![Value::Int(1), Value::Bytes(vec![0; MAX_BATCH_BODY + 1])]),
+            row: Some(vec![
+                Value::Int(1),
+                Value::Bytes(vec![0; MAX_BATCH_BODY + 1]),
+            ]),
             schema_version: 1,
         });
-        let limits = BatchLimits { max_changes: 10, max_bytes: 1 << 20 };
-        let err = seal_entries(&key, &feed, &mut state, vec![huge], UnixMillis(1), limits).unwrap_err();
+        let limits = BatchLimits {
+            max_changes: 10,
+            max_bytes: 1 << 20,
+        };
+        let err =
+            seal_entries(&key, &feed, &mut state, vec![huge], UnixMillis(1), limits).unwrap_err();
         assert!(matches!(err, SealError::TooLarge { seq: 1, .. }));
         assert_eq!(state.head.last_seq, 0, "nothing advanced");
     }

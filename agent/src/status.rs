@@ -98,7 +98,11 @@ impl AgentStatus {
             hub: HubStatus {
                 address: config.hub.address.clone(),
                 key: config.hub.key.to_string(),
-                link: if running { LinkState::Connecting } else { LinkState::NotRunning },
+                link: if running {
+                    LinkState::Connecting
+                } else {
+                    LinkState::NotRunning
+                },
                 since: None,
                 detail: None,
                 rejections: 0,
@@ -106,7 +110,9 @@ impl AgentStatus {
             },
             source: SourceStatus {
                 describe: match &config.source {
-                    crate::config::SourceConfig::Sqlite { path, .. } => format!("sqlite {}", path.display()),
+                    crate::config::SourceConfig::Sqlite { path, .. } => {
+                        format!("sqlite {}", path.display())
+                    }
                 },
                 position: String::new(),
                 backlog: 0,
@@ -167,7 +173,11 @@ impl AgentStatus {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let t = |x: Option<UnixMillis>| x.map_or_else(|| "-".to_string(), |x| x.to_string());
-        let _ = writeln!(s, "shuyuan agent ({})  department {}  node {}", self.software, self.department, self.node);
+        let _ = writeln!(
+            s,
+            "shuyuan agent ({})  department {}  node {}",
+            self.software, self.department, self.node
+        );
         let link = match self.hub.link {
             LinkState::Connecting => "connecting",
             LinkState::Connected => "connected",
@@ -175,22 +185,47 @@ impl AgentStatus {
             LinkState::AuthenticationFailed => "AUTHENTICATION FAILED",
             LinkState::NotRunning => "agent not running",
         };
-        let _ = writeln!(s, "hub      {}  {}{}", self.hub.address, link, self.hub.since.map(|x| format!(" since {x}")).unwrap_or_default());
+        let _ = writeln!(
+            s,
+            "hub      {}  {}{}",
+            self.hub.address,
+            link,
+            self.hub
+                .since
+                .map(|x| format!(" since {x}"))
+                .unwrap_or_default()
+        );
         if let Some(d) = &self.hub.detail {
             let _ = writeln!(s, "         {d}");
         }
         if self.hub.rejections > 0 {
-            let _ = writeln!(s, "         {} batches rejected by the hub; last: {}", self.hub.rejections, self.hub.last_rejection.as_deref().unwrap_or("-"));
+            let _ = writeln!(
+                s,
+                "         {} batches rejected by the hub; last: {}",
+                self.hub.rejections,
+                self.hub.last_rejection.as_deref().unwrap_or("-")
+            );
         }
-        let _ = writeln!(s, "source   {}  position {}  backlog {}", self.source.describe, self.source.position, self.source.backlog);
+        let _ = writeln!(
+            s,
+            "source   {}  position {}  backlog {}",
+            self.source.describe, self.source.position, self.source.backlog
+        );
         if self.source.paused_outbox_full {
-            let _ = writeln!(s, "         CAPTURE PAUSED: the outbox is full; changes wait in the source until the hub acknowledges");
+            let _ = writeln!(
+                s,
+                "         CAPTURE PAUSED: the outbox is full; changes wait in the source until the hub acknowledges"
+            );
         }
         if let Some(e) = &self.source.error {
             let _ = writeln!(s, "         error: {e}");
         }
         if self.source.skipped_null_keys > 0 {
-            let _ = writeln!(s, "         {} changes skipped because a key column was NULL", self.source.skipped_null_keys);
+            let _ = writeln!(
+                s,
+                "         {} changes skipped because a key column was NULL",
+                self.source.skipped_null_keys
+            );
         }
         let _ = writeln!(
             s,
@@ -202,10 +237,30 @@ impl AgentStatus {
         );
         let _ = writeln!(s, "resources");
         for r in &self.resources {
-            let _ = writeln!(s, "  {}  {} (table {}), update cycle (更新周期) {}, schema v{}", r.code, r.name, r.table, r.update_cycle, r.schema_version);
-            let _ = writeln!(s, "      sealed #{}  acked #{}  last ack {}", r.head_seq, r.acked_seq, t(r.last_ack_at));
-            let _ = writeln!(s, "      last change {}  last zero-update (零更新) {}", t(r.last_change_at), t(r.last_zero_update_at));
-            let _ = writeln!(s, "      next zero-update due {} (every {}s when quiet)", t(r.next_zero_update_due), r.heartbeat_secs);
+            let _ = writeln!(
+                s,
+                "  {}  {} (table {}), update cycle (更新周期) {}, schema v{}",
+                r.code, r.name, r.table, r.update_cycle, r.schema_version
+            );
+            let _ = writeln!(
+                s,
+                "      sealed #{}  acked #{}  last ack {}",
+                r.head_seq,
+                r.acked_seq,
+                t(r.last_ack_at)
+            );
+            let _ = writeln!(
+                s,
+                "      last change {}  last zero-update (零更新) {}",
+                t(r.last_change_at),
+                t(r.last_zero_update_at)
+            );
+            let _ = writeln!(
+                s,
+                "      next zero-update due {} (every {}s when quiet)",
+                t(r.next_zero_update_due),
+                r.heartbeat_secs
+            );
         }
         s
     }
@@ -223,7 +278,10 @@ impl StatusBoard {
 
     /// Changes the status under the lock.
     pub fn update(&self, f: impl FnOnce(&mut AgentStatus)) {
-        let mut guard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut guard);
     }
 

@@ -105,7 +105,11 @@ impl Uplink {
                     let text = e.to_string();
                     let auth = matches!(e, SessionError::Auth(_));
                     self.set_link(
-                        if auth { LinkState::AuthenticationFailed } else { LinkState::Disconnected },
+                        if auth {
+                            LinkState::AuthenticationFailed
+                        } else {
+                            LinkState::Disconnected
+                        },
                         Some(text.clone()),
                     );
                     if text != last_error || established {
@@ -166,7 +170,10 @@ impl Uplink {
                 ))
             }
         } else {
-            SessionError::Lost(format!("connection to the hub at {} lost: {explained}", self.config.hub.address))
+            SessionError::Lost(format!(
+                "connection to the hub at {} lost: {explained}",
+                self.config.hub.address
+            ))
         }
     }
 
@@ -202,7 +209,8 @@ impl Uplink {
     ) -> Result<(), SessionError> {
         let addr = self.resolve().await?;
         if endpoint.is_none() {
-            *endpoint = Some(quic::client_endpoint(addr).map_err(|e| SessionError::Setup(e.to_string()))?);
+            *endpoint =
+                Some(quic::client_endpoint(addr).map_err(|e| SessionError::Setup(e.to_string()))?);
         }
         let Some(ep) = endpoint.as_ref() else {
             return Err(SessionError::Setup("no endpoint".into()));
@@ -211,29 +219,58 @@ impl Uplink {
             .connect_with(client.clone(), addr, quic::SERVER_NAME)
             .map_err(|e| SessionError::Setup(e.to_string()))?;
         let conn = match tokio::time::timeout(ANSWER_TIMEOUT, connecting).await {
-            Err(_) => return Err(SessionError::Lost(format!("no answer from the hub at {addr} within {}s", ANSWER_TIMEOUT.as_secs()))),
+            Err(_) => {
+                return Err(SessionError::Lost(format!(
+                    "no answer from the hub at {addr} within {}s",
+                    ANSWER_TIMEOUT.as_secs()
+                )));
+            }
             Ok(Err(e)) => return Err(self.connection_error(&e)),
             Ok(Ok(c)) => c,
         };
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| self.connection_error(&e))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| self.connection_error(&e))?;
         let hello = Hello {
             software: shuyuan_protocol::SOFTWARE.to_string(),
             department: self.config.department.clone(),
-            resources: self.config.resources.iter().map(|r| r.code.clone()).collect(),
+            resources: self
+                .config
+                .resources
+                .iter()
+                .map(|r| r.code.clone())
+                .collect(),
         };
         quic::write_message(&mut send, &MessageV1::Hello(hello).into())
             .await
             .map_err(|e| self.quic_error(e))?;
-        let welcome = match tokio::time::timeout(ANSWER_TIMEOUT, quic::read_message(&mut recv)).await {
-            Err(_) => return Err(SessionError::Protocol("the hub did not answer Hello".into())),
-            Ok(Err(e)) => return Err(self.quic_error(e)),
-            Ok(Ok(None)) => return Err(SessionError::Protocol("the hub closed the stream after Hello".into())),
-            Ok(Ok(Some(Message::V1(MessageV1::Welcome(w))))) => w,
-            Ok(Ok(Some(Message::V1(MessageV1::Reject(r))))) => {
-                return Err(SessionError::Auth(format!("the hub refused this agent: {} ({})", r.detail, r.reason)));
-            }
-            Ok(Ok(Some(other))) => return Err(SessionError::Protocol(format!("expected Welcome, got {other:?}"))),
-        };
+        let welcome =
+            match tokio::time::timeout(ANSWER_TIMEOUT, quic::read_message(&mut recv)).await {
+                Err(_) => {
+                    return Err(SessionError::Protocol(
+                        "the hub did not answer Hello".into(),
+                    ));
+                }
+                Ok(Err(e)) => return Err(self.quic_error(e)),
+                Ok(Ok(None)) => {
+                    return Err(SessionError::Protocol(
+                        "the hub closed the stream after Hello".into(),
+                    ));
+                }
+                Ok(Ok(Some(Message::V1(MessageV1::Welcome(w))))) => w,
+                Ok(Ok(Some(Message::V1(MessageV1::Reject(r))))) => {
+                    return Err(SessionError::Auth(format!(
+                        "the hub refused this agent: {} ({})",
+                        r.detail, r.reason
+                    )));
+                }
+                Ok(Ok(Some(other))) => {
+                    return Err(SessionError::Protocol(format!(
+                        "expected Welcome, got {other:?}"
+                    )));
+                }
+            };
         self.check_chains(&welcome.feeds)?;
         let local = self.outbox.feeds()?;
         let (mut window, prune) = SendWindow::start(
@@ -274,9 +311,9 @@ impl Uplink {
                     .await
                     .map_err(|e| self.quic_error(e))?;
             }
-            let wake = window.next_wakeup().map(|t| {
-                tokio::time::Instant::now() + t.since(UnixMillis::now())
-            });
+            let wake = window
+                .next_wakeup()
+                .map(|t| tokio::time::Instant::now() + t.since(UnixMillis::now()));
             tokio::select! {
                 _ = cancel.cancelled() => {
                     let _ = send.finish();
@@ -316,27 +353,42 @@ impl Uplink {
         match m {
             MessageV1::Ack(ack) => {
                 if let Some(seq) = window.on_ack(&ack.feed, ack.seq)? {
-                    let _ = self.acks.send(AckNote { feed: ack.feed, seq, at: now });
+                    let _ = self.acks.send(AckNote {
+                        feed: ack.feed,
+                        seq,
+                        at: now,
+                    });
                 }
                 Ok(())
             }
             MessageV1::Reject(r) => {
                 self.record_rejection(&r);
                 let Some(feed) = r.feed else {
-                    return Err(SessionError::Protocol(format!("the hub rejected a message: {} ({})", r.detail, r.reason)));
+                    return Err(SessionError::Protocol(format!(
+                        "the hub rejected a message: {} ({})",
+                        r.detail, r.reason
+                    )));
                 };
                 if let Some(seq) = window.on_reject(&feed, r.resend_from, now)? {
                     let _ = self.acks.send(AckNote { feed, seq, at: now });
                 }
                 Ok(())
             }
-            other => Err(SessionError::Protocol(format!("unexpected message from the hub: {other:?}"))),
+            other => Err(SessionError::Protocol(format!(
+                "unexpected message from the hub: {other:?}"
+            ))),
         }
     }
 
     fn record_rejection(&self, r: &Reject) {
-        let feed = r.feed.as_ref().map_or_else(|| "?".to_string(), FeedId::to_string);
-        let text = format!("batch {} of {feed}: {} ({}); resending from {}", r.seq, r.detail, r.reason, r.resend_from);
+        let feed = r
+            .feed
+            .as_ref()
+            .map_or_else(|| "?".to_string(), FeedId::to_string);
+        let text = format!(
+            "batch {} of {feed}: {} ({}); resending from {}",
+            r.seq, r.detail, r.reason, r.resend_from
+        );
         tracing::warn!(%feed, seq = r.seq, reason = %r.reason, detail = %r.detail, "the hub rejected a batch");
         self.status.update(|s| {
             s.hub.rejections += 1;
@@ -361,7 +413,13 @@ impl Uplink {
                 match self.outbox.batch(&p.feed, hub.last_seq + 1)? {
                     Some(next) => Some(
                         next.open()
-                            .map_err(|e| SessionError::Chain(format!("outbox batch {} of {} is damaged: {e}", hub.last_seq + 1, p.feed)))?
+                            .map_err(|e| {
+                                SessionError::Chain(format!(
+                                    "outbox batch {} of {} is damaged: {e}",
+                                    hub.last_seq + 1,
+                                    p.feed
+                                ))
+                            })?
                             .prev,
                     ),
                     None => {

@@ -103,11 +103,15 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        let listen: SocketAddr = raw
-            .hub
-            .listen
-            .parse()
-            .map_err(|_| err("hub.listen", format!("{:?} is not IP:PORT (for example \"0.0.0.0:7700\")", raw.hub.listen)))?;
+        let listen: SocketAddr = raw.hub.listen.parse().map_err(|_| {
+            err(
+                "hub.listen",
+                format!(
+                    "{:?} is not IP:PORT (for example \"0.0.0.0:7700\")",
+                    raw.hub.listen
+                ),
+            )
+        })?;
         let max_connections = match raw.hub.max_connections {
             Some(0) => return Err(err("hub.max_connections", "must be at least 1".into())),
             Some(n) => n,
@@ -143,11 +147,21 @@ mod tests {
         let c = Config::parse(Path::new("/srv/hub.toml"), "[hub]\n").unwrap();
         assert_eq!(c.key_file, PathBuf::from("/srv/hub.key"));
         assert_eq!(c.listen.port(), 7700);
-        let e = Config::parse(Path::new("/srv/hub.toml"), "[hub]\nlisten = \"everywhere\"\n").unwrap_err();
+        let e = Config::parse(
+            Path::new("/srv/hub.toml"),
+            "[hub]\nlisten = \"everywhere\"\n",
+        )
+        .unwrap_err();
         assert_eq!(e.key, "hub.listen");
-        assert!(e.to_string().starts_with("/srv/hub.toml: hub.listen: "), "{e}");
+        assert!(
+            e.to_string().starts_with("/srv/hub.toml: hub.listen: "),
+            "{e}"
+        );
         let e = Config::parse(Path::new("/srv/hub.toml"), "[hub]\nport = 1\n").unwrap_err();
-        assert!(e.to_string().contains("line 2") && e.to_string().contains("unknown field `port`"), "{e}");
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("unknown field `port`"),
+            "{e}"
+        );
         let e = Config::parse(Path::new("/srv/hub.toml"), "").unwrap_err();
         assert!(e.to_string().contains("missing field `hub`"), "{e}");
     }

@@ -21,7 +21,9 @@ use shuyuan_protocol::{FeedId, TableSchema, Value};
 use crate::store::{Backend, StoreError};
 
 /// Export formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Csv,
@@ -40,7 +42,11 @@ pub enum ExportError {
 }
 
 /// Finds the feed meant by `selector` (`RESOURCE` or `DEPARTMENT:RESOURCE`).
-pub fn resolve(backend: &dyn Backend, selector: &str, department: Option<&str>) -> Result<FeedId, ExportError> {
+pub fn resolve(
+    backend: &dyn Backend,
+    selector: &str,
+    department: Option<&str>,
+) -> Result<FeedId, ExportError> {
     let feeds = backend.feeds()?;
     if selector.contains(':') {
         let feed: FeedId = selector
@@ -54,25 +60,39 @@ pub fn resolve(backend: &dyn Backend, selector: &str, department: Option<&str>) 
     let matches: Vec<FeedId> = feeds
         .into_iter()
         .map(|(f, _)| f)
-        .filter(|f| f.resource.as_str() == selector && department.is_none_or(|d| f.department.as_str() == d))
+        .filter(|f| {
+            f.resource.as_str() == selector && department.is_none_or(|d| f.department.as_str() == d)
+        })
         .collect();
     match matches.as_slice() {
         [one] => Ok(one.clone()),
-        [] => Err(ExportError::NotFound(format!("no resource {selector} at this hub"))),
+        [] => Err(ExportError::NotFound(format!(
+            "no resource {selector} at this hub"
+        ))),
         many => Err(ExportError::NotFound(format!(
             "resource {selector} exists for several departments ({}); pass --department",
-            many.iter().map(|f| f.department.to_string()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|f| f.department.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }
 
 /// Writes the shared copy of `feed` to `out`; returns the number of rows.
-pub fn export(backend: &dyn Backend, feed: &FeedId, format: Format, out: &mut dyn Write) -> Result<u64, ExportError> {
+pub fn export(
+    backend: &dyn Backend,
+    feed: &FeedId,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<u64, ExportError> {
     let record = backend
         .feed(feed)?
         .ok_or_else(|| ExportError::NotFound(format!("no feed {feed} at this hub")))?;
     let Some(schema) = record.schema else {
-        return Err(ExportError::NotFound(format!("feed {feed} has no schema yet")));
+        return Err(ExportError::NotFound(format!(
+            "feed {feed} has no schema yet"
+        )));
     };
     let mut older: BTreeMap<u32, Option<Vec<Option<usize>>>> = BTreeMap::new();
     let mut line = String::new();
@@ -82,40 +102,46 @@ pub fn export(backend: &dyn Backend, feed: &FeedId, format: Format, out: &mut dy
     }
     let mut n = 0u64;
     let mut io_error = None;
-    backend.rows(feed, &mut |row| {
-        let values: Vec<&Value> = if row.schema_version == schema.version {
-            row.values.iter().collect()
-        } else {
-            let mapping = match older.get(&row.schema_version) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = backend.schema(feed, row.schema_version)?.map(|old| column_mapping(&old, &schema));
-                    older.insert(row.schema_version, m.clone());
-                    m
+    backend
+        .rows(feed, &mut |row| {
+            let values: Vec<&Value> = if row.schema_version == schema.version {
+                row.values.iter().collect()
+            } else {
+                let mapping = match older.get(&row.schema_version) {
+                    Some(m) => m.clone(),
+                    None => {
+                        let m = backend
+                            .schema(feed, row.schema_version)?
+                            .map(|old| column_mapping(&old, &schema));
+                        older.insert(row.schema_version, m.clone());
+                        m
+                    }
+                };
+                match mapping {
+                    Some(m) => m
+                        .iter()
+                        .map(|i| i.and_then(|i| row.values.get(i)).unwrap_or(&Value::Null))
+                        .collect(),
+                    None => row.values.iter().collect(),
                 }
             };
-            match mapping {
-                Some(m) => m.iter().map(|i| i.and_then(|i| row.values.get(i)).unwrap_or(&Value::Null)).collect(),
-                None => row.values.iter().collect(),
+            line.clear();
+            match format {
+                Format::Csv => csv_row(&values, &mut line),
+                Format::Jsonl => json_row(&schema, &values, &mut line),
             }
-        };
-        line.clear();
-        match format {
-            Format::Csv => csv_row(&values, &mut line),
-            Format::Jsonl => json_row(&schema, &values, &mut line),
-        }
-        line.push('\n');
-        if let Err(e) = out.write_all(line.as_bytes()) {
-            io_error = Some(e);
-            return Err(StoreError::Storage("export stopped: output closed".into()));
-        }
-        n += 1;
-        Ok(())
-    })
-    .map_err(|e| match io_error.take() {
-        Some(io) => ExportError::Write(io),
-        None => ExportError::Store(e),
-    })?;
+            line.push('\n');
+            if let Err(e) = out.write_all(line.as_bytes()) {
+                io_error = Some(e);
+                return Err(StoreError::Storage("export stopped: output closed".into()));
+            }
+            n += 1;
+            Ok(())
+        })
+        .map_err(|e| match io_error.take() {
+            Some(io) => ExportError::Write(io),
+            None => ExportError::Store(e),
+        })?;
     out.flush()?;
     Ok(n)
 }
@@ -141,7 +167,11 @@ fn real_text(r: f64) -> String {
     if r.is_nan() {
         "NaN".into()
     } else if r.is_infinite() {
-        if r > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+        if r > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        }
     } else {
         format!("{r:?}")
     }
@@ -218,7 +248,11 @@ mod tests {
             table: "t".into(),
             columns: ["a", "b", "c", "d", "e", "f"]
                 .iter()
-                .map(|n| Column { name: n.to_string(), sql_type: String::new(), nullable: true })
+                .map(|n| Column {
+                    name: n.to_string(),
+                    sql_type: String::new(),
+                    nullable: true,
+                })
                 .collect(),
             key: vec![0],
         };
@@ -236,7 +270,10 @@ mod tests {
         assert_eq!(s, "-3,,\"\",\"a,\"\"b\"\"\",\\x00ff,0.1");
         s.clear();
         json_row(&schema, &refs, &mut s);
-        assert_eq!(s, r#"{"a":-3,"b":null,"c":"","d":"a,\"b\"","e":{"hex":"00ff"},"f":0.1}"#);
+        assert_eq!(
+            s,
+            r#"{"a":-3,"b":null,"c":"","d":"a,\"b\"","e":{"hex":"00ff"},"f":0.1}"#
+        );
         let parsed: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(parsed["f"].as_f64(), Some(0.1));
         assert_eq!(real_text(f64::NEG_INFINITY), "-Infinity");

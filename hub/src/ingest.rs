@@ -19,7 +19,9 @@ use shuyuan_protocol::batch::BatchError;
 use shuyuan_protocol::encoding::decode;
 use shuyuan_protocol::message::{FeedPosition, Hello, Reject, Welcome};
 use shuyuan_protocol::quic::{self, QuicError};
-use shuyuan_protocol::{BatchBody, FeedId, Message, MessageV1, NodeId, RejectReason, SignedBatch, UnixMillis};
+use shuyuan_protocol::{
+    BatchBody, FeedId, Message, MessageV1, NodeId, RejectReason, SignedBatch, UnixMillis,
+};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -42,7 +44,12 @@ pub struct Ingest {
 }
 
 /// Accepts connections until `cancel` fires, at most `max` at once.
-pub async fn serve(endpoint: quinn::Endpoint, ingest: Arc<Ingest>, max: usize, cancel: CancellationToken) {
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    ingest: Arc<Ingest>,
+    max: usize,
+    cancel: CancellationToken,
+) {
     let limit = Arc::new(Semaphore::new(max));
     let mut tasks = tokio::task::JoinSet::new();
     loop {
@@ -125,7 +132,14 @@ async fn session(
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, quic::read_message(&mut recv)).await {
         Ok(Ok(Some(Message::V1(MessageV1::Hello(h))))) => h,
         Ok(Ok(other)) => {
-            return Err(refuse_connection(ingest, conn, &mut send, peer, format!("expected Hello, got {other:?}")).await);
+            return Err(refuse_connection(
+                ingest,
+                conn,
+                &mut send,
+                peer,
+                format!("expected Hello, got {other:?}"),
+            )
+            .await);
         }
         Ok(Err(e)) => return Err(e.into()),
         Err(_) => return Err(SessionError::Refused("no Hello".into())),
@@ -276,7 +290,10 @@ fn message_name(m: &MessageV1) -> &'static str {
 }
 
 /// Writes each batch's outcome in the order the batches arrived.
-async fn write_replies(mut send: SendStream, mut pending: mpsc::Receiver<oneshot::Receiver<Outcome>>) {
+async fn write_replies(
+    mut send: SendStream,
+    mut pending: mpsc::Receiver<oneshot::Receiver<Outcome>>,
+) {
     while let Some(rx) = pending.recv().await {
         let message = match rx.await {
             Ok(Outcome::Ack(a)) => MessageV1::Ack(a),
@@ -284,7 +301,10 @@ async fn write_replies(mut send: SendStream, mut pending: mpsc::Receiver<oneshot
             Ok(Outcome::Discarded) => continue,
             Err(_) => break,
         };
-        if quic::write_message(&mut send, &message.into()).await.is_err() {
+        if quic::write_message(&mut send, &message.into())
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -294,7 +314,12 @@ async fn write_replies(mut send: SendStream, mut pending: mpsc::Receiver<oneshot
 /// Checks a batch's signature and signer before it may reach the store.
 /// Only the signature check makes the body trustworthy; before it, the body
 /// is peeked at solely to say which feed a rejection is about.
-pub fn verify(peers: &Peers, peer: NodeId, enrollment: &Enrollment, batch: SignedBatch) -> Incoming {
+pub fn verify(
+    peers: &Peers,
+    peer: NodeId,
+    enrollment: &Enrollment,
+    batch: SignedBatch,
+) -> Incoming {
     let claimed: Option<BatchBody> = decode(&batch.body).ok();
     let (feed, seq) = claimed.map_or((None, 0), |b| (Some(b.feed), b.seq));
     let refused = |reason, detail: String| Incoming::Refused {
@@ -304,12 +329,18 @@ pub fn verify(peers: &Peers, peer: NodeId, enrollment: &Enrollment, batch: Signe
         detail,
     };
     if peers.get(&batch.signer).is_none() {
-        return refused(RejectReason::UnknownSigner, format!("signer {} is not enrolled", batch.signer));
+        return refused(
+            RejectReason::UnknownSigner,
+            format!("signer {} is not enrolled", batch.signer),
+        );
     }
     if batch.signer != peer {
         return refused(
             RejectReason::UnknownSigner,
-            format!("batch signed by {} but sent by {peer}; agents send only their own batches", batch.signer),
+            format!(
+                "batch signed by {} but sent by {peer}; agents send only their own batches",
+                batch.signer
+            ),
         );
     }
     let hash = batch.hash();
@@ -326,7 +357,9 @@ pub fn verify(peers: &Peers, peer: NodeId, enrollment: &Enrollment, batch: Signe
             body,
             hash,
         })),
-        Err(e @ BatchError::BadSignature { .. }) => refused(RejectReason::BadSignature, e.to_string()),
+        Err(e @ BatchError::BadSignature { .. }) => {
+            refused(RejectReason::BadSignature, e.to_string())
+        }
         Err(e @ BatchError::Malformed(_)) => refused(RejectReason::Malformed, e.to_string()),
         Err(e @ BatchError::Invalid { .. }) => refused(RejectReason::InvalidContent, e.to_string()),
     }

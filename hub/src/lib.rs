@@ -48,9 +48,15 @@ pub enum StartError {
     #[error("cannot set up QUIC: {0}")]
     Quic(#[from] quic::QuicError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot open the control socket {path}: {source}")]
-    Control { path: PathBuf, source: std::io::Error },
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A request on the hub's control socket.
@@ -127,9 +133,11 @@ impl Hub {
         let (store, writer) = Store::start(backend)?;
         let peers = Arc::new(Peers::load(store.clone())?);
         let server = quic::server_config(&key, peers.clone())?;
-        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| StartError::Listen {
-            addr: config.listen,
-            source,
+        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
+            StartError::Listen {
+                addr: config.listen,
+                source,
+            }
         })?;
         let local_addr = endpoint.local_addr().map_err(|source| StartError::Listen {
             addr: config.listen,
@@ -147,7 +155,12 @@ impl Hub {
             peers: peers.clone(),
             live: live.clone(),
         });
-        let accept = tokio::spawn(ingest::serve(endpoint.clone(), ingest, config.max_connections, cancel.clone()));
+        let accept = tokio::spawn(ingest::serve(
+            endpoint.clone(),
+            ingest,
+            config.max_connections,
+            cancel.clone(),
+        ));
         let shared = Arc::new(Shared {
             config,
             node: key.id(),
@@ -188,7 +201,8 @@ impl Hub {
         self.endpoint.close(0u32.into(), b"hub stopping");
         let _ = (&mut self.accept).await;
         let _ = (&mut self.control).await;
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.endpoint.wait_idle())
+            .await;
         self.store.close().await;
         if let Some(writer) = self.writer.take() {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
@@ -203,9 +217,9 @@ struct ChannelWriter(tokio::sync::mpsc::Sender<Vec<u8>>);
 
 impl Write for ChannelWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .blocking_send(buf.to_vec())
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "control client went away"))?;
+        self.0.blocking_send(buf.to_vec()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "control client went away")
+        })?;
         Ok(buf.len())
     }
 
@@ -214,7 +228,11 @@ impl Write for ChannelWriter {
     }
 }
 
-async fn serve_control(listener: tokio::net::UnixListener, shared: Arc<Shared>, cancel: CancellationToken) {
+async fn serve_control(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -244,7 +262,11 @@ async fn serve_control(listener: tokio::net::UnixListener, shared: Arc<Shared>, 
     }
 }
 
-async fn answer(shared: &Arc<Shared>, request: ControlRequest, out: &mut tokio::net::UnixStream) -> Result<(), String> {
+async fn answer(
+    shared: &Arc<Shared>,
+    request: ControlRequest,
+    out: &mut tokio::net::UnixStream,
+) -> Result<(), String> {
     match request {
         ControlRequest::Status => {
             let status = live_status(shared).map_err(|e| e.to_string())?;
@@ -253,21 +275,42 @@ async fn answer(shared: &Arc<Shared>, request: ControlRequest, out: &mut tokio::
             let _ = out.write_all(&body).await;
             let _ = out.write_all(b"\n").await;
         }
-        ControlRequest::Enroll { department, name, key } => {
+        ControlRequest::Enroll {
+            department,
+            name,
+            key,
+        } => {
             let (key, enrollment) = enrollment(&department, &name, &key)?;
-            let new = shared.peers.enroll(key, enrollment).await.map_err(|e| e.to_string())?;
+            let new = shared
+                .peers
+                .enroll(key, enrollment)
+                .await
+                .map_err(|e| e.to_string())?;
             tracing::info!(%key, %department, new, "enrolled");
             control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out.write_all(format!("{}\n", serde_json::json!({ "new": new })).as_bytes()).await;
+            let _ = out
+                .write_all(format!("{}\n", serde_json::json!({ "new": new })).as_bytes())
+                .await;
         }
         ControlRequest::Audit { limit } => {
-            let entries = shared.store.backend().audit(limit).map_err(|e| e.to_string())?;
+            let entries = shared
+                .store
+                .backend()
+                .audit(limit)
+                .map_err(|e| e.to_string())?;
             control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out.write_all(&serde_json::to_vec(&entries).unwrap_or_default()).await;
+            let _ = out
+                .write_all(&serde_json::to_vec(&entries).unwrap_or_default())
+                .await;
             let _ = out.write_all(b"\n").await;
         }
-        ControlRequest::Export { resource, department, format } => {
-            let feed = export::resolve(shared.store.backend(), &resource, department.as_deref()).map_err(|e| e.to_string())?;
+        ControlRequest::Export {
+            resource,
+            department,
+            format,
+        } => {
+            let feed = export::resolve(shared.store.backend(), &resource, department.as_deref())
+                .map_err(|e| e.to_string())?;
             control::write_ok(out).await.map_err(|e| e.to_string())?;
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
             let store = shared.store.clone();

@@ -27,7 +27,13 @@ const CONFIG_TEMPLATE: &str = include_str!("../../deploy/hub.toml");
 )]
 struct Cli {
     /// The hub's configuration file.
-    #[arg(long, short, global = true, env = "SHUYUAN_HUB_CONFIG", default_value = "/etc/shuyuan/hub.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "SHUYUAN_HUB_CONFIG",
+        default_value = "/etc/shuyuan/hub.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -87,8 +93,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let logs = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(logs).with_writer(std::io::stderr).init();
-    match tokio::runtime::Runtime::new().map_err(anyhow::Error::from).and_then(|rt| rt.block_on(run(cli))) {
+    tracing_subscriber::fmt()
+        .with_env_filter(logs)
+        .with_writer(std::io::stderr)
+        .init();
+    match tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli)))
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -107,7 +119,11 @@ async fn run(cli: Cli) -> Result<()> {
             hub.shutdown().await;
             Ok(())
         }
-        Command::Enroll { department, name, key } => {
+        Command::Enroll {
+            department,
+            name,
+            key,
+        } => {
             let config = config()?;
             let request = ControlRequest::Enroll {
                 department: department.clone(),
@@ -121,7 +137,8 @@ async fn run(cli: Cli) -> Result<()> {
                     v["new"].as_bool().unwrap_or(false)
                 }
                 Err(ControlError::NotRunning { .. }) => {
-                    let (key, enrollment) = enrollment(&department, &name, &key).map_err(|e| anyhow!(e))?;
+                    let (key, enrollment) =
+                        enrollment(&department, &name, &key).map_err(|e| anyhow!(e))?;
                     let backend = open_offline(&config)?;
                     let (store, writer) = Store::start(backend)?;
                     let result = store.enroll(key, enrollment).await;
@@ -133,22 +150,31 @@ async fn run(cli: Cli) -> Result<()> {
             };
             println!(
                 "{} key {key} for department {department} ({name})",
-                if new { "enrolled" } else { "already enrolled; name updated:" }
+                if new {
+                    "enrolled"
+                } else {
+                    "already enrolled; name updated:"
+                }
             );
             Ok(())
         }
         Command::Status { json } => {
             let config = config()?;
             let mut out = Vec::new();
-            let status: HubStatus = match control::call(&config.control_socket(), &ControlRequest::Status, &mut out).await {
-                Ok(()) => serde_json::from_slice(&out).context("bad status from the hub")?,
-                Err(ControlError::NotRunning { .. }) => {
-                    let backend = open_offline(&config)?;
-                    let node = NodeKey::load(&config.key_file).map(|k| k.id().to_string()).unwrap_or_else(|_| "(no key)".into());
-                    status::collect(&*backend, &config.name, node, false, LiveFacts::default())?
-                }
-                Err(e) => return Err(e.into()),
-            };
+            let status: HubStatus =
+                match control::call(&config.control_socket(), &ControlRequest::Status, &mut out)
+                    .await
+                {
+                    Ok(()) => serde_json::from_slice(&out).context("bad status from the hub")?,
+                    Err(ControlError::NotRunning { .. }) => {
+                        let backend = open_offline(&config)?;
+                        let node = NodeKey::load(&config.key_file)
+                            .map(|k| k.id().to_string())
+                            .unwrap_or_else(|_| "(no key)".into());
+                        status::collect(&*backend, &config.name, node, false, LiveFacts::default())?
+                    }
+                    Err(e) => return Err(e.into()),
+                };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -156,11 +182,17 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Export { resource, department, format, output } => {
+        Command::Export {
+            resource,
+            department,
+            format,
+            output,
+        } => {
             let config = config()?;
             let mut sink: Box<dyn Write + Send> = match &output {
                 Some(p) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+                    std::fs::File::create(p)
+                        .with_context(|| format!("cannot create {}", p.display()))?,
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout())),
             };
@@ -184,12 +216,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Audit { limit, json } => {
             let config = config()?;
             let mut out = Vec::new();
-            let entries: Vec<AuditEntry> =
-                match control::call(&config.control_socket(), &ControlRequest::Audit { limit }, &mut out).await {
-                    Ok(()) => serde_json::from_slice(&out).context("bad audit log from the hub")?,
-                    Err(ControlError::NotRunning { .. }) => open_offline(&config)?.audit(limit)?,
-                    Err(e) => return Err(e.into()),
-                };
+            let entries: Vec<AuditEntry> = match control::call(
+                &config.control_socket(),
+                &ControlRequest::Audit { limit },
+                &mut out,
+            )
+            .await
+            {
+                Ok(()) => serde_json::from_slice(&out).context("bad audit log from the hub")?,
+                Err(ControlError::NotRunning { .. }) => open_offline(&config)?.audit(limit)?,
+                Err(e) => return Err(e.into()),
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
@@ -205,7 +242,9 @@ async fn run(cli: Cli) -> Result<()> {
 fn open_offline(config: &Config) -> Result<Arc<RedbBackend>> {
     match RedbBackend::open(&config.store_path()) {
         Ok(b) => Ok(Arc::new(b)),
-        Err(StoreError::AlreadyOpen(p)) => bail!("{p} is held by a running hub whose control socket does not answer"),
+        Err(StoreError::AlreadyOpen(p)) => {
+            bail!("{p} is held by a running hub whose control socket does not answer")
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -215,14 +254,17 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
         false
     } else {
         if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        std::fs::write(config_path, CONFIG_TEMPLATE).with_context(|| format!("cannot write {}", config_path.display()))?;
+        std::fs::write(config_path, CONFIG_TEMPLATE)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
         true
     };
     let config = Config::load(config_path)?;
     let (key, created) = NodeKey::load_or_create(&config.key_file)?;
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("cannot create {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     if key_only {
         println!("{}", key.id());
         return Ok(());
@@ -230,10 +272,18 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
     if wrote_config {
         println!("wrote an example config to {}", config_path.display());
     }
-    println!("{} key {}", if created { "created" } else { "existing" }, config.key_file.display());
+    println!(
+        "{} key {}",
+        if created { "created" } else { "existing" },
+        config.key_file.display()
+    );
     println!("hub public key (平台公钥): {}", key.id());
     println!("put it in every agent's config:");
-    println!("  [hub]\n  address = \"<this host>:{}\"\n  key = \"{}\"", config.listen.port(), key.id());
+    println!(
+        "  [hub]\n  address = \"<this host>:{}\"\n  key = \"{}\"",
+        config.listen.port(),
+        key.id()
+    );
     Ok(())
 }
 

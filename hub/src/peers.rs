@@ -76,7 +76,10 @@ impl Peers {
         self.refused.fetch_add(1, Ordering::Relaxed);
         let now = UnixMillis::now();
         if let Some(k) = key {
-            let mut last = self.last_audited.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut last = self
+                .last_audited
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             if last
                 .get(&k)
                 .is_some_and(|t| now.since(*t) < REFUSAL_AUDIT_INTERVAL)

@@ -10,7 +10,9 @@ use shuyuan_protocol::message::AgentReport;
 use shuyuan_protocol::{FeedId, UnixMillis};
 
 use crate::live::ConnectionInfo;
-use crate::store::{AuditEntry, Backend, Enrollment, FeedRecord, RejectionRecord, StoreError, ZeroUpdateRecord};
+use crate::store::{
+    AuditEntry, Backend, Enrollment, FeedRecord, RejectionRecord, StoreError, ZeroUpdateRecord,
+};
 
 /// Everything `status` reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,23 +114,25 @@ pub fn collect(
     };
     for (feed, r) in &feeds {
         {
-            department(&mut departments, feed.department.as_str()).resources.push(ResourceEntry {
-                resource: feed.resource.to_string(),
-                feed: feed.to_string(),
-                table: r.schema.as_ref().map(|s| s.table.clone()),
-                schema_version: r.schema.as_ref().map_or(0, |s| s.version),
-                connected: connected(feed),
-                last_seq: r.cursor.last_seq,
-                rows: r.rows,
-                batches_applied: r.batches_applied,
-                changes_applied: r.changes_applied,
-                last_batch_received_at: r.last_batch_received_at,
-                last_change_at: r.last_change_at,
-                last_zero_update: r.last_zero_update.clone(),
-                rejected: r.rejected,
-                last_rejection: r.last_rejection.clone(),
-                signer: r.signer.map(|s| s.to_string()),
-            });
+            department(&mut departments, feed.department.as_str())
+                .resources
+                .push(ResourceEntry {
+                    resource: feed.resource.to_string(),
+                    feed: feed.to_string(),
+                    table: r.schema.as_ref().map(|s| s.table.clone()),
+                    schema_version: r.schema.as_ref().map_or(0, |s| s.version),
+                    connected: connected(feed),
+                    last_seq: r.cursor.last_seq,
+                    rows: r.rows,
+                    batches_applied: r.batches_applied,
+                    changes_applied: r.changes_applied,
+                    last_batch_received_at: r.last_batch_received_at,
+                    last_change_at: r.last_change_at,
+                    last_zero_update: r.last_zero_update.clone(),
+                    rejected: r.rejected,
+                    last_rejection: r.last_rejection.clone(),
+                    signer: r.signer.map(|s| s.to_string()),
+                });
         }
     }
     // Resources an agent announced but never sent a batch for.
@@ -174,13 +178,17 @@ pub fn collect(
     })
 }
 
-fn department<'a>(map: &'a mut BTreeMap<String, DepartmentStatus>, code: &str) -> &'a mut DepartmentStatus {
-    map.entry(code.to_string()).or_insert_with(|| DepartmentStatus {
-        code: code.to_string(),
-        name: String::new(),
-        agents: Vec::new(),
-        resources: Vec::new(),
-    })
+fn department<'a>(
+    map: &'a mut BTreeMap<String, DepartmentStatus>,
+    code: &str,
+) -> &'a mut DepartmentStatus {
+    map.entry(code.to_string())
+        .or_insert_with(|| DepartmentStatus {
+            code: code.to_string(),
+            name: String::new(),
+            agents: Vec::new(),
+            resources: Vec::new(),
+        })
 }
 
 fn t(x: Option<UnixMillis>) -> String {
@@ -191,21 +199,39 @@ impl HubStatus {
     /// Human-readable form.
     pub fn render(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "{} ({})  hub key {}", self.name, self.software, self.node);
+        let _ = writeln!(
+            s,
+            "{} ({})  hub key {}",
+            self.name, self.software, self.node
+        );
         let _ = writeln!(
             s,
             "{}{}",
-            if self.running { "running" } else { "NOT RUNNING (figures from the store)" },
-            self.listen.as_ref().map(|l| format!(", listening on {l}")).unwrap_or_default()
+            if self.running {
+                "running"
+            } else {
+                "NOT RUNNING (figures from the store)"
+            },
+            self.listen
+                .as_ref()
+                .map(|l| format!(", listening on {l}"))
+                .unwrap_or_default()
         );
         if self.departments.is_empty() {
-            let _ = writeln!(s, "no departments enrolled yet (shuyuan-hub enroll --department CODE --name NAME KEY)");
+            let _ = writeln!(
+                s,
+                "no departments enrolled yet (shuyuan-hub enroll --department CODE --name NAME KEY)"
+            );
         }
         for d in &self.departments {
             let _ = writeln!(s, "\ndepartment {} {}", d.code, d.name);
             for a in &d.agents {
                 let link = if a.connected {
-                    format!("connected since {} from {}", t(a.connected_since), a.remote.as_deref().unwrap_or("?"))
+                    format!(
+                        "connected since {} from {}",
+                        t(a.connected_since),
+                        a.remote.as_deref().unwrap_or("?")
+                    )
                 } else {
                     "not connected".to_string()
                 };
@@ -216,7 +242,11 @@ impl HubStatus {
                         "        outbox {} batches, {} bytes{}",
                         r.outbox_batches,
                         r.outbox_bytes,
-                        if r.capture_paused { ", CAPTURE PAUSED (outbox full)" } else { "" }
+                        if r.capture_paused {
+                            ", CAPTURE PAUSED (outbox full)"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }
@@ -226,7 +256,11 @@ impl HubStatus {
                     "  resource {}  table {}  {}",
                     r.resource,
                     r.table.as_deref().unwrap_or("-"),
-                    if r.connected { "connected" } else { "disconnected" }
+                    if r.connected {
+                        "connected"
+                    } else {
+                        "disconnected"
+                    }
                 );
                 let _ = writeln!(
                     s,
@@ -241,10 +275,7 @@ impl HubStatus {
                         let _ = writeln!(
                             s,
                             "        last zero-update (零更新) #{} received {}: no changes {} .. {}",
-                            z.seq,
-                            z.received_at,
-                            z.since,
-                            z.until
+                            z.seq, z.received_at, z.since, z.until
                         );
                     }
                     None => {

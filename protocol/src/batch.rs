@@ -217,8 +217,16 @@ mod tests {
                     version: 1,
                     table: "t".into(),
                     columns: vec![
-                        Column { name: "id".into(), sql_type: "INTEGER".into(), nullable: false },
-                        Column { name: "v".into(), sql_type: "TEXT".into(), nullable: true },
+                        Column {
+                            name: "id".into(),
+                            sql_type: "INTEGER".into(),
+                            nullable: false,
+                        },
+                        Column {
+                            name: "v".into(),
+                            sql_type: "TEXT".into(),
+                            nullable: true,
+                        },
                     ],
                     key: vec![0],
                 }),
@@ -248,7 +256,10 @@ mod tests {
         for i in 0..signed.body.len() {
             let mut bad = signed.clone();
             bad.body[i] ^= 0x01;
-            assert!(matches!(bad.open(), Err(BatchError::BadSignature { .. })), "byte {i}");
+            assert!(
+                matches!(bad.open(), Err(BatchError::BadSignature { .. })),
+                "byte {i}"
+            );
         }
     }
 

@@ -92,13 +92,25 @@ mod tests {
         let mut c = FeedCursor::START;
         assert_eq!(c.check(1, BatchHash::GENESIS, h1, |_| None), Ok(()));
         c.advance(1, h1);
-        assert_eq!(c.check(2, h2, h2, |_| None), Err(ChainError::Fork { seq: 2 }));
+        assert_eq!(
+            c.check(2, h2, h2, |_| None),
+            Err(ChainError::Fork { seq: 2 })
+        );
         assert_eq!(c.check(2, h1, h2, |_| None), Ok(()));
         assert_eq!(
             c.check(4, h1, h2, |_| None),
-            Err(ChainError::Gap { expected: 2, got: 4 })
+            Err(ChainError::Gap {
+                expected: 2,
+                got: 4
+            })
         );
-        assert_eq!(c.check(1, BatchHash::GENESIS, h1, |_| Some(h1)), Err(ChainError::Replay { seq: 1 }));
-        assert_eq!(c.check(1, BatchHash::GENESIS, h2, |_| Some(h1)), Err(ChainError::Fork { seq: 1 }));
+        assert_eq!(
+            c.check(1, BatchHash::GENESIS, h1, |_| Some(h1)),
+            Err(ChainError::Replay { seq: 1 })
+        );
+        assert_eq!(
+            c.check(1, BatchHash::GENESIS, h2, |_| Some(h1)),
+            Err(ChainError::Fork { seq: 1 })
+        );
     }
 }

@@ -73,7 +73,11 @@ pub enum ShapeError {
     #[error("a delete must not carry a row")]
     DeleteWithRow,
     #[error("key column {column:?} is {row:?} in the row but {key:?} in the key")]
-    KeyMismatch { column: String, key: Value, row: Value },
+    KeyMismatch {
+        column: String,
+        key: Value,
+        row: Value,
+    },
     #[error("key column {0:?} is NULL")]
     NullKey(String),
     #[error("column {column:?}: {source}")]
@@ -142,7 +146,8 @@ impl TableSchema {
             if *v == Value::Null {
                 return Err(ShapeError::NullKey(column));
             }
-            v.check().map_err(|source| ShapeError::BadValue { column, source })?;
+            v.check()
+                .map_err(|source| ShapeError::BadValue { column, source })?;
         }
         match (&change.op, &change.row) {
             (Op::Delete, None) => Ok(()),
@@ -194,8 +199,16 @@ mod tests {
             version: 1,
             table: "household".into(),
             columns: vec![
-                Column { name: "id_number".into(), sql_type: "TEXT".into(), nullable: false },
-                Column { name: "name".into(), sql_type: "TEXT".into(), nullable: true },
+                Column {
+                    name: "id_number".into(),
+                    sql_type: "TEXT".into(),
+                    nullable: false,
+                },
+                Column {
+                    name: "name".into(),
+                    sql_type: "TEXT".into(),
+                    nullable: true,
+                },
             ],
             key: vec![0],
         }
@@ -221,9 +234,19 @@ mod tests {
         let mut c = upsert("a", Value::Null);
         c.schema_version = 2;
         assert!(matches!(s.check(&c), Err(ShapeError::SchemaVersion { .. })));
-        let c = RowChange { op: Op::Delete, key: vec![Value::Text("a".into())], row: Some(vec![]), schema_version: 1 };
+        let c = RowChange {
+            op: Op::Delete,
+            key: vec![Value::Text("a".into())],
+            row: Some(vec![]),
+            schema_version: 1,
+        };
         assert_eq!(s.check(&c), Err(ShapeError::DeleteWithRow));
-        let c = RowChange { op: Op::Delete, key: vec![Value::Null], row: None, schema_version: 1 };
+        let c = RowChange {
+            op: Op::Delete,
+            key: vec![Value::Null],
+            row: None,
+            schema_version: 1,
+        };
         assert!(matches!(s.check(&c), Err(ShapeError::NullKey(_))));
         let mut bad = s.clone();
         bad.key = vec![5];

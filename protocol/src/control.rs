@@ -104,7 +104,10 @@ pub async fn call<R: Serialize>(
     line.push(b'\n');
     stream.get_mut().write_all(&line).await?;
     let mut header = Vec::new();
-    (&mut stream).take(MAX_REQUEST as u64).read_until(b'\n', &mut header).await?;
+    (&mut stream)
+        .take(MAX_REQUEST as u64)
+        .read_until(b'\n', &mut header)
+        .await?;
     let header: serde_json::Value = serde_json::from_slice(&header)?;
     if header.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
         let error = header
@@ -161,13 +164,19 @@ mod tests {
             }
         });
         let mut out = Vec::new();
-        call(&sock, &serde_json::json!({"cmd": "hello"}), &mut out).await.unwrap();
+        call(&sock, &serde_json::json!({"cmd": "hello"}), &mut out)
+            .await
+            .unwrap();
         assert_eq!(out, b"line 1\nline 2\n");
-        let err = call(&sock, &serde_json::json!({"cmd": "nope"}), &mut Vec::new()).await.unwrap_err();
+        let err = call(&sock, &serde_json::json!({"cmd": "nope"}), &mut Vec::new())
+            .await
+            .unwrap_err();
         assert_eq!(err.to_string(), "unknown command");
         server.await.unwrap();
         drop(std::fs::remove_file(&sock));
-        let err = call(&sock, &serde_json::json!({}), &mut Vec::new()).await.unwrap_err();
+        let err = call(&sock, &serde_json::json!({}), &mut Vec::new())
+            .await
+            .unwrap_err();
         assert!(matches!(err, ControlError::NotRunning { .. }));
     }
 }

@@ -123,7 +123,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = text;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return None;
         }
@@ -154,7 +156,10 @@ mod tests {
     #[test]
     fn names_and_durations() {
         assert_eq!("daily".parse::<UpdateCycle>().unwrap(), UpdateCycle::Daily);
-        assert_eq!("每季度".parse::<UpdateCycle>().unwrap(), UpdateCycle::Quarterly);
+        assert_eq!(
+            "每季度".parse::<UpdateCycle>().unwrap(),
+            UpdateCycle::Quarterly
+        );
         assert_eq!(
             "30s".parse::<UpdateCycle>().unwrap(),
             UpdateCycle::Every(Duration::from_secs(30))

@@ -206,7 +206,10 @@ mod tests {
     fn json_uses_text_forms_and_binary_stays_compact() {
         let f: FeedId = "GA:A01/0001".parse().unwrap();
         assert_eq!(serde_json::to_string(&f).unwrap(), "\"GA:A01/0001\"");
-        assert_eq!(serde_json::from_str::<FeedId>("\"GA:A01/0001\"").unwrap(), f);
+        assert_eq!(
+            serde_json::from_str::<FeedId>("\"GA:A01/0001\"").unwrap(),
+            f
+        );
         assert!(serde_json::from_str::<FeedId>("\"GA\"").is_err());
         let bytes = encode(&f).unwrap();
         assert_eq!(bytes, b"\x02GA\x08A01/0001");

@@ -69,7 +69,9 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
     // The envelope's first byte is the version variant (a postcard varint);
     // name a version we do not speak rather than calling it garbage.
     match payload.first() {
-        Some(&v) if v != 0 && v < 0x80 => return Err(FrameError::UnsupportedVersion(u64::from(v) + 1)),
+        Some(&v) if v != 0 && v < 0x80 => {
+            return Err(FrameError::UnsupportedVersion(u64::from(v) + 1));
+        }
         _ => {}
     }
     Ok(encoding::decode(payload)?)
@@ -113,7 +115,9 @@ mod tests {
         let prefix = u32::try_from(MAX_FRAME_SIZE + 1).unwrap().to_be_bytes();
         assert_eq!(
             decode_frame(&prefix),
-            Err(FrameError::TooLarge { len: MAX_FRAME_SIZE + 1 })
+            Err(FrameError::TooLarge {
+                len: MAX_FRAME_SIZE + 1
+            })
         );
         assert!(payload_len(u32::MAX.to_be_bytes()).is_err());
     }
@@ -122,7 +126,10 @@ mod tests {
     fn incomplete_is_not_invalid() {
         let frame = encode_frame(&ack()).unwrap();
         for cut in 0..frame.len() {
-            assert!(matches!(decode_frame(&frame[..cut]), Ok(Decoded::Incomplete { .. })), "cut {cut}");
+            assert!(
+                matches!(decode_frame(&frame[..cut]), Ok(Decoded::Incomplete { .. })),
+                "cut {cut}"
+            );
         }
     }
 

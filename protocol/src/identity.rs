@@ -24,9 +24,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot read key file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot write key file {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("key file {path} is not an ed25519 PKCS#8 PEM private key: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("cannot encode the key: {0}")]
@@ -64,7 +70,7 @@ impl NodeKey {
 
     /// The public identity of this key.
     pub fn id(&self) -> NodeId {
-        NodeId(self.0.verifying_key())
+        NodeId(self.0.verifying_key().to_bytes())
     }
 
     /// Signs `context || message`. `context` names the purpose of the
@@ -139,15 +145,17 @@ impl NodeKey {
 
 /// A node's public key, which is its identity. Binary encodings carry the
 /// 32 raw bytes; human-readable ones (JSON) the text form.
+///
+/// Holds the 32 key bytes, checked to be a valid ed25519 point when made.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct NodeId(VerifyingKey);
+pub struct NodeId([u8; 32]);
 
 impl Serialize for NodeId {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         if serializer.is_human_readable() {
             serializer.collect_str(self)
         } else {
-            self.0.serialize(serializer)
+            serializer.serialize_bytes(&self.0)
         }
     }
 }
@@ -158,7 +166,7 @@ impl<'de> Deserialize<'de> for NodeId {
             let text = String::deserialize(deserializer)?;
             text.parse().map_err(serde::de::Error::custom)
         } else {
-            VerifyingKey::deserialize(deserializer).map(NodeId)
+            VerifyingKey::deserialize(deserializer).map(|k| NodeId(k.to_bytes()))
         }
     }
 }
@@ -168,23 +176,26 @@ impl NodeId {
     /// ed25519 public keys.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, IdentityError> {
         VerifyingKey::from_bytes(bytes)
-            .map(NodeId)
+            .map(|_| NodeId(*bytes))
             .map_err(|_| IdentityError::InvalidPoint(BASE32_NOPAD.encode(bytes).to_lowercase()))
     }
 
     /// The 32 raw bytes of the key.
     pub fn as_bytes(&self) -> &[u8; 32] {
-        self.0.as_bytes()
+        &self.0
     }
 
     /// Checks a signature made with [`NodeKey::sign`] under the same context,
     /// with `verify_strict` (refuses small-order keys and non-canonical
     /// signatures).
     pub fn verify(&self, context: &[u8], message: &[u8], signature: &Signature) -> bool {
+        let Ok(key) = VerifyingKey::from_bytes(&self.0) else {
+            return false;
+        };
         let mut buf = Vec::with_capacity(context.len() + message.len());
         buf.extend_from_slice(context);
         buf.extend_from_slice(message);
-        self.0.verify_strict(&buf, signature).is_ok()
+        key.verify_strict(&buf, signature).is_ok()
     }
 
     /// A short prefix of the text form, for logs.
@@ -246,9 +257,17 @@ mod tests {
         let key = NodeKey::from_seed([7; 32]);
         let text = key.id().to_string();
         assert_eq!(text.len(), 52);
-        assert!(text.chars().all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c)));
+        assert!(
+            text.chars()
+                .all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c))
+        );
         assert_eq!(text.parse::<NodeId>().unwrap(), key.id());
-        assert_eq!(format!("  {}\n", text.to_uppercase()).parse::<NodeId>().unwrap(), key.id());
+        assert_eq!(
+            format!("  {}\n", text.to_uppercase())
+                .parse::<NodeId>()
+                .unwrap(),
+            key.id()
+        );
         assert!("abc".parse::<NodeId>().is_err());
         assert!(text[..51].parse::<NodeId>().is_err());
     }

@@ -357,7 +357,9 @@ pub fn explain(error: &ConnectionError) -> String {
             "the peer closed the connection: {}",
             String::from_utf8_lossy(&close.reason)
         ),
-        ConnectionError::Reset => "the peer reset the connection (it may have restarted)".to_string(),
+        ConnectionError::Reset => {
+            "the peer reset the connection (it may have restarted)".to_string()
+        }
         other => other.to_string(),
     }
 }
@@ -427,7 +429,11 @@ mod tests {
         let client = client_endpoint(addr).unwrap();
         let result = async {
             let conn = client
-                .connect_with(client_config(client_key, pinned).unwrap(), addr, SERVER_NAME)
+                .connect_with(
+                    client_config(client_key, pinned).unwrap(),
+                    addr,
+                    SERVER_NAME,
+                )
                 .map_err(|e| e.to_string())?
                 .await
                 .map_err(|e| explain(&e))?;
@@ -436,11 +442,15 @@ mod tests {
                 feed: "D:R".parse().unwrap(),
                 seq: 9,
             }));
-            write_message(&mut send, &m).await.map_err(|e| e.to_string())?;
+            write_message(&mut send, &m)
+                .await
+                .map_err(|e| e.to_string())?;
             let echoed = match read_message(&mut recv).await {
                 Ok(Some(m)) => m,
                 Ok(None) => return Err("stream ended".to_string()),
-                Err(QuicError::Read(quinn::ReadError::ConnectionLost(e))) => return Err(explain(&e)),
+                Err(QuicError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                    return Err(explain(&e));
+                }
                 Err(e) => return Err(e.to_string()),
             };
             assert_eq!(echoed, m);

@@ -162,7 +162,13 @@ fn is_date(b: &[u8]) -> bool {
 }
 
 fn is_time(b: &[u8]) -> bool {
-    if b.len() < 8 || !(all_digits(&b[0..2]) && b[2] == b':' && all_digits(&b[3..5]) && b[5] == b':' && all_digits(&b[6..8])) {
+    if b.len() < 8
+        || !(all_digits(&b[0..2])
+            && b[2] == b':'
+            && all_digits(&b[3..5])
+            && b[5] == b':'
+            && all_digits(&b[6..8]))
+    {
         return false;
     }
     match &b[8..] {
@@ -229,7 +235,11 @@ pub fn encode_key(values: &[Value]) -> Vec<u8> {
             Value::Real(r) => {
                 out.push(TAG_REAL);
                 let bits = r.to_bits();
-                let ordered = if bits >> 63 == 1 { !bits } else { bits | (1 << 63) };
+                let ordered = if bits >> 63 == 1 {
+                    !bits
+                } else {
+                    bits | (1 << 63)
+                };
                 out.extend_from_slice(&ordered.to_be_bytes());
             }
             Value::Decimal(t) => escaped(&mut out, TAG_DECIMAL, t.as_bytes()),
@@ -263,7 +273,10 @@ mod tests {
     #[test]
     fn null_differs_from_empty() {
         assert_ne!(Value::Null, Value::Text(String::new()));
-        assert_ne!(encode_key(&[Value::Null]), encode_key(&[Value::Text(String::new())]));
+        assert_ne!(
+            encode_key(&[Value::Null]),
+            encode_key(&[Value::Text(String::new())])
+        );
         assert_ne!(Value::Real(0.0), Value::Real(-0.0));
         assert_eq!(Value::Real(f64::NAN), Value::Real(f64::NAN));
     }

@@ -35,7 +35,9 @@ pub enum WindowError {
     },
     #[error("the hub acknowledged batch {seq} of {feed}, but only {sent} were sent")]
     AckBeyondSent { feed: FeedId, seq: u64, sent: u64 },
-    #[error("the hub now expects batch {resend_from} of {feed} although it acknowledged {acked}; the hub lost acknowledged data")]
+    #[error(
+        "the hub now expects batch {resend_from} of {feed} although it acknowledged {acked}; the hub lost acknowledged data"
+    )]
     HubWentBack {
         feed: FeedId,
         resend_from: u64,
@@ -265,7 +267,11 @@ mod tests {
 
     impl Agent {
         fn seal(&mut self, feed: &FeedId, now: UnixMillis) {
-            let (seq, prev) = self.heads.get(feed).copied().unwrap_or((0, BatchHash::GENESIS));
+            let (seq, prev) = self
+                .heads
+                .get(feed)
+                .copied()
+                .unwrap_or((0, BatchHash::GENESIS));
             let body = BatchBody {
                 feed: feed.clone(),
                 seq: seq + 1,
@@ -283,8 +289,11 @@ mod tests {
         }
     }
 
+    /// Per feed: the head, the accepted sequence numbers, their hashes.
+    type HubFeed = (FeedCursor, Vec<u64>, BTreeMap<u64, BatchHash>);
+
     struct Hub {
-        feeds: BTreeMap<FeedId, (FeedCursor, Vec<u64>, BTreeMap<u64, BatchHash>)>,
+        feeds: BTreeMap<FeedId, HubFeed>,
         /// After a rejection, batches are dropped until the expected one.
         awaiting: BTreeMap<FeedId, u64>,
     }
@@ -310,14 +319,19 @@ mod tests {
                 self.awaiting.remove(&body.feed);
             }
             let hash = batch.hash();
-            match entry.0.check(body.seq, body.prev, hash, |s| entry.2.get(&s).copied()) {
+            match entry
+                .0
+                .check(body.seq, body.prev, hash, |s| entry.2.get(&s).copied())
+            {
                 Ok(()) => {
                     entry.0.advance(body.seq, hash);
                     entry.1.push(body.seq);
                     entry.2.insert(body.seq, hash);
                     Some(ToAgent::Ack(body.feed, body.seq))
                 }
-                Err(ChainError::Gap { .. } | ChainError::Replay { .. } | ChainError::Fork { .. }) => {
+                Err(
+                    ChainError::Gap { .. } | ChainError::Replay { .. } | ChainError::Fork { .. },
+                ) => {
                     let next = entry.0.next_seq();
                     self.awaiting.insert(body.feed.clone(), next);
                     Some(ToAgent::Reject(body.feed, next))
@@ -437,7 +451,11 @@ mod tests {
         for f in &feeds {
             let head = agent.heads.get(f).map(|h| h.0).unwrap_or(0);
             let accepted = hub.feeds.get(f).map(|x| x.1.clone()).unwrap_or_default();
-            assert_eq!(accepted, (1..=head).collect::<Vec<_>>(), "seed {seed}: feed {f}");
+            assert_eq!(
+                accepted,
+                (1..=head).collect::<Vec<_>>(),
+                "seed {seed}: feed {f}"
+            );
         }
     }
 
@@ -475,9 +493,15 @@ mod tests {
         assert_eq!(w.poll_send(now), Some((feed.clone(), 6)));
         assert_eq!(w.on_reject(&feed, 5, now).unwrap(), Some(4));
         assert_eq!(w.poll_send(now), None, "held after a rejection");
-        assert_eq!(w.next_wakeup(), Some(now.saturating_add(REJECT_BACKOFF_MIN)));
+        assert_eq!(
+            w.next_wakeup(),
+            Some(now.saturating_add(REJECT_BACKOFF_MIN))
+        );
         let later = now.saturating_add(Duration::from_secs(1));
         assert_eq!(w.poll_send(later), Some((feed.clone(), 5)));
-        assert!(matches!(w.on_reject(&feed, 2, later), Err(WindowError::HubWentBack { .. })));
+        assert!(matches!(
+            w.on_reject(&feed, 2, later),
+            Err(WindowError::HubWentBack { .. })
+        ));
     }
 }

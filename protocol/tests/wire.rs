@@ -24,7 +24,8 @@ fn value() -> impl Strategy<Value = Value> {
         "[0-9]{4}-[0-9]{2}-[0-9]{2}".prop_map(Value::Date),
         "[0-9]{2}:[0-9]{2}:[0-9]{2}".prop_map(Value::Time),
         "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}".prop_map(Value::Timestamp),
-        "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\\+08:00".prop_map(Value::TimestampTz),
+        "[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\\+08:00"
+            .prop_map(Value::TimestampTz),
     ]
 }
 
@@ -69,17 +70,23 @@ fn body() -> impl Strategy<Value = BatchBody> {
         any::<i64>(),
         prop_oneof![
             proptest::collection::vec(entry(), 1..6),
-            (any::<i64>(), any::<i64>(), "[0-9]{1,10}").prop_map(|(a, b, p)| vec![Entry::ZeroUpdate(ZeroUpdate {
-                since: UnixMillis(a.min(b)),
-                until: UnixMillis(a.max(b)),
-                source_position: p,
-            })]),
+            (any::<i64>(), any::<i64>(), "[0-9]{1,10}").prop_map(|(a, b, p)| vec![
+                Entry::ZeroUpdate(ZeroUpdate {
+                    since: UnixMillis(a.min(b)),
+                    until: UnixMillis(a.max(b)),
+                    source_position: p,
+                })
+            ]),
         ],
     )
         .prop_map(|(feed, seq, prev, at, entries)| BatchBody {
             feed,
             seq,
-            prev: if seq == 1 { BatchHash::GENESIS } else { BatchHash(prev) },
+            prev: if seq == 1 {
+                BatchHash::GENESIS
+            } else {
+                BatchHash(prev)
+            },
             created_at: UnixMillis(at),
             entries,
         })
@@ -90,34 +97,53 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         body().prop_map(move |b| MessageV1::Batch(SignedBatch::seal(&key, &b).unwrap())),
         (feed(), any::<u64>()).prop_map(|(feed, seq)| MessageV1::Ack(Ack { feed, seq })),
-        (proptest::option::of(feed()), any::<u64>(), any::<u16>(), any::<String>(), any::<u64>()).prop_map(
-            |(feed, seq, code, detail, resend_from)| MessageV1::Reject(Reject {
-                feed,
-                seq,
-                reason: RejectReason::from(code),
-                detail,
-                resend_from,
+        (
+            proptest::option::of(feed()),
+            any::<u64>(),
+            any::<u16>(),
+            any::<String>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(feed, seq, code, detail, resend_from)| MessageV1::Reject(Reject {
+                    feed,
+                    seq,
+                    reason: RejectReason::from(code),
+                    detail,
+                    resend_from,
+                })
+            ),
+        (feed(), proptest::collection::vec("[A-Z0-9]{1,8}", 0..4)).prop_map(|(f, rs)| {
+            MessageV1::Hello(Hello {
+                software: "shuyuan/test".into(),
+                department: f.department,
+                resources: rs.into_iter().map(|r| r.parse().unwrap()).collect(),
             })
-        ),
-        (feed(), proptest::collection::vec("[A-Z0-9]{1,8}", 0..4)).prop_map(|(f, rs)| MessageV1::Hello(Hello {
-            software: "shuyuan/test".into(),
-            department: f.department,
-            resources: rs.into_iter().map(|r| r.parse().unwrap()).collect(),
-        })),
-        proptest::collection::vec((feed(), any::<u64>(), any::<[u8; 32]>()), 0..4).prop_map(|fs| MessageV1::Welcome(Welcome {
-            software: "shuyuan/test".into(),
-            feeds: fs
-                .into_iter()
-                .map(|(feed, last_seq, h)| FeedPosition { feed, cursor: FeedCursor { last_seq, last_hash: BatchHash(h) } })
-                .collect(),
-        })),
-        (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(a, b, p)| MessageV1::Report(AgentReport {
-            at: UnixMillis(1),
-            outbox_batches: a,
-            outbox_bytes: b,
-            outbox_limit_bytes: b,
-            capture_paused: p,
-        })),
+        }),
+        proptest::collection::vec((feed(), any::<u64>(), any::<[u8; 32]>()), 0..4).prop_map(|fs| {
+            MessageV1::Welcome(Welcome {
+                software: "shuyuan/test".into(),
+                feeds: fs
+                    .into_iter()
+                    .map(|(feed, last_seq, h)| FeedPosition {
+                        feed,
+                        cursor: FeedCursor {
+                            last_seq,
+                            last_hash: BatchHash(h),
+                        },
+                    })
+                    .collect(),
+            })
+        }),
+        (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(a, b, p)| MessageV1::Report(
+            AgentReport {
+                at: UnixMillis(1),
+                outbox_batches: a,
+                outbox_bytes: b,
+                outbox_limit_bytes: b,
+                capture_paused: p,
+            }
+        )),
     ]
     .prop_map(Message::V1)
 }
@@ -232,10 +258,26 @@ fn golden_batch_frame() {
                 version: 1,
                 table: "household".into(),
                 columns: vec![
-                    Column { name: "id_number".into(), sql_type: "TEXT".into(), nullable: false },
-                    Column { name: "name".into(), sql_type: "TEXT".into(), nullable: true },
-                    Column { name: "area_m2".into(), sql_type: "REAL".into(), nullable: true },
-                    Column { name: "photo".into(), sql_type: "BLOB".into(), nullable: true },
+                    Column {
+                        name: "id_number".into(),
+                        sql_type: "TEXT".into(),
+                        nullable: false,
+                    },
+                    Column {
+                        name: "name".into(),
+                        sql_type: "TEXT".into(),
+                        nullable: true,
+                    },
+                    Column {
+                        name: "area_m2".into(),
+                        sql_type: "REAL".into(),
+                        nullable: true,
+                    },
+                    Column {
+                        name: "photo".into(),
+                        sql_type: "BLOB".into(),
+                        nullable: true,
+                    },
                 ],
                 key: vec![0],
             }),
@@ -266,7 +308,11 @@ fn golden_batch_frame() {
         std::fs::write(&path, format!("{hex}\n")).unwrap();
     }
     let golden = std::fs::read_to_string(&path).unwrap();
-    assert_eq!(hex, golden.trim(), "wire format changed; if deliberate, bless the fixture");
+    assert_eq!(
+        hex,
+        golden.trim(),
+        "wire format changed; if deliberate, bless the fixture"
+    );
     assert_eq!(
         batch.hash().to_string(),
         blake3_hex(&batch.body),

@@ -14,7 +14,7 @@ impl Rng {
         Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -23,7 +23,7 @@ impl Rng {
 
     /// Uniform in `0..n`.
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
 
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
@@ -31,12 +31,42 @@ impl Rng {
     }
 }
 
-const SURNAMES: &[&str] = &["王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "徐", "孙", "马", "朱", "胡", "郭", "何", "林", "罗", "郑"];
-const GIVEN: &[&str] = &["伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明", "超", "秀英", "华", "建国", "海燕", "志强"];
-const STREETS: &[&str] = &["解放路", "人民路", "新城大道", "海天大道", "环城南路", "东海西路", "千岛路", "翁山路"];
+const SURNAMES: &[&str] = &[
+    "王", "李", "张", "刘", "陈", "杨", "黄", "赵", "吴", "周", "徐", "孙", "马", "朱", "胡", "郭",
+    "何", "林", "罗", "郑",
+];
+const GIVEN: &[&str] = &[
+    "伟", "芳", "娜", "敏", "静", "丽", "强", "磊", "军", "洋", "勇", "艳", "杰", "娟", "涛", "明",
+    "超", "秀英", "华", "建国", "海燕", "志强",
+];
+const STREETS: &[&str] = &[
+    "解放路",
+    "人民路",
+    "新城大道",
+    "海天大道",
+    "环城南路",
+    "东海西路",
+    "千岛路",
+    "翁山路",
+];
 const DISTRICTS: &[&str] = &["定海区", "普陀区", "岱山县", "嵊泗县"];
-const LAND_USE: &[&str] = &["住宅用地", "商业用地", "工业用地", "耕地", "林地", "公共管理与公共服务用地"];
-const BUSINESS: &[&str] = &["水产品加工", "船舶修造", "港口物流", "海洋旅游", "软件开发", "餐饮服务", "建筑工程"];
+const LAND_USE: &[&str] = &[
+    "住宅用地",
+    "商业用地",
+    "工业用地",
+    "耕地",
+    "林地",
+    "公共管理与公共服务用地",
+];
+const BUSINESS: &[&str] = &[
+    "水产品加工",
+    "船舶修造",
+    "港口物流",
+    "海洋旅游",
+    "软件开发",
+    "餐饮服务",
+    "建筑工程",
+];
 const LICENCE_STATUS: &[&str] = &["存续", "在业", "迁出", "注销"];
 
 pub fn chinese_name(rng: &mut Rng) -> String {
@@ -58,7 +88,11 @@ pub fn id_number(rng: &mut Rng) -> String {
 pub fn id_check(body: &str) -> char {
     const W: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
     const CHECK: &[u8; 11] = b"10X98765432";
-    let sum: u32 = body.bytes().zip(W).map(|(b, w)| u32::from(b - b'0') * w).sum();
+    let sum: u32 = body
+        .bytes()
+        .zip(W)
+        .map(|(b, w)| u32::from(b - b'0') * w)
+        .sum();
     char::from(CHECK[(sum % 11) as usize])
 }
 
@@ -79,7 +113,9 @@ const CREDIT_CHARS: &[u8; 31] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
 /// The check character of the first 17 characters of a unified social
 /// credit code (GB 32100).
 pub fn credit_check(body: &str) -> char {
-    const W: [u64; 17] = [1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28];
+    const W: [u64; 17] = [
+        1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28,
+    ];
     let sum: u64 = body
         .bytes()
         .zip(W)
@@ -89,7 +125,12 @@ pub fn credit_check(body: &str) -> char {
 }
 
 fn date(rng: &mut Rng, from: u64, years: u64) -> String {
-    format!("{:04}-{:02}-{:02}", from + rng.below(years), 1 + rng.below(12), 1 + rng.below(28))
+    format!(
+        "{:04}-{:02}-{:02}",
+        from + rng.below(years),
+        1 + rng.below(12),
+        1 + rng.below(28)
+    )
 }
 
 /// The public-security department's household registrations (户籍).
@@ -138,8 +179,13 @@ pub const PERMIT_DDL: &str = "CREATE TABLE planning_permit (
 pub fn insert_household(conn: &Connection, rng: &mut Rng) -> rusqlite::Result<String> {
     let id = id_number(rng);
     let birth = format!("{}-{}-{}", &id[6..10], &id[10..12], &id[12..14]);
-    let gender = if (id.as_bytes()[16] - b'0') % 2 == 1 { "男" } else { "女" };
-    let photo: Option<Vec<u8>> = (rng.below(3) == 0).then(|| (0..16).map(|_| rng.below(256) as u8).collect());
+    let gender = if (id.as_bytes()[16] - b'0') % 2 == 1 {
+        "男"
+    } else {
+        "女"
+    };
+    let photo: Option<Vec<u8>> =
+        (rng.below(3) == 0).then(|| (0..16).map(|_| rng.below(256) as u8).collect());
     conn.execute(
         "INSERT OR IGNORE INTO household VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, datetime('now'))",
         params![
@@ -147,7 +193,12 @@ pub fn insert_household(conn: &Connection, rng: &mut Rng) -> rusqlite::Result<St
             chinese_name(rng),
             gender,
             birth,
-            format!("舟山市{}{}{}号", rng.pick(DISTRICTS), rng.pick(STREETS), 1 + rng.below(300)),
+            format!(
+                "舟山市{}{}{}号",
+                rng.pick(DISTRICTS),
+                rng.pick(STREETS),
+                1 + rng.below(300)
+            ),
             format!("{:09}", rng.below(1_000_000_000)),
             photo,
         ],
@@ -157,7 +208,11 @@ pub fn insert_household(conn: &Connection, rng: &mut Rng) -> rusqlite::Result<St
 
 pub fn insert_licence(conn: &Connection, rng: &mut Rng) -> rusqlite::Result<String> {
     let code = credit_code(rng);
-    let name = format!("舟山{}{}有限公司", rng.pick(&["海星", "东港", "蓝湾", "千岛", "金塘", "六横"]), rng.pick(BUSINESS));
+    let name = format!(
+        "舟山{}{}有限公司",
+        rng.pick(&["海星", "东港", "蓝湾", "千岛", "金塘", "六横"]),
+        rng.pick(BUSINESS)
+    );
     conn.execute(
         "INSERT OR IGNORE INTO business_licence VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
@@ -175,7 +230,9 @@ pub fn insert_licence(conn: &Connection, rng: &mut Rng) -> rusqlite::Result<Stri
 }
 
 pub fn insert_parcel(conn: &Connection, rng: &mut Rng) -> rusqlite::Result<()> {
-    let boundary: Vec<u8> = (0..8 * (3 + rng.below(5))).map(|_| rng.below(256) as u8).collect();
+    let boundary: Vec<u8> = (0..8 * (3 + rng.below(5)))
+        .map(|_| rng.below(256) as u8)
+        .collect();
     conn.execute(
         "INSERT OR IGNORE INTO land_parcel VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
@@ -205,16 +262,27 @@ pub fn churn_one(conn: &Connection, table: &str, rng: &mut Rng) -> rusqlite::Res
         return Ok("insert");
     }
     let offset = i64::try_from(rng.below(u64::try_from(count).unwrap_or(1))).unwrap_or(0);
-    let rowid: i64 = conn.query_row(&format!("SELECT rowid FROM {table} LIMIT 1 OFFSET ?1"), [offset], |r| r.get(0))?;
+    let rowid: i64 = conn.query_row(
+        &format!("SELECT rowid FROM {table} LIMIT 1 OFFSET ?1"),
+        [offset],
+        |r| r.get(0),
+    )?;
     if roll < 8 {
         let sql = match table {
-            "household" => "UPDATE household SET address = ?2, updated_at = datetime('now') WHERE rowid = ?1",
+            "household" => {
+                "UPDATE household SET address = ?2, updated_at = datetime('now') WHERE rowid = ?1"
+            }
             "business_licence" => "UPDATE business_licence SET status = ?2 WHERE rowid = ?1",
             "land_parcel" => "UPDATE land_parcel SET holder = ?2 WHERE rowid = ?1",
             other => panic!("no generator for {other}"),
         };
         let value = match table {
-            "household" => format!("舟山市{}{}{}号", rng.pick(DISTRICTS), rng.pick(STREETS), 1 + rng.below(300)),
+            "household" => format!(
+                "舟山市{}{}{}号",
+                rng.pick(DISTRICTS),
+                rng.pick(STREETS),
+                1 + rng.below(300)
+            ),
             "business_licence" => rng.pick(LICENCE_STATUS).to_string(),
             _ => chinese_name(rng),
         };

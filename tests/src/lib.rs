@@ -9,6 +9,7 @@
 pub mod data;
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -40,10 +41,17 @@ pub fn bin_dir() -> &'static Path {
                 cmd.arg("--release");
             }
             let status = cmd.status().expect("run cargo build");
-            assert!(status.success(), "cargo build of the service binaries failed");
+            assert!(
+                status.success(),
+                "cargo build of the service binaries failed"
+            );
         }
         for b in ["shuyuan-hub", "shuyuan-agent"] {
-            assert!(dir.join(b).exists(), "{} is missing; build with `cargo build --workspace --bins`", dir.join(b).display());
+            assert!(
+                dir.join(b).exists(),
+                "{} is missing; build with `cargo build --workspace --bins`",
+                dir.join(b).display()
+            );
         }
         dir
     })
@@ -61,7 +69,11 @@ pub fn free_udp_port() -> u16 {
 
 /// Polls `f` every 100 ms until it returns `Some`, or fails after `timeout`
 /// naming `what`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
     let start = Instant::now();
     let mut last_err = None;
     loop {
@@ -74,7 +86,9 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<
             bail!(
                 "timed out after {:?} waiting for {what}{}",
                 timeout,
-                last_err.map(|e| format!(" (last error: {e:#})")).unwrap_or_default()
+                last_err
+                    .map(|e| format!(" (last error: {e:#})"))
+                    .unwrap_or_default()
             );
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -83,7 +97,9 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<
 
 /// Runs a command to completion, failing with its output if it fails.
 pub fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -104,12 +120,21 @@ struct Proc {
 
 impl Proc {
     fn spawn(bin: &Path, config: &Path, log: &Path) -> Result<Proc> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
         let child = Command::new(bin)
+            // Its own process group: a Ctrl-C in the terminal reaches only
+            // the harness, which then stops services in order.
+            .process_group(0)
             .args(["--config"])
             .arg(config)
             .arg("run")
-            .env("RUST_LOG", std::env::var("SHUYUAN_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SHUYUAN_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -135,14 +160,19 @@ impl Proc {
             if start.elapsed() > Duration::from_secs(20) {
                 let _ = child.kill();
                 let _ = child.wait();
-                bail!("process did not stop within 20s after {sig:?}; log {}", self.log.display());
+                bail!(
+                    "process did not stop within 20s after {sig:?}; log {}",
+                    self.log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 
@@ -173,11 +203,16 @@ impl HubProcess {
         let config = dir.join("hub.toml");
         std::fs::write(
             &config,
-            format!("[hub]\nname = \"test hub\"\nlisten = \"{addr}\"\nkey_file = \"hub.key\"\ndata_dir = \"data\"\n"),
+            format!(
+                "[hub]\nname = \"test hub\"\nlisten = \"{addr}\"\nkey_file = \"hub.key\"\ndata_dir = \"data\"\n"
+            ),
         )?;
-        let key = run(Command::new(bin("shuyuan-hub")).arg("--config").arg(&config).args(["init", "--key-only"]))?
-            .trim()
-            .to_string();
+        let key = run(Command::new(bin("shuyuan-hub"))
+            .arg("--config")
+            .arg(&config)
+            .args(["init", "--key-only"]))?
+        .trim()
+        .to_string();
         Ok(HubProcess {
             dir: dir.to_owned(),
             config,
@@ -189,7 +224,11 @@ impl HubProcess {
 
     /// Starts `shuyuan-hub run` and waits until it answers `status`.
     pub fn start(&mut self) -> Result<()> {
-        self.proc = Some(Proc::spawn(&bin("shuyuan-hub"), &self.config, &self.dir.join("hub.log"))?);
+        self.proc = Some(Proc::spawn(
+            &bin("shuyuan-hub"),
+            &self.config,
+            &self.dir.join("hub.log"),
+        )?);
         wait_for("the hub to answer status", Duration::from_secs(30), || {
             if !self.proc.as_mut().is_some_and(Proc::running) {
                 bail!("the hub exited; log:\n{}", self.log());
@@ -222,15 +261,21 @@ impl HubProcess {
     }
 
     pub fn enroll(&self, department: &str, name: &str, key: &str) -> Result<String> {
-        run(self.cmd().args(["enroll", "--department", department, "--name", name, key]))
+        run(self
+            .cmd()
+            .args(["enroll", "--department", department, "--name", name, key]))
     }
 
     pub fn status(&self) -> Result<Json> {
-        Ok(serde_json::from_str(&run(self.cmd().args(["status", "--json"]))?)?)
+        Ok(serde_json::from_str(&run(self
+            .cmd()
+            .args(["status", "--json"]))?)?)
     }
 
     pub fn audit(&self) -> Result<Vec<Json>> {
-        Ok(serde_json::from_str(&run(self.cmd().args(["audit", "--json", "--limit", "1000"]))?)?)
+        Ok(serde_json::from_str(&run(self
+            .cmd()
+            .args(["audit", "--json", "--limit", "1000"]))?)?)
     }
 
     /// The shared copy of a resource as parsed JSON lines, in key order.
@@ -318,15 +363,22 @@ impl AgentProcess {
                 "[[resource]]\ncode = \"{}\"\ntable = \"{}\"\nkey = [{}]\nupdate_cycle = \"{}\"\n",
                 r.code,
                 r.table,
-                r.key.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", "),
+                r.key
+                    .iter()
+                    .map(|k| format!("\"{k}\""))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 r.cycle
             ));
         }
         let config = dir.join("agent.toml");
         std::fs::write(&config, text)?;
-        let key = run(Command::new(bin("shuyuan-agent")).arg("--config").arg(&config).args(["init", "--key-only"]))?
-            .trim()
-            .to_string();
+        let key = run(Command::new(bin("shuyuan-agent"))
+            .arg("--config")
+            .arg(&config)
+            .args(["init", "--key-only"]))?
+        .trim()
+        .to_string();
         Ok(AgentProcess {
             dir: dir.to_owned(),
             config,
@@ -349,13 +401,21 @@ impl AgentProcess {
 
     /// Starts `shuyuan-agent run` and waits until it answers `status`.
     pub fn start(&mut self) -> Result<()> {
-        self.proc = Some(Proc::spawn(&bin("shuyuan-agent"), &self.config, &self.dir.join("agent.log"))?);
-        wait_for("the agent to answer status", Duration::from_secs(30), || {
-            if !self.proc.as_mut().is_some_and(Proc::running) {
-                bail!("the agent exited; log:\n{}", self.log());
-            }
-            Ok(self.status().ok().filter(|s| s["running"] == true))
-        })?;
+        self.proc = Some(Proc::spawn(
+            &bin("shuyuan-agent"),
+            &self.config,
+            &self.dir.join("agent.log"),
+        )?);
+        wait_for(
+            "the agent to answer status",
+            Duration::from_secs(30),
+            || {
+                if !self.proc.as_mut().is_some_and(Proc::running) {
+                    bail!("the agent exited; log:\n{}", self.log());
+                }
+                Ok(self.status().ok().filter(|s| s["running"] == true))
+            },
+        )?;
         Ok(())
     }
 
@@ -374,7 +434,9 @@ impl AgentProcess {
     }
 
     pub fn status(&self) -> Result<Json> {
-        Ok(serde_json::from_str(&run(self.cmd().args(["status", "--json"]))?)?)
+        Ok(serde_json::from_str(&run(self
+            .cmd()
+            .args(["status", "--json"]))?)?)
     }
 
     pub fn log(&self) -> String {
@@ -388,12 +450,16 @@ impl AgentProcess {
         let asked = now_millis();
         wait_for("the agent to drain its outbox", timeout, || {
             let s = self.status()?;
-            let drained = s["source"]["last_read_at"].as_i64().is_some_and(|t| t > asked)
+            let drained = s["source"]["last_read_at"]
+                .as_i64()
+                .is_some_and(|t| t > asked)
                 && s["outbox"]["batches"] == 0
                 && s["source"]["backlog"] == 0
-                && s["resources"]
-                    .as_array()
-                    .is_some_and(|rs| rs.iter().all(|r| r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0)));
+                && s["resources"].as_array().is_some_and(|rs| {
+                    rs.iter().all(|r| {
+                        r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0)
+                    })
+                });
             Ok(drained.then_some(s))
         })
     }
@@ -420,8 +486,13 @@ pub fn now_millis() -> i64 {
 /// null, numbers and strings, blobs as `{"hex": ...}`. Written independently
 /// of the hub's code so that the comparison means something.
 pub fn source_rows(db: &Path, table: &str, key: &[String]) -> Result<Vec<Json>> {
-    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    let order = key.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ");
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let order = key
+        .iter()
+        .map(|k| format!("\"{k}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut stmt = conn.prepare(&format!("SELECT * FROM \"{table}\" ORDER BY {order}"))?;
     let names: Vec<String> = stmt.column_names().map(|s| s.to_string()).collect();
     let rows = stmt.query_map([], |row| {
@@ -455,7 +526,11 @@ pub fn assert_same_rows(source: &[Json], hub: &[Json]) -> Result<()> {
             "the source has {} rows, the hub {}; first extra: {}",
             source.len(),
             hub.len(),
-            source.get(hub.len()).or_else(|| hub.get(source.len())).map(ToString::to_string).unwrap_or_default()
+            source
+                .get(hub.len())
+                .or_else(|| hub.get(source.len()))
+                .map(ToString::to_string)
+                .unwrap_or_default()
         );
     }
     Ok(())
@@ -502,20 +577,33 @@ impl Sandbox {
         resources: &[ResourceSpec],
         outbox: &str,
     ) -> Result<AgentProcess> {
-        let agent = AgentProcess::init(&self.dir.path().join(name), &self.hub, department, db, resources, outbox)?;
-        self.hub.enroll(department, &format!("{name} department"), &agent.key)?;
+        let agent = AgentProcess::init(
+            &self.dir.path().join(name),
+            &self.hub,
+            department,
+            db,
+            resources,
+            outbox,
+        )?;
+        self.hub
+            .enroll(department, &format!("{name} department"), &agent.key)?;
         agent.install_triggers()?;
         Ok(agent)
     }
 }
 
 /// Compares every resource of `agent` between its database and the hub.
-pub fn assert_in_sync(hub: &HubProcess, agent: &AgentProcess, resources: &[ResourceSpec]) -> Result<usize> {
+pub fn assert_in_sync(
+    hub: &HubProcess,
+    agent: &AgentProcess,
+    resources: &[ResourceSpec],
+) -> Result<usize> {
     let mut total = 0;
     for r in resources {
         let source = source_rows(&agent.db, &r.table, &r.key)?;
         let copy = hub.export_jsonl(&format!("{}:{}", agent.department, r.code))?;
-        assert_same_rows(&source, &copy).with_context(|| format!("resource {} (table {})", r.code, r.table))?;
+        assert_same_rows(&source, &copy)
+            .with_context(|| format!("resource {} (table {})", r.code, r.table))?;
         total += source.len();
     }
     Ok(total)

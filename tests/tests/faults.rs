@@ -8,7 +8,12 @@ use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, immediate, wait_for};
 
 fn household() -> Vec<ResourceSpec> {
-    vec![ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime")]
+    vec![ResourceSpec::new(
+        "A01/0001",
+        "household",
+        &["id_number"],
+        "realtime",
+    )]
 }
 
 fn no_rejections(sb: &Sandbox) -> Result<()> {
@@ -48,13 +53,26 @@ fn agent_killed_mid_stream_loses_and_repeats_nothing() -> Result<()> {
         data::insert_household(&tx, &mut rng)?;
     }
     tx.commit()?;
-    let at_kill = wait_for("the hub to be part-way through", Duration::from_secs(60), || {
-        let rows = sb.hub.feed_status("GA:A01/0001")?.and_then(|f| f["rows"].as_u64()).unwrap_or(0);
-        Ok((rows > 0).then_some(rows))
-    })?;
+    let at_kill = wait_for(
+        "the hub to be part-way through",
+        Duration::from_secs(60),
+        || {
+            let rows = sb
+                .hub
+                .feed_status("GA:A01/0001")?
+                .and_then(|f| f["rows"].as_u64())
+                .unwrap_or(0);
+            Ok((rows > 0).then_some(rows))
+        },
+    )?;
     agent.kill()?;
-    let after_kill = sb.hub.feed_status("GA:A01/0001")?.unwrap()["rows"].as_u64().unwrap();
-    assert!(after_kill < total as u64, "the agent was killed after everything arrived ({at_kill} rows), so the test proved nothing");
+    let after_kill = sb.hub.feed_status("GA:A01/0001")?.unwrap()["rows"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        after_kill < total as u64,
+        "the agent was killed after everything arrived ({at_kill} rows), so the test proved nothing"
+    );
 
     // The department keeps working while its agent is down.
     let tx = immediate(&conn)?;
@@ -80,7 +98,12 @@ fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
     let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL, data::PARCEL_DDL])?;
     let resources = vec![
         ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime"),
-        ResourceSpec::new("B02/0007", "land_parcel", &["district", "parcel_no"], "daily"),
+        ResourceSpec::new(
+            "B02/0007",
+            "land_parcel",
+            &["district", "parcel_no"],
+            "daily",
+        ),
     ];
     sb.hub.start()?;
     let mut agent = sb.agent("zr", "ZR", &db, &resources, "")?;
@@ -99,12 +122,21 @@ fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
     }
     tx.commit()?;
     // Everything is sealed into the outbox and waits there.
-    let buffered = wait_for("the agent to buffer the changes", Duration::from_secs(60), || {
-        let s = agent.status()?;
-        let sealed = s["source"]["backlog"] == 0 && s["outbox"]["batches"].as_u64() > Some(0);
-        Ok((sealed && s["hub"]["link"] != "connected").then_some(s))
-    })?;
-    assert!(buffered["hub"]["detail"].as_str().is_some_and(|d| !d.is_empty()), "{buffered}");
+    let buffered = wait_for(
+        "the agent to buffer the changes",
+        Duration::from_secs(60),
+        || {
+            let s = agent.status()?;
+            let sealed = s["source"]["backlog"] == 0 && s["outbox"]["batches"].as_u64() > Some(0);
+            Ok((sealed && s["hub"]["link"] != "connected").then_some(s))
+        },
+    )?;
+    assert!(
+        buffered["hub"]["detail"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{buffered}"
+    );
 
     std::thread::sleep(Duration::from_secs(2));
     sb.hub.start()?;
@@ -122,7 +154,13 @@ fn full_outbox_pauses_capture_without_losing_changes() -> Result<()> {
     let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
     let resources = household();
     // The hub is enrolled but not running: nothing is acknowledged.
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "max_size = \"64 KiB\"\nbatch_max_size = \"8 KiB\"")?;
+    let mut agent = sb.agent(
+        "ga",
+        "GA",
+        &db,
+        &resources,
+        "max_size = \"64 KiB\"\nbatch_max_size = \"8 KiB\"",
+    )?;
     agent.start()?;
     let mut rng = Rng::new(13);
     let tx = immediate(&conn)?;
@@ -130,13 +168,23 @@ fn full_outbox_pauses_capture_without_losing_changes() -> Result<()> {
         data::insert_household(&tx, &mut rng)?;
     }
     tx.commit()?;
-    let paused = wait_for("capture to pause on the full outbox", Duration::from_secs(60), || {
-        let s = agent.status()?;
-        Ok((s["source"]["paused_outbox_full"] == true).then_some(s))
-    })?;
+    let paused = wait_for(
+        "capture to pause on the full outbox",
+        Duration::from_secs(60),
+        || {
+            let s = agent.status()?;
+            Ok((s["source"]["paused_outbox_full"] == true).then_some(s))
+        },
+    )?;
     let bytes = paused["outbox"]["bytes"].as_u64().unwrap();
-    assert!((64 * 1024..=96 * 1024).contains(&bytes), "the outbox stops near its limit: {paused}");
-    assert!(paused["source"]["backlog"].as_u64() > Some(0), "changes wait in the source: {paused}");
+    assert!(
+        (64 * 1024..=96 * 1024).contains(&bytes),
+        "the outbox stops near its limit: {paused}"
+    );
+    assert!(
+        paused["source"]["backlog"].as_u64() > Some(0),
+        "changes wait in the source: {paused}"
+    );
     let text = shuyuan_tests::run(
         std::process::Command::new(shuyuan_tests::bin_dir().join("shuyuan-agent"))
             .arg("--config")

@@ -8,7 +8,10 @@ use anyhow::{Context, Result, anyhow};
 use shuyuan_protocol::batch::{BatchBody, BatchHash, Entry, SignedBatch};
 use shuyuan_protocol::message::{Hello, Welcome};
 use shuyuan_protocol::quic;
-use shuyuan_protocol::{Column, Message, MessageV1, NodeId, NodeKey, Op, RejectReason, RowChange, TableSchema, UnixMillis, Value};
+use shuyuan_protocol::{
+    Column, Message, MessageV1, NodeId, NodeKey, Op, RejectReason, RowChange, TableSchema,
+    UnixMillis, Value,
+};
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::{AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_in_sync, wait_for};
 
@@ -21,24 +24,41 @@ struct Peer {
 }
 
 impl Peer {
-    async fn connect(hub: &HubProcess, key: &NodeKey, department: &str, resources: &[&str]) -> Result<(Peer, Welcome)> {
+    async fn connect(
+        hub: &HubProcess,
+        key: &NodeKey,
+        department: &str,
+        resources: &[&str],
+    ) -> Result<(Peer, Welcome)> {
         let hub_key: NodeId = hub.key.parse()?;
         let endpoint = quic::client_endpoint(hub.addr)?;
         let conn = endpoint
-            .connect_with(quic::client_config(key, hub_key)?, hub.addr, quic::SERVER_NAME)?
+            .connect_with(
+                quic::client_config(key, hub_key)?,
+                hub.addr,
+                quic::SERVER_NAME,
+            )?
             .await
             .map_err(|e| anyhow!(quic::explain(&e)))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| anyhow!(quic::explain(&e)))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| anyhow!(quic::explain(&e)))?;
         let hello = Hello {
             software: "test-peer".into(),
             department: department.parse()?,
-            resources: resources.iter().map(|r| r.parse()).collect::<Result<_, _>>()?,
+            resources: resources
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<_, _>>()?,
         };
         quic::write_message(&mut send, &MessageV1::Hello(hello).into()).await?;
         let welcome = match quic::read_message(&mut recv).await {
             Ok(Some(Message::V1(MessageV1::Welcome(w)))) => w,
             Ok(other) => return Err(anyhow!("expected Welcome, got {other:?}")),
-            Err(quic::QuicError::Read(quinn::ReadError::ConnectionLost(e))) => return Err(anyhow!(quic::explain(&e))),
+            Err(quic::QuicError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                return Err(anyhow!(quic::explain(&e)));
+            }
             Err(e) => return Err(e.into()),
         };
         Ok((
@@ -55,9 +75,10 @@ impl Peer {
     /// Sends one batch and returns the hub's answer to it.
     async fn send(&mut self, batch: &SignedBatch) -> Result<MessageV1> {
         quic::write_message(&mut self.send, &MessageV1::Batch(batch.clone()).into()).await?;
-        let reply = tokio::time::timeout(Duration::from_secs(20), quic::read_message(&mut self.recv))
-            .await
-            .context("no reply from the hub")??;
+        let reply =
+            tokio::time::timeout(Duration::from_secs(20), quic::read_message(&mut self.recv))
+                .await
+                .context("no reply from the hub")??;
         match reply {
             Some(Message::V1(m)) => Ok(m),
             None => Err(anyhow!("the hub closed the stream")),
@@ -70,8 +91,16 @@ fn schema() -> TableSchema {
         version: 1,
         table: "marriage".into(),
         columns: vec![
-            Column { name: "cert_no".into(), sql_type: "TEXT".into(), nullable: false },
-            Column { name: "names".into(), sql_type: "TEXT".into(), nullable: true },
+            Column {
+                name: "cert_no".into(),
+                sql_type: "TEXT".into(),
+                nullable: false,
+            },
+            Column {
+                name: "names".into(),
+                sql_type: "TEXT".into(),
+                nullable: true,
+            },
         ],
         key: vec![0],
     }
@@ -119,7 +148,12 @@ fn expect_ack(reply: MessageV1, seq: u64) {
 async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Result<()> {
     let mut sb = Sandbox::new()?;
     let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = [ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime")];
+    let resources = [ResourceSpec::new(
+        "A01/0001",
+        "household",
+        &["id_number"],
+        "realtime",
+    )];
     sb.hub.start()?;
     let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 50")?;
     agent.start()?;
@@ -136,7 +170,8 @@ async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Re
     });
 
     let key = NodeKey::generate()?;
-    sb.hub.enroll("MZ", "民政局 civil affairs", &key.id().to_string())?;
+    sb.hub
+        .enroll("MZ", "民政局 civil affairs", &key.id().to_string())?;
     let (mut peer, welcome) = Peer::connect(&sb.hub, &key, "MZ", &["M01/0001"]).await?;
     assert_eq!(welcome.feeds[0].cursor.last_seq, 0);
     let feed = "MZ:M01/0001";
@@ -166,10 +201,19 @@ async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Re
     let refused: Vec<(u64, String)> = audit
         .iter()
         .filter(|a| a["kind"] == "batch_rejected")
-        .map(|a| (a["reason"].as_u64().unwrap_or(0), a["peer"].as_str().unwrap_or("").to_string()))
+        .map(|a| {
+            (
+                a["reason"].as_u64().unwrap_or(0),
+                a["peer"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
     let me = key.id().to_string();
-    let mut reasons: Vec<u64> = refused.iter().filter(|(_, p)| *p == me).map(|(r, _)| *r).collect();
+    let mut reasons: Vec<u64> = refused
+        .iter()
+        .filter(|(_, p)| *p == me)
+        .map(|(r, _)| *r)
+        .collect();
     reasons.sort_unstable();
     let mut expected = vec![
         RejectReason::BadSignature.code(),
@@ -178,15 +222,26 @@ async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Re
         RejectReason::WrongDepartment.code(),
     ];
     expected.sort_unstable();
-    assert_eq!(reasons.iter().map(|r| *r as u16).collect::<Vec<_>>(), expected, "{audit:?}");
-    assert_eq!(refused.len(), 4, "only the bad peer was refused: {refused:?}");
+    assert_eq!(
+        reasons.iter().map(|r| *r as u16).collect::<Vec<_>>(),
+        expected,
+        "{audit:?}"
+    );
+    assert_eq!(
+        refused.len(),
+        4,
+        "only the bad peer was refused: {refused:?}"
+    );
 
     let mz = sb.hub.feed_status(feed)?.expect("peer feed");
     assert_eq!(mz["rejected"], 3, "{mz}");
     assert_eq!(mz["last_seq"], 2);
     assert_eq!(mz["rows"], 2);
     let ga = sb.hub.feed_status("GA:A01/0001")?.expect("honest feed");
-    assert_eq!(ga["rejected"], 0, "a foreign key must not touch another department's counters: {ga}");
+    assert_eq!(
+        ga["rejected"], 0,
+        "a foreign key must not touch another department's counters: {ga}"
+    );
     Ok(())
 }
 
@@ -201,28 +256,55 @@ async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
     };
     assert!(err.contains("authentication failed"), "{err}");
     let text = stranger.id().to_string();
-    wait_for("the hub to log the refused key", Duration::from_secs(10), || {
-        Ok(sb.hub.log().contains(&text).then_some(()))
-    })?;
-    let audit = wait_for("the refusal in the audit log", Duration::from_secs(10), || {
-        let audit = sb.hub.audit()?;
-        Ok(audit.iter().any(|a| a["kind"] == "handshake_refused" && a["peer"] == text.as_str()).then_some(audit))
-    })?;
+    wait_for(
+        "the hub to log the refused key",
+        Duration::from_secs(10),
+        || Ok(sb.hub.log().contains(&text).then_some(())),
+    )?;
+    let audit = wait_for(
+        "the refusal in the audit log",
+        Duration::from_secs(10),
+        || {
+            let audit = sb.hub.audit()?;
+            Ok(audit
+                .iter()
+                .any(|a| a["kind"] == "handshake_refused" && a["peer"] == text.as_str())
+                .then_some(audit))
+        },
+    )?;
     assert!(!audit.iter().any(|a| a["kind"] == "enrolled"));
 
     // The real agent explains the refusal and connects once enrolled.
     let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = [ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime")];
-    let mut agent = AgentProcess::init(&sb.dir.path().join("ga"), &sb.hub, "GA", &db, &resources, "")?;
+    let resources = [ResourceSpec::new(
+        "A01/0001",
+        "household",
+        &["id_number"],
+        "realtime",
+    )];
+    let mut agent = AgentProcess::init(
+        &sb.dir.path().join("ga"),
+        &sb.hub,
+        "GA",
+        &db,
+        &resources,
+        "",
+    )?;
     agent.install_triggers()?;
     agent.start()?;
-    let status = wait_for("the agent to report the refusal", Duration::from_secs(30), || {
-        let s = agent.status()?;
-        Ok((s["hub"]["link"] == "authentication_failed").then_some(s))
-    })?;
+    let status = wait_for(
+        "the agent to report the refusal",
+        Duration::from_secs(30),
+        || {
+            let s = agent.status()?;
+            Ok((s["hub"]["link"] == "authentication_failed").then_some(s))
+        },
+    )?;
     let detail = status["hub"]["detail"].as_str().unwrap_or_default();
     assert!(
-        detail.contains("refused this agent's key") && detail.contains(&format!("shuyuan-hub enroll --department GA")) && detail.contains(&agent.key),
+        detail.contains("refused this agent's key")
+            && detail.contains("shuyuan-hub enroll --department GA")
+            && detail.contains(&agent.key),
         "{detail}"
     );
     data::insert_household(&conn, &mut Rng::new(3))?;
@@ -234,15 +316,29 @@ async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
     let (db2, _c2) = sb.database("dept2.db", &[data::HOUSEHOLD_DDL])?;
     let mut impostor_hub = HubProcess::init(&sb.dir.path().join("other-hub"))?;
     impostor_hub.addr = sb.hub.addr;
-    let mut misled = AgentProcess::init(&sb.dir.path().join("misled"), &impostor_hub, "GA", &db2, &resources, "")?;
+    let mut misled = AgentProcess::init(
+        &sb.dir.path().join("misled"),
+        &impostor_hub,
+        "GA",
+        &db2,
+        &resources,
+        "",
+    )?;
     misled.install_triggers()?;
     misled.start()?;
-    let status = wait_for("the agent to refuse the hub", Duration::from_secs(30), || {
-        let s = misled.status()?;
-        Ok((s["hub"]["link"] == "authentication_failed").then_some(s))
-    })?;
+    let status = wait_for(
+        "the agent to refuse the hub",
+        Duration::from_secs(30),
+        || {
+            let s = misled.status()?;
+            Ok((s["hub"]["link"] == "authentication_failed").then_some(s))
+        },
+    )?;
     let detail = status["hub"]["detail"].as_str().unwrap_or_default();
-    assert!(detail.contains("is not the configured hub") && detail.contains(&sb.hub.key), "{detail}");
+    assert!(
+        detail.contains("is not the configured hub") && detail.contains(&sb.hub.key),
+        "{detail}"
+    );
     misled.stop()?;
     agent.stop()?;
     Ok(())

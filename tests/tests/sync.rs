@@ -7,12 +7,16 @@ use anyhow::Result;
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, immediate};
 
-const MIXED_DDL: &str = "CREATE TABLE mixed (id TEXT PRIMARY KEY, n INTEGER, r REAL, t TEXT, b BLOB, untyped)";
+const MIXED_DDL: &str =
+    "CREATE TABLE mixed (id TEXT PRIMARY KEY, n INTEGER, r REAL, t TEXT, b BLOB, untyped)";
 
 #[test]
 fn thousands_of_changes_arrive_row_for_row() -> Result<()> {
     let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL, data::PARCEL_DDL, MIXED_DDL])?;
+    let (db, conn) = sb.database(
+        "dept.db",
+        &[data::HOUSEHOLD_DDL, data::PARCEL_DDL, MIXED_DDL],
+    )?;
     let mut rng = Rng::new(7);
     // Rows that exist before capture is installed arrive too.
     for _ in 0..300 {
@@ -20,11 +24,22 @@ fn thousands_of_changes_arrive_row_for_row() -> Result<()> {
     }
     let resources = [
         ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime"),
-        ResourceSpec::new("B02/0007", "land_parcel", &["district", "parcel_no"], "daily"),
+        ResourceSpec::new(
+            "B02/0007",
+            "land_parcel",
+            &["district", "parcel_no"],
+            "daily",
+        ),
         ResourceSpec::new("X00/0001", "mixed", &["id"], "daily"),
     ];
     sb.hub.start()?;
-    let mut agent = sb.agent("ga", "GA-330902", &db, &resources, "batch_max_changes = 200")?;
+    let mut agent = sb.agent(
+        "ga",
+        "GA-330902",
+        &db,
+        &resources,
+        "batch_max_changes = 200",
+    )?;
     agent.start()?;
 
     // Values whose type or emptiness must survive exactly.
@@ -42,15 +57,22 @@ fn thousands_of_changes_arrive_row_for_row() -> Result<()> {
     for round in 0..20 {
         let tx = immediate(&conn)?;
         for _ in 0..150 {
-            *counts.entry(data::churn_one(&tx, "household", &mut rng)?).or_insert(0) += 1;
-            *counts.entry(data::churn_one(&tx, "land_parcel", &mut rng)?).or_insert(0) += 1;
+            *counts
+                .entry(data::churn_one(&tx, "household", &mut rng)?)
+                .or_insert(0) += 1;
+            *counts
+                .entry(data::churn_one(&tx, "land_parcel", &mut rng)?)
+                .or_insert(0) += 1;
         }
         tx.commit()?;
         if round % 5 == 0 {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    assert!(counts["insert"] > 1000 && counts["update"] > 500 && counts["delete"] > 300, "{counts:?}");
+    assert!(
+        counts["insert"] > 1000 && counts["update"] > 500 && counts["delete"] > 300,
+        "{counts:?}"
+    );
 
     let status = agent.wait_drained(Duration::from_secs(120))?;
     let rows = assert_in_sync(&sb.hub, &agent, &resources)?;
@@ -68,7 +90,10 @@ fn thousands_of_changes_arrive_row_for_row() -> Result<()> {
 
     // CSV keeps NULL apart from the empty string.
     let csv = sb.hub.export_csv("X00/0001")?;
-    let line = csv.lines().find(|l| l.starts_with("null-vs-empty,")).expect("row in csv");
+    let line = csv
+        .lines()
+        .find(|l| l.starts_with("null-vs-empty,"))
+        .expect("row in csv");
     assert_eq!(line, "null-vs-empty,,,\"\",\\x,");
     assert!(csv.lines().next() == Some("id,n,r,t,b,untyped"));
 

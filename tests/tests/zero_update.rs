@@ -12,7 +12,12 @@ fn an_idle_resource_reports_verified_zero_updates_within_its_cycle() -> Result<(
     let mut sb = Sandbox::new()?;
     let (db, conn) = sb.database("dept.db", &[data::PARCEL_DDL, data::PERMIT_DDL])?;
     let resources = [
-        ResourceSpec::new("B02/0007", "land_parcel", &["district", "parcel_no"], "realtime"),
+        ResourceSpec::new(
+            "B02/0007",
+            "land_parcel",
+            &["district", "parcel_no"],
+            "realtime",
+        ),
         ResourceSpec::new("B02/0009", "planning_permit", &["permit_no"], "3s"),
     ];
     sb.hub.start()?;
@@ -30,7 +35,10 @@ fn an_idle_resource_reports_verified_zero_updates_within_its_cycle() -> Result<(
     let cycle_ms = 3000;
     let quiet = "ZR:B02/0009";
     let first = wait_for("a zero-update at the hub", Duration::from_secs(20), || {
-        Ok(sb.hub.feed_status(quiet)?.filter(|f| !f["last_zero_update"].is_null()))
+        Ok(sb
+            .hub
+            .feed_status(quiet)?
+            .filter(|f| !f["last_zero_update"].is_null()))
     })?;
     let z = &first["last_zero_update"];
     let (since, until, received) = (
@@ -40,16 +48,37 @@ fn an_idle_resource_reports_verified_zero_updates_within_its_cycle() -> Result<(
     );
     // The schema is batch 1; the first quiet cycle ends in batch 2.
     assert_eq!(z["seq"], 2, "{first}");
-    assert!(until - since >= cycle_ms, "a zero-update covers a whole cycle: {z}");
-    assert!(until - since <= cycle_ms + 1500, "and is sent as soon as the cycle passes: {z}");
-    assert!(received - since <= cycle_ms + 2500, "the hub has it within the cycle (plus transit): {z}");
-    assert!(z["source_position"].as_str().is_some_and(|p| p.parse::<u64>().is_ok()), "{z}");
-    assert_eq!(first["signer"], agent.key.as_str(), "verified against the agent's key");
+    assert!(
+        until - since >= cycle_ms,
+        "a zero-update covers a whole cycle: {z}"
+    );
+    assert!(
+        until - since <= cycle_ms + 1500,
+        "and is sent as soon as the cycle passes: {z}"
+    );
+    assert!(
+        received - since <= cycle_ms + 2500,
+        "the hub has it within the cycle (plus transit): {z}"
+    );
+    assert!(
+        z["source_position"]
+            .as_str()
+            .is_some_and(|p| p.parse::<u64>().is_ok()),
+        "{z}"
+    );
+    assert_eq!(
+        first["signer"],
+        agent.key.as_str(),
+        "verified against the agent's key"
+    );
     assert_eq!(first["rows"], 0);
 
     // The next one starts where the last ended: the periods tile time.
     let second = wait_for("the next zero-update", Duration::from_secs(20), || {
-        Ok(sb.hub.feed_status(quiet)?.filter(|f| f["last_zero_update"]["seq"] == 3))
+        Ok(sb
+            .hub
+            .feed_status(quiet)?
+            .filter(|f| f["last_zero_update"]["seq"] == 3))
     })?;
     assert_eq!(second["last_zero_update"]["since"], z["until"], "{second}");
 
@@ -58,12 +87,17 @@ fn an_idle_resource_reports_verified_zero_updates_within_its_cycle() -> Result<(
     assert!(busy["last_zero_update"].is_null(), "{busy}");
     assert!(busy["rows"].as_u64() > Some(0));
 
-    let text = run(std::process::Command::new(bin("shuyuan-hub")).arg("--config").arg(&sb.hub.config).arg("status"))?;
+    let text = run(std::process::Command::new(bin("shuyuan-hub"))
+        .arg("--config")
+        .arg(&sb.hub.config)
+        .arg("status"))?;
     assert!(text.contains("last zero-update (零更新) #"), "{text}");
     let agent_status = agent.status()?;
     assert!(agent_status["resources"][1]["next_zero_update_due"].as_i64() > Some(until));
 
-    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
     agent.stop()?;
     Ok(())
 }

@@ -29,17 +29,25 @@ pub enum SourceError {
     MissingTable { table: String, path: String },
     #[error("table {table} has no column {column} (named as a key column in the config)")]
     MissingColumn { table: String, column: String },
-    #[error("key columns ({columns}) of table {table} are neither its primary key nor a unique index, so they cannot identify a row")]
+    #[error(
+        "key columns ({columns}) of table {table} are neither its primary key nor a unique index, so they cannot identify a row"
+    )]
     KeyNotUnique { table: String, columns: String },
-    #[error("capture triggers are not installed for table {table}; run `shuyuan-agent triggers install`")]
+    #[error(
+        "capture triggers are not installed for table {table}; run `shuyuan-agent triggers install`"
+    )]
     NoTriggers { table: String },
-    #[error("capture triggers of table {table} were installed for key ({installed}) but the config says ({configured}); run `shuyuan-agent triggers install` again")]
+    #[error(
+        "capture triggers of table {table} were installed for key ({installed}) but the config says ({configured}); run `shuyuan-agent triggers install` again"
+    )]
     KeyChanged {
         table: String,
         installed: String,
         configured: String,
     },
-    #[error("{pending} captured changes are still waiting in the change table; run the agent until they are sent, or pass --force to drop them")]
+    #[error(
+        "{pending} captured changes are still waiting in the change table; run the agent until they are sent, or pass --force to drop them"
+    )]
     PendingChanges { pending: u64 },
     #[error("bad capture position {0:?}")]
     BadPosition(String),
@@ -100,7 +108,9 @@ pub trait Source: Send {
 /// Opens the configured source, checking that capture is set up.
 pub fn open(config: &Config) -> Result<Box<dyn Source>, SourceError> {
     match &config.source {
-        SourceConfig::Sqlite { path, busy_timeout, .. } => Ok(Box::new(sqlite::SqliteSource::open(
+        SourceConfig::Sqlite {
+            path, busy_timeout, ..
+        } => Ok(Box::new(sqlite::SqliteSource::open(
             path,
             *busy_timeout,
             &config.resources,

@@ -43,7 +43,11 @@ fn key_slots() -> String {
 }
 
 /// Maps a rusqlite error, recognising a busy or locked database.
-fn sql_err(path: &Path, started: Instant, context: &str) -> impl Fn(rusqlite::Error) -> SourceError + use<> {
+fn sql_err(
+    path: &Path,
+    started: Instant,
+    context: &str,
+) -> impl Fn(rusqlite::Error) -> SourceError + use<> {
     let path = path.display().to_string();
     let context = context.to_string();
     move |e| match e.sqlite_error_code() {
@@ -108,24 +112,30 @@ fn shape(conn: &Connection, path: &Path, r: &ResourceConfig) -> Result<TableSche
         .prepare("SELECT name, type, \"notnull\", pk FROM pragma_table_info(?1) ORDER BY cid")
         .map_err(e("reading table columns"))?;
     let cols: Vec<(String, String, bool, i64)> = stmt
-        .query_map([&r.table], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))
+        .query_map([&r.table], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+        })
         .map_err(e("reading table columns"))?
         .collect::<Result<_, _>>()
         .map_err(e("reading table columns"))?;
     let mut key = Vec::new();
     for k in &r.key {
-        let idx = cols
-            .iter()
-            .position(|c| c.0 == *k)
-            .ok_or_else(|| SourceError::MissingColumn {
-                table: r.table.clone(),
-                column: k.clone(),
-            })?;
+        let idx =
+            cols.iter()
+                .position(|c| c.0 == *k)
+                .ok_or_else(|| SourceError::MissingColumn {
+                    table: r.table.clone(),
+                    column: k.clone(),
+                })?;
         key.push(u16::try_from(idx).unwrap_or(u16::MAX));
     }
     let mut wanted: Vec<&str> = r.key.iter().map(String::as_str).collect();
     wanted.sort_unstable();
-    let mut pk: Vec<(i64, &str)> = cols.iter().filter(|c| c.3 > 0).map(|c| (c.3, c.0.as_str())).collect();
+    let mut pk: Vec<(i64, &str)> = cols
+        .iter()
+        .filter(|c| c.3 > 0)
+        .map(|c| (c.3, c.0.as_str()))
+        .collect();
     pk.sort_unstable();
     let mut pk_names: Vec<&str> = pk.iter().map(|p| p.1).collect();
     pk_names.sort_unstable();
@@ -149,7 +159,11 @@ fn shape(conn: &Connection, path: &Path, r: &ResourceConfig) -> Result<TableSche
                 .collect::<Result<_, _>>()
                 .map_err(e("reading indexes"))?;
             cols.sort_unstable();
-            if cols.iter().map(|c| c.as_deref()).eq(wanted.iter().map(|w| Some(*w))) {
+            if cols
+                .iter()
+                .map(|c| c.as_deref())
+                .eq(wanted.iter().map(|w| Some(*w)))
+            {
                 unique = true;
                 break;
             }
@@ -161,7 +175,10 @@ fn shape(conn: &Connection, path: &Path, r: &ResourceConfig) -> Result<TableSche
             columns: r.key.join(", "),
         });
     }
-    let integer_pk = pk.len() == 1 && cols.iter().any(|c| c.3 == 1 && c.1.eq_ignore_ascii_case("INTEGER"));
+    let integer_pk = pk.len() == 1
+        && cols
+            .iter()
+            .any(|c| c.3 == 1 && c.1.eq_ignore_ascii_case("INTEGER"));
     Ok(TableSchema {
         version: 0,
         table: r.table.clone(),
@@ -170,7 +187,7 @@ fn shape(conn: &Connection, path: &Path, r: &ResourceConfig) -> Result<TableSche
             .map(|(name, ty, notnull, pk)| Column {
                 name: name.clone(),
                 sql_type: ty.clone(),
-                nullable: !*notnull && !(integer_pk && *pk == 1),
+                nullable: !(*notnull || (integer_pk && *pk == 1)),
             })
             .collect(),
         key,
@@ -226,6 +243,16 @@ fn sql_value(v: &Value) -> rusqlite::types::Value {
     }
 }
 
+/// A key seen in the change table during one read.
+#[derive(Debug)]
+struct Touched {
+    /// The first operation recorded for it (`I`, `U` or `D`).
+    first_op: u8,
+    /// The last change-table id that names it; changes are emitted in this order.
+    last_id: i64,
+    key: Vec<Value>,
+}
+
 /// Capture from one SQLite database.
 #[derive(Debug)]
 pub struct SqliteSource {
@@ -271,7 +298,11 @@ impl SqliteSource {
         for r in resources {
             let configured = r.key.join(",");
             match installed.get(&r.table) {
-                None => return Err(SourceError::NoTriggers { table: r.table.clone() }),
+                None => {
+                    return Err(SourceError::NoTriggers {
+                        table: r.table.clone(),
+                    });
+                }
                 Some(k) if *k != configured => {
                     return Err(SourceError::KeyChanged {
                         table: r.table.clone(),
@@ -292,7 +323,9 @@ impl SqliteSource {
                     .map_err(sql_err(path, started, "checking triggers"))?
                     .is_some();
                 if !present {
-                    return Err(SourceError::NoTriggers { table: r.table.clone() });
+                    return Err(SourceError::NoTriggers {
+                        table: r.table.clone(),
+                    });
                 }
             }
             shape(&conn, path, r)?;
@@ -341,8 +374,7 @@ impl Source for SqliteSource {
             .map(|(i, r)| (r.table.as_str(), i))
             .collect();
 
-        // (resource, encoded key) -> (first op, last id, key)
-        let mut touched: BTreeMap<(usize, Vec<u8>), (u8, i64, Vec<Value>)> = BTreeMap::new();
+        let mut touched: BTreeMap<(usize, Vec<u8>), Touched> = BTreeMap::new();
         let mut last_id = after;
         let mut n = 0usize;
         let mut skipped_null_keys = 0u64;
@@ -368,7 +400,9 @@ impl Source for SqliteSource {
                 let width = self.resources[res].key.len();
                 let mut key = Vec::with_capacity(width);
                 for i in 0..width {
-                    key.push(value(row.get_ref(3 + i).map_err(e("reading the change table"))?));
+                    key.push(value(
+                        row.get_ref(3 + i).map_err(e("reading the change table"))?,
+                    ));
                 }
                 if key.contains(&Value::Null) {
                     skipped_null_keys += 1;
@@ -377,17 +411,19 @@ impl Source for SqliteSource {
                 let op = op.as_bytes().first().copied().unwrap_or(b'U');
                 touched
                     .entry((res, encode_key(&key)))
-                    .and_modify(|t| t.1 = id)
-                    .or_insert((op, id, key));
+                    .and_modify(|t| t.last_id = id)
+                    .or_insert(Touched {
+                        first_op: op,
+                        last_id: id,
+                        key,
+                    });
             }
         }
-        let mut ordered: Vec<(usize, u8, i64, Vec<Value>)> = touched
-            .into_iter()
-            .map(|((res, _), (op, id, key))| (res, op, id, key))
-            .collect();
-        ordered.sort_by_key(|t| t.2);
+        let mut ordered: Vec<(usize, Touched)> =
+            touched.into_iter().map(|((res, _), t)| (res, t)).collect();
+        ordered.sort_by_key(|(_, t)| t.last_id);
         let mut changes = Vec::with_capacity(ordered.len());
-        for (res, first_op, _, key) in ordered {
+        for (res, Touched { first_op, key, .. }) in ordered {
             let schema = &self.shapes[res];
             let mut stmt = tx
                 .prepare_cached(&lookup_sql(schema))
@@ -396,7 +432,9 @@ impl Source for SqliteSource {
             let width = schema.columns.len();
             let row = stmt
                 .query_row(rusqlite::params_from_iter(params), |r| {
-                    (0..width).map(|i| r.get_ref(i).map(value)).collect::<Result<Vec<_>, _>>()
+                    (0..width)
+                        .map(|i| r.get_ref(i).map(value))
+                        .collect::<Result<Vec<_>, _>>()
                 })
                 .optional()
                 .map_err(e("reading a changed row"))?;
@@ -441,7 +479,9 @@ impl Source for SqliteSource {
         let started = Instant::now();
         let max: Option<i64> = self
             .conn
-            .query_row(&format!("SELECT max(id) FROM {CHANGE_TABLE}"), [], |r| r.get(0))
+            .query_row(&format!("SELECT max(id) FROM {CHANGE_TABLE}"), [], |r| {
+                r.get(0)
+            })
             .map_err(sql_err(&self.path, started, "counting pending changes"))?;
         Ok(u64::try_from(max.unwrap_or(after).saturating_sub(after)).unwrap_or(0))
     }
@@ -459,15 +499,30 @@ pub enum InstallOutcome {
     Reinstalled { existing_rows: u64 },
 }
 
+/// What `triggers install` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallReport {
+    /// The database's journal mode afterwards (`wal`).
+    pub journal_mode: String,
+    pub tables: Vec<TableInstall>,
+}
+
+/// What `triggers install` did for one resource's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInstall {
+    pub resource: ResourceCode,
+    pub table: String,
+    pub outcome: InstallOutcome,
+}
+
 /// Installs capture for every resource, in one transaction. Idempotent.
 /// Also switches the database to WAL mode so that capture reads never block
-/// the department's writers. Returns the journal mode and one outcome per
-/// resource.
+/// the department's writers.
 pub fn install_triggers(
     path: &Path,
     busy_timeout: Duration,
     resources: &[ResourceConfig],
-) -> Result<(String, Vec<(ResourceCode, String, InstallOutcome)>), SourceError> {
+) -> Result<InstallReport, SourceError> {
     let mut conn = open_connection(path, busy_timeout)?;
     let started = Instant::now();
     let e = |ctx: &str| sql_err(path, started, ctx);
@@ -519,7 +574,11 @@ pub fn install_triggers(
             .is_some()
         });
         if existing.as_deref() == Some(key_list.as_str()) && all_triggers {
-            out.push((r.code.clone(), r.table.clone(), InstallOutcome::AlreadyInstalled));
+            out.push(TableInstall {
+                resource: r.code.clone(),
+                table: r.table.clone(),
+                outcome: InstallOutcome::AlreadyInstalled,
+            });
             continue;
         }
         drop_triggers(&tx, &r.table).map_err(e("replacing triggers"))?;
@@ -575,15 +634,25 @@ pub fn install_triggers(
         } else {
             InstallOutcome::Installed { existing_rows }
         };
-        out.push((r.code.clone(), r.table.clone(), outcome));
+        out.push(TableInstall {
+            resource: r.code.clone(),
+            table: r.table.clone(),
+            outcome,
+        });
     }
     tx.commit().map_err(e("committing the install"))?;
-    Ok((mode, out))
+    Ok(InstallReport {
+        journal_mode: mode,
+        tables: out,
+    })
 }
 
 fn drop_triggers(conn: &Connection, table: &str) -> rusqlite::Result<()> {
     for s in TRIGGER_SUFFIXES {
-        conn.execute_batch(&format!("DROP TRIGGER IF EXISTS \"{}\"", trigger_name(table, s)))?;
+        conn.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS \"{}\"",
+            trigger_name(table, s)
+        ))?;
     }
     Ok(())
 }
@@ -618,7 +687,11 @@ pub fn uninstall_triggers(
         let mut pending = 0u64;
         for t in &tables {
             let n: i64 = tx
-                .query_row(&format!("SELECT count(*) FROM {CHANGE_TABLE} WHERE tbl = ?1"), [t], |r| r.get(0))
+                .query_row(
+                    &format!("SELECT count(*) FROM {CHANGE_TABLE} WHERE tbl = ?1"),
+                    [t],
+                    |r| r.get(0),
+                )
                 .map_err(e("counting pending changes"))?;
             pending += u64::try_from(n).unwrap_or(0);
         }
@@ -634,11 +707,15 @@ pub fn uninstall_triggers(
             done.push(t.to_string());
         }
         let left: i64 = tx
-            .query_row(&format!("SELECT count(*) FROM {CAPTURE_TABLE}"), [], |r| r.get(0))
+            .query_row(&format!("SELECT count(*) FROM {CAPTURE_TABLE}"), [], |r| {
+                r.get(0)
+            })
             .map_err(e("checking capture state"))?;
         if left == 0 {
-            tx.execute_batch(&format!("DROP TABLE {CHANGE_TABLE}; DROP TABLE {CAPTURE_TABLE};"))
-                .map_err(e("dropping the change table"))?;
+            tx.execute_batch(&format!(
+                "DROP TABLE {CHANGE_TABLE}; DROP TABLE {CAPTURE_TABLE};"
+            ))
+            .map_err(e("dropping the change table"))?;
         }
     } else {
         for r in resources {
@@ -683,12 +760,18 @@ mod tests {
     #[test]
     fn captures_inserts_updates_deletes_and_key_changes() {
         let (_dir, path, conn) = db();
-        let rs = [resource("person", &["id"]), resource("parcel", &["district", "no"])];
-        let (mode, outcomes) = install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
-        assert_eq!(mode, "wal");
-        assert_eq!(outcomes[0].2, InstallOutcome::Installed { existing_rows: 2 });
-        let (_, again) = install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
-        assert_eq!(again[0].2, InstallOutcome::AlreadyInstalled);
+        let rs = [
+            resource("person", &["id"]),
+            resource("parcel", &["district", "no"]),
+        ];
+        let report = install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
+        assert_eq!(report.journal_mode, "wal");
+        assert_eq!(
+            report.tables[0].outcome,
+            InstallOutcome::Installed { existing_rows: 2 }
+        );
+        let again = install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
+        assert_eq!(again.tables[0].outcome, InstallOutcome::AlreadyInstalled);
 
         let mut src = SqliteSource::open(&path, Duration::from_secs(1), &rs).unwrap();
         let first = src.read("0", 100).unwrap();
@@ -702,10 +785,19 @@ mod tests {
             .find(|c| c.key == vec![Value::Text("0330902199001011234".into())])
             .expect("a numeric-looking text key stays text");
         assert!(numeric_looking.row.is_some());
-        let p1 = first.changes.iter().find(|c| c.key == vec![Value::Text("p1".into())]).unwrap();
+        let p1 = first
+            .changes
+            .iter()
+            .find(|c| c.key == vec![Value::Text("p1".into())])
+            .unwrap();
         assert_eq!(
             p1.row,
-            Some(vec![Value::Text("p1".into()), Value::Text("甲".into()), Value::Real(1.5), Value::Bytes(vec![0, 255])])
+            Some(vec![
+                Value::Text("p1".into()),
+                Value::Text("甲".into()),
+                Value::Real(1.5),
+                Value::Bytes(vec![0, 255])
+            ])
         );
         src.release(&first.position).unwrap();
 
@@ -719,27 +811,57 @@ mod tests {
         .unwrap();
         let read = src.read(&first.position, 100).unwrap();
         assert!(read.shapes.is_none(), "no DDL since the last read");
-        let got: Vec<(Op, Vec<Value>, Option<Vec<Value>>)> =
-            read.changes.iter().map(|c| (c.op, c.key.clone(), c.row.clone())).collect();
+        let got: Vec<(Op, Vec<Value>, Option<Vec<Value>>)> = read
+            .changes
+            .iter()
+            .map(|c| (c.op, c.key.clone(), c.row.clone()))
+            .collect();
         assert_eq!(
             got,
             vec![
-                (Op::Insert, vec![Value::Text("p2".into())], Some(vec![Value::Text("p2".into()), Value::Text("".into()), Value::Null, Value::Null])),
+                (
+                    Op::Insert,
+                    vec![Value::Text("p2".into())],
+                    Some(vec![
+                        Value::Text("p2".into()),
+                        Value::Text("".into()),
+                        Value::Null,
+                        Value::Null
+                    ])
+                ),
                 (Op::Delete, vec![Value::Text("p1".into())], None),
-                (Op::Update, vec![Value::Text("p3".into())], Some(vec![Value::Text("p3".into()), Value::Text("甲".into()), Value::Real(1.5), Value::Bytes(vec![0, 255])])),
-                (Op::Delete, vec![Value::Text("西城".into()), Value::Int(7)], None),
+                (
+                    Op::Update,
+                    vec![Value::Text("p3".into())],
+                    Some(vec![
+                        Value::Text("p3".into()),
+                        Value::Text("甲".into()),
+                        Value::Real(1.5),
+                        Value::Bytes(vec![0, 255])
+                    ])
+                ),
+                (
+                    Op::Delete,
+                    vec![Value::Text("西城".into()), Value::Int(7)],
+                    None
+                ),
             ]
         );
         assert_eq!(src.backlog(&first.position).unwrap(), 6);
         src.release(&read.position).unwrap();
         assert_eq!(src.backlog(&read.position).unwrap(), 0);
 
-        conn.execute_batch("ALTER TABLE person ADD COLUMN email TEXT").unwrap();
-        conn.execute_batch("UPDATE person SET email = 'a@b' WHERE id = 'p3'").unwrap();
+        conn.execute_batch("ALTER TABLE person ADD COLUMN email TEXT")
+            .unwrap();
+        conn.execute_batch("UPDATE person SET email = 'a@b' WHERE id = 'p3'")
+            .unwrap();
         let read2 = src.read(&read.position, 100).unwrap();
         let shapes = read2.shapes.expect("DDL must report shapes");
         assert_eq!(shapes[0].columns.len(), 5);
-        assert_eq!(read2.changes[0].row.as_ref().unwrap()[4], Value::Text("a@b".into()));
+        assert_eq!(
+            read2.changes[0].row.as_ref().unwrap()[4],
+            Value::Text("a@b".into())
+        );
     }
 
     #[test]
@@ -748,7 +870,8 @@ mod tests {
         let rs = [resource("person", &["id"])];
         install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
         for i in 0..10 {
-            conn.execute("INSERT INTO person (id) VALUES (?1)", [format!("x{i}")]).unwrap();
+            conn.execute("INSERT INTO person (id) VALUES (?1)", [format!("x{i}")])
+                .unwrap();
         }
         let mut src = SqliteSource::open(&path, Duration::from_secs(1), &rs).unwrap();
         let a = src.read("0", 4).unwrap();
@@ -756,23 +879,46 @@ mod tests {
         assert_eq!(a.changes.len(), 4);
         let b = src.read(&a.position, 100).unwrap();
         assert!(b.complete);
-        assert_eq!(b.changes.len(), 8, "6 more inserts and the 2 rows queued at install");
+        assert_eq!(
+            b.changes.len(),
+            8,
+            "6 more inserts and the 2 rows queued at install"
+        );
     }
 
     #[test]
     fn refusals_are_clear() {
         let (dir, path, _conn) = db();
-        let err = SqliteSource::open(&path, Duration::from_secs(1), &[resource("person", &["id"])]).unwrap_err();
+        let err = SqliteSource::open(
+            &path,
+            Duration::from_secs(1),
+            &[resource("person", &["id"])],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("triggers install"), "{err}");
-        let err = install_triggers(&path, Duration::from_secs(1), &[resource("loose", &["a"])]).unwrap_err();
-        assert!(err.to_string().contains("neither its primary key nor a unique index"), "{err}");
-        let err = install_triggers(&path, Duration::from_secs(1), &[resource("person", &["nope"])]).unwrap_err();
+        let err = install_triggers(&path, Duration::from_secs(1), &[resource("loose", &["a"])])
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("neither its primary key nor a unique index"),
+            "{err}"
+        );
+        let err = install_triggers(
+            &path,
+            Duration::from_secs(1),
+            &[resource("person", &["nope"])],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("no column nope"), "{err}");
-        let err = install_triggers(&path, Duration::from_secs(1), &[resource("ghost", &["id"])]).unwrap_err();
+        let err = install_triggers(&path, Duration::from_secs(1), &[resource("ghost", &["id"])])
+            .unwrap_err();
         assert!(err.to_string().contains("does not exist"), "{err}");
         let missing = dir.path().join("missing.db");
         let err = open_connection(&missing, Duration::from_secs(1)).unwrap_err();
-        assert!(err.to_string().contains("does not exist") && err.to_string().contains("missing.db"), "{err}");
+        assert!(
+            err.to_string().contains("does not exist") && err.to_string().contains("missing.db"),
+            "{err}"
+        );
         let garbage = dir.path().join("garbage.db");
         std::fs::write(&garbage, vec![7u8; 4096]).unwrap();
         let err = open_connection(&garbage, Duration::from_secs(1)).unwrap_err();
@@ -786,7 +932,9 @@ mod tests {
         install_triggers(&path, Duration::from_secs(1), &rs).unwrap();
         let mut src = SqliteSource::open(&path, Duration::from_millis(50), &rs).unwrap();
         let holder = Connection::open(&path).unwrap();
-        holder.execute_batch("BEGIN EXCLUSIVE; INSERT INTO person (id) VALUES ('z');").unwrap();
+        holder
+            .execute_batch("BEGIN EXCLUSIVE; INSERT INTO person (id) VALUES ('z');")
+            .unwrap();
         let err = src.release("1").unwrap_err();
         assert!(err.is_transient(), "{err}");
         assert!(err.to_string().contains("locked"), "{err}");
@@ -803,7 +951,11 @@ mod tests {
         assert!(matches!(err, SourceError::PendingChanges { pending: 2 }));
         uninstall_triggers(&path, Duration::from_secs(1), &rs, true).unwrap();
         let n: i64 = conn
-            .query_row("SELECT count(*) FROM sqlite_master WHERE name LIKE '_shuyuan%'", [], |r| r.get(0))
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name LIKE '_shuyuan%'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert_eq!(n, 0);
     }

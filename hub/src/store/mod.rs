@@ -34,8 +34,13 @@ pub enum StoreError {
     Storage(String),
     #[error("stored record {what} is corrupt: {reason}")]
     Corrupt { what: String, reason: String },
-    #[error("key {key} is already enrolled for department {department}; one key serves one department")]
-    EnrolledElsewhere { key: NodeId, department: DepartmentCode },
+    #[error(
+        "key {key} is already enrolled for department {department}; one key serves one department"
+    )]
+    EnrolledElsewhere {
+        key: NodeId,
+        department: DepartmentCode,
+    },
     #[error("the hub store is shutting down")]
     Closed,
 }

@@ -26,8 +26,8 @@ use shuyuan_protocol::{
 };
 
 use super::{
-    AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming, Outcome, RejectionRecord,
-    StoreError, StoredRow, VerifiedBatch, WriteOp, ZeroUpdateRecord,
+    AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming, Outcome,
+    RejectionRecord, StoreError, StoredRow, VerifiedBatch, WriteOp, ZeroUpdateRecord,
 };
 
 const ENROLLMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrollments_v1");
@@ -70,8 +70,9 @@ impl RedbBackend {
     /// Opens or creates the store file and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Storage(format!("cannot create {}: {e}", dir.display()))
+            })?;
         }
         // A `status` or `export` run while the hub was down may hold the
         // file for a moment; wait for it rather than fail the start.
@@ -151,7 +152,9 @@ impl<'t> Tables<'t> {
     fn audit(&mut self, mut entry: AuditEntry) -> Result<(), StoreError> {
         entry.id = self.next_audit;
         self.next_audit += 1;
-        self.audit.insert(entry.id, enc(&entry)?.as_slice()).map_err(storage)?;
+        self.audit
+            .insert(entry.id, enc(&entry)?.as_slice())
+            .map_err(storage)?;
         Ok(())
     }
 
@@ -163,7 +166,11 @@ impl<'t> Tables<'t> {
     }
 
     fn enrollment(&self, key: &NodeId) -> Result<Option<Enrollment>, StoreError> {
-        match self.enrollments.get(key.as_bytes().as_slice()).map_err(storage)? {
+        match self
+            .enrollments
+            .get(key.as_bytes().as_slice())
+            .map_err(storage)?
+        {
             Some(v) => Ok(Some(dec(|| format!("enrollment {key}"), v.value())?)),
             None => Ok(None),
         }
@@ -205,7 +212,9 @@ impl<'t> Tables<'t> {
                 detail: detail.clone(),
             });
             resend_from = rec.cursor.next_seq();
-            self.feeds.insert(key.as_str(), enc(&rec)?.as_slice()).map_err(storage)?;
+            self.feeds
+                .insert(key.as_str(), enc(&rec)?.as_slice())
+                .map_err(storage)?;
         }
         tracing::warn!(peer = %peer, feed = ?feed.as_ref().map(ToString::to_string), seq, reason = %reason, %detail, "batch rejected");
         self.audit(AuditEntry {
@@ -247,10 +256,22 @@ impl<'t> Tables<'t> {
                 ChainError::Replay { .. } => RejectReason::Replay,
                 ChainError::Fork { .. } => RejectReason::Fork,
             };
-            return self.reject(peer, Some(body.feed.clone()), body.seq, reason, e.to_string());
+            return self.reject(
+                peer,
+                Some(body.feed.clone()),
+                body.seq,
+                reason,
+                e.to_string(),
+            );
         }
         if let Err(detail) = check_content(rec.schema.as_ref(), &body.entries) {
-            return self.reject(peer, Some(body.feed.clone()), body.seq, RejectReason::InvalidContent, detail);
+            return self.reject(
+                peer,
+                Some(body.feed.clone()),
+                body.seq,
+                RejectReason::InvalidContent,
+                detail,
+            );
         }
         let mut had_changes = false;
         for entry in &body.entries {
@@ -311,7 +332,9 @@ impl<'t> Tables<'t> {
         self.batches
             .insert((key.as_str(), body.seq), enc(&v.signed)?.as_slice())
             .map_err(storage)?;
-        self.feeds.insert(key.as_str(), enc(&rec)?.as_slice()).map_err(storage)?;
+        self.feeds
+            .insert(key.as_str(), enc(&rec)?.as_slice())
+            .map_err(storage)?;
         Ok(Outcome::Ack(Ack {
             feed: body.feed.clone(),
             seq: body.seq,
@@ -326,10 +349,14 @@ fn check_content(current: Option<&TableSchema>, entries: &[Entry]) -> Result<(),
     for (i, entry) in entries.iter().enumerate() {
         match entry {
             Entry::Schema(s) => {
-                s.validate().map_err(|e| format!("entry {i}: schema: {e}"))?;
+                s.validate()
+                    .map_err(|e| format!("entry {i}: schema: {e}"))?;
                 let expected = schema.as_ref().map_or(1, |c| c.version + 1);
                 if s.version != expected {
-                    return Err(format!("entry {i}: schema version {} but {expected} expected", s.version));
+                    return Err(format!(
+                        "entry {i}: schema version {} but {expected} expected",
+                        s.version
+                    ));
                 }
                 schema = Some(s.clone());
             }
@@ -389,10 +416,12 @@ impl Backend for RedbBackend {
                         outcome,
                     } => {
                         *outcome = Some(match t.enrollment(key)? {
-                            Some(old) if old.department != enrollment.department => Err(StoreError::EnrolledElsewhere {
-                                key: *key,
-                                department: old.department,
-                            }),
+                            Some(old) if old.department != enrollment.department => {
+                                Err(StoreError::EnrolledElsewhere {
+                                    key: *key,
+                                    department: old.department,
+                                })
+                            }
                             old => {
                                 t.enrollments
                                     .insert(key.as_bytes().as_slice(), enc(enrollment)?.as_slice())
@@ -443,10 +472,13 @@ impl Backend for RedbBackend {
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
-            let feed: FeedId = k.value().parse().map_err(|e: shuyuan_protocol::feed::CodeError| StoreError::Corrupt {
-                what: format!("feed key {}", k.value()),
-                reason: e.to_string(),
-            })?;
+            let feed: FeedId =
+                k.value()
+                    .parse()
+                    .map_err(|e: shuyuan_protocol::feed::CodeError| StoreError::Corrupt {
+                        what: format!("feed key {}", k.value()),
+                        reason: e.to_string(),
+                    })?;
             out.push((feed, dec(|| format!("feed {}", k.value()), v.value())?));
         }
         Ok(out)
@@ -520,8 +552,16 @@ mod tests {
             version: 1,
             table: "t".into(),
             columns: vec![
-                Column { name: "id".into(), sql_type: "INTEGER".into(), nullable: false },
-                Column { name: "v".into(), sql_type: "TEXT".into(), nullable: true },
+                Column {
+                    name: "id".into(),
+                    sql_type: "INTEGER".into(),
+                    nullable: false,
+                },
+                Column {
+                    name: "v".into(),
+                    sql_type: "TEXT".into(),
+                    nullable: true,
+                },
             ],
             key: vec![0],
         }
@@ -565,23 +605,52 @@ mod tests {
         assert!(!store.enroll(key.id(), enrollment.clone()).await.unwrap());
         let mut other = enrollment.clone();
         other.department = "E".parse().unwrap();
-        assert!(matches!(store.enroll(key.id(), other).await, Err(StoreError::EnrolledElsewhere { .. })));
+        assert!(matches!(
+            store.enroll(key.id(), other).await,
+            Err(StoreError::EnrolledElsewhere { .. })
+        ));
 
-        let b1 = verified(&key, 1, BatchHash::GENESIS, vec![Entry::Schema(schema()), upsert(1, "a"), upsert(2, "b")]);
-        let b2 = verified(&key, 2, b1.hash, vec![upsert(1, "c"), Entry::Change(RowChange {
-            op: Op::Delete,
-            key: vec![Value::Int(2)],
-            row: None,
-            schema_version: 1,
-        })]);
+        let b1 = verified(
+            &key,
+            1,
+            BatchHash::GENESIS,
+            vec![Entry::Schema(schema()), upsert(1, "a"), upsert(2, "b")],
+        );
+        let b2 = verified(
+            &key,
+            2,
+            b1.hash,
+            vec![
+                upsert(1, "c"),
+                Entry::Change(RowChange {
+                    op: Op::Delete,
+                    key: vec![Value::Int(2)],
+                    row: None,
+                    schema_version: 1,
+                }),
+            ],
+        );
         let apply = |b: &VerifiedBatch, conn| {
             let store = store.clone();
             let b = b.clone();
             let peer = key.id();
-            async move { store.apply(conn, peer, Incoming::Verified(Box::new(b))).await.unwrap().await.unwrap() }
+            async move {
+                store
+                    .apply(conn, peer, Incoming::Verified(Box::new(b)))
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap()
+            }
         };
-        assert!(matches!(apply(&b1, 1).await, Outcome::Ack(Ack { seq: 1, .. })));
-        assert!(matches!(apply(&b2, 1).await, Outcome::Ack(Ack { seq: 2, .. })));
+        assert!(matches!(
+            apply(&b1, 1).await,
+            Outcome::Ack(Ack { seq: 1, .. })
+        ));
+        assert!(matches!(
+            apply(&b2, 1).await,
+            Outcome::Ack(Ack { seq: 2, .. })
+        ));
         // Replaying batch 1 changes nothing and is refused.
         match apply(&b1, 2).await {
             Outcome::Reject(r) => {
@@ -601,30 +670,52 @@ mod tests {
         let gap = verified(&key, 5, b2.hash, vec![upsert(5, "g")]);
         let next = verified(&key, 6, gap.hash, vec![upsert(6, "g")]);
         // Submitted back to back, so they may share one write group.
-        let first = store.apply(4, key.id(), Incoming::Verified(Box::new(gap.clone()))).await.unwrap();
-        let second = store.apply(4, key.id(), Incoming::Verified(Box::new(next.clone()))).await.unwrap();
+        let first = store
+            .apply(4, key.id(), Incoming::Verified(Box::new(gap.clone())))
+            .await
+            .unwrap();
+        let second = store
+            .apply(4, key.id(), Incoming::Verified(Box::new(next.clone())))
+            .await
+            .unwrap();
         match first.await.unwrap() {
             Outcome::Reject(r) => assert_eq!(r.reason, RejectReason::Gap),
             o => panic!("{o:?}"),
         }
         assert_eq!(second.await.unwrap(), Outcome::Discarded);
         // Content that does not fit the schema is refused before anything applies.
-        let bad = verified(&key, 3, b2.hash, vec![upsert(3, "ok"), Entry::Change(RowChange {
-            op: Op::Insert,
-            key: vec![Value::Int(4)],
-            row: Some(vec![Value::Int(4)]),
-            schema_version: 1,
-        })]);
+        let bad = verified(
+            &key,
+            3,
+            b2.hash,
+            vec![
+                upsert(3, "ok"),
+                Entry::Change(RowChange {
+                    op: Op::Insert,
+                    key: vec![Value::Int(4)],
+                    row: Some(vec![Value::Int(4)]),
+                    schema_version: 1,
+                }),
+            ],
+        );
         match apply(&bad, 5).await {
             Outcome::Reject(r) => assert_eq!(r.reason, RejectReason::InvalidContent),
             o => panic!("{o:?}"),
         }
-        let zero = verified(&key, 3, b2.hash, vec![Entry::ZeroUpdate(ZeroUpdate {
-            since: UnixMillis(7),
-            until: UnixMillis(9),
-            source_position: "12".into(),
-        })]);
-        assert!(matches!(apply(&zero, 5).await, Outcome::Ack(Ack { seq: 3, .. })));
+        let zero = verified(
+            &key,
+            3,
+            b2.hash,
+            vec![Entry::ZeroUpdate(ZeroUpdate {
+                since: UnixMillis(7),
+                until: UnixMillis(9),
+                source_position: "12".into(),
+            })],
+        );
+        assert!(matches!(
+            apply(&zero, 5).await,
+            Outcome::Ack(Ack { seq: 3, .. })
+        ));
 
         let feed: FeedId = "D:R".parse().unwrap();
         let rec = backend.feed(&feed).unwrap().unwrap();
@@ -633,13 +724,23 @@ mod tests {
         assert_eq!(rec.rejected, 4);
         assert_eq!(rec.last_zero_update.as_ref().unwrap().seq, 3);
         let mut rows = Vec::new();
-        backend.rows(&feed, &mut |r| { rows.push(r.values); Ok(()) }).unwrap();
+        backend
+            .rows(&feed, &mut |r| {
+                rows.push(r.values);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(rows, vec![vec![Value::Int(1), Value::Text("c".into())]]);
         let audit = backend.audit(10).unwrap();
         let reasons: Vec<_> = audit.iter().filter_map(|a| a.reason).collect();
         assert_eq!(
             reasons,
-            vec![RejectReason::InvalidContent, RejectReason::Gap, RejectReason::Fork, RejectReason::Replay]
+            vec![
+                RejectReason::InvalidContent,
+                RejectReason::Gap,
+                RejectReason::Fork,
+                RejectReason::Replay
+            ]
         );
         assert_eq!(audit.last().unwrap().kind, AuditKind::Enrolled);
         drop(store);
