@@ -23,7 +23,7 @@ use crate::config::{Config, SourceConfig};
 pub enum SourceError {
     #[error("cannot open SQLite database {path}: {reason}")]
     Open { path: String, reason: String },
-    #[error("database {path} is locked by another process (waited {waited_ms} ms); will retry")]
+    #[error("database {path} is locked by another process (waited {waited_ms} ms for it)")]
     Locked { path: String, waited_ms: u128 },
     #[error("table {table} does not exist in {path}")]
     MissingTable { table: String, path: String },
