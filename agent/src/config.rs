@@ -6,7 +6,6 @@
 //! means the same thing whatever directory the service starts in.
 
 use std::collections::BTreeSet;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,25 +13,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use shuyuan_protocol::cycle::parse_duration;
 use shuyuan_protocol::frame::MAX_BATCH_BODY;
+use shuyuan_protocol::service::{config_dir, parse_toml, read_config};
 use shuyuan_protocol::{DepartmentCode, NodeId, ResourceCode, UpdateCycle};
 
 /// The most key columns a resource may have (the change table's width).
 pub const MAX_KEY_COLUMNS: usize = 8;
 
-/// A config problem, with where it is.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    /// The TOML key path, e.g. `resource[1].update_cycle`, or a line and column.
-    pub key: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
-    }
-}
+pub use shuyuan_protocol::service::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,27 +142,14 @@ pub struct ResourceConfig {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            key: "(file)".into(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        Self::parse(path, &text)
+        Self::parse(path, &read_config(path)?)
     }
 
     /// Validates config text as if read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let err = |key: &str, reason: String| ConfigError {
-            file: path.to_owned(),
-            key: key.to_string(),
-            reason,
-        };
+        let raw: RawConfig = parse_toml(path, text)?;
+        let base = config_dir(path);
+        let err = |key: &str, reason: String| ConfigError::at(path, key, reason);
         let department = DepartmentCode::new(raw.agent.department)
             .map_err(|e| err("agent.department", e.to_string()))?;
         let key = raw
@@ -410,24 +384,6 @@ pub fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     n.checked_mul(mult)
-}
-
-/// Turns a TOML error into a [`ConfigError`] naming the line and column.
-pub fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let key = match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {col}")
-        }
-        None => "(document)".to_string(),
-    };
-    ConfigError {
-        file: path.to_owned(),
-        key,
-        reason: e.message().trim().to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use shuyuan_protocol::control;
 use shuyuan_protocol::identity::IdentityError;
 use shuyuan_protocol::{NodeId, NodeKey};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -117,7 +117,12 @@ impl Agent {
             status: status.clone(),
         };
         let uplink = tokio::spawn(uplink.run(cancel.clone()));
-        let control = tokio::spawn(serve_control(listener, status.clone(), cancel.clone()));
+        let board = status.clone();
+        let control = tokio::spawn(control::serve(
+            listener,
+            cancel.clone().cancelled_owned(),
+            move |request, stream| answer(request, stream, board.clone()),
+        ));
         tracing::info!(
             node = %node,
             department = %config.department,
@@ -158,41 +163,14 @@ impl Agent {
     }
 }
 
-async fn serve_control(
-    listener: tokio::net::UnixListener,
-    status: StatusBoard,
-    cancel: CancellationToken,
-) {
-    loop {
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    continue;
-                }
-            },
-        };
-        let status = status.clone();
-        tokio::spawn(async move {
-            let mut stream = BufReader::new(stream);
-            let request = match control::read_request::<ControlRequest>(&mut stream).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = control::write_error(stream.get_mut(), &e.to_string()).await;
-                    return;
-                }
-            };
-            match request {
-                ControlRequest::Status => {
-                    let body = serde_json::to_vec(&status.snapshot()).unwrap_or_default();
-                    let out = stream.get_mut();
-                    let _ = control::write_ok(out).await;
-                    let _ = out.write_all(&body).await;
-                    let _ = out.write_all(b"\n").await;
-                }
-            }
-        });
+/// Answers `status` on the control socket.
+async fn answer(request: ControlRequest, mut stream: tokio::net::UnixStream, status: StatusBoard) {
+    match request {
+        ControlRequest::Status => {
+            let body = serde_json::to_vec(&status.snapshot()).unwrap_or_default();
+            let _ = control::write_ok(&mut stream).await;
+            let _ = stream.write_all(&body).await;
+            let _ = stream.write_all(b"\n").await;
+        }
     }
 }

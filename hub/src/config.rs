@@ -3,25 +3,13 @@
 //! Invariant: every error names the file, the key and the reason; relative
 //! paths are resolved against the directory of the config file.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use shuyuan_protocol::service::{config_dir, parse_toml, read_config};
 
-/// A config problem, with where it is.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub key: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
-    }
-}
+pub use shuyuan_protocol::service::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,42 +55,14 @@ pub struct Config {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            key: "(file)".into(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        Self::parse(path, &text)
+        Self::parse(path, &read_config(path)?)
     }
 
     /// Validates config text as if read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let key = match e.span() {
-                Some(span) => {
-                    let before = &text[..span.start.min(text.len())];
-                    let line = before.matches('\n').count() + 1;
-                    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                    format!("line {line}, column {col}")
-                }
-                None => "(document)".to_string(),
-            };
-            ConfigError {
-                file: path.to_owned(),
-                key,
-                reason: e.message().trim().to_string(),
-            }
-        })?;
-        let err = |key: &str, reason: String| ConfigError {
-            file: path.to_owned(),
-            key: key.to_string(),
-            reason,
-        };
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let raw: RawConfig = parse_toml(path, text)?;
+        let err = |key: &str, reason: String| ConfigError::at(path, key, reason);
+        let base = config_dir(path);
         let listen: SocketAddr = raw.hub.listen.parse().map_err(|_| {
             err(
                 "hub.listen",

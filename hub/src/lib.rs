@@ -26,7 +26,7 @@ use shuyuan_protocol::control;
 use shuyuan_protocol::identity::IdentityError;
 use shuyuan_protocol::quic;
 use shuyuan_protocol::{DepartmentCode, NodeId, NodeKey, UnixMillis};
-use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -170,7 +170,11 @@ impl Hub {
             local_addr,
             started_at: UnixMillis::now(),
         });
-        let control = tokio::spawn(serve_control(listener, shared, cancel.clone()));
+        let control = tokio::spawn(control::serve(
+            listener,
+            cancel.clone().cancelled_owned(),
+            move |request, stream| serve_request(shared.clone(), request, stream),
+        ));
         tracing::info!(listen = %local_addr, key = %key.id(), "hub listening");
         Ok(Hub {
             cancel,
@@ -228,37 +232,14 @@ impl Write for ChannelWriter {
     }
 }
 
-async fn serve_control(
-    listener: tokio::net::UnixListener,
+/// Answers one control request; a refusal is written as the header.
+async fn serve_request(
     shared: Arc<Shared>,
-    cancel: CancellationToken,
+    request: ControlRequest,
+    mut stream: tokio::net::UnixStream,
 ) {
-    loop {
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    continue;
-                }
-            },
-        };
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut stream = BufReader::new(stream);
-            let request = match control::read_request::<ControlRequest>(&mut stream).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = control::write_error(stream.get_mut(), &e.to_string()).await;
-                    return;
-                }
-            };
-            let out = stream.get_mut();
-            if let Err(e) = answer(&shared, request, out).await {
-                let _ = control::write_error(out, &e).await;
-            }
-        });
+    if let Err(e) = answer(&shared, request, &mut stream).await {
+        let _ = control::write_error(&mut stream, &e).await;
     }
 }
 

@@ -15,6 +15,7 @@ use shuyuan_hub::store::{AuditEntry, Backend, Store, StoreError};
 use shuyuan_hub::{ControlRequest, Hub, enrollment};
 use shuyuan_protocol::NodeKey;
 use shuyuan_protocol::control::{self, ControlError};
+use shuyuan_protocol::service::{shutdown_signal, write_template_if_missing};
 
 /// The example configuration written by `init` when none exists.
 const CONFIG_TEMPLATE: &str = include_str!("../../deploy/hub.toml");
@@ -250,17 +251,8 @@ fn open_offline(config: &Config) -> Result<Arc<RedbBackend>> {
 }
 
 fn init(config_path: &Path, key_only: bool) -> Result<()> {
-    let wrote_config = if config_path.exists() {
-        false
-    } else {
-        if let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        std::fs::write(config_path, CONFIG_TEMPLATE)
-            .with_context(|| format!("cannot write {}", config_path.display()))?;
-        true
-    };
+    let wrote_config = write_template_if_missing(config_path, CONFIG_TEMPLATE)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = Config::load(config_path)?;
     let (key, created) = NodeKey::load_or_create(&config.key_file)?;
     std::fs::create_dir_all(&config.data_dir)
@@ -288,11 +280,8 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
 }
 
 async fn wait_for_signal() -> Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, stopping"),
-        r = tokio::signal::ctrl_c() => { r?; tracing::info!("interrupted, stopping") }
-    }
+    let which = shutdown_signal().await?;
+    tracing::info!("{which} received, stopping");
     Ok(())
 }
 

@@ -10,6 +10,7 @@
 //! Invariant: a request line longer than [`MAX_REQUEST`] is refused before it
 //! is buffered in full.
 
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
 
@@ -58,6 +59,44 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
     Ok(listener)
+}
+
+/// Serves the control socket until `stop` completes: each connection's
+/// request line is decoded as `R` and handed with the connection to
+/// `handle`, which writes the answer; an unreadable request is refused.
+pub async fn serve<R, F, Fut>(listener: UnixListener, stop: impl Future<Output = ()>, handle: F)
+where
+    R: DeserializeOwned + Send + 'static,
+    F: Fn(R, UnixStream) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Transient (for example too many open files): pause, go on.
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream);
+            match read_request::<R>(&mut reader).await {
+                // A client sends one line and waits, so nothing is buffered
+                // beyond it.
+                Ok(request) => handle(request, reader.into_inner()).await,
+                Err(e) => {
+                    let _ = write_error(reader.get_mut(), &e.to_string()).await;
+                }
+            }
+        });
+    }
 }
 
 /// Reads the request line of an accepted connection.

@@ -12,7 +12,7 @@
 pub mod batch;
 pub mod chain;
 pub mod change;
-#[cfg(feature = "control")]
+#[cfg(feature = "service")]
 pub mod control;
 pub mod cycle;
 pub mod encoding;
@@ -22,6 +22,8 @@ pub mod identity;
 pub mod message;
 #[cfg(feature = "quic")]
 pub mod quic;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod time;
 pub mod value;
 pub mod window;
