@@ -213,9 +213,17 @@ impl CaptureLoop {
         Ok(())
     }
 
+    /// Releases what is due; a failure (say, a department transaction holds
+    /// the write lock) only delays the deletion, so capture goes on.
+    fn try_release(&mut self, now: UnixMillis) {
+        if let Err(e) = self.release_if_due(now) {
+            tracing::warn!(error = %e, "cannot delete sent changes from the change table yet; will retry");
+        }
+    }
+
     /// One round. Returns whether more changes are waiting right now.
     pub fn step(&mut self, now: UnixMillis) -> Result<bool, CaptureError> {
-        self.release_if_due(now)?;
+        self.try_release(now);
 
         let mut feeds = self.feeds.clone();
         let mut commit = Commit::default();
@@ -329,6 +337,7 @@ impl CaptureLoop {
                     self.bytes_per_change = (bytes / n.max(1)).max(1);
                 }
                 for (seq, bytes) in sealed {
+                    tracing::debug!(%feed, seq, bytes = bytes.len(), "batch sealed");
                     commit.appended.push((feed.clone(), seq, bytes));
                 }
             }
@@ -353,7 +362,7 @@ impl CaptureLoop {
         }
         if let Some(p) = new_position {
             self.position = p;
-            self.release_if_due(now)?;
+            self.try_release(now);
         }
         Ok(more)
     }

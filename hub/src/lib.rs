@@ -201,10 +201,12 @@ impl Hub {
 
     /// Stops accepting, closes connections, lets the writer finish its queue.
     pub async fn shutdown(mut self) {
+        // Connections stop reading, then write the answers to what they
+        // already handed to the store, before the endpoint closes.
         self.cancel.cancel();
-        self.endpoint.close(0u32.into(), b"hub stopping");
         let _ = (&mut self.accept).await;
         let _ = (&mut self.control).await;
+        self.endpoint.close(0u32.into(), b"hub stopping");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.endpoint.wait_idle())
             .await;
         self.store.close().await;

@@ -335,6 +335,13 @@ impl<'t> Tables<'t> {
         self.feeds
             .insert(key.as_str(), enc(&rec)?.as_slice())
             .map_err(storage)?;
+        tracing::debug!(
+            feed = %body.feed,
+            seq = body.seq,
+            entries = body.entries.len(),
+            peer = %peer.short(),
+            "batch applied"
+        );
         Ok(Outcome::Ack(Ack {
             feed: body.feed.clone(),
             seq: body.seq,
