@@ -19,6 +19,7 @@ use shuyuan_protocol::{FeedId, NodeKey, RowChange, TableSchema, UnixMillis};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::Catalog;
 use crate::config::{Config, SourceConfig};
 use crate::outbox::{Commit, FeedState, Outbox, OutboxError, Totals};
 use crate::seal::{BatchLimits, SealError, seal_entries};
@@ -64,6 +65,7 @@ pub struct CaptureLoop {
     pending_acks: Vec<AckNote>,
     sealed: Arc<Notify>,
     status: StatusBoard,
+    catalog: Catalog,
     skipped_null_keys: u64,
     /// Encoded bytes per change in the latest batches, for sizing reads.
     bytes_per_change: u64,
@@ -82,6 +84,18 @@ fn same_shape(a: &TableSchema, b: &TableSchema) -> bool {
     a.table == b.table && a.columns == b.columns && a.key == b.key
 }
 
+/// How the capture loop talks to the rest of the agent.
+#[derive(Debug)]
+pub struct CaptureLinks {
+    /// Acks from the uplink.
+    pub acks: Receiver<AckNote>,
+    /// Woken when new batches are in the outbox.
+    pub sealed: Arc<Notify>,
+    pub status: StatusBoard,
+    /// Told about table shapes, asked for update cycles.
+    pub catalog: Catalog,
+}
+
 impl CaptureLoop {
     /// Loads the feed states and source position from the outbox.
     pub fn new(
@@ -89,10 +103,14 @@ impl CaptureLoop {
         key: NodeKey,
         outbox: Outbox,
         source: Box<dyn Source>,
-        acks: Receiver<AckNote>,
-        sealed: Arc<Notify>,
-        status: StatusBoard,
+        links: CaptureLinks,
     ) -> Result<Self, CaptureError> {
+        let CaptureLinks {
+            acks,
+            sealed,
+            status,
+            catalog,
+        } = links;
         let stored = outbox.feeds()?;
         let feeds = config
             .resources
@@ -121,6 +139,7 @@ impl CaptureLoop {
             pending_acks: Vec::new(),
             sealed,
             status,
+            catalog,
             skipped_null_keys: 0,
             bytes_per_change: 256,
         })
@@ -181,8 +200,9 @@ impl CaptureLoop {
         let feeds = &self.feeds;
         let (position, totals, skipped) =
             (self.position.clone(), self.totals, self.skipped_null_keys);
+        let catalog = &self.catalog;
         self.status.update(|s| {
-            s.apply_feeds(&config, feeds);
+            s.apply_feeds(&config, feeds, Some(catalog));
             s.apply_totals(totals);
             s.source.position = position;
             s.source.backlog = backlog;
@@ -279,6 +299,13 @@ impl CaptureLoop {
             let mut entries: Vec<Vec<Entry>> = vec![Vec::new(); feeds.len()];
             if let Some(shapes) = read.shapes {
                 for (i, shape) in shapes.into_iter().enumerate() {
+                    // The catalog's data items follow the table (idempotent).
+                    if let Err(e) =
+                        self.catalog
+                            .record_schema(&self.config.resources[i].code, &shape, now)
+                    {
+                        tracing::warn!(error = %e, resource = %self.config.resources[i].code, "cannot update the catalog's data items");
+                    }
                     let state = &mut feeds[i].1;
                     let changed = state.schema.as_ref().is_none_or(|s| !same_shape(s, &shape));
                     if changed {
@@ -309,9 +336,16 @@ impl CaptureLoop {
                 let resource = &self.config.resources[i];
                 let (feed, state) = &mut feeds[i];
                 let es = if es.is_empty() && read.complete && state.schema.is_some() {
-                    // Quiet resource: is a zero-update due?
+                    // Quiet resource: is a zero-update due? The catalog's
+                    // update cycle is the one in force.
+                    let cycle = self
+                        .catalog
+                        .update_cycle(&resource.code)
+                        .unwrap_or(resource.update_cycle);
                     match state.last_batch_at {
-                        Some(last) if now >= last.saturating_add(resource.heartbeat) => {
+                        Some(last)
+                            if now >= last.saturating_add(resource.heartbeat_under(cycle)) =>
+                        {
                             state.last_zero_update_at = Some(now);
                             vec![Entry::ZeroUpdate(ZeroUpdate {
                                 since: last,

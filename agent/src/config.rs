@@ -134,9 +134,20 @@ pub struct ResourceConfig {
     pub name: String,
     pub table: String,
     pub key: Vec<String>,
+    /// The update cycle this file declares. It seeds the resource's catalog
+    /// entry; once the entry exists, the catalog's cycle is the one in force.
     pub update_cycle: UpdateCycle,
-    /// How long the resource may stay quiet before a zero-update is sent.
-    pub heartbeat: Duration,
+    /// An explicit zero-update interval (`heartbeat`), if the file sets one.
+    pub heartbeat: Option<Duration>,
+}
+
+impl ResourceConfig {
+    /// How long the resource may stay quiet before a zero-update is sent,
+    /// under `cycle`: the explicit `heartbeat` if shorter, else the cycle.
+    pub fn heartbeat_under(&self, cycle: UpdateCycle) -> Duration {
+        self.heartbeat
+            .map_or(cycle.period(), |h| h.min(cycle.period()))
+    }
 }
 
 impl Config {
@@ -281,7 +292,7 @@ impl Config {
                     })?;
             let heartbeat = match r.heartbeat {
                 Some(h) => match parse_duration(&h) {
-                    Some(d) if !d.is_zero() && d <= update_cycle.period() => d,
+                    Some(d) if !d.is_zero() && d <= update_cycle.period() => Some(d),
                     Some(_) => {
                         return Err(err(
                             &at("heartbeat"),
@@ -298,7 +309,7 @@ impl Config {
                         ));
                     }
                 },
-                None => update_cycle.period(),
+                None => None,
             };
             resources.push(ResourceConfig {
                 name: r.name.unwrap_or_else(|| r.table.clone()),
@@ -439,7 +450,11 @@ update_cycle = "daily"
                 assert_eq!(*poll_interval, Duration::from_millis(200));
             }
         }
-        assert_eq!(c.resources[0].heartbeat, Duration::from_secs(86_400));
+        assert_eq!(c.resources[0].heartbeat, None);
+        assert_eq!(
+            c.resources[0].heartbeat_under(UpdateCycle::Daily),
+            Duration::from_secs(86_400)
+        );
     }
 
     #[test]

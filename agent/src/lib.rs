@@ -9,6 +9,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod capture;
+pub mod catalog;
 pub mod config;
 pub mod outbox;
 pub mod seal;
@@ -20,14 +21,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use shuyuan_protocol::catalog::CatalogEntry;
 use shuyuan_protocol::control;
 use shuyuan_protocol::identity::IdentityError;
-use shuyuan_protocol::{NodeId, NodeKey};
+use shuyuan_protocol::{NodeId, NodeKey, UnixMillis};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::{CaptureError, CaptureLoop};
+use crate::capture::{CaptureError, CaptureLinks, CaptureLoop};
+use crate::catalog::{Catalog, CatalogStoreError, CatalogView};
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError};
 use crate::source::SourceError;
@@ -45,6 +48,8 @@ pub enum StartError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogStoreError),
     #[error("cannot open the control socket {path}: {source}")]
     Control {
         path: PathBuf,
@@ -57,6 +62,18 @@ pub enum StartError {
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum ControlRequest {
     Status,
+    /// The catalog, as a [`CatalogView`].
+    CatalogShow,
+    /// Sets one field of one entry; answers the entry.
+    CatalogSet {
+        code: String,
+        field: String,
+        value: String,
+    },
+    /// Imports entries read from a form; answers how many.
+    CatalogImport {
+        entries: Vec<CatalogEntry>,
+    },
 }
 
 /// A running agent.
@@ -78,6 +95,20 @@ impl Agent {
         let config = Arc::new(config);
         let key = NodeKey::load(&config.key_file).map_err(StartError::Key)?;
         let outbox = Outbox::open(&config.outbox_path())?;
+        let catalog = Catalog::open(&config, key.id())?;
+        for r in &config.resources {
+            if let Some(declared) = catalog.update_cycle(&r.code)
+                && declared != r.update_cycle
+            {
+                tracing::warn!(
+                    resource = %r.code,
+                    catalog = %declared,
+                    config = %r.update_cycle,
+                    "the catalog and the config declare different update cycles; the catalog's is in force (change it with `shuyuan-agent catalog set {} update_cycle ...`)",
+                    r.code
+                );
+            }
+        }
         let source = source::open(&config)?;
         let status = StatusBoard::new(AgentStatus::initial(&config, key.id().to_string(), true));
         let sealed = Arc::new(Notify::new());
@@ -87,9 +118,12 @@ impl Agent {
             key.clone(),
             outbox.clone(),
             source,
-            ack_rx,
-            sealed.clone(),
-            status.clone(),
+            CaptureLinks {
+                acks: ack_rx,
+                sealed: sealed.clone(),
+                status: status.clone(),
+                catalog: catalog.clone(),
+            },
         )?;
         let socket = config.control_socket();
         let listener = control::bind(&socket).map_err(|source| StartError::Control {
@@ -115,13 +149,15 @@ impl Agent {
             acks: ack_tx,
             sealed,
             status: status.clone(),
+            catalog: catalog.clone(),
         };
         let uplink = tokio::spawn(uplink.run(cancel.clone()));
         let board = status.clone();
+        let control_catalog = catalog.clone();
         let control = tokio::spawn(control::serve(
             listener,
             cancel.clone().cancelled_owned(),
-            move |request, stream| answer(request, stream, board.clone()),
+            move |request, stream| answer(request, stream, board.clone(), control_catalog.clone()),
         ));
         tracing::info!(
             node = %node,
@@ -163,14 +199,50 @@ impl Agent {
     }
 }
 
-/// Answers `status` on the control socket.
-async fn answer(request: ControlRequest, mut stream: tokio::net::UnixStream, status: StatusBoard) {
-    match request {
+/// Answers a request on the control socket.
+async fn answer(
+    request: ControlRequest,
+    mut stream: tokio::net::UnixStream,
+    status: StatusBoard,
+    catalog: Catalog,
+) {
+    let result: Result<serde_json::Value, String> = match request {
         ControlRequest::Status => {
-            let body = serde_json::to_vec(&status.snapshot()).unwrap_or_default();
+            serde_json::to_value(status.snapshot()).map_err(|e| e.to_string())
+        }
+        ControlRequest::CatalogShow => {
+            serde_json::to_value(CatalogView::of(&catalog)).map_err(|e| e.to_string())
+        }
+        ControlRequest::CatalogSet { code, field, value } => {
+            let result = tokio::task::spawn_blocking(move || {
+                catalog.set(&code, &field, &value, UnixMillis::now())
+            })
+            .await;
+            match result {
+                Ok(Ok(entry)) => serde_json::to_value(entry).map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        ControlRequest::CatalogImport { entries } => {
+            let result =
+                tokio::task::spawn_blocking(move || catalog.import(entries, UnixMillis::now()))
+                    .await;
+            match result {
+                Ok(Ok(n)) => Ok(serde_json::json!({ "imported": n })),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    match result {
+        Ok(body) => {
             let _ = control::write_ok(&mut stream).await;
-            let _ = stream.write_all(&body).await;
+            let _ = stream.write_all(body.to_string().as_bytes()).await;
             let _ = stream.write_all(b"\n").await;
+        }
+        Err(e) => {
+            let _ = control::write_error(&mut stream, &e).await;
         }
     }
 }

@@ -5,11 +5,15 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use shuyuan_agent::catalog::{Catalog, CatalogView};
 use shuyuan_agent::config::{Config, SourceConfig};
 use shuyuan_agent::source::sqlite::{InstallOutcome, install_triggers, uninstall_triggers};
 use shuyuan_agent::status::{self, AgentStatus};
 use shuyuan_agent::{Agent, ControlRequest};
 use shuyuan_protocol::NodeKey;
+use shuyuan_protocol::UnixMillis;
+use shuyuan_protocol::catalog::CatalogEntry;
+use shuyuan_protocol::catalog::form;
 use shuyuan_protocol::control::{self, ControlError};
 use shuyuan_protocol::service::{shutdown_signal, write_template_if_missing};
 
@@ -57,6 +61,46 @@ enum Command {
         #[command(subcommand)]
         action: TriggerAction,
     },
+    /// The department's data resource catalog (数据资源目录): show, edit, import and export entries.
+    Catalog {
+        #[command(subcommand)]
+        action: CatalogAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CatalogAction {
+    /// Show every entry with its state, the platform's review, and what is missing before it can be submitted.
+    Show {
+        /// Only this entry.
+        code: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set one field of an entry (a new code creates an entry). FIELD is an English key or the form's Chinese header,
+    /// e.g. summary, share_type (共享类型), status (submitted to submit for review).
+    Set {
+        code: String,
+        field: String,
+        value: String,
+    },
+    /// Import a filled-in form (.csv with the Chinese headers, or .toml); nothing is imported unless every row is valid.
+    Import { file: PathBuf },
+    /// Export the catalog as the fill-in form.
+    Export {
+        #[arg(long, value_enum, default_value = "csv")]
+        format: FormFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FormFormat {
+    Csv,
+    Toml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +148,10 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", status.render());
             }
             Ok(())
+        }
+        Command::Catalog { action } => {
+            let config = Config::load(&cli.config)?;
+            tokio::runtime::Runtime::new()?.block_on(catalog(&config, action))
         }
         Command::Triggers { action } => {
             let config = Config::load(&cli.config)?;
@@ -184,6 +232,101 @@ async fn wait_for_signal() -> Result<()> {
     let which = shutdown_signal().await?;
     tracing::info!("{which} received, stopping");
     Ok(())
+}
+
+/// Runs a catalog command through the running agent, or on the catalog file
+/// when the agent is not running.
+async fn catalog(config: &Config, action: CatalogAction) -> Result<()> {
+    let request = match &action {
+        CatalogAction::Show { .. } | CatalogAction::Export { .. } => ControlRequest::CatalogShow,
+        CatalogAction::Set { code, field, value } => ControlRequest::CatalogSet {
+            code: code.clone(),
+            field: field.clone(),
+            value: value.clone(),
+        },
+        CatalogAction::Import { file } => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+            let entries = if file.extension().is_some_and(|e| e == "toml") {
+                form::read_toml(&String::from_utf8_lossy(&bytes))
+            } else {
+                form::read_csv(&bytes)
+            }
+            .with_context(|| format!("{}", file.display()))?;
+            ControlRequest::CatalogImport { entries }
+        }
+    };
+    let mut out = Vec::new();
+    let answer: serde_json::Value =
+        match control::call(&config.control_socket(), &request, &mut out).await {
+            Ok(()) => serde_json::from_slice(&out)?,
+            Err(ControlError::NotRunning { .. }) => offline_catalog(config, request)?,
+            Err(e) => return Err(e.into()),
+        };
+    match action {
+        CatalogAction::Show { code, json } => {
+            let mut view: CatalogView = serde_json::from_value(answer)?;
+            if let Some(code) = &code {
+                view.entries.retain(|v| &v.entry.code == code);
+                if view.entries.is_empty() {
+                    bail!("no catalog entry {code}");
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", view.render());
+            }
+        }
+        CatalogAction::Set { code, field, .. } => {
+            let entry: CatalogEntry = serde_json::from_value(answer)?;
+            println!(
+                "{code}: {field} set; status {}",
+                entry.status.map_or("draft", |s| s.english())
+            );
+        }
+        CatalogAction::Import { file } => {
+            println!(
+                "{}: {} entries imported",
+                file.display(),
+                answer["imported"]
+            );
+        }
+        CatalogAction::Export { format, output } => {
+            let view: CatalogView = serde_json::from_value(answer)?;
+            let entries: Vec<CatalogEntry> = view.entries.into_iter().map(|v| v.entry).collect();
+            let mut bytes = Vec::new();
+            match format {
+                FormFormat::Csv => form::write_csv(&entries, &[], &mut bytes)?,
+                FormFormat::Toml => {
+                    bytes = form::write_toml(&entries)
+                        .map_err(|e| anyhow::anyhow!(e))?
+                        .into_bytes()
+                }
+            }
+            match output {
+                Some(p) => std::fs::write(&p, bytes)
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+                None => std::io::Write::write_all(&mut std::io::stdout(), &bytes)?,
+            }
+        }
+    }
+    Ok(())
+}
+
+fn offline_catalog(config: &Config, request: ControlRequest) -> Result<serde_json::Value> {
+    let key =
+        NodeKey::load(&config.key_file).context("the catalog is written under the agent's key")?;
+    let catalog = Catalog::open(config, key.id())?;
+    Ok(match request {
+        ControlRequest::CatalogSet { code, field, value } => {
+            serde_json::to_value(catalog.set(&code, &field, &value, UnixMillis::now())?)?
+        }
+        ControlRequest::CatalogImport { entries } => {
+            serde_json::json!({ "imported": catalog.import(entries, UnixMillis::now())? })
+        }
+        _ => serde_json::to_value(CatalogView::of(&catalog))?,
+    })
 }
 
 async fn live_status(config: &Config) -> Result<AgentStatus> {

@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::{FeedId, UnixMillis};
 
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::outbox::{FeedState, Outbox, OutboxError, Totals};
+use shuyuan_protocol::catalog::EntryState;
 
 /// The state of the link to the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +46,8 @@ pub struct HubStatus {
     pub detail: Option<String>,
     pub rejections: u64,
     pub last_rejection: Option<String>,
+    /// The last catalog sync problem, if the last exchange had one.
+    pub catalog_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,8 +77,15 @@ pub struct ResourceStatus {
     pub code: String,
     pub name: String,
     pub table: String,
+    /// The update cycle in force (更新周期) and where it comes from
+    /// (`catalog`, or `config` before the catalog has one).
     pub update_cycle: String,
+    pub update_cycle_source: String,
     pub heartbeat_secs: u64,
+    /// The catalog entry's state (draft, submitted, published, returned,
+    /// withdrawn) and the reviewer's remarks, if any.
+    pub catalog_state: Option<String>,
+    pub catalog_remarks: Option<String>,
     pub schema_version: u32,
     /// Last sealed batch.
     pub head_seq: u64,
@@ -107,6 +118,7 @@ impl AgentStatus {
                 detail: None,
                 rejections: 0,
                 last_rejection: None,
+                catalog_error: None,
             },
             source: SourceStatus {
                 describe: match &config.source {
@@ -134,7 +146,10 @@ impl AgentStatus {
                     name: r.name.clone(),
                     table: r.table.clone(),
                     update_cycle: r.update_cycle.to_string(),
-                    heartbeat_secs: r.heartbeat.as_secs(),
+                    update_cycle_source: "config".into(),
+                    heartbeat_secs: r.heartbeat_under(r.update_cycle).as_secs(),
+                    catalog_state: None,
+                    catalog_remarks: None,
                     schema_version: 0,
                     head_seq: 0,
                     acked_seq: 0,
@@ -148,19 +163,36 @@ impl AgentStatus {
     }
 
     /// Refreshes the per-resource figures from feed states.
-    pub fn apply_feeds(&mut self, config: &Config, feeds: &[(FeedId, FeedState)]) {
+    pub fn apply_feeds(
+        &mut self,
+        config: &Config,
+        feeds: &[(FeedId, FeedState)],
+        catalog: Option<&Catalog>,
+    ) {
+        let (entries, reviews) = catalog.map(Catalog::snapshot).unwrap_or_default();
         for (r, (cfg, (_, state))) in self
             .resources
             .iter_mut()
             .zip(config.resources.iter().zip(feeds))
         {
+            let entry = entries.get(cfg.code.as_str());
+            let cycle = entry.and_then(|e| e.update_cycle);
+            r.update_cycle = cycle.unwrap_or(cfg.update_cycle).to_string();
+            r.update_cycle_source = if cycle.is_some() { "catalog" } else { "config" }.to_string();
+            let heartbeat = cfg.heartbeat_under(cycle.unwrap_or(cfg.update_cycle));
+            r.heartbeat_secs = heartbeat.as_secs();
+            if let Some(e) = entry {
+                let review = reviews.get(cfg.code.as_str());
+                r.catalog_state = Some(EntryState::of(e, review).english().to_string());
+                r.catalog_remarks = review.map(|v| v.remarks.clone()).filter(|s| !s.is_empty());
+            }
             r.schema_version = state.schema.as_ref().map_or(0, |s| s.version);
             r.head_seq = state.head.last_seq;
             r.acked_seq = state.acked;
             r.last_change_at = state.last_change_at;
             r.last_zero_update_at = state.last_zero_update_at;
             r.last_ack_at = state.last_ack_at;
-            r.next_zero_update_due = state.last_batch_at.map(|t| t.saturating_add(cfg.heartbeat));
+            r.next_zero_update_due = state.last_batch_at.map(|t| t.saturating_add(heartbeat));
         }
     }
 
@@ -197,6 +229,9 @@ impl AgentStatus {
         );
         if let Some(d) = &self.hub.detail {
             let _ = writeln!(s, "         {d}");
+        }
+        if let Some(e) = &self.hub.catalog_error {
+            let _ = writeln!(s, "         catalog: {e}");
         }
         if self.hub.rejections > 0 {
             let _ = writeln!(
@@ -239,9 +274,19 @@ impl AgentStatus {
         for r in &self.resources {
             let _ = writeln!(
                 s,
-                "  {}  {} (table {}), update cycle (更新周期) {}, schema v{}",
-                r.code, r.name, r.table, r.update_cycle, r.schema_version
+                "  {}  {} (table {}), update cycle (更新周期) {} from the {}, schema v{}",
+                r.code, r.name, r.table, r.update_cycle, r.update_cycle_source, r.schema_version
             );
+            if let Some(state) = &r.catalog_state {
+                let _ = writeln!(
+                    s,
+                    "      catalog entry (数据资源目录) {state}{}",
+                    r.catalog_remarks
+                        .as_ref()
+                        .map(|m| format!("; reviewer's remarks: {m}"))
+                        .unwrap_or_default()
+                );
+            }
             let _ = writeln!(
                 s,
                 "      sealed #{}  acked #{}  last ack {}",
@@ -293,6 +338,12 @@ impl StatusBoard {
     }
 }
 
+fn node_id(config: &Config) -> shuyuan_protocol::NodeId {
+    shuyuan_protocol::NodeKey::load(&config.key_file)
+        .map(|k| k.id())
+        .unwrap_or_else(|_| shuyuan_protocol::NodeKey::from_seed([0; 32]).id())
+}
+
 /// Status of an agent that is not running, read from its outbox.
 pub fn offline(config: &Config, node: String) -> Result<AgentStatus, OutboxError> {
     let outbox = Outbox::open(&config.outbox_path())?;
@@ -307,7 +358,8 @@ pub fn offline(config: &Config, node: String) -> Result<AgentStatus, OutboxError
             (f, state)
         })
         .collect();
-    status.apply_feeds(config, &feeds);
+    let catalog = Catalog::open(config, node_id(config)).ok();
+    status.apply_feeds(config, &feeds, catalog.as_ref());
     status.apply_totals(outbox.totals()?);
     status.source.position = outbox.position()?.unwrap_or_else(|| "-".into());
     Ok(status)

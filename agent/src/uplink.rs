@@ -15,7 +15,9 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use quinn::{ConnectionError, Endpoint, ReadError, WriteError};
-use shuyuan_protocol::message::{AgentReport, FeedPosition, Hello, Reject};
+use shuyuan_protocol::message::{
+    AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject,
+};
 use shuyuan_protocol::quic::{self, QuicError};
 use shuyuan_protocol::window::{SendWindow, WindowError};
 use shuyuan_protocol::{FeedId, Message, MessageV1, NodeKey, UnixMillis};
@@ -23,6 +25,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::AckNote;
+use crate::catalog::{Catalog, CatalogStoreError};
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError};
 use crate::status::{LinkState, StatusBoard};
@@ -67,6 +70,7 @@ pub struct Uplink {
     pub acks: Sender<AckNote>,
     pub sealed: Arc<Notify>,
     pub status: StatusBoard,
+    pub catalog: Catalog,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -287,6 +291,12 @@ impl Uplink {
         *established = true;
         tracing::info!(hub = %addr, hub_software = %welcome.software, "connected to the hub");
         self.set_link(LinkState::Connected, None);
+        let hub = self.config.hub.key;
+        self.catalog
+            .begin_sync(&hub)
+            .map_err(|e| SessionError::Setup(e.to_string()))?;
+        let catalog_changed = self.catalog.changed();
+        self.send_catalog(&mut send).await?;
 
         // The reader only ever holds acks and rejections for batches the
         // window let out, so its queue is bounded by the window.
@@ -321,10 +331,16 @@ impl Uplink {
                     return Ok(());
                 }
                 m = rx.recv() => match m {
+                    Some(Ok(Some(Message::V1(MessageV1::Catalog(sync))))) => {
+                        self.receive_catalog(sync).await;
+                        self.send_catalog(&mut send).await?;
+                    }
+                    Some(Ok(Some(Message::V1(MessageV1::CatalogRefused(r))))) => self.catalog_refused(&r),
                     Some(Ok(Some(Message::V1(m)))) => self.handle(&mut window, m)?,
                     Some(Ok(None)) | None => return Err(SessionError::Lost("the hub closed the stream".into())),
                     Some(Err(e)) => return Err(self.quic_error(e)),
                 },
+                _ = catalog_changed.notified() => self.send_catalog(&mut send).await?,
                 _ = self.sealed.notified() => {
                     for (feed, state) in self.outbox.feeds()? {
                         window.set_head(&feed, state.head.last_seq);
@@ -378,6 +394,54 @@ impl Uplink {
                 "unexpected message from the hub: {other:?}"
             ))),
         }
+    }
+
+    /// Sends every catalog sync message there is to send now.
+    async fn send_catalog(&self, send: &mut quinn::SendStream) -> Result<(), SessionError> {
+        let hub = self.config.hub.key;
+        while let Some(message) = self.catalog.next_message(&hub) {
+            let sync = CatalogSync {
+                department: self.config.department.clone(),
+                message,
+            };
+            quic::write_message(send, &MessageV1::Catalog(sync).into())
+                .await
+                .map_err(|e| self.quic_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// Applies the hub's catalog changes (review fields only).
+    async fn receive_catalog(&self, sync: CatalogSync) {
+        if sync.department != self.config.department {
+            tracing::warn!(department = %sync.department, "the hub sent another department's catalog; ignored");
+            return;
+        }
+        let catalog = self.catalog.clone();
+        let hub = self.config.hub.key;
+        let result =
+            tokio::task::spawn_blocking(move || catalog.receive(&hub, &sync.message)).await;
+        let error = match result {
+            Ok(Ok(())) => None,
+            Ok(Err(CatalogStoreError::Doc(e))) => {
+                Some(format!("refused the hub's catalog changes: {e}"))
+            }
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(text) = &error {
+            tracing::error!(error = %text, "catalog sync");
+        }
+        self.status.update(|s| s.hub.catalog_error = error);
+    }
+
+    fn catalog_refused(&self, r: &CatalogRefusal) {
+        let text = format!(
+            "the hub refused catalog changes: {} ({})",
+            r.detail, r.reason
+        );
+        tracing::error!(reason = %r.reason, detail = %r.detail, "the hub refused catalog changes");
+        self.status.update(|s| s.hub.catalog_error = Some(text));
     }
 
     fn record_rejection(&self, r: &Reject) {

@@ -6,8 +6,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use serde::Deserialize;
+use shuyuan_protocol::cycle::parse_duration;
 use shuyuan_protocol::service::{config_dir, parse_toml, read_config};
+
+use crate::catalog::deadline::{Calendar, parse_offset};
 
 pub use shuyuan_protocol::service::ConfigError;
 
@@ -15,6 +20,24 @@ pub use shuyuan_protocol::service::ConfigError;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     hub: RawHub,
+    #[serde(default)]
+    catalog: RawCatalog,
+    #[serde(default)]
+    freshness: RawFreshness,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    publication_deadline_days: Option<u32>,
+    holidays: Option<PathBuf>,
+    utc_offset: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFreshness {
+    grace: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,6 +73,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub max_connections: usize,
+    /// Working days within which an updated catalog entry must be
+    /// published after its table changed.
+    pub publication_deadline_days: u32,
+    /// Working days, holidays and make-up days, in the local time zone.
+    pub calendar: Calendar,
+    /// How late a change or zero-update may be, beyond the update cycle,
+    /// before the resource is overdue.
+    pub freshness_grace: Duration,
 }
 
 impl Config {
@@ -77,6 +108,38 @@ impl Config {
             Some(n) => n,
             None => 1024,
         };
+        let publication_deadline_days = match raw.catalog.publication_deadline_days {
+            None => 2,
+            Some(d @ 1..=30) => d,
+            Some(_) => {
+                return Err(err(
+                    "catalog.publication_deadline_days",
+                    "must be 1 to 30 working days (the regulations set 1 to 15)".into(),
+                ));
+            }
+        };
+        let offset = match &raw.catalog.utc_offset {
+            None => 480,
+            Some(o) => parse_offset(o).ok_or_else(|| {
+                err(
+                    "catalog.utc_offset",
+                    format!("{o:?} is not an offset such as \"+08:00\""),
+                )
+            })?,
+        };
+        let calendar = match &raw.catalog.holidays {
+            None => Calendar::weekdays(offset),
+            Some(p) => Calendar::load(&base.join(p), offset)?,
+        };
+        let freshness_grace = match &raw.freshness.grace {
+            None => Duration::from_secs(300),
+            Some(g) => parse_duration(g).ok_or_else(|| {
+                err(
+                    "freshness.grace",
+                    format!("{g:?} is not a duration such as \"5min\""),
+                )
+            })?,
+        };
         Ok(Config {
             file: path.to_owned(),
             name: raw.hub.name.unwrap_or_else(|| "shuyuan hub".to_string()),
@@ -84,6 +147,9 @@ impl Config {
             data_dir: base.join(raw.hub.data_dir),
             listen,
             max_connections,
+            publication_deadline_days,
+            calendar,
+            freshness_grace,
         })
     }
 
@@ -115,6 +181,23 @@ mod tests {
         assert_eq!(e.key, "hub.listen");
         assert!(
             e.to_string().starts_with("/srv/hub.toml: hub.listen: "),
+            "{e}"
+        );
+        assert_eq!(c.publication_deadline_days, 2);
+        let e = Config::parse(
+            Path::new("/srv/hub.toml"),
+            "[hub]\n[catalog]\npublication_deadline_days = 40\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "catalog.publication_deadline_days");
+        let e = Config::parse(
+            Path::new("/srv/hub.toml"),
+            "[hub]\n[catalog]\nholidays = \"missing.toml\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/srv/missing.toml: (file): cannot read"),
             "{e}"
         );
         let e = Config::parse(Path::new("/srv/hub.toml"), "[hub]\nport = 1\n").unwrap_err();

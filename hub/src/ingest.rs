@@ -16,16 +16,21 @@ use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream};
 use shuyuan_protocol::batch::BatchError;
+use shuyuan_protocol::catalog::doc::CatalogError;
 use shuyuan_protocol::encoding::decode;
-use shuyuan_protocol::message::{FeedPosition, Hello, Reject, Welcome};
+use shuyuan_protocol::message::{
+    CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, Welcome,
+};
 use shuyuan_protocol::quic::{self, QuicError};
 use shuyuan_protocol::{
-    BatchBody, FeedId, Message, MessageV1, NodeId, RejectReason, SignedBatch, UnixMillis,
+    BatchBody, DepartmentCode, FeedId, Message, MessageV1, NodeId, RejectReason, SignedBatch,
+    UnixMillis,
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::catalog::{HubCatalog, HubCatalogError};
 use crate::live::{ConnectionInfo, Live};
 use crate::peers::Peers;
 use crate::store::{AuditEntry, AuditKind, Enrollment, Incoming, Outcome, Store, VerifiedBatch};
@@ -41,6 +46,7 @@ pub struct Ingest {
     pub store: Store,
     pub peers: Arc<Peers>,
     pub live: Arc<Live>,
+    pub catalog: Arc<HubCatalog>,
 }
 
 /// Accepts connections until `cancel` fires, at most `max` at once.
@@ -167,7 +173,7 @@ async fn session(
         },
     );
     tracing::info!(software = %hello.software, resources = hello.resources.len(), "agent connected");
-    let result = stream_batches(ingest, id, peer, enrollment, send, &mut recv, cancel).await;
+    let result = stream_batches(ingest, id, peer, enrollment, send, recv, cancel).await;
     ingest.live.unregister(id);
     ingest.store.connection_closed(id);
     if let Err(SessionError::Refused(reason)) = &result {
@@ -222,21 +228,64 @@ async fn refuse_connection(
     SessionError::Refused(detail)
 }
 
+/// What the reply writer sends, in order.
+enum Outgoing {
+    /// A batch's ack or rejection, once the store has decided.
+    Outcome(oneshot::Receiver<Outcome>),
+    /// A message to send as it is (catalog sync).
+    Message(MessageV1),
+}
+
 async fn stream_batches(
     ingest: &Ingest,
     id: u64,
     peer: NodeId,
     enrollment: &Enrollment,
     send: SendStream,
-    recv: &mut RecvStream,
+    mut recv: RecvStream,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let (pending_tx, pending_rx) = mpsc::channel::<oneshot::Receiver<Outcome>>(PIPELINE);
-    let replies = tokio::spawn(write_replies(send, pending_rx));
+    let (out_tx, out_rx) = mpsc::channel::<Outgoing>(PIPELINE);
+    let replies = tokio::spawn(write_replies(send, out_rx));
+    // Reading is not cancel-safe, so it runs on its own and hands over whole
+    // messages; the bounded channel keeps QUIC flow control in charge.
+    let (in_tx, mut in_rx) = mpsc::channel(PIPELINE);
+    let reader = tokio::spawn(async move {
+        loop {
+            let m = quic::read_message(&mut recv).await;
+            let end = !matches!(m, Ok(Some(_)));
+            if in_tx.send(m).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    let department = &enrollment.department;
+    let mut catalog_changes = ingest.catalog.subscribe();
+    let catalog = async {
+        ingest.catalog.begin_sync(department, &peer).await?;
+        send_catalog(ingest, department, &peer, &out_tx).await
+    };
+    if let Err(e) = catalog.await {
+        tracing::warn!(error = %e, "cannot start catalog sync");
+    }
     let result = loop {
         let message = tokio::select! {
             _ = cancel.cancelled() => break Err(SessionError::Stopping),
-            m = quic::read_message(recv) => m,
+            changed = catalog_changes.recv() => {
+                let ours = match changed {
+                    Ok(d) => d == *department,
+                    Err(broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(broadcast::error::RecvError::Closed) => false,
+                };
+                if ours && let Err(e) = send_catalog(ingest, department, &peer, &out_tx).await {
+                    tracing::warn!(error = %e, "cannot send catalog changes");
+                }
+                continue;
+            }
+            m = in_rx.recv() => match m {
+                Some(m) => m,
+                None => Ok(None),
+            },
         };
         let message = match message {
             Ok(Some(Message::V1(m))) => m,
@@ -258,11 +307,14 @@ async fn stream_batches(
                     Ok(rx) => rx,
                     Err(_) => break Err(SessionError::Stopping),
                 };
-                if pending_tx.send(outcome).await.is_err() {
+                if out_tx.send(Outgoing::Outcome(outcome)).await.is_err() {
                     break Err(SessionError::Refused("could not write replies".into()));
                 }
             }
             MessageV1::Report(report) => ingest.live.report(id, report),
+            MessageV1::Catalog(sync) => {
+                receive_catalog(ingest, peer, enrollment, sync, &out_tx).await
+            }
             other => {
                 let detail = format!("unexpected message after Hello: {}", message_name(&other));
                 let mut entry = AuditEntry::new(AuditKind::ConnectionRefused, detail.clone());
@@ -273,9 +325,93 @@ async fn stream_batches(
             }
         }
     };
-    drop(pending_tx);
+    reader.abort();
+    drop(out_tx);
     let _ = replies.await;
     result
+}
+
+/// Queues every catalog sync message there is to send to this agent now.
+async fn send_catalog(
+    ingest: &Ingest,
+    department: &DepartmentCode,
+    peer: &NodeId,
+    out: &mpsc::Sender<Outgoing>,
+) -> Result<(), HubCatalogError> {
+    while let Some(message) = ingest.catalog.next_message(department, peer).await? {
+        let sync = CatalogSync {
+            department: department.clone(),
+            message,
+        };
+        if out
+            .send(Outgoing::Message(MessageV1::Catalog(sync)))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Applies an agent's catalog message, or refuses it with the reason (and
+/// audits the refusal); then answers with what the agent lacks.
+async fn receive_catalog(
+    ingest: &Ingest,
+    peer: NodeId,
+    enrollment: &Enrollment,
+    sync: CatalogSync,
+    out: &mpsc::Sender<Outgoing>,
+) {
+    let refusal = if sync.department != enrollment.department {
+        Some((
+            RejectReason::WrongDepartment,
+            format!(
+                "key {peer} is enrolled for department {}, not {}; a department edits only its own catalog",
+                enrollment.department, sync.department
+            ),
+        ))
+    } else {
+        match ingest
+            .catalog
+            .receive(&enrollment.department, &peer, &sync.message)
+            .await
+        {
+            Ok(()) => None,
+            Err(HubCatalogError::Doc(CatalogError::NotOwner(v))) => {
+                Some((RejectReason::NotOwner, v.join("; ")))
+            }
+            Err(HubCatalogError::Store(e)) => Some((RejectReason::Unavailable, e.to_string())),
+            Err(e) => Some((RejectReason::Malformed, e.to_string())),
+        }
+    };
+    match refusal {
+        None => {
+            if let Err(e) = send_catalog(ingest, &enrollment.department, &peer, out).await {
+                tracing::warn!(error = %e, "cannot answer catalog sync");
+            }
+        }
+        Some((reason, detail)) => {
+            tracing::warn!(%reason, %detail, "catalog changes refused");
+            if reason != RejectReason::Unavailable {
+                let mut entry = AuditEntry::new(
+                    AuditKind::CatalogRejected,
+                    format!("catalog of {}: {detail}", sync.department),
+                );
+                entry.peer = Some(peer);
+                entry.reason = Some(reason);
+                ingest.store.audit(entry);
+            }
+            let refusal = CatalogRefusal {
+                department: sync.department,
+                reason,
+                detail,
+            };
+            let _ = out
+                .send(Outgoing::Message(MessageV1::CatalogRefused(refusal)))
+                .await;
+        }
+    }
 }
 
 fn message_name(m: &MessageV1) -> &'static str {
@@ -286,15 +422,24 @@ fn message_name(m: &MessageV1) -> &'static str {
         MessageV1::Ack(_) => "Ack",
         MessageV1::Reject(_) => "Reject",
         MessageV1::Report(_) => "Report",
+        MessageV1::Catalog(_) => "Catalog",
+        MessageV1::CatalogRefused(_) => "CatalogRefused",
     }
 }
 
-/// Writes each batch's outcome in the order the batches arrived.
-async fn write_replies(
-    mut send: SendStream,
-    mut pending: mpsc::Receiver<oneshot::Receiver<Outcome>>,
-) {
-    while let Some(rx) = pending.recv().await {
+/// Writes each batch's outcome in the order the batches arrived, and the
+/// catalog messages between them.
+async fn write_replies(mut send: SendStream, mut pending: mpsc::Receiver<Outgoing>) {
+    while let Some(next) = pending.recv().await {
+        let rx = match next {
+            Outgoing::Outcome(rx) => rx,
+            Outgoing::Message(m) => {
+                if quic::write_message(&mut send, &m.into()).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
         let message = match rx.await {
             Ok(Outcome::Ack(a)) => MessageV1::Ack(a),
             Ok(Outcome::Reject(r)) => MessageV1::Reject(r),

@@ -8,6 +8,7 @@
 //! [`export`] read what the store holds.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod catalog;
 pub mod config;
 pub mod export;
 pub mod ingest;
@@ -29,6 +30,7 @@ use shuyuan_protocol::{DepartmentCode, NodeId, NodeKey, UnixMillis};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::catalog::{CityEntry, Filter, HubCatalog};
 use crate::config::Config;
 use crate::export::Format;
 use crate::ingest::Ingest;
@@ -36,7 +38,8 @@ use crate::live::Live;
 use crate::peers::Peers;
 use crate::status::{HubStatus, LiveFacts};
 use crate::store::redb::RedbBackend;
-use crate::store::{Enrollment, NodeKind, Store, StoreError, Writer};
+use crate::store::{AuditEntry, AuditKind, Enrollment, NodeKind, Store, StoreError, Writer};
+use shuyuan_protocol::catalog::{EntryState, Review, ReviewStatus};
 
 /// Why the hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,97 @@ pub enum ControlRequest {
     Audit {
         limit: usize,
     },
+    /// The city catalog, filtered: a list of [`CityEntry`].
+    CatalogList {
+        filter: Filter,
+    },
+    /// Approves or returns an entry.
+    CatalogReview(ReviewRequest),
+    /// The publication-deadline and yearly-review report: a list of [`Finding`].
+    CatalogDeadlines,
+}
+
+/// An administrator's verdict on a catalog entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReviewRequest {
+    /// The department, when several use the code.
+    pub department: Option<String>,
+    pub code: String,
+    /// Approve (审核通过), or return for changes (退回修改).
+    pub approve: bool,
+    pub reviewer: String,
+    pub remarks: String,
+}
+
+/// Checks and records a review (used online and offline).
+pub async fn review(
+    catalog: &HubCatalog,
+    store: &Store,
+    city: &[CityEntry],
+    request: &ReviewRequest,
+) -> Result<Review, String> {
+    let ReviewRequest {
+        department,
+        code,
+        approve,
+        reviewer,
+        remarks,
+    } = request;
+    let (code, approve) = (code.as_str(), *approve);
+    let entry = catalog::pick(city, code, department.as_deref()).map_err(|e| e.to_string())?;
+    if reviewer.trim().is_empty() {
+        return Err("name the reviewer (--reviewer)".into());
+    }
+    if !approve && remarks.trim().is_empty() {
+        return Err(
+            "an entry returned for changes needs remarks saying what to change (--remarks)".into(),
+        );
+    }
+    match entry.state {
+        EntryState::Draft => {
+            return Err(format!(
+                "entry {code} of {} is a draft: the department has not submitted it",
+                entry.department
+            ));
+        }
+        EntryState::Withdrawn => {
+            return Err(format!("entry {code} of {} is withdrawn", entry.department));
+        }
+        _ => {}
+    }
+    let department: DepartmentCode = entry
+        .department
+        .parse()
+        .map_err(|e: shuyuan_protocol::feed::CodeError| e.to_string())?;
+    let review = Review {
+        status: if approve {
+            ReviewStatus::Approved
+        } else {
+            ReviewStatus::Returned
+        },
+        reviewer: reviewer.trim().to_string(),
+        remarks: remarks.trim().to_string(),
+        reviewed_at: UnixMillis::now(),
+    };
+    catalog
+        .review(&department, code, &review)
+        .await
+        .map_err(|e| e.to_string())?;
+    let audit = AuditEntry::new(
+        AuditKind::CatalogReviewed,
+        format!(
+            "{} entry {code} of {department} by {}{}",
+            if approve { "approved" } else { "returned" },
+            review.reviewer,
+            if review.remarks.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", review.remarks)
+            }
+        ),
+    );
+    store.audit(audit);
+    Ok(review)
 }
 
 /// Validates the arguments of `enroll`.
@@ -120,6 +214,7 @@ struct Shared {
     store: Store,
     peers: Arc<Peers>,
     live: Arc<Live>,
+    catalog: Arc<HubCatalog>,
     local_addr: SocketAddr,
     started_at: UnixMillis,
 }
@@ -149,11 +244,13 @@ impl Hub {
             source,
         })?;
         let live = Arc::new(Live::default());
+        let catalog = Arc::new(HubCatalog::new(key.id(), store.clone()));
         let cancel = CancellationToken::new();
         let ingest = Arc::new(Ingest {
             store: store.clone(),
             peers: peers.clone(),
             live: live.clone(),
+            catalog: catalog.clone(),
         });
         let accept = tokio::spawn(ingest::serve(
             endpoint.clone(),
@@ -167,6 +264,7 @@ impl Hub {
             store: store.clone(),
             peers,
             live,
+            catalog,
             local_addr,
             started_at: UnixMillis::now(),
         });
@@ -245,6 +343,13 @@ async fn serve_request(
     }
 }
 
+/// The city catalog, filtered.
+async fn city(shared: &Shared, filter: &Filter) -> Result<Vec<CityEntry>, String> {
+    filter.validate()?;
+    let all = shared.catalog.city().await.map_err(|e| e.to_string())?;
+    Ok(all.into_iter().filter(|e| filter.matches(e)).collect())
+}
+
 async fn answer(
     shared: &Arc<Shared>,
     request: ControlRequest,
@@ -252,7 +357,7 @@ async fn answer(
 ) -> Result<(), String> {
     match request {
         ControlRequest::Status => {
-            let status = live_status(shared).map_err(|e| e.to_string())?;
+            let status = live_status(shared).await?;
             let body = serde_json::to_vec(&status).map_err(|e| e.to_string())?;
             control::write_ok(out).await.map_err(|e| e.to_string())?;
             let _ = out.write_all(&body).await;
@@ -287,6 +392,37 @@ async fn answer(
                 .await;
             let _ = out.write_all(b"\n").await;
         }
+        ControlRequest::CatalogList { filter } => {
+            let list = city(shared, &filter).await?;
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out
+                .write_all(&serde_json::to_vec(&list).unwrap_or_default())
+                .await;
+            let _ = out.write_all(b"\n").await;
+        }
+        ControlRequest::CatalogReview(request) => {
+            let all = shared.catalog.city().await.map_err(|e| e.to_string())?;
+            let review = review(&shared.catalog, &shared.store, &all, &request).await?;
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out
+                .write_all(&serde_json::to_vec(&review).unwrap_or_default())
+                .await;
+            let _ = out.write_all(b"\n").await;
+        }
+        ControlRequest::CatalogDeadlines => {
+            let all = shared.catalog.city().await.map_err(|e| e.to_string())?;
+            let list = catalog::findings(
+                &all,
+                UnixMillis::now(),
+                shared.config.publication_deadline_days,
+                &shared.config.calendar,
+            );
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out
+                .write_all(&serde_json::to_vec(&list).unwrap_or_default())
+                .await;
+            let _ = out.write_all(b"\n").await;
+        }
         ControlRequest::Export {
             resource,
             department,
@@ -315,7 +451,8 @@ async fn answer(
     Ok(())
 }
 
-fn live_status(shared: &Shared) -> Result<HubStatus, StoreError> {
+async fn live_status(shared: &Shared) -> Result<HubStatus, String> {
+    let city = shared.catalog.city().await.map_err(|e| e.to_string())?;
     status::collect(
         shared.store.backend(),
         &shared.config.name,
@@ -326,6 +463,9 @@ fn live_status(shared: &Shared) -> Result<HubStatus, StoreError> {
             started_at: Some(shared.started_at),
             connections: shared.live.connections(),
             handshakes_refused: shared.peers.refused(),
-        },
+            ..LiveFacts::default()
+        }
+        .with_catalog(&city, shared.config.freshness_grace),
     )
+    .map_err(|e| e.to_string())
 }

@@ -7,13 +7,16 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
+use shuyuan_hub::catalog::{CityEntry, Filter, Finding, FindingKind, HubCatalog, WaitingFor};
 use shuyuan_hub::config::Config;
 use shuyuan_hub::export::{self, Format};
 use shuyuan_hub::status::{self, HubStatus, LiveFacts, render_audit};
 use shuyuan_hub::store::redb::RedbBackend;
 use shuyuan_hub::store::{AuditEntry, Backend, Store, StoreError};
-use shuyuan_hub::{ControlRequest, Hub, enrollment};
+use shuyuan_hub::{ControlRequest, Hub, ReviewRequest, enrollment};
 use shuyuan_protocol::NodeKey;
+use shuyuan_protocol::UnixMillis;
+use shuyuan_protocol::catalog::form;
 use shuyuan_protocol::control::{self, ControlError};
 use shuyuan_protocol::service::{shutdown_signal, write_template_if_missing};
 
@@ -80,7 +83,7 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
-    /// Show the audit log (rejections, refused keys, enrollments), newest first.
+    /// Show the audit log (rejections, refused keys, enrollments, reviews), newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -88,6 +91,70 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The city data resource catalog (数据资源目录): every department's entries, merged; review; deadlines.
+    Catalog {
+        #[command(subcommand)]
+        action: CatalogAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CatalogAction {
+    /// List entries, one per line.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one entry with its review and what it still lacks.
+    Show {
+        code: String,
+        #[arg(long)]
+        department: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve an entry (审核通过) or return it for changes (退回修改); the verdict syncs to the department.
+    Review {
+        code: String,
+        #[arg(long)]
+        department: Option<String>,
+        /// Approve the entry.
+        #[arg(long, conflicts_with = "return_", required_unless_present = "return_")]
+        approve: bool,
+        /// Return the entry to the department for changes (needs --remarks).
+        #[arg(long = "return")]
+        return_: bool,
+        /// Who reviews (审核人).
+        #[arg(long)]
+        reviewer: String,
+        /// Remarks (审核意见).
+        #[arg(long, default_value = "")]
+        remarks: String,
+    },
+    /// Write the merged city catalog as JSON or CSV (the national form's columns plus department, state and review).
+    Export {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long, value_enum, default_value = "json")]
+        format: CatalogFormat,
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Entries whose table changed and whose update is not yet published (pending or overdue by the working-day
+    /// deadline), and published entries whose last review is more than a year old.
+    Deadlines {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CatalogFormat {
+    Json,
+    Csv,
 }
 
 fn main() -> ExitCode {
@@ -172,7 +239,14 @@ async fn run(cli: Cli) -> Result<()> {
                         let node = NodeKey::load(&config.key_file)
                             .map(|k| k.id().to_string())
                             .unwrap_or_else(|_| "(no key)".into());
-                        status::collect(&*backend, &config.name, node, false, LiveFacts::default())?
+                        let key = NodeKey::load(&config.key_file).map(|k| k.id()).ok();
+                        let city = match key {
+                            Some(k) => shuyuan_hub::catalog::city_from_store(&*backend, &k)?,
+                            None => Vec::new(),
+                        };
+                        let facts =
+                            LiveFacts::default().with_catalog(&city, config.freshness_grace);
+                        status::collect(&*backend, &config.name, node, false, facts)?
                     }
                     Err(e) => return Err(e.into()),
                 };
@@ -214,6 +288,7 @@ async fn run(cli: Cli) -> Result<()> {
             sink.flush()?;
             Ok(())
         }
+        Command::Catalog { action } => catalog(&config()?, action).await,
         Command::Audit { limit, json } => {
             let config = config()?;
             let mut out = Vec::new();
@@ -238,6 +313,228 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs a catalog command through the running hub, or on the store when the
+/// hub is not running.
+async fn catalog(config: &Config, action: CatalogAction) -> Result<()> {
+    let request = match &action {
+        CatalogAction::List { filter, .. } | CatalogAction::Export { filter, .. } => {
+            ControlRequest::CatalogList {
+                filter: filter.clone(),
+            }
+        }
+        CatalogAction::Show { .. } => ControlRequest::CatalogList {
+            filter: Filter::default(),
+        },
+        CatalogAction::Review {
+            code,
+            department,
+            approve,
+            reviewer,
+            remarks,
+            ..
+        } => ControlRequest::CatalogReview(ReviewRequest {
+            department: department.clone(),
+            code: code.clone(),
+            approve: *approve,
+            reviewer: reviewer.clone(),
+            remarks: remarks.clone(),
+        }),
+        CatalogAction::Deadlines { .. } => ControlRequest::CatalogDeadlines,
+    };
+    let mut out = Vec::new();
+    let answer: serde_json::Value =
+        match control::call(&config.control_socket(), &request, &mut out).await {
+            Ok(()) => serde_json::from_slice(&out)?,
+            Err(ControlError::NotRunning { .. }) => offline_catalog(config, request).await?,
+            Err(e) => return Err(e.into()),
+        };
+    match action {
+        CatalogAction::List { json, .. } => {
+            let list: Vec<CityEntry> = serde_json::from_value(answer)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for e in &list {
+                    println!(
+                        "{:<12} {:<16} {:<10} {:<10} {:<12} {:<10} {}",
+                        e.department,
+                        e.entry.code,
+                        e.state.english(),
+                        e.entry.resource_class.map_or("-", |c| c.english()),
+                        e.entry.share_type.map_or("-", |t| t.english()),
+                        e.entry
+                            .update_cycle
+                            .map_or_else(|| "-".to_string(), |c| c.to_string()),
+                        e.entry.name
+                    );
+                }
+                println!("{} entries", list.len());
+            }
+        }
+        CatalogAction::Show {
+            code,
+            department,
+            json,
+        } => {
+            let list: Vec<CityEntry> = serde_json::from_value(answer)?;
+            let e = shuyuan_hub::catalog::pick(&list, &code, department.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(e)?);
+            } else {
+                println!(
+                    "{}  {}  department {}  [{} {}]",
+                    e.entry.code,
+                    e.entry.name,
+                    e.department,
+                    e.state.english(),
+                    e.state.chinese()
+                );
+                for (field, label) in shuyuan_protocol::catalog::FIELDS.iter().skip(1) {
+                    let text = form::field_text(&e.entry, field);
+                    if !text.is_empty() {
+                        println!("  {label} ({field}): {text}");
+                    }
+                }
+                if let Some(r) = &e.review {
+                    println!(
+                        "  review (审核): {} {} by {} at {} {}",
+                        r.status.english(),
+                        r.status.chinese(),
+                        r.reviewer,
+                        r.reviewed_at,
+                        r.remarks
+                    );
+                }
+                for p in &e.problems {
+                    println!("  missing: {p}");
+                }
+            }
+        }
+        CatalogAction::Review { code, approve, .. } => {
+            let review: shuyuan_protocol::catalog::Review = serde_json::from_value(answer)?;
+            println!(
+                "{code}: {} ({}) by {}; the department receives the verdict with its next catalog sync",
+                if approve { "approved" } else { "returned" },
+                review.status.chinese(),
+                review.reviewer
+            );
+        }
+        CatalogAction::Export { format, output, .. } => {
+            let list: Vec<CityEntry> = serde_json::from_value(answer)?;
+            let bytes = match format {
+                CatalogFormat::Json => serde_json::to_vec_pretty(&list)?,
+                CatalogFormat::Csv => {
+                    let entries: Vec<_> = list.iter().map(|e| e.entry.clone()).collect();
+                    let extra = [
+                        (
+                            "部门代码",
+                            list.iter().map(|e| e.department.clone()).collect(),
+                        ),
+                        (
+                            "目录状态",
+                            list.iter().map(|e| e.state.chinese().to_string()).collect(),
+                        ),
+                        (
+                            "审核意见",
+                            list.iter()
+                                .map(|e| {
+                                    e.review
+                                        .as_ref()
+                                        .map(|r| r.remarks.clone())
+                                        .unwrap_or_default()
+                                })
+                                .collect(),
+                        ),
+                        (
+                            "发布日期",
+                            list.iter()
+                                .map(|e| match (&e.review, e.state) {
+                                    (Some(r), shuyuan_protocol::catalog::EntryState::Published) => {
+                                        r.reviewed_at.to_string()[..10].to_string()
+                                    }
+                                    _ => String::new(),
+                                })
+                                .collect(),
+                        ),
+                    ];
+                    let mut bytes = Vec::new();
+                    form::write_csv(&entries, &extra, &mut bytes)?;
+                    bytes
+                }
+            };
+            match output {
+                Some(p) => std::fs::write(&p, bytes)
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+                None => std::io::stdout().write_all(&bytes)?,
+            }
+        }
+        CatalogAction::Deadlines { json } => {
+            let list: Vec<Finding> = serde_json::from_value(answer)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for f in &list {
+                    let what = match f.kind {
+                        FindingKind::PublicationPending => "update to publish",
+                        FindingKind::PublicationOverdue => "OVERDUE update",
+                        FindingKind::AnnualReviewDue => "yearly review due",
+                    };
+                    let who = match f.waiting_for {
+                        Some(WaitingFor::Department) => "waiting for the department",
+                        Some(WaitingFor::Platform) => "waiting for the platform's review",
+                        None => "",
+                    };
+                    println!(
+                        "{:<12} {:<16} {what}{}{}; {who}  ({})",
+                        f.department,
+                        f.code,
+                        f.changed_at
+                            .map(|t| format!("; table changed {t}"))
+                            .unwrap_or_default(),
+                        f.due.map(|t| format!("; due {t}")).unwrap_or_default(),
+                        f.name
+                    );
+                }
+                println!("{} findings", list.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn offline_catalog(config: &Config, request: ControlRequest) -> Result<serde_json::Value> {
+    let backend = open_offline(config)?;
+    let node = NodeKey::load(&config.key_file)
+        .context("the catalog is written under the hub's key")?
+        .id();
+    let city = shuyuan_hub::catalog::city_from_store(&*backend, &node)?;
+    Ok(match request {
+        ControlRequest::CatalogList { filter } => {
+            filter.validate().map_err(|e| anyhow!(e))?;
+            serde_json::to_value(
+                city.into_iter()
+                    .filter(|e| filter.matches(e))
+                    .collect::<Vec<_>>(),
+            )?
+        }
+        ControlRequest::CatalogReview(request) => {
+            let (store, writer) = Store::start(backend)?;
+            let catalog = HubCatalog::new(node, store.clone());
+            let result = shuyuan_hub::review(&catalog, &store, &city, &request).await;
+            store.close().await;
+            tokio::task::spawn_blocking(move || writer.join()).await?;
+            serde_json::to_value(result.map_err(|e| anyhow!(e))?)?
+        }
+        ControlRequest::CatalogDeadlines => serde_json::to_value(shuyuan_hub::catalog::findings(
+            &city,
+            UnixMillis::now(),
+            config.publication_deadline_days,
+            &config.calendar,
+        ))?,
+        other => bail!("{other:?} is not a catalog request"),
+    })
 }
 
 fn open_offline(config: &Config) -> Result<Arc<RedbBackend>> {

@@ -9,10 +9,13 @@ use serde::{Deserialize, Serialize};
 use shuyuan_protocol::message::AgentReport;
 use shuyuan_protocol::{FeedId, UnixMillis};
 
+use crate::catalog::CityEntry;
 use crate::live::ConnectionInfo;
 use crate::store::{
     AuditEntry, Backend, Enrollment, FeedRecord, RejectionRecord, StoreError, ZeroUpdateRecord,
 };
+use shuyuan_protocol::UpdateCycle;
+use std::time::Duration;
 
 /// Everything `status` reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +61,13 @@ pub struct ResourceEntry {
     pub table: Option<String>,
     pub schema_version: u32,
     pub connected: bool,
+    /// The update cycle the department's catalog declares (更新周期).
+    pub update_cycle: Option<String>,
+    /// `on_time` (a change within the cycle plus grace), `zero_updated`
+    /// (零更新 within it), `overdue`, or `unknown` (no cycle declared yet).
+    pub freshness: String,
+    /// When the resource becomes overdue if nothing arrives.
+    pub fresh_until: Option<UnixMillis>,
     pub last_seq: u64,
     pub rows: u64,
     pub batches_applied: u64,
@@ -70,13 +80,62 @@ pub struct ResourceEntry {
     pub signer: Option<String>,
 }
 
-/// Live facts that only a running hub has.
+/// Facts beyond the feed store: what a running hub knows, and the update
+/// cycles its catalog declares.
 #[derive(Debug, Clone, Default)]
 pub struct LiveFacts {
     pub listen: Option<String>,
     pub started_at: Option<UnixMillis>,
     pub connections: Vec<ConnectionInfo>,
     pub handshakes_refused: u64,
+    /// Feed (`DEPT:RES`) -> the catalog's update cycle.
+    pub cycles: BTreeMap<String, UpdateCycle>,
+    pub grace: Duration,
+    pub now: UnixMillis,
+}
+
+impl LiveFacts {
+    /// The update cycles of every catalog entry.
+    pub fn with_catalog(mut self, city: &[CityEntry], grace: Duration) -> Self {
+        self.cycles = city
+            .iter()
+            .filter_map(|e| {
+                Some((
+                    format!("{}:{}", e.department, e.entry.code),
+                    e.entry.update_cycle?,
+                ))
+            })
+            .collect();
+        self.grace = grace;
+        self.now = UnixMillis::now();
+        self
+    }
+}
+
+/// The freshness rule: a resource is overdue when neither a change nor a
+/// zero-update arrived within its update cycle plus the grace.
+pub fn freshness(
+    r: &FeedRecord,
+    cycle: Option<UpdateCycle>,
+    now: UnixMillis,
+    grace: Duration,
+) -> (String, Option<UnixMillis>) {
+    let (Some(cycle), Some(last)) = (cycle, r.last_batch_received_at) else {
+        return ("unknown".into(), None);
+    };
+    let until = last.saturating_add(cycle.period()).saturating_add(grace);
+    let verdict = if now > until {
+        "overdue"
+    } else if r
+        .last_zero_update
+        .as_ref()
+        .is_some_and(|z| z.seq == r.cursor.last_seq)
+    {
+        "zero_updated"
+    } else {
+        "on_time"
+    };
+    (verdict.into(), Some(until))
 }
 
 /// Builds the status from the store and, for a running hub, its live state.
@@ -112,28 +171,35 @@ pub fn collect(
             .iter()
             .any(|c| c.department == f.department && c.resources.contains(&f.resource))
     };
-    for (feed, r) in &feeds {
-        {
-            department(&mut departments, feed.department.as_str())
-                .resources
-                .push(ResourceEntry {
-                    resource: feed.resource.to_string(),
-                    feed: feed.to_string(),
-                    table: r.schema.as_ref().map(|s| s.table.clone()),
-                    schema_version: r.schema.as_ref().map_or(0, |s| s.version),
-                    connected: connected(feed),
-                    last_seq: r.cursor.last_seq,
-                    rows: r.rows,
-                    batches_applied: r.batches_applied,
-                    changes_applied: r.changes_applied,
-                    last_batch_received_at: r.last_batch_received_at,
-                    last_change_at: r.last_change_at,
-                    last_zero_update: r.last_zero_update.clone(),
-                    rejected: r.rejected,
-                    last_rejection: r.last_rejection.clone(),
-                    signer: r.signer.map(|s| s.to_string()),
-                });
+    let entry = |feed: &FeedId, r: &FeedRecord| {
+        let cycle = live.cycles.get(&feed.to_string()).copied();
+        let (freshness, fresh_until) = freshness(r, cycle, live.now, live.grace);
+        ResourceEntry {
+            resource: feed.resource.to_string(),
+            feed: feed.to_string(),
+            table: r.schema.as_ref().map(|s| s.table.clone()),
+            schema_version: r.schema.as_ref().map_or(0, |s| s.version),
+            connected: connected(feed),
+            update_cycle: cycle.map(|c| c.to_string()),
+            freshness,
+            fresh_until,
+            last_seq: r.cursor.last_seq,
+            rows: r.rows,
+            batches_applied: r.batches_applied,
+            changes_applied: r.changes_applied,
+            last_batch_received_at: r.last_batch_received_at,
+            last_change_at: r.last_change_at,
+            last_zero_update: r.last_zero_update.clone(),
+            rejected: r.rejected,
+            last_rejection: r.last_rejection.clone(),
+            signer: r.signer.map(|s| s.to_string()),
         }
+    };
+    for (feed, r) in &feeds {
+        let e = entry(feed, r);
+        department(&mut departments, feed.department.as_str())
+            .resources
+            .push(e);
     }
     // Resources an agent announced but never sent a batch for.
     for c in &live.connections {
@@ -142,25 +208,10 @@ pub fn collect(
             if feeds.iter().any(|(f, _)| *f == feed) {
                 continue;
             }
+            let e = entry(&feed, &FeedRecord::default());
             let d = department(&mut departments, feed.department.as_str());
-            if !d.resources.iter().any(|r| r.feed == feed.to_string()) {
-                d.resources.push(ResourceEntry {
-                    resource: res.to_string(),
-                    feed: feed.to_string(),
-                    table: None,
-                    schema_version: 0,
-                    connected: true,
-                    last_seq: 0,
-                    rows: 0,
-                    batches_applied: 0,
-                    changes_applied: 0,
-                    last_batch_received_at: None,
-                    last_change_at: None,
-                    last_zero_update: None,
-                    rejected: 0,
-                    last_rejection: None,
-                    signer: None,
-                });
+            if !d.resources.iter().any(|r| r.feed == e.feed) {
+                d.resources.push(e);
             }
         }
     }
@@ -253,14 +304,19 @@ impl HubStatus {
             for r in &d.resources {
                 let _ = writeln!(
                     s,
-                    "  resource {}  table {}  {}",
+                    "  resource {}  table {}  {}  {}{}",
                     r.resource,
                     r.table.as_deref().unwrap_or("-"),
                     if r.connected {
                         "connected"
                     } else {
                         "disconnected"
-                    }
+                    },
+                    r.freshness,
+                    r.update_cycle
+                        .as_ref()
+                        .map(|c| format!(" (update cycle {c}, until {})", t(r.fresh_until)))
+                        .unwrap_or_default()
                 );
                 let _ = writeln!(
                     s,

@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 const DAY: u64 = 86_400;
 
-/// A resource's declared update cycle.
+/// A resource's declared update cycle. Encoded as its text form
+/// (`daily`, `30s`, ...) everywhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum UpdateCycle {
     /// 实时: changes flow as they happen; liveness is shown every
     /// [`UpdateCycle::REALTIME_HEARTBEAT`] when quiet.
@@ -106,8 +108,22 @@ impl fmt::Display for UpdateCycle {
             UpdateCycle::HalfYearly => f.write_str("half-yearly"),
             UpdateCycle::Yearly => f.write_str("yearly"),
             UpdateCycle::Irregular => f.write_str("irregular"),
-            UpdateCycle::Every(d) => write!(f, "every {}s", d.as_secs_f64()),
+            UpdateCycle::Every(d) if d.subsec_millis() == 0 => write!(f, "{}s", d.as_secs()),
+            UpdateCycle::Every(d) => write!(f, "{}ms", d.as_millis()),
         }
+    }
+}
+
+impl TryFrom<String> for UpdateCycle {
+    type Error = CycleError;
+    fn try_from(s: String) -> Result<Self, CycleError> {
+        s.parse()
+    }
+}
+
+impl From<UpdateCycle> for String {
+    fn from(c: UpdateCycle) -> String {
+        c.to_string()
     }
 }
 
@@ -172,5 +188,12 @@ mod tests {
         assert!("fortnightly".parse::<UpdateCycle>().is_err());
         assert!("5x".parse::<UpdateCycle>().is_err());
         assert_eq!(UpdateCycle::Yearly.period(), Duration::from_secs(365 * DAY));
+        for c in [
+            UpdateCycle::HalfYearly,
+            UpdateCycle::Every(Duration::from_secs(30)),
+            UpdateCycle::Every(Duration::from_millis(1500)),
+        ] {
+            assert_eq!(c.to_string().parse::<UpdateCycle>().unwrap(), c, "{c}");
+        }
     }
 }

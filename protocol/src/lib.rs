@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod batch;
+pub mod catalog;
 pub mod chain;
 pub mod change;
 #[cfg(feature = "service")]

@@ -11,6 +11,9 @@
 //! hub   -> agent Ack      (cumulative: every batch up to seq is durable)
 //!              | Reject   (reason code, and where to resend from)
 //! agent -> hub   Report   (outbox backlog, now and then)
+//! both ways      Catalog  (automerge sync messages of the department's
+//!                          catalog, until neither side has more to say)
+//! hub   -> agent CatalogRefused (a catalog message was not applied, why)
 //! ```
 
 use std::fmt;
@@ -40,6 +43,24 @@ pub enum MessageV1 {
     Ack(Ack),
     Reject(Reject),
     Report(AgentReport),
+    Catalog(CatalogSync),
+    CatalogRefused(CatalogRefusal),
+}
+
+/// One automerge sync message of a department's catalog document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogSync {
+    pub department: DepartmentCode,
+    /// `automerge::sync::Message::encode()` bytes.
+    pub message: Vec<u8>,
+}
+
+/// The hub did not apply a catalog sync message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogRefusal {
+    pub department: DepartmentCode,
+    pub reason: RejectReason,
+    pub detail: String,
 }
 
 impl From<MessageV1> for Message {
@@ -131,6 +152,8 @@ pub enum RejectReason {
     Unavailable,
     /// A message arrived out of turn.
     ProtocolViolation,
+    /// Catalog changes write fields the sender does not own.
+    NotOwner,
     /// A code this build does not know.
     Unknown(u16),
 }
@@ -150,6 +173,7 @@ impl RejectReason {
             RejectReason::TooLarge => 9,
             RejectReason::Unavailable => 10,
             RejectReason::ProtocolViolation => 11,
+            RejectReason::NotOwner => 12,
             RejectReason::Unknown(c) => c,
         }
     }
@@ -168,6 +192,7 @@ impl RejectReason {
             RejectReason::TooLarge => "too_large",
             RejectReason::Unavailable => "unavailable",
             RejectReason::ProtocolViolation => "protocol_violation",
+            RejectReason::NotOwner => "not_owner",
             RejectReason::Unknown(_) => "unknown",
         }
     }
@@ -187,6 +212,7 @@ impl From<u16> for RejectReason {
             9 => RejectReason::TooLarge,
             10 => RejectReason::Unavailable,
             11 => RejectReason::ProtocolViolation,
+            12 => RejectReason::NotOwner,
             c => RejectReason::Unknown(c),
         }
     }

@@ -8,7 +8,8 @@ use shuyuan_protocol::change::{Column, Op, RowChange, TableSchema};
 use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::frame::{Decoded, LENGTH_PREFIX, decode_frame, encode_frame};
 use shuyuan_protocol::message::{
-    Ack, AgentReport, FeedPosition, Hello, Message, MessageV1, Reject, RejectReason, Welcome,
+    Ack, AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Message, MessageV1, Reject,
+    RejectReason, Welcome,
 };
 use shuyuan_protocol::{FeedId, NodeKey, UnixMillis, Value};
 
@@ -133,6 +134,23 @@ fn message() -> impl Strategy<Value = Message> {
                         },
                     })
                     .collect(),
+            })
+        }),
+        (
+            "[A-Z0-9]{1,8}",
+            proptest::collection::vec(any::<u8>(), 0..300)
+        )
+            .prop_map(|(d, message)| {
+                MessageV1::Catalog(CatalogSync {
+                    department: d.parse().unwrap(),
+                    message,
+                })
+            }),
+        ("[A-Z0-9]{1,8}", any::<u16>(), any::<String>()).prop_map(|(d, code, detail)| {
+            MessageV1::CatalogRefused(CatalogRefusal {
+                department: d.parse().unwrap(),
+                reason: RejectReason::from(code),
+                detail,
             })
         }),
         (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(a, b, p)| MessageV1::Report(

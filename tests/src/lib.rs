@@ -272,6 +272,16 @@ impl HubProcess {
             .args(["status", "--json"]))?)?)
     }
 
+    /// Runs `shuyuan-hub catalog ARGS`.
+    pub fn catalog(&self, args: &[&str]) -> Result<String> {
+        run(self.cmd().arg("catalog").args(args))
+    }
+
+    /// The city catalog as JSON (`catalog list --json`).
+    pub fn catalog_list(&self) -> Result<Vec<Json>> {
+        Ok(serde_json::from_str(&self.catalog(&["list", "--json"])?)?)
+    }
+
     pub fn audit(&self) -> Result<Vec<Json>> {
         Ok(serde_json::from_str(&run(self
             .cmd()
@@ -393,6 +403,16 @@ impl AgentProcess {
         let mut c = Command::new(bin("shuyuan-agent"));
         c.arg("--config").arg(&self.config).env("RUST_LOG", "warn");
         c
+    }
+
+    /// Runs `shuyuan-agent catalog ARGS`.
+    pub fn catalog(&self, args: &[&str]) -> Result<String> {
+        run(self.cmd().arg("catalog").args(args))
+    }
+
+    /// The department's catalog as JSON (`catalog show --json`).
+    pub fn catalog_view(&self) -> Result<Json> {
+        Ok(serde_json::from_str(&self.catalog(&["show", "--json"])?)?)
     }
 
     pub fn install_triggers(&self) -> Result<String> {

@@ -738,7 +738,7 @@ mod tests {
             table: table.into(),
             key: key.iter().map(|s| s.to_string()).collect(),
             update_cycle: UpdateCycle::Daily,
-            heartbeat: Duration::from_secs(60),
+            heartbeat: None,
         }
     }
 

@@ -115,6 +115,11 @@ pub enum AuditKind {
     HandshakeRefused,
     /// A batch was refused.
     BatchRejected,
+    /// A catalog sync message was refused (not the sender's fields, or
+    /// another department's catalog).
+    CatalogRejected,
+    /// An entry of a department's catalog was reviewed.
+    CatalogReviewed,
     /// A key was enrolled.
     Enrolled,
     /// A connection broke the protocol or claimed another department.
@@ -195,6 +200,20 @@ pub enum WriteOp {
         enrollment: Enrollment,
         outcome: Option<Result<bool, StoreError>>,
     },
+    /// Stores a department's catalog document, with the sync state of the
+    /// peer whose message changed it, in one transaction.
+    SaveCatalog(CatalogSave),
+}
+
+/// A catalog document to store.
+#[derive(Debug, Clone)]
+pub struct CatalogSave {
+    pub department: DepartmentCode,
+    /// The whole document (`automerge` save format), unless only the sync
+    /// state moved.
+    pub document: Option<Vec<u8>>,
+    /// A peer's encoded sync state, stored with the document.
+    pub sync: Option<(NodeId, Vec<u8>)>,
 }
 
 /// A storage engine for the hub.
@@ -219,6 +238,16 @@ pub trait Backend: Send + Sync + 'static {
     fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
     /// How many audit entries exist.
     fn audit_count(&self) -> Result<u64, StoreError>;
+    /// A department's stored catalog document.
+    fn catalog(&self, department: &DepartmentCode) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every stored catalog document.
+    fn catalogs(&self) -> Result<Vec<(DepartmentCode, Vec<u8>)>, StoreError>;
+    /// The stored sync state of a peer for a department's catalog.
+    fn catalog_sync(
+        &self,
+        department: &DepartmentCode,
+        peer: &NodeId,
+    ) -> Result<Option<Vec<u8>>, StoreError>;
 }
 
 /// Which batches are pipelined successors of a rejected batch, per
@@ -274,6 +303,10 @@ enum Command {
     },
     Closed {
         conn: u64,
+    },
+    SaveCatalog {
+        save: CatalogSave,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
     Shutdown,
 }
@@ -373,6 +406,16 @@ impl Store {
         let _ = self.tx.try_send(Command::Closed { conn });
     }
 
+    /// Stores a catalog document (and a sync state) durably.
+    pub async fn save_catalog(&self, save: CatalogSave) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::SaveCatalog { save, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Asks the writer to finish what is queued and stop; later requests
     /// fail with [`StoreError::Closed`].
     pub async fn close(&self) {
@@ -432,6 +475,10 @@ fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
                     });
                     replies.push(Reply::Enroll(reply));
                 }
+                Command::SaveCatalog { save, reply } => {
+                    ops.push(WriteOp::SaveCatalog(save));
+                    replies.push(Reply::Saved(reply));
+                }
                 Command::Closed { conn } => discards.forget(conn),
                 Command::Shutdown => stopping = true,
             }
@@ -466,6 +513,9 @@ fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
                     };
                     let _ = reply.send(outcome);
                 }
+                (Reply::Saved(reply), WriteOp::SaveCatalog(_)) => {
+                    let _ = reply.send(result.clone());
+                }
                 (Reply::Enroll(reply), WriteOp::Enroll { outcome, .. }) => {
                     let r = match (&result, outcome) {
                         (Ok(()), Some(o)) => o,
@@ -488,4 +538,5 @@ enum Reply {
         reply: oneshot::Sender<Outcome>,
     },
     Enroll(oneshot::Sender<Result<bool, StoreError>>),
+    Saved(oneshot::Sender<Result<(), StoreError>>),
 }

@@ -7,6 +7,8 @@
 //! - `batches_v1`: (feed text, seq) -> the `SignedBatch` as received
 //! - `rows_v1`: (feed text, order-preserving key encoding) -> [`StoredRow`]
 //! - `audit_v1`: id -> [`AuditEntry`]
+//! - `catalogs_v1`: department code -> the department's catalog (automerge)
+//! - `catalog_sync_v1`: (department code, peer key) -> automerge sync state
 //! - `migrations_v1`: migration name -> unix millis applied
 
 use std::path::Path;
@@ -22,7 +24,8 @@ use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::message::{Ack, Reject};
 use shuyuan_protocol::value::encode_key;
 use shuyuan_protocol::{
-    BatchHash, ChainError, FeedId, NodeId, RejectReason, SignedBatch, TableSchema, UnixMillis,
+    BatchHash, ChainError, DepartmentCode, FeedId, NodeId, RejectReason, SignedBatch, TableSchema,
+    UnixMillis,
 };
 
 use super::{
@@ -36,6 +39,8 @@ const SCHEMAS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("schem
 const BATCHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("batches_v1");
 const ROWS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("rows_v1");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_v1");
+const CATALOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("catalogs_v1");
+const CATALOG_SYNC: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("catalog_sync_v1");
 const MIGRATIONS: TableDefinition<&str, i64> = TableDefinition::new("migrations_v1");
 
 /// How long `open` waits for another process to let go of the file.
@@ -43,7 +48,7 @@ const OPEN_ATTEMPTS: u32 = 50;
 const OPEN_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Named, idempotent migrations, applied once each in order.
-const MIGRATION_NAMES: &[&str] = &["0001-create-tables"];
+const MIGRATION_NAMES: &[&str] = &["0001-create-tables", "0002-catalogs"];
 
 fn storage(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Storage(e.into().to_string())
@@ -110,6 +115,10 @@ impl RedbBackend {
                     tx.open_table(BATCHES).map_err(storage)?;
                     tx.open_table(ROWS).map_err(storage)?;
                     tx.open_table(AUDIT).map_err(storage)?;
+                }
+                if *name == "0002-catalogs" {
+                    tx.open_table(CATALOGS).map_err(storage)?;
+                    tx.open_table(CATALOG_SYNC).map_err(storage)?;
                 }
                 done.insert(*name, UnixMillis::now().0).map_err(storage)?;
             }
@@ -417,6 +426,21 @@ impl Backend for RedbBackend {
                         *outcome = Some(result);
                     }
                     WriteOp::Audit(entry) => t.audit(entry.clone())?,
+                    WriteOp::SaveCatalog(save) => {
+                        if let Some(document) = &save.document {
+                            let mut docs = tx.open_table(CATALOGS).map_err(storage)?;
+                            docs.insert(save.department.as_str(), document.as_slice())
+                                .map_err(storage)?;
+                        }
+                        if let Some((peer, state)) = &save.sync {
+                            let mut sync = tx.open_table(CATALOG_SYNC).map_err(storage)?;
+                            sync.insert(
+                                (save.department.as_str(), peer.as_bytes().as_slice()),
+                                state.as_slice(),
+                            )
+                            .map_err(storage)?;
+                        }
+                    }
                     WriteOp::Enroll {
                         key,
                         enrollment,
@@ -537,6 +561,43 @@ impl Backend for RedbBackend {
             out.push(dec(|| format!("audit entry {}", k.value()), v.value())?);
         }
         Ok(out)
+    }
+
+    fn catalog(&self, department: &DepartmentCode) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(CATALOGS).map_err(storage)?;
+        Ok(table
+            .get(department.as_str())
+            .map_err(storage)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn catalogs(&self) -> Result<Vec<(DepartmentCode, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(CATALOGS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let dept = DepartmentCode::new(k.value()).map_err(|e| StoreError::Corrupt {
+                what: format!("catalog key {}", k.value()),
+                reason: e.to_string(),
+            })?;
+            out.push((dept, v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn catalog_sync(
+        &self,
+        department: &DepartmentCode,
+        peer: &NodeId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(CATALOG_SYNC).map_err(storage)?;
+        Ok(table
+            .get((department.as_str(), peer.as_bytes().as_slice()))
+            .map_err(storage)?
+            .map(|v| v.value().to_vec()))
     }
 
     fn audit_count(&self) -> Result<u64, StoreError> {
