@@ -217,6 +217,13 @@ impl Catalog {
         (inner.doc.entries(), inner.doc.reviews())
     }
 
+    /// One entry and its review.
+    pub fn entry(&self, code: &str) -> Option<(CatalogEntry, Option<Review>)> {
+        let inner = self.lock();
+        let entry = inner.doc.entry(code)?;
+        Some((entry, inner.doc.review(code)))
+    }
+
     /// The update cycle the catalog declares for a resource.
     pub fn update_cycle(&self, code: &ResourceCode) -> Option<UpdateCycle> {
         self.lock()

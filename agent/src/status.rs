@@ -169,20 +169,20 @@ impl AgentStatus {
         feeds: &[(FeedId, FeedState)],
         catalog: Option<&Catalog>,
     ) {
-        let (entries, reviews) = catalog.map(Catalog::snapshot).unwrap_or_default();
         for (r, (cfg, (_, state))) in self
             .resources
             .iter_mut()
             .zip(config.resources.iter().zip(feeds))
         {
-            let entry = entries.get(cfg.code.as_str());
+            let found = catalog.and_then(|c| c.entry(cfg.code.as_str()));
+            let entry = found.as_ref().map(|(e, _)| e);
             let cycle = entry.and_then(|e| e.update_cycle);
             r.update_cycle = cycle.unwrap_or(cfg.update_cycle).to_string();
             r.update_cycle_source = if cycle.is_some() { "catalog" } else { "config" }.to_string();
             let heartbeat = cfg.heartbeat_under(cycle.unwrap_or(cfg.update_cycle));
             r.heartbeat_secs = heartbeat.as_secs();
-            if let Some(e) = entry {
-                let review = reviews.get(cfg.code.as_str());
+            if let Some((e, review)) = &found {
+                let review = review.as_ref();
                 r.catalog_state = Some(EntryState::of(e, review).english().to_string());
                 r.catalog_remarks = review.map(|v| v.remarks.clone()).filter(|s| !s.is_empty());
             }

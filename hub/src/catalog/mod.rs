@@ -38,6 +38,8 @@ pub enum HubCatalogError {
 
 #[derive(Default)]
 struct State {
+    /// Every stored document has been loaded into `docs`.
+    all_loaded: bool,
     docs: BTreeMap<DepartmentCode, CatalogDoc>,
     sessions: BTreeMap<(DepartmentCode, NodeId), sync::State>,
 }
@@ -90,7 +92,7 @@ impl HubCatalog {
         f: impl FnOnce(&mut CatalogDoc, &mut BTreeMap<(DepartmentCode, NodeId), sync::State>) -> T,
     ) -> Result<T, HubCatalogError> {
         let mut guard = self.state.lock().await;
-        let State { docs, sessions } = &mut *guard;
+        let State { docs, sessions, .. } = &mut *guard;
         if !docs.contains_key(department) {
             let doc = load(self.store.backend(), &self.node, department)?;
             docs.insert(department.clone(), doc);
@@ -194,22 +196,25 @@ impl HubCatalog {
         Ok(())
     }
 
-    /// Every department's entries and reviews (from memory where loaded,
-    /// else from the store).
+    /// Every department's entries and reviews (all documents stay in
+    /// memory once read).
     pub async fn city(&self) -> Result<Vec<CityEntry>, HubCatalogError> {
-        let stored = self.store.backend().catalogs()?;
-        let state = self.state.lock().await;
-        let mut out = Vec::new();
-        for (department, bytes) in stored {
-            match state.docs.get(&department) {
-                Some(doc) => out.extend(city_entries(&department, doc)),
-                None => out.extend(city_entries(
-                    &department,
-                    &CatalogDoc::load(&bytes, &self.node)?,
-                )),
+        let mut state = self.state.lock().await;
+        if !state.all_loaded {
+            for (department, bytes) in self.store.backend().catalogs()? {
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    state.docs.entry(department)
+                {
+                    slot.insert(CatalogDoc::load(&bytes, &self.node)?);
+                }
             }
+            state.all_loaded = true;
         }
-        Ok(out)
+        Ok(state
+            .docs
+            .iter()
+            .flat_map(|(department, doc)| city_entries(department, doc))
+            .collect())
     }
 }
 

@@ -32,7 +32,7 @@ use automerge::sync::{self, SyncDoc};
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, AutoCommit, ChangeHash, ObjType, ROOT, ReadDoc, ScalarValue, Value};
 
-use super::{CatalogEntry, DataItem, Lifecycle, Review, ReviewStatus};
+use super::{CatalogEntry, DataItem, Lifecycle, Review};
 use crate::feed::DepartmentCode;
 use crate::identity::NodeId;
 use crate::time::UnixMillis;
@@ -140,6 +140,16 @@ fn entry_fields(e: &CatalogEntry) -> BTreeMap<String, ScalarValue> {
         }
     }
     f
+}
+
+/// A review from its stored fields (none if its status is unreadable).
+fn review_from(f: &BTreeMap<String, ScalarValue>) -> Option<Review> {
+    Some(Review {
+        status: text(f, "status").parse().ok()?,
+        reviewer: text(f, "reviewer"),
+        remarks: text(f, "remarks"),
+        reviewed_at: UnixMillis(int(f, "reviewed_at").unwrap_or(0)),
+    })
 }
 
 /// An entry from its stored fields (unknown or unreadable values are left
@@ -343,36 +353,36 @@ impl CatalogDoc {
 
     /// One entry.
     pub fn entry(&self, code: &str) -> Option<CatalogEntry> {
-        let obj = self.map(&ROOT, "entries")?;
+        let fields = self.fields_of("entries", code);
+        (!fields.is_empty()).then(|| entry_from(code, &fields))
+    }
+
+    /// The fields of one code in `map` (a key range of the flat map).
+    fn fields_of(&self, map: &str, code: &str) -> BTreeMap<String, ScalarValue> {
+        let Some(obj) = self.map(&ROOT, map) else {
+            return BTreeMap::new();
+        };
         let lo = format!("{code}{SEP}");
         let hi = format!("{code}{}", char::from(0x20));
-        let fields: BTreeMap<String, ScalarValue> = self
-            .doc
+        self.doc
             .map_range(&obj, lo..hi)
             .filter_map(|item| {
                 let field = item.key.split_once(SEP)?.1.to_string();
                 scalar(&automerge::Value::from(item.value.clone())).map(|v| (field, v))
             })
-            .collect();
-        (!fields.is_empty()).then(|| entry_from(code, &fields))
+            .collect()
+    }
+
+    /// The review of one entry.
+    pub fn review(&self, code: &str) -> Option<Review> {
+        review_from(&self.fields_of("reviews", code))
     }
 
     /// Every review, by code.
     pub fn reviews(&self) -> BTreeMap<String, Review> {
         self.fields("reviews")
             .into_iter()
-            .filter_map(|(code, f)| {
-                let status: ReviewStatus = text(&f, "status").parse().ok()?;
-                Some((
-                    code,
-                    Review {
-                        status,
-                        reviewer: text(&f, "reviewer"),
-                        remarks: text(&f, "remarks"),
-                        reviewed_at: UnixMillis(int(&f, "reviewed_at").unwrap_or(0)),
-                    },
-                ))
-            })
+            .filter_map(|(code, f)| Some((code, review_from(&f)?)))
             .collect()
     }
 
@@ -566,7 +576,7 @@ pub fn submit(entry: &mut CatalogEntry, now: UnixMillis) {
 mod tests {
     use super::*;
     use crate::NodeKey;
-    use crate::catalog::{ResourceClass, ShareType};
+    use crate::catalog::{ResourceClass, ReviewStatus, ShareType};
 
     fn dept() -> DepartmentCode {
         "GA-330902".parse().unwrap()
