@@ -7,6 +7,7 @@
 //! nothing running.
 
 pub mod data;
+pub mod peer;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt;
@@ -314,6 +315,14 @@ impl HubProcess {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("hub.log")).unwrap_or_default()
     }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc
+            .as_ref()
+            .and_then(|p| p.child.as_ref())
+            .map(Child::id)
+    }
 }
 
 /// One shared table of an agent.
@@ -323,6 +332,7 @@ pub struct ResourceSpec {
     pub table: String,
     pub key: Vec<String>,
     pub cycle: String,
+    pub heartbeat: Option<String>,
 }
 
 impl ResourceSpec {
@@ -332,7 +342,15 @@ impl ResourceSpec {
             table: table.into(),
             key: key.iter().map(|s| s.to_string()).collect(),
             cycle: cycle.into(),
+            heartbeat: None,
         }
+    }
+
+    /// Sends a zero-update after this long without changes (shorter than
+    /// the cycle).
+    pub fn heartbeat(mut self, every: &str) -> Self {
+        self.heartbeat = Some(every.into());
+        self
     }
 }
 
@@ -380,6 +398,9 @@ impl AgentProcess {
                     .join(", "),
                 r.cycle
             ));
+            if let Some(h) = &r.heartbeat {
+                text.push_str(&format!("heartbeat = \"{h}\"\n"));
+            }
         }
         let config = dir.join("agent.toml");
         std::fs::write(&config, text)?;

@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use serde_json::Value as Json;
-use shuyuan_protocol::catalog::doc::{CatalogDoc, Sender};
+use shuyuan_protocol::catalog::doc::CatalogDoc;
 use shuyuan_protocol::catalog::{CatalogEntry, Review, ReviewStatus};
-use shuyuan_protocol::message::{CatalogRefusal, CatalogSync, Hello};
-use shuyuan_protocol::quic;
-use shuyuan_protocol::{Message, MessageV1, NodeId, NodeKey, RejectReason, UnixMillis};
+use shuyuan_protocol::{NodeKey, RejectReason, UnixMillis};
 use shuyuan_tests::data;
+use shuyuan_tests::peer::CatalogPeer;
 use shuyuan_tests::{AgentProcess, ResourceSpec, Sandbox, bin, wait_for};
 
 const CODE: &str = "101001/00001";
@@ -171,98 +170,13 @@ fn entries_are_submitted_reviewed_and_edited_offline_on_both_sides() -> Result<(
     Ok(())
 }
 
-/// A hand-driven agent speaking the catalog protocol.
-struct Peer {
-    _endpoint: quinn::Endpoint,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-impl Peer {
-    async fn connect(sb: &Sandbox, key: &NodeKey, department: &str) -> Result<Peer> {
-        let hub_key: NodeId = sb.hub.key.parse()?;
-        let endpoint = quic::client_endpoint(sb.hub.addr)?;
-        let conn = endpoint
-            .connect_with(
-                quic::client_config(key, hub_key)?,
-                sb.hub.addr,
-                quic::SERVER_NAME,
-            )?
-            .await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        let hello = Hello {
-            software: "test-peer".into(),
-            department: department.parse()?,
-            resources: vec![],
-        };
-        quic::write_message(&mut send, &MessageV1::Hello(hello).into()).await?;
-        match quic::read_message(&mut recv).await? {
-            Some(Message::V1(MessageV1::Welcome(_))) => {}
-            other => return Err(anyhow!("expected Welcome, got {other:?}")),
-        }
-        Ok(Peer {
-            _endpoint: endpoint,
-            send,
-            recv,
-        })
-    }
-
-    async fn send_sync(&mut self, department: &str, message: Vec<u8>) -> Result<()> {
-        let sync = CatalogSync {
-            department: department.parse()?,
-            message,
-        };
-        Ok(quic::write_message(&mut self.send, &MessageV1::Catalog(sync).into()).await?)
-    }
-
-    /// Syncs `doc` with the hub (as `department`) until neither side has
-    /// more to say, or the hub refuses a message.
-    async fn converse(
-        &mut self,
-        doc: &mut CatalogDoc,
-        department: &str,
-    ) -> Result<Option<CatalogRefusal>> {
-        // Whatever is still on its way belongs to an earlier conversation.
-        while let Ok(m) = tokio::time::timeout(
-            Duration::from_millis(500),
-            quic::read_message(&mut self.recv),
-        )
-        .await
-        {
-            m?;
-        }
-        let mut state = automerge::sync::State::new();
-        for _ in 0..50 {
-            while let Some(m) = doc.generate_sync(&mut state) {
-                self.send_sync(department, m).await?;
-            }
-            match tokio::time::timeout(
-                Duration::from_millis(700),
-                quic::read_message(&mut self.recv),
-            )
-            .await
-            {
-                Err(_) => return Ok(None), // quiet
-                Ok(m) => match m? {
-                    Some(Message::V1(MessageV1::Catalog(s))) => {
-                        doc.receive_checked(&mut state, &s.message, Sender::Platform)?
-                    }
-                    Some(Message::V1(MessageV1::CatalogRefused(r))) => return Ok(Some(r)),
-                    other => return Err(anyhow!("unexpected {other:?}")),
-                },
-            }
-        }
-        Err(anyhow!("catalog sync did not settle"))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_fields_and_foreign_catalogs_are_refused_and_audited() -> Result<()> {
     let mut sb = Sandbox::new()?;
     sb.hub.start()?;
     let key = NodeKey::generate()?;
     sb.hub.enroll("MZ", "民政局", &key.id().to_string())?;
-    let mut peer = Peer::connect(&sb, &key, "MZ").await?;
+    let mut peer = CatalogPeer::connect(sb.hub.addr, &sb.hub.key, &key, "MZ").await?;
 
     // A department replica that approves its own entry.
     let mut rogue = CatalogDoc::new(&"MZ".parse()?, &key.id())?;
@@ -282,9 +196,11 @@ async fn review_fields_and_foreign_catalogs_are_refused_and_audited() -> Result<
             reviewed_at: UnixMillis::now(),
         },
     )?;
+    let quiet = Duration::from_millis(700);
     let refusal = peer
-        .converse(&mut rogue, "MZ")
+        .converse(&mut rogue, "MZ", quiet)
         .await?
+        .refusal
         .expect("the self-approval is refused");
     assert_eq!(refusal.reason, RejectReason::NotOwner);
     assert!(
@@ -302,16 +218,21 @@ async fn review_fields_and_foreign_catalogs_are_refused_and_audited() -> Result<
         name: "x".into(),
         ..CatalogEntry::default()
     })?;
+    peer.drain().await?;
+    peer.reset();
     let refusal = peer
-        .converse(&mut foreign, "GA")
+        .converse(&mut foreign, "GA", quiet)
         .await?
+        .refusal
         .expect("the foreign catalog is refused");
     assert_eq!(refusal.reason, RejectReason::WrongDepartment);
 
     // An honest edit in the same session still lands.
     let mut honest = CatalogDoc::new(&"MZ".parse()?, &key.id())?;
     honest.put_entry(&entry)?;
-    let answer = peer.converse(&mut honest, "MZ").await?;
+    peer.drain().await?;
+    peer.reset();
+    let answer = peer.converse(&mut honest, "MZ", quiet).await?.refusal;
     assert!(answer.is_none(), "the honest edit is accepted: {answer:?}");
     let at_hub = wait_for(
         "the honest entry at the hub",

@@ -26,9 +26,10 @@ fn the_demo_runs_and_ends_in_sync() -> Result<()> {
         "{stdout}"
     );
     assert!(
-        stdout.contains("ZR-330902:A03/0009") && stdout.contains("zero-update #"),
+        stdout.contains("ZR-330902:301015/00009") && stdout.contains("zero-update #"),
         "{stdout}"
     );
+    assert!(stdout.contains("2 approved by the platform"), "{stdout}");
     assert!(
         stdout.contains("shuyuan-hub --config") && stdout.contains(" status"),
         "it says how to watch: {stdout}"

@@ -37,6 +37,10 @@ pub const COLUMNS: &[(&str, &str)] = &[
     ("撤销原因", "withdraw_reason"),
 ];
 
+/// Columns a form may carry that are not the department's to set: they are
+/// checked and otherwise ignored on import (the platform's export adds them).
+pub const READ_ONLY_COLUMNS: &[(&str, &str)] = &[("发布日期", "publish_date")];
+
 /// One bad cell (or a bad file).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FormError {
@@ -67,7 +71,6 @@ pub struct FormErrors(pub Vec<FormError>);
 /// lists are separated by `;` (or `,`); an empty value clears the field.
 pub fn set_field(entry: &mut CatalogEntry, field: &str, value: &str) -> Result<(), String> {
     let v = value.trim();
-    let opt = |v: &str| -> Option<String> { (!v.is_empty()).then(|| v.to_string()) };
     let list = |v: &str| -> Vec<String> {
         v.split([';', ',', '；', '，'])
             .map(str::trim)
@@ -109,8 +112,15 @@ pub fn set_field(entry: &mut CatalogEntry, field: &str, value: &str) -> Result<(
         }
         "related" => entry.related = list(v),
         "data_items" => entry.data_items = parse_items(v)?,
+        // The platform sets the publish date when it approves an entry; a
+        // form may carry the date of an earlier publication, which is kept
+        // out of the department's fields.
+        "publish_date" => {
+            if !v.is_empty() && crate::value::Value::Date(v.to_string()).check().is_err() {
+                return Err(format!("{v:?} is not a date YYYY-MM-DD"));
+            }
+        }
         other => {
-            let _ = opt(other);
             return Err(format!(
                 "unknown field {other:?}; fields are {}",
                 super::FIELDS
@@ -288,7 +298,11 @@ pub fn read_csv(input: &[u8]) -> Result<Vec<CatalogEntry>, FormErrors> {
     let mut fields = Vec::new();
     for h in headers.iter() {
         let h = h.trim();
-        match COLUMNS.iter().find(|(label, key)| *label == h || *key == h) {
+        match COLUMNS
+            .iter()
+            .chain(READ_ONLY_COLUMNS)
+            .find(|(label, key)| *label == h || *key == h)
+        {
             Some((_, key)) => fields.push(*key),
             None => {
                 return Err(file_err(format!(
@@ -325,9 +339,13 @@ pub fn read_csv(input: &[u8]) -> Result<Vec<CatalogEntry>, FormErrors> {
         let mut e = CatalogEntry::default();
         for (field, cell) in fields.iter().zip(record.iter()) {
             if let Err(m) = set_field(&mut e, field, cell) {
+                let column = READ_ONLY_COLUMNS
+                    .iter()
+                    .find(|(_, k)| k == field)
+                    .map_or_else(|| label(field), |(l, _)| *l);
                 errors.push(FormError {
                     row,
-                    column: label(field).to_string(),
+                    column: column.to_string(),
                     message: m,
                 });
             }
@@ -434,6 +452,16 @@ mod tests {
         assert_eq!(back, entries);
         let toml = write_toml(&entries).unwrap();
         assert_eq!(read_toml(&toml).unwrap(), entries);
+    }
+
+    #[test]
+    fn the_platforms_publish_date_column_is_accepted_and_ignored() {
+        let form = "信息资源代码,发布日期\n101001/00001,2026-03-01\n";
+        let e = read_csv(form.as_bytes()).unwrap();
+        assert_eq!(e[0].code, "101001/00001");
+        let bad = "信息资源代码,发布日期\n101001/00001,next spring\n";
+        let err = read_csv(bad.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("row 1, column 发布日期"), "{err}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ fn departments() -> Vec<Department> {
             name: "定海区公安分局 public security",
             short: "ga",
             resources: vec![ResourceSpec::new(
-                "A01/0001",
+                "101001/00001",
                 "household",
                 &["id_number"],
                 "realtime",
@@ -55,7 +55,7 @@ fn departments() -> Vec<Department> {
             name: "定海区市场监督管理局 market regulation",
             short: "sc",
             resources: vec![ResourceSpec::new(
-                "A02/0003",
+                "102001/00003",
                 "business_licence",
                 &["credit_code"],
                 "daily",
@@ -69,12 +69,18 @@ fn departments() -> Vec<Department> {
             short: "zr",
             resources: vec![
                 ResourceSpec::new(
-                    "A03/0007",
+                    "103001/00007",
                     "land_parcel",
                     &["district", "parcel_no"],
                     "daily",
                 ),
-                ResourceSpec::new("A03/0009", "planning_permit", &["permit_no"], "10s"),
+                ResourceSpec::new(
+                    "301015/00009",
+                    "planning_permit",
+                    &["permit_no"],
+                    "irregular",
+                )
+                .heartbeat("10s"),
             ],
             busy: vec!["land_parcel"],
             ddl: vec![data::PARCEL_DDL, data::PERMIT_DDL],
@@ -147,6 +153,38 @@ async fn main() -> Result<()> {
     for a in &mut agents {
         a.start()?;
     }
+    // Each department fills in its catalog (数据资源目录) from a form and
+    // submits it; the platform approves two departments' entries and leaves
+    // the third waiting for review.
+    for (a, (_, d)) in agents.iter().zip(&dbs) {
+        shuyuan_tests::wait_for(
+            "the agent to read its tables",
+            Duration::from_secs(30),
+            || {
+                let s = a.status()?;
+                let read = s["resources"]
+                    .as_array()
+                    .is_some_and(|rs| rs.iter().all(|r| r["schema_version"].as_u64() > Some(0)));
+                Ok(read.then_some(()))
+            },
+        )?;
+        let form = a.dir.join("catalog.csv");
+        std::fs::write(&form, catalog_form(d))?;
+        a.catalog(&["import", form.to_str().unwrap_or_default()])?;
+    }
+    wait_for_submissions(&hub, 4)?;
+    for code in ["101001/00001", "102001/00003"] {
+        hub.catalog(&[
+            "review",
+            code,
+            "--approve",
+            "--reviewer",
+            "市大数据局 王审核",
+        ])?;
+    }
+    println!(
+        "catalogs: 4 entries submitted; 2 approved by the platform, 2 awaiting review (catalog list shows them)"
+    );
 
     let hub_cmd = format!(
         "{} --config {}",
@@ -154,7 +192,7 @@ async fn main() -> Result<()> {
         hub.config.display()
     );
     println!(
-        "\nchanges are flowing; the planning permits (A03/0009) stay quiet and report a zero-update every 10 s."
+        "\nchanges are flowing; the planning permits (301015/00009) stay quiet and report a zero-update every 10 s."
     );
     println!("watch it from another terminal:");
     println!("  {hub_cmd} status");
@@ -165,7 +203,9 @@ async fn main() -> Result<()> {
             a.config.display()
         );
     }
-    println!("  {hub_cmd} export A01/0001 --format csv | head");
+    println!("  {hub_cmd} export 101001/00001 --format csv | head");
+    println!("  {hub_cmd} catalog list");
+    println!("  {hub_cmd} catalog deadlines");
     println!("  {hub_cmd} audit");
     println!("press Ctrl-C to stop.\n");
 
@@ -219,6 +259,32 @@ async fn main() -> Result<()> {
     println!("stopped cleanly. files are in {}", dir.display());
     anyhow::ensure!(all_equal, "a shared copy differs from its source");
     Ok(())
+}
+
+/// The department's filled-in catalog form, with the Chinese headers.
+fn catalog_form(d: &Department) -> String {
+    let header = "信息资源代码,信息资源名称,信息资源分类,信息资源提供方,信息资源摘要,信息资源格式,信息项信息,共享类型,共享条件,共享依据,共享方式,开放属性,开放条件,更新周期,状态";
+    let rows: Vec<&str> = match d.short {
+        "ga" => vec![
+            "101001/00001,常住人口户籍登记,基础信息资源,定海区公安分局,辖区常住人口的户籍登记信息,数据库表,id_number:TEXT:公民身份号码:敏感; name:TEXT:姓名:敏感; address:TEXT:户籍地址,有条件共享,仅用于政务服务中的身份核验和户籍信息查询,《中华人民共和国居民身份证法》《户口登记条例》,比对验证;查询引用,不予开放,,实时,已提交",
+        ],
+        "sc" => vec![
+            "102001/00003,企业营业执照,基础信息资源,定海区市场监督管理局,辖区企业营业执照登记信息,数据库表,credit_code:TEXT:统一社会信用代码; name:TEXT:企业名称; legal_rep:TEXT:法定代表人,无条件共享,,,批量复制;查询引用,有条件开放,依申请公开,每日,已提交",
+        ],
+        _ => vec![
+            "103001/00007,宗地信息,基础信息资源,定海区自然资源和规划分局,辖区宗地的位置、面积、用途和权利人,数据库表,district:TEXT:所在区县; parcel_no:INTEGER:宗地号; holder:TEXT:权利人:敏感,有条件共享,用于不动产登记和规划审批,《不动产登记暂行条例》,库表共享,不予开放,,每日,已提交",
+            "301015/00009,建设工程规划许可,部门信息资源,定海区自然资源和规划分局,已核发的建设工程规划许可证,数据库表,permit_no:TEXT:许可证号,无条件共享,,,查询引用,无条件开放,,不定期,已提交",
+        ],
+    };
+    format!("{header}\n{}\n", rows.join("\n"))
+}
+
+/// Waits until the hub holds `n` submitted entries.
+fn wait_for_submissions(hub: &HubProcess, n: usize) -> Result<()> {
+    shuyuan_tests::wait_for("the catalogs at the hub", Duration::from_secs(30), || {
+        let list = hub.catalog_list()?;
+        Ok((list.iter().filter(|e| e["state"] == "submitted").count() >= n).then_some(()))
+    })
 }
 
 fn report(hub: &HubProcess, changes: u64, started: Instant) -> Result<()> {

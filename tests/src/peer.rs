@@ -1,0 +1,127 @@
+//! A hand-driven agent that speaks the catalog part of the feed protocol,
+//! for tests of the hub's checks and for the catalog benchmark.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use shuyuan_protocol::catalog::doc::{CatalogDoc, Sender};
+use shuyuan_protocol::message::{CatalogRefusal, CatalogSync, Hello};
+use shuyuan_protocol::quic;
+use shuyuan_protocol::{Message, MessageV1, NodeId, NodeKey};
+
+use std::net::SocketAddr;
+
+/// One connection to a hub.
+#[derive(Debug)]
+pub struct CatalogPeer {
+    _endpoint: quinn::Endpoint,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    state: automerge::sync::State,
+}
+
+/// What one exchange cost, and how it ended.
+#[derive(Debug, Default, Clone)]
+pub struct Conversation {
+    /// The hub refused a message, and said why.
+    pub refusal: Option<CatalogRefusal>,
+    pub messages_sent: usize,
+    pub messages_received: usize,
+    /// Automerge sync message bytes (without framing).
+    pub bytes_sent: usize,
+    pub bytes_received: usize,
+    /// When the last message went out or came in.
+    pub last_activity: Option<std::time::Instant>,
+}
+
+impl CatalogPeer {
+    /// Connects to the hub at `addr` presenting `hub_key`, with `key`, and
+    /// says `Hello` as `department` (with no feeds).
+    pub async fn connect(
+        addr: SocketAddr,
+        hub_key: &str,
+        key: &NodeKey,
+        department: &str,
+    ) -> Result<CatalogPeer> {
+        let hub_key: NodeId = hub_key.parse()?;
+        let endpoint = quic::client_endpoint(addr)?;
+        let conn = endpoint
+            .connect_with(quic::client_config(key, hub_key)?, addr, quic::SERVER_NAME)?
+            .await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = Hello {
+            software: "test-peer".into(),
+            department: department.parse()?,
+            resources: vec![],
+        };
+        quic::write_message(&mut send, &MessageV1::Hello(hello).into()).await?;
+        match quic::read_message(&mut recv).await? {
+            Some(Message::V1(MessageV1::Welcome(_))) => {}
+            other => return Err(anyhow!("expected Welcome, got {other:?}")),
+        }
+        Ok(CatalogPeer {
+            _endpoint: endpoint,
+            send,
+            recv,
+            state: automerge::sync::State::new(),
+        })
+    }
+
+    /// Starts a new sync session (a fresh state), as for another document.
+    pub fn reset(&mut self) {
+        self.state = automerge::sync::State::new();
+    }
+
+    /// Syncs `doc` with the hub (as `department`) until neither side has
+    /// more to say for `quiet`, or the hub refuses a message.
+    pub async fn converse(
+        &mut self,
+        doc: &mut CatalogDoc,
+        department: &str,
+        quiet: Duration,
+    ) -> Result<Conversation> {
+        let mut talk = Conversation::default();
+        for _ in 0..200 {
+            while let Some(m) = doc.generate_sync(&mut self.state) {
+                talk.messages_sent += 1;
+                talk.bytes_sent += m.len();
+                talk.last_activity = Some(std::time::Instant::now());
+                let sync = CatalogSync {
+                    department: department.parse()?,
+                    message: m,
+                };
+                quic::write_message(&mut self.send, &MessageV1::Catalog(sync).into()).await?;
+            }
+            match tokio::time::timeout(quiet, quic::read_message(&mut self.recv)).await {
+                Err(_) => return Ok(talk),
+                Ok(m) => match m? {
+                    Some(Message::V1(MessageV1::Catalog(s))) => {
+                        talk.messages_received += 1;
+                        talk.bytes_received += s.message.len();
+                        talk.last_activity = Some(std::time::Instant::now());
+                        doc.receive_checked(&mut self.state, &s.message, Sender::Platform)?;
+                    }
+                    Some(Message::V1(MessageV1::CatalogRefused(r))) => {
+                        talk.refusal = Some(r);
+                        return Ok(talk);
+                    }
+                    other => return Err(anyhow!("unexpected {other:?}")),
+                },
+            }
+        }
+        Err(anyhow!("catalog sync did not settle"))
+    }
+
+    /// Reads and drops whatever the hub still has on its way.
+    pub async fn drain(&mut self) -> Result<()> {
+        while let Ok(m) = tokio::time::timeout(
+            Duration::from_millis(500),
+            quic::read_message(&mut self.recv),
+        )
+        .await
+        {
+            m?;
+        }
+        Ok(())
+    }
+}
