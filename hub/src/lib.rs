@@ -86,7 +86,7 @@ pub enum ControlRequest {
     },
     /// Approves or returns an entry.
     CatalogReview(ReviewRequest),
-    /// The publication-deadline and yearly-review report: a list of [`Finding`].
+    /// The publication-deadline and yearly-review report: a list of [`catalog::Finding`].
     CatalogDeadlines,
 }
 
