@@ -72,16 +72,20 @@ impl Peer {
         ))
     }
 
-    /// Sends one batch and returns the hub's answer to it.
+    /// Sends one batch and returns the hub's answer to it (skipping the
+    /// hub's catalog sync messages, which this peer does not take part in).
     async fn send(&mut self, batch: &SignedBatch) -> Result<MessageV1> {
         quic::write_message(&mut self.send, &MessageV1::Batch(batch.clone()).into()).await?;
-        let reply =
-            tokio::time::timeout(Duration::from_secs(20), quic::read_message(&mut self.recv))
-                .await
-                .context("no reply from the hub")??;
-        match reply {
-            Some(Message::V1(m)) => Ok(m),
-            None => Err(anyhow!("the hub closed the stream")),
+        loop {
+            let reply =
+                tokio::time::timeout(Duration::from_secs(20), quic::read_message(&mut self.recv))
+                    .await
+                    .context("no reply from the hub")??;
+            match reply {
+                Some(Message::V1(MessageV1::Catalog(_))) => continue,
+                Some(Message::V1(m)) => return Ok(m),
+                None => return Err(anyhow!("the hub closed the stream")),
+            }
         }
     }
 }
