@@ -24,6 +24,7 @@ use redb::{Database, ReadableDatabase, TableDefinition};
 use shuyuan_protocol::catalog::doc::{CatalogDoc, CatalogError, Sender, submit};
 use shuyuan_protocol::catalog::form::{self, FormError, FormErrors, set_field};
 use shuyuan_protocol::catalog::{CatalogEntry, DataItem, EntryState, Lifecycle, Problem, Review};
+use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
 use shuyuan_protocol::{
     DepartmentCode, NodeId, ResourceCode, TableSchema, UnixMillis, UpdateCycle,
 };
@@ -673,22 +674,20 @@ fn apply_status_rules(
     Ok(())
 }
 
+/// Named, idempotent migrations of `catalog.redb`.
+const MIGRATIONS: &[Migration] = &[("0001-create-tables", |tx| {
+    tx.open_table(DOC)?;
+    tx.open_table(SYNC)?;
+    Ok(())
+})];
+
 fn open_db(path: &Path) -> Result<Database, CatalogStoreError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            CatalogStoreError::Storage(format!("cannot create {}: {e}", dir.display()))
-        })?;
-    }
-    for _ in 0..50 {
-        match Database::create(path) {
-            Ok(db) => return Ok(db),
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                std::thread::sleep(std::time::Duration::from_millis(100))
-            }
-            Err(e) => return Err(storage(e)),
-        }
-    }
-    Err(CatalogStoreError::AlreadyOpen(path.display().to_string()))
+    let db = open_redb(path).map_err(|e| match e {
+        OpenError::AlreadyOpen(p) => CatalogStoreError::AlreadyOpen(p.display().to_string()),
+        other => CatalogStoreError::Storage(other.to_string()),
+    })?;
+    migrate(&db, MIGRATIONS).map_err(storage)?;
+    Ok(db)
 }
 
 #[cfg(test)]

@@ -20,19 +20,19 @@ use std::sync::Arc;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::encoding::{self, decode, encode};
+use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
 use shuyuan_protocol::{FeedCursor, FeedId, SignedBatch, TableSchema, UnixMillis};
 
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox_v1");
 const FEEDS: TableDefinition<&str, &[u8]> = TableDefinition::new("feeds_v1");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
-const MIGRATIONS: TableDefinition<&str, i64> = TableDefinition::new("migrations_v1");
-
-/// How long `open` waits for another process to let go of the file.
-const OPEN_ATTEMPTS: u32 = 50;
-const OPEN_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// Named, idempotent migrations, applied in order once each.
-const MIGRATION_NAMES: &[&str] = &["0001-create-tables"];
+const MIGRATIONS: &[Migration] = &[("0001-create-tables", |tx| {
+    tx.open_table(OUTBOX)?;
+    tx.open_table(FEEDS)?;
+    tx.open_table(META)?;
+    Ok(())
+})];
 
 /// Errors of the outbox store.
 #[derive(Debug, thiserror::Error)]
@@ -116,52 +116,16 @@ pub struct Outbox {
 impl Outbox {
     /// Opens (or creates) the outbox and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, OutboxError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                OutboxError::Storage(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
-        // A `status` run while the agent was down may hold the file for a
-        // moment; wait for it rather than fail the start.
-        let mut attempts = 0;
-        let db = loop {
-            match Database::create(path) {
-                Ok(db) => break db,
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if attempts < OPEN_ATTEMPTS => {
-                    attempts += 1;
-                    std::thread::sleep(OPEN_RETRY);
-                }
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                    return Err(OutboxError::AlreadyOpen(path.to_owned()));
-                }
-                Err(other) => return Err(storage(other)),
-            }
-        };
+        let db = open_redb(path).map_err(|e| match e {
+            OpenError::AlreadyOpen(p) => OutboxError::AlreadyOpen(p),
+            other => OutboxError::Storage(other.to_string()),
+        })?;
         let outbox = Outbox {
             db: Arc::new(db),
             path: path.to_owned(),
         };
-        outbox.migrate()?;
+        migrate(&outbox.db, MIGRATIONS).map_err(storage)?;
         Ok(outbox)
-    }
-
-    fn migrate(&self) -> Result<(), OutboxError> {
-        let tx = self.db.begin_write().map_err(storage)?;
-        {
-            let mut done = tx.open_table(MIGRATIONS).map_err(storage)?;
-            for name in MIGRATION_NAMES {
-                if done.get(*name).map_err(storage)?.is_some() {
-                    continue;
-                }
-                if *name == "0001-create-tables" {
-                    tx.open_table(OUTBOX).map_err(storage)?;
-                    tx.open_table(FEEDS).map_err(storage)?;
-                    tx.open_table(META).map_err(storage)?;
-                }
-                done.insert(*name, UnixMillis::now().0).map_err(storage)?;
-            }
-        }
-        tx.commit().map_err(storage)
     }
 
     /// The file.

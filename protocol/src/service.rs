@@ -79,6 +79,67 @@ pub fn write_template_if_missing(path: &Path, template: &str) -> std::io::Result
     Ok(true)
 }
 
+/// Why a redb file could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0} is in use by another process (one process per data directory)")]
+    AlreadyOpen(PathBuf),
+    #[error("cannot open {path}: {reason}")]
+    Failed { path: PathBuf, reason: String },
+}
+
+/// Opens (or creates) a service's redb file, creating its directory. A
+/// `status` or `export` command run while the service was down may hold the
+/// file for a moment, so an open that finds it locked waits up to five
+/// seconds before giving up.
+pub fn open_redb(path: &Path) -> Result<redb::Database, OpenError> {
+    let failed = |reason: String| OpenError::Failed {
+        path: path.to_owned(),
+        reason,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+    }
+    for _ in 0..50 {
+        match redb::Database::create(path) {
+            Ok(db) => return Ok(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Err(e) => return Err(failed(e.to_string())),
+        }
+    }
+    Err(OpenError::AlreadyOpen(path.to_owned()))
+}
+
+/// A named migration of a redb file: creates or converts tables. Each runs
+/// once, in order, and is recorded in `migrations_v1` (name -> unix millis).
+pub type Migration = (
+    &'static str,
+    fn(&redb::WriteTransaction) -> Result<(), redb::TableError>,
+);
+
+const MIGRATIONS: redb::TableDefinition<&str, i64> = redb::TableDefinition::new("migrations_v1");
+
+/// Applies the migrations not yet recorded, in one transaction.
+pub fn migrate(db: &redb::Database, migrations: &[Migration]) -> Result<(), redb::Error> {
+    use redb::ReadableTable;
+    let tx = db.begin_write()?;
+    {
+        let mut done = tx.open_table(MIGRATIONS)?;
+        for (name, apply) in migrations {
+            if done.get(*name)?.is_some() {
+                continue;
+            }
+            apply(&tx)?;
+            done.insert(*name, crate::UnixMillis::now().0)?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 /// Waits for SIGTERM or Ctrl-C and says which arrived.
 pub async fn shutdown_signal() -> std::io::Result<&'static str> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

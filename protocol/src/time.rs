@@ -53,17 +53,9 @@ impl fmt::Display for UnixMillis {
     }
 }
 
-fn humantime_rfc3339(t: SystemTime) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm); avoids a date dependency
-    // in the protocol crate.
-    let ms = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_millis() as i128,
-        Err(e) => -(e.duration().as_millis() as i128),
-    };
-    let secs = ms.div_euclid(1000);
-    let milli = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
+/// The calendar date (year, month, day) of a day counted from 1970-01-01
+/// (Howard Hinnant's civil-from-days; avoids a date dependency).
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -72,7 +64,30 @@ fn humantime_rfc3339(t: SystemTime) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i128::from(month <= 2);
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
+/// The day, counted from 1970-01-01, of a calendar date (the inverse of
+/// [`civil_from_days`]).
+pub fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn humantime_rfc3339(t: SystemTime) -> String {
+    let ms = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    };
+    let secs = ms.div_euclid(1000);
+    let milli = ms.rem_euclid(1000);
+    let sod = secs.rem_euclid(86_400);
+    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{milli:03}Z",
         sod / 3600,
@@ -96,6 +111,15 @@ mod tests {
             UnixMillis(951_782_400_000).to_string(),
             "2000-02-29T00:00:00.000Z"
         );
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for d in [-1_000_000, -1, 0, 59, 60, 11_016, 20_776, 2_932_896] {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d, "{y}-{m}-{dd}");
+        }
+        assert_eq!(civil_from_days(20_776), (2026, 11, 19));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::str::FromStr;
 use serde::Deserialize;
 use shuyuan_protocol::UnixMillis;
 use shuyuan_protocol::service::{ConfigError, parse_toml, read_config};
+use shuyuan_protocol::time::{civil_from_days, days_from_civil};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -37,26 +38,11 @@ impl Day {
     }
 
     fn from_civil(y: i64, m: i64, d: i64) -> Day {
-        // Howard Hinnant's days_from_civil.
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (m + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        Day(era * 146_097 + doe - 719_468)
+        Day(days_from_civil(y, m, d))
     }
 
     fn to_civil(self) -> (i64, i64, i64) {
-        let z = self.0 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        (yoe + era * 400 + i64::from(m <= 2), m, d)
+        civil_from_days(self.0)
     }
 }
 

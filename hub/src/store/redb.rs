@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use shuyuan_protocol::batch::Entry;
 use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::message::{Ack, Reject};
+use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
 use shuyuan_protocol::value::encode_key;
 use shuyuan_protocol::{
     BatchHash, ChainError, DepartmentCode, FeedId, NodeId, RejectReason, SignedBatch, TableSchema,
@@ -41,14 +42,24 @@ const ROWS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("rows_v
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_v1");
 const CATALOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("catalogs_v1");
 const CATALOG_SYNC: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("catalog_sync_v1");
-const MIGRATIONS: TableDefinition<&str, i64> = TableDefinition::new("migrations_v1");
-
-/// How long `open` waits for another process to let go of the file.
-const OPEN_ATTEMPTS: u32 = 50;
-const OPEN_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Named, idempotent migrations, applied once each in order.
-const MIGRATION_NAMES: &[&str] = &["0001-create-tables", "0002-catalogs"];
+const MIGRATIONS: &[Migration] = &[
+    ("0001-create-tables", |tx| {
+        tx.open_table(ENROLLMENTS)?;
+        tx.open_table(FEEDS)?;
+        tx.open_table(SCHEMAS)?;
+        tx.open_table(BATCHES)?;
+        tx.open_table(ROWS)?;
+        tx.open_table(AUDIT)?;
+        Ok(())
+    }),
+    ("0002-catalogs", |tx| {
+        tx.open_table(CATALOGS)?;
+        tx.open_table(CATALOG_SYNC)?;
+        Ok(())
+    }),
+];
 
 fn storage(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Storage(e.into().to_string())
@@ -74,56 +85,13 @@ pub struct RedbBackend {
 impl RedbBackend {
     /// Opens or creates the store file and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Storage(format!("cannot create {}: {e}", dir.display()))
-            })?;
-        }
-        // A `status` or `export` run while the hub was down may hold the
-        // file for a moment; wait for it rather than fail the start.
-        let mut attempts = 0;
-        let db = loop {
-            match Database::create(path) {
-                Ok(db) => break db,
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) if attempts < OPEN_ATTEMPTS => {
-                    attempts += 1;
-                    std::thread::sleep(OPEN_RETRY);
-                }
-                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                    return Err(StoreError::AlreadyOpen(path.display().to_string()));
-                }
-                Err(other) => return Err(storage(other)),
-            }
-        };
+        let db = open_redb(path).map_err(|e| match e {
+            OpenError::AlreadyOpen(p) => StoreError::AlreadyOpen(p.display().to_string()),
+            other => StoreError::Storage(other.to_string()),
+        })?;
         let backend = RedbBackend { db };
-        backend.migrate()?;
+        migrate(&backend.db, MIGRATIONS).map_err(storage)?;
         Ok(backend)
-    }
-
-    fn migrate(&self) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(storage)?;
-        {
-            let mut done = tx.open_table(MIGRATIONS).map_err(storage)?;
-            for name in MIGRATION_NAMES {
-                if done.get(*name).map_err(storage)?.is_some() {
-                    continue;
-                }
-                if *name == "0001-create-tables" {
-                    tx.open_table(ENROLLMENTS).map_err(storage)?;
-                    tx.open_table(FEEDS).map_err(storage)?;
-                    tx.open_table(SCHEMAS).map_err(storage)?;
-                    tx.open_table(BATCHES).map_err(storage)?;
-                    tx.open_table(ROWS).map_err(storage)?;
-                    tx.open_table(AUDIT).map_err(storage)?;
-                }
-                if *name == "0002-catalogs" {
-                    tx.open_table(CATALOGS).map_err(storage)?;
-                    tx.open_table(CATALOG_SYNC).map_err(storage)?;
-                }
-                done.insert(*name, UnixMillis::now().0).map_err(storage)?;
-            }
-        }
-        tx.commit().map_err(storage)
     }
 }
 
