@@ -177,6 +177,41 @@ impl Proc {
     }
 }
 
+/// Starts `BIN --config CONFIG run`, logging to `log`, and waits until its
+/// `status` (read with `status`) says it runs.
+fn start_service(
+    what: &str,
+    bin_name: &str,
+    config: &Path,
+    log: &Path,
+    status: impl Fn() -> Result<Json>,
+) -> Result<Proc> {
+    let mut proc = Proc::spawn(&bin(bin_name), config, log)?;
+    wait_for(
+        &format!("the {what} to answer status"),
+        Duration::from_secs(30),
+        || {
+            if !proc.running() {
+                bail!(
+                    "the {what} exited; log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            Ok(status().ok().filter(|s| s["running"] == true))
+        },
+    )?;
+    Ok(proc)
+}
+
+/// Signals a started process (SIGTERM to stop, SIGKILL to kill) and waits;
+/// nothing to do if it was not started.
+fn end_service(proc: &mut Option<Proc>, sig: Signal) -> Result<()> {
+    match proc.take() {
+        Some(mut p) => p.signal(sig),
+        None => Ok(()),
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -225,34 +260,25 @@ impl HubProcess {
 
     /// Starts `shuyuan-hub run` and waits until it answers `status`.
     pub fn start(&mut self) -> Result<()> {
-        self.proc = Some(Proc::spawn(
-            &bin("shuyuan-hub"),
+        let log = self.dir.join("hub.log");
+        self.proc = Some(start_service(
+            "hub",
+            "shuyuan-hub",
             &self.config,
-            &self.dir.join("hub.log"),
+            &log,
+            || self.status(),
         )?);
-        wait_for("the hub to answer status", Duration::from_secs(30), || {
-            if !self.proc.as_mut().is_some_and(Proc::running) {
-                bail!("the hub exited; log:\n{}", self.log());
-            }
-            Ok(self.status().ok().filter(|s| s["running"] == true))
-        })?;
         Ok(())
     }
 
     /// SIGTERM and wait.
     pub fn stop(&mut self) -> Result<()> {
-        match self.proc.take() {
-            Some(mut p) => p.signal(Signal::SIGTERM),
-            None => Ok(()),
-        }
+        end_service(&mut self.proc, Signal::SIGTERM)
     }
 
     /// SIGKILL and wait.
     pub fn kill(&mut self) -> Result<()> {
-        match self.proc.take() {
-            Some(mut p) => p.signal(Signal::SIGKILL),
-            None => Ok(()),
-        }
+        end_service(&mut self.proc, Signal::SIGKILL)
     }
 
     fn cmd(&self) -> Command {
@@ -442,36 +468,25 @@ impl AgentProcess {
 
     /// Starts `shuyuan-agent run` and waits until it answers `status`.
     pub fn start(&mut self) -> Result<()> {
-        self.proc = Some(Proc::spawn(
-            &bin("shuyuan-agent"),
+        let log = self.dir.join("agent.log");
+        self.proc = Some(start_service(
+            "agent",
+            "shuyuan-agent",
             &self.config,
-            &self.dir.join("agent.log"),
+            &log,
+            || self.status(),
         )?);
-        wait_for(
-            "the agent to answer status",
-            Duration::from_secs(30),
-            || {
-                if !self.proc.as_mut().is_some_and(Proc::running) {
-                    bail!("the agent exited; log:\n{}", self.log());
-                }
-                Ok(self.status().ok().filter(|s| s["running"] == true))
-            },
-        )?;
         Ok(())
     }
 
+    /// SIGTERM and wait.
     pub fn stop(&mut self) -> Result<()> {
-        match self.proc.take() {
-            Some(mut p) => p.signal(Signal::SIGTERM),
-            None => Ok(()),
-        }
+        end_service(&mut self.proc, Signal::SIGTERM)
     }
 
+    /// SIGKILL and wait.
     pub fn kill(&mut self) -> Result<()> {
-        match self.proc.take() {
-            Some(mut p) => p.signal(Signal::SIGKILL),
-            None => Ok(()),
-        }
+        end_service(&mut self.proc, Signal::SIGKILL)
     }
 
     pub fn status(&self) -> Result<Json> {

@@ -249,6 +249,23 @@ async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Re
     Ok(())
 }
 
+/// Waits until the agent's status reports an authentication failure, and
+/// returns what it tells the operator.
+fn auth_failure(agent: &AgentProcess) -> Result<String> {
+    let status = wait_for(
+        "the agent to report an authentication failure",
+        Duration::from_secs(30),
+        || {
+            let s = agent.status()?;
+            Ok((s["hub"]["link"] == "authentication_failed").then_some(s))
+        },
+    )?;
+    Ok(status["hub"]["detail"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
     let mut sb = Sandbox::new()?;
@@ -296,15 +313,7 @@ async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
     )?;
     agent.install_triggers()?;
     agent.start()?;
-    let status = wait_for(
-        "the agent to report the refusal",
-        Duration::from_secs(30),
-        || {
-            let s = agent.status()?;
-            Ok((s["hub"]["link"] == "authentication_failed").then_some(s))
-        },
-    )?;
-    let detail = status["hub"]["detail"].as_str().unwrap_or_default();
+    let detail = auth_failure(&agent)?;
     assert!(
         detail.contains("refused this agent's key")
             && detail.contains("shuyuan-hub enroll --department GA")
@@ -330,15 +339,7 @@ async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
     )?;
     misled.install_triggers()?;
     misled.start()?;
-    let status = wait_for(
-        "the agent to refuse the hub",
-        Duration::from_secs(30),
-        || {
-            let s = misled.status()?;
-            Ok((s["hub"]["link"] == "authentication_failed").then_some(s))
-        },
-    )?;
-    let detail = status["hub"]["detail"].as_str().unwrap_or_default();
+    let detail = auth_failure(&misled)?;
     assert!(
         detail.contains("is not the configured hub") && detail.contains(&sb.hub.key),
         "{detail}"
