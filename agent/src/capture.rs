@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
-use crate::config::{Config, SourceConfig};
+use crate::config::Config;
 use crate::outbox::{Commit, FeedState, Outbox, OutboxError, Totals};
 use crate::seal::{BatchLimits, SealError, seal_entries};
 use crate::source::{self, Source, SourceError};
@@ -66,6 +66,7 @@ pub struct CaptureLoop {
     sealed: Arc<Notify>,
     status: StatusBoard,
     catalog: Catalog,
+    requests: Receiver<CaptureRequest>,
     skipped_null_keys: u64,
     /// Encoded bytes per change in the latest batches, for sizing reads.
     bytes_per_change: u64,
@@ -94,6 +95,20 @@ pub struct CaptureLinks {
     pub status: StatusBoard,
     /// Told about table shapes, asked for update cycles.
     pub catalog: Catalog,
+    /// Operator requests from the control socket.
+    pub requests: Receiver<CaptureRequest>,
+}
+
+/// A request to the capture loop.
+#[derive(Debug)]
+pub enum CaptureRequest {
+    /// Re-read one resource (an index into the config's resources); answers
+    /// when the source accepted it.
+    Resync {
+        resource: usize,
+        reason: String,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
 }
 
 impl CaptureLoop {
@@ -110,6 +125,7 @@ impl CaptureLoop {
             sealed,
             status,
             catalog,
+            requests,
         } = links;
         let stored = outbox.feeds()?;
         let feeds = config
@@ -140,15 +156,14 @@ impl CaptureLoop {
             sealed,
             status,
             catalog,
+            requests,
             skipped_null_keys: 0,
             bytes_per_change: 256,
         })
     }
 
     fn poll_interval(&self) -> Duration {
-        match self.config.source {
-            SourceConfig::Sqlite { poll_interval, .. } => poll_interval,
-        }
+        self.config.source.poll_interval()
     }
 
     /// Runs until `cancel` fires.
@@ -201,10 +216,15 @@ impl CaptureLoop {
         let (position, totals, skipped) =
             (self.position.clone(), self.totals, self.skipped_null_keys);
         let catalog = &self.catalog;
+        let report = self.source.report(&position);
         self.status.update(|s| {
             s.apply_feeds(&config, feeds, Some(catalog));
             s.apply_totals(totals);
-            s.source.position = position;
+            s.source.position = report.position;
+            s.source.backlog_unit = report.backlog_unit.to_string();
+            s.source.alarm = report.alarm;
+            s.source.loads = report.loads;
+            s.source.finished_loads = report.finished;
             s.source.backlog = backlog;
             s.source.paused_outbox_full = paused;
             s.source.error = error;
@@ -244,6 +264,22 @@ impl CaptureLoop {
     /// One round. Returns whether more changes are waiting right now.
     pub fn step(&mut self, now: UnixMillis) -> Result<bool, CaptureError> {
         self.try_release(now);
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                CaptureRequest::Resync {
+                    resource,
+                    reason,
+                    reply,
+                } => {
+                    let answer = self
+                        .source
+                        .request_resync(resource, reason)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string());
+                    let _ = reply.send(answer);
+                }
+            }
+        }
 
         let mut feeds = self.feeds.clone();
         let mut commit = Commit::default();
@@ -318,7 +354,11 @@ impl CaptureLoop {
                 }
             }
             let mut has_changes = vec![false; feeds.len()];
-            for c in read.changes {
+            let mut marks = read.marks.into_iter().peekable();
+            for (idx, c) in read.changes.into_iter().enumerate() {
+                while let Some((_, r, mark)) = marks.next_if(|(at, _, _)| *at <= idx) {
+                    entries[r].push(Entry::Resync(mark));
+                }
                 let version = feeds[c.resource].1.schema.as_ref().map_or(0, |s| s.version);
                 has_changes[c.resource] = true;
                 entries[c.resource].push(Entry::Change(RowChange {
@@ -327,6 +367,9 @@ impl CaptureLoop {
                     row: c.row,
                     schema_version: version,
                 }));
+            }
+            for (_, r, mark) in marks {
+                entries[r].push(Entry::Resync(mark));
             }
             let limits = BatchLimits {
                 max_changes: self.config.outbox.batch_max_changes,
@@ -350,7 +393,9 @@ impl CaptureLoop {
                             vec![Entry::ZeroUpdate(ZeroUpdate {
                                 since: last,
                                 until: now,
-                                source_position: read.position.clone(),
+                                // In the connector's words (for PostgreSQL,
+                                // the log position).
+                                source_position: self.source.report(&read.position).position,
                             })]
                         }
                         _ => continue,

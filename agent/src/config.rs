@@ -65,6 +65,14 @@ enum RawSource {
         poll_interval: Option<String>,
         busy_timeout: Option<String>,
     },
+    Postgres {
+        dsn: String,
+        password_file: Option<PathBuf>,
+        slot: Option<String>,
+        publication: Option<String>,
+        poll_interval: Option<String>,
+        chunk_size: Option<usize>,
+    },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +89,7 @@ struct RawResource {
     code: String,
     name: Option<String>,
     table: String,
+    #[serde(default)]
     key: Vec<String>,
     update_cycle: String,
     heartbeat: Option<String>,
@@ -116,6 +125,33 @@ pub enum SourceConfig {
         poll_interval: Duration,
         busy_timeout: Duration,
     },
+    /// Log-based capture through a logical replication slot (pgoutput).
+    Postgres(PgConfig),
+}
+
+/// A PostgreSQL source.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    /// libpq-style `key=value` connection string, without the password.
+    pub dsn: String,
+    /// A file holding the password (first line), kept out of the config.
+    pub password: Option<String>,
+    pub slot: String,
+    pub publication: String,
+    /// How long one read waits for the log when nothing arrives.
+    pub poll_interval: Duration,
+    /// Rows per chunk of an initial load or resync.
+    pub chunk_size: usize,
+}
+
+impl SourceConfig {
+    /// How long the capture loop waits between reads when idle.
+    pub fn poll_interval(&self) -> Duration {
+        match self {
+            SourceConfig::Sqlite { poll_interval, .. } => *poll_interval,
+            SourceConfig::Postgres(pg) => pg.poll_interval,
+        }
+    }
 }
 
 /// Outbox limits.
@@ -195,7 +231,84 @@ impl Config {
                     Duration::from_secs(5),
                 )?,
             },
+            RawSource::Postgres {
+                dsn,
+                password_file,
+                slot,
+                publication,
+                poll_interval,
+                chunk_size,
+            } => {
+                if let Err(e) = dsn.parse::<tokio_postgres::Config>() {
+                    return Err(err("source.dsn", format!("not a connection string: {e}")));
+                }
+                if dsn.split_whitespace().any(|kv| kv.starts_with("password=")) {
+                    return Err(err(
+                        "source.dsn",
+                        "holds a password; put it in a file named by source.password_file (mode 0600)".into(),
+                    ));
+                }
+                let password = match password_file {
+                    Some(f) => {
+                        let f = base.join(f);
+                        let text = std::fs::read_to_string(&f).map_err(|e| {
+                            err(
+                                "source.password_file",
+                                format!("cannot read {}: {e}", f.display()),
+                            )
+                        })?;
+                        Some(text.lines().next().unwrap_or("").to_string())
+                    }
+                    None => None,
+                };
+                let default_name = format!(
+                    "shuyuan_{}",
+                    department
+                        .as_str()
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() {
+                            c.to_ascii_lowercase()
+                        } else {
+                            '_'
+                        })
+                        .collect::<String>()
+                );
+                let name = |key: &str, v: Option<String>| -> Result<String, ConfigError> {
+                    let v = v.unwrap_or_else(|| default_name.clone());
+                    if is_identifier(&v) && v.chars().all(|c| !c.is_ascii_uppercase()) {
+                        Ok(v)
+                    } else {
+                        Err(err(
+                            key,
+                            format!("{v:?} is not a lower-case identifier (a-z, 0-9, _)"),
+                        ))
+                    }
+                };
+                SourceConfig::Postgres(PgConfig {
+                    dsn,
+                    password,
+                    slot: name("source.slot", slot)?,
+                    publication: name("source.publication", publication)?,
+                    poll_interval: duration(
+                        &err,
+                        "source.poll_interval",
+                        poll_interval,
+                        Duration::from_millis(50),
+                    )?,
+                    chunk_size: match chunk_size {
+                        Some(n) if (1..=1_000_000).contains(&n) => n,
+                        Some(_) => {
+                            return Err(err(
+                                "source.chunk_size",
+                                "must be between 1 and 1000000 rows".into(),
+                            ));
+                        }
+                        None => 5000,
+                    },
+                })
+            }
         };
+        let postgres = matches!(source, SourceConfig::Postgres(_));
         let outbox = OutboxConfig {
             max_bytes: match raw.outbox.max_size {
                 Some(s) => parse_size(&s).ok_or_else(|| {
@@ -257,12 +370,26 @@ impl Config {
             if !codes.insert(code.clone()) {
                 return Err(err(&at("code"), format!("{code} is declared twice")));
             }
-            if !is_identifier(&r.table) {
+            let table_ok = if postgres {
+                // PostgreSQL tables may name their schema: `schema.table`.
+                match r.table.split_once('.') {
+                    Some((schema, table)) => is_identifier(schema) && is_identifier(table),
+                    None => is_identifier(&r.table),
+                }
+            } else {
+                is_identifier(&r.table)
+            };
+            if !table_ok {
                 return Err(err(
                     &at("table"),
                     format!(
-                        "{:?} is not a plain table name (letters, digits, _)",
-                        r.table
+                        "{:?} is not a plain table name (letters, digits, _{})",
+                        r.table,
+                        if postgres {
+                            "; optionally schema.table"
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }
@@ -272,7 +399,9 @@ impl Config {
                     format!("table {} is already shared by another resource", r.table),
                 ));
             }
-            if r.key.is_empty() || r.key.len() > MAX_KEY_COLUMNS {
+            // PostgreSQL may leave the key out: the table's primary key (or,
+            // without one, its REPLICA IDENTITY FULL row) is used.
+            if (r.key.is_empty() && !postgres) || r.key.len() > MAX_KEY_COLUMNS {
                 return Err(err(
                     &at("key"),
                     format!("give 1 to {MAX_KEY_COLUMNS} key columns"),
@@ -449,6 +578,7 @@ update_cycle = "daily"
                 assert_eq!(path, &PathBuf::from("/etc/shuyuan/dept.db"));
                 assert_eq!(*poll_interval, Duration::from_millis(200));
             }
+            other => panic!("not sqlite: {other:?}"),
         }
         assert_eq!(c.resources[0].heartbeat, None);
         assert_eq!(
@@ -508,6 +638,61 @@ update_cycle = "daily"
             assert!(shown.starts_with("/etc/shuyuan/agent.toml: "), "{shown}");
             assert!(e.key.contains(key), "expected key {key} in {shown}");
             assert!(shown.contains(reason), "expected {reason:?} in {shown}");
+        }
+    }
+
+    fn postgres(source: &str) -> String {
+        good().replace(
+            "kind = \"sqlite\"\npath = \"dept.db\"",
+            &format!("kind = \"postgres\"\n{source}"),
+        )
+    }
+
+    #[test]
+    fn postgres_source() {
+        let text = postgres("dsn = \"host=127.0.0.1 port=5433 user=agent dbname=dept\"")
+            .replace("key = [\"id_number\"]", "")
+            .replace("table = \"household\"", "table = \"civil.household\"");
+        let c = parse(&text).unwrap();
+        let SourceConfig::Postgres(pg) = &c.source else {
+            panic!("not postgres: {:?}", c.source);
+        };
+        assert_eq!(pg.slot, "shuyuan_ga_330902");
+        assert_eq!(pg.publication, "shuyuan_ga_330902");
+        assert_eq!(pg.chunk_size, 5000);
+        assert!(c.resources[0].key.is_empty(), "the primary key is used");
+        assert_eq!(c.resources[0].table, "civil.household");
+
+        for (source, key, reason) in [
+            (
+                "dsn = \"host=h password=secret\"",
+                "source.dsn",
+                "password_file",
+            ),
+            (
+                "dsn = \"host='unterminated\"",
+                "source.dsn",
+                "connection string",
+            ),
+            (
+                "dsn = \"host=h\"\nslot = \"Bad-Slot\"",
+                "source.slot",
+                "lower-case",
+            ),
+            (
+                "dsn = \"host=h\"\nchunk_size = 0",
+                "source.chunk_size",
+                "between",
+            ),
+            (
+                "dsn = \"host=h\"\npassword_file = \"/nonexistent/pw\"",
+                "source.password_file",
+                "cannot read",
+            ),
+        ] {
+            let e = parse(&postgres(source)).unwrap_err();
+            assert!(e.key.contains(key), "expected key {key} in {e}");
+            assert!(e.to_string().contains(reason), "expected {reason:?} in {e}");
         }
     }
 

@@ -29,7 +29,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::{CaptureError, CaptureLinks, CaptureLoop};
+use crate::capture::{CaptureError, CaptureLinks, CaptureLoop, CaptureRequest};
 use crate::catalog::{Catalog, CatalogStoreError, CatalogView};
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError};
@@ -74,6 +74,10 @@ pub enum ControlRequest {
     CatalogImport {
         entries: Vec<CatalogEntry>,
     },
+    /// Re-reads one resource from the source (PostgreSQL).
+    Resync {
+        resource: String,
+    },
 }
 
 /// A running agent.
@@ -113,6 +117,7 @@ impl Agent {
         let status = StatusBoard::new(AgentStatus::initial(&config, key.id().to_string(), true));
         let sealed = Arc::new(Notify::new());
         let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        let (request_tx, request_rx) = std::sync::mpsc::channel();
         let capture = CaptureLoop::new(
             config.clone(),
             key.clone(),
@@ -123,6 +128,7 @@ impl Agent {
                 sealed: sealed.clone(),
                 status: status.clone(),
                 catalog: catalog.clone(),
+                requests: request_rx,
             },
         )?;
         let socket = config.control_socket();
@@ -152,12 +158,16 @@ impl Agent {
             catalog: catalog.clone(),
         };
         let uplink = tokio::spawn(uplink.run(cancel.clone()));
-        let board = status.clone();
-        let control_catalog = catalog.clone();
+        let links = ControlLinks {
+            status: status.clone(),
+            catalog: catalog.clone(),
+            capture: Arc::new(std::sync::Mutex::new(request_tx)),
+            config: config.clone(),
+        };
         let control = tokio::spawn(control::serve(
             listener,
             cancel.clone().cancelled_owned(),
-            move |request, stream| answer(request, stream, board.clone(), control_catalog.clone()),
+            move |request, stream| answer(request, stream, links.clone()),
         ));
         tracing::info!(
             node = %node,
@@ -199,14 +209,58 @@ impl Agent {
     }
 }
 
-/// Answers a request on the control socket.
-async fn answer(
-    request: ControlRequest,
-    mut stream: tokio::net::UnixStream,
+/// What the control socket reaches.
+#[derive(Debug, Clone)]
+struct ControlLinks {
     status: StatusBoard,
     catalog: Catalog,
-) {
+    capture: Arc<std::sync::Mutex<std::sync::mpsc::Sender<CaptureRequest>>>,
+    config: Arc<Config>,
+}
+
+/// Answers a request on the control socket.
+async fn answer(request: ControlRequest, mut stream: tokio::net::UnixStream, links: ControlLinks) {
+    let ControlLinks {
+        status,
+        catalog,
+        capture,
+        config,
+    } = links;
     let result: Result<serde_json::Value, String> = match request {
+        ControlRequest::Resync { resource } => {
+            match config
+                .resources
+                .iter()
+                .position(|r| r.code.as_str() == resource)
+            {
+                None => Err(format!(
+                    "no resource {resource} in {}",
+                    config.file.display()
+                )),
+                Some(i) => {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    let sent = capture
+                        .lock()
+                        .map_err(|_| "capture is not running".to_string())
+                        .and_then(|tx| {
+                            tx.send(CaptureRequest::Resync {
+                                resource: i,
+                                reason: "requested by the operator (shuyuan-agent resync)".into(),
+                                reply,
+                            })
+                            .map_err(|_| "capture is not running".to_string())
+                        });
+                    match sent {
+                        Err(e) => Err(e),
+                        Ok(()) => match answer.await {
+                            Ok(Ok(())) => Ok(serde_json::json!({ "resource": resource })),
+                            Ok(Err(e)) => Err(e),
+                            Err(_) => Err("capture stopped".into()),
+                        },
+                    }
+                }
+            }
+        }
         ControlRequest::Status => {
             serde_json::to_value(status.snapshot()).map_err(|e| e.to_string())
         }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use shuyuan_agent::catalog::{Catalog, CatalogView};
 use shuyuan_agent::config::{Config, SourceConfig};
+use shuyuan_agent::source::pg::setup as pg_setup;
 use shuyuan_agent::source::sqlite::{InstallOutcome, install_triggers, uninstall_triggers};
 use shuyuan_agent::status::{self, AgentStatus};
 use shuyuan_agent::{Agent, ControlRequest};
@@ -61,6 +62,19 @@ enum Command {
         #[command(subcommand)]
         action: TriggerAction,
     },
+    /// PostgreSQL capture set-up: the publication and the logical replication slot.
+    Pg {
+        #[command(subcommand)]
+        action: PgAction,
+    },
+    /// Re-read one resource from the source while capture goes on (PostgreSQL; no locks are taken), with a progress bar.
+    Resync {
+        /// The resource code, as in the config.
+        resource: String,
+        /// Return once the agent has started the re-read.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// The department's data resource catalog (数据资源目录): show, edit, import and export entries.
     Catalog {
         #[command(subcommand)]
@@ -101,6 +115,18 @@ enum CatalogAction {
 enum FormFormat {
     Csv,
     Toml,
+}
+
+#[derive(Debug, Subcommand)]
+enum PgAction {
+    /// Create the publication of the configured tables and the replication slot (idempotent).
+    Setup {
+        /// Print the SQL for a DBA instead of running it (with a least-privilege role).
+        #[arg(long)]
+        print_sql: bool,
+    },
+    /// Drop the slot and the publication (the server then stops keeping WAL for the agent).
+    Drop,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,11 +179,37 @@ fn run(cli: Cli) -> Result<()> {
             let config = Config::load(&cli.config)?;
             tokio::runtime::Runtime::new()?.block_on(catalog(&config, action))
         }
+        Command::Pg { action } => {
+            let config = Config::load(&cli.config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let done = match action {
+                PgAction::Setup { print_sql: true } => {
+                    print!("{}", pg_setup::setup_sql(&config)?);
+                    return Ok(());
+                }
+                PgAction::Setup { print_sql: false } => rt.block_on(pg_setup::setup(&config))?,
+                PgAction::Drop => rt.block_on(pg_setup::drop(&config))?,
+            };
+            for line in done {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Resync { resource, no_wait } => {
+            let config = Config::load(&cli.config)?;
+            tokio::runtime::Runtime::new()?.block_on(resync(&config, &resource, no_wait))
+        }
         Command::Triggers { action } => {
             let config = Config::load(&cli.config)?;
             let SourceConfig::Sqlite {
                 path, busy_timeout, ..
-            } = &config.source;
+            } = &config.source
+            else {
+                bail!(
+                    "{}: triggers are for SQLite sources; PostgreSQL is captured from the log (see `shuyuan-agent pg setup`)",
+                    cli.config.display()
+                );
+            };
             match action {
                 TriggerAction::Install => {
                     let report = install_triggers(path, *busy_timeout, &config.resources)?;
@@ -327,6 +379,55 @@ fn offline_catalog(config: &Config, request: ControlRequest) -> Result<serde_jso
         }
         _ => serde_json::to_value(CatalogView::of(&catalog))?,
     })
+}
+
+/// Asks the running agent to re-read a resource and shows its progress.
+async fn resync(config: &Config, resource: &str, no_wait: bool) -> Result<()> {
+    let asked = UnixMillis::now();
+    let mut out = Vec::new();
+    let request = ControlRequest::Resync {
+        resource: resource.to_string(),
+    };
+    match control::call(&config.control_socket(), &request, &mut out).await {
+        Ok(()) => {}
+        Err(ControlError::NotRunning { .. }) => bail!(
+            "the agent is not running; start it first (`shuyuan-agent run` or the service): the re-read runs inside it, next to live capture"
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    println!("re-read of {resource} requested");
+    if no_wait {
+        return Ok(());
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message(resource.to_string());
+    loop {
+        let status = live_status(config).await?;
+        if let Some(done) = status
+            .source
+            .finished_loads
+            .iter()
+            .find(|l| l.resource == resource && l.started_at >= asked)
+        {
+            bar.finish_and_clear();
+            println!("{resource}: re-read finished, {} rows sent", done.rows);
+            return Ok(());
+        }
+        if let Some(l) = status.source.loads.iter().find(|l| l.resource == resource) {
+            bar.set_length(l.total.max(l.rows));
+            bar.set_position(l.rows);
+        }
+        if let Some(e) = &status.source.error {
+            bar.set_message(format!("{resource} (capture error: {e})"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
 }
 
 async fn live_status(config: &Config) -> Result<AgentStatus> {

@@ -60,6 +60,8 @@ fn estimate(entry: &Entry) -> usize {
                 .sum::<usize>()
         }
         Entry::ZeroUpdate(z) => 32 + z.source_position.len(),
+        Entry::Resync(shuyuan_protocol::Resync::Begin { reason, .. }) => 16 + reason.len(),
+        Entry::Resync(shuyuan_protocol::Resync::End { .. }) => 24,
     }
 }
 

@@ -63,6 +63,18 @@ pub struct SourceStatus {
     /// When the last successful capture step began reading the source: every
     /// change committed before it is sealed (or paused for a full outbox).
     pub last_read_at: Option<UnixMillis>,
+    /// What `backlog` counts (changes, WAL bytes).
+    #[serde(default)]
+    pub backlog_unit: String,
+    /// Something the operator must know (a lost replication slot).
+    #[serde(default)]
+    pub alarm: Option<String>,
+    /// Initial loads and resyncs in progress.
+    #[serde(default)]
+    pub loads: Vec<crate::source::LoadReport>,
+    /// The latest finished load of each resource (since the agent started).
+    #[serde(default)]
+    pub finished_loads: Vec<crate::source::LoadReport>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +137,9 @@ impl AgentStatus {
                     crate::config::SourceConfig::Sqlite { path, .. } => {
                         format!("sqlite {}", path.display())
                     }
+                    crate::config::SourceConfig::Postgres(pg) => {
+                        format!("postgres {} slot {}", pg.dsn, pg.slot)
+                    }
                 },
                 position: String::new(),
                 backlog: 0,
@@ -132,6 +147,10 @@ impl AgentStatus {
                 error: None,
                 skipped_null_keys: 0,
                 last_read_at: None,
+                backlog_unit: "changes".into(),
+                alarm: None,
+                loads: Vec::new(),
+                finished_loads: Vec::new(),
             },
             outbox: OutboxStatus {
                 batches: 0,
@@ -243,9 +262,30 @@ impl AgentStatus {
         }
         let _ = writeln!(
             s,
-            "source   {}  position {}  backlog {}",
-            self.source.describe, self.source.position, self.source.backlog
+            "source   {}  position {}  backlog {} {}",
+            self.source.describe,
+            self.source.position,
+            self.source.backlog,
+            self.source.backlog_unit
         );
+        if let Some(a) = &self.source.alarm {
+            let _ = writeln!(s, "         ALARM: {a}");
+        }
+        for l in &self.source.loads {
+            let _ = writeln!(
+                s,
+                "         loading {}: {} of ~{} rows ({:.0}%), {}",
+                l.resource,
+                l.rows,
+                l.total,
+                if l.total == 0 {
+                    0.0
+                } else {
+                    (l.rows as f64 / l.total as f64 * 100.0).min(100.0)
+                },
+                l.reason
+            );
+        }
         if self.source.paused_outbox_full {
             let _ = writeln!(
                 s,

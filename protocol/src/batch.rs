@@ -76,6 +76,29 @@ pub enum Entry {
     Change(RowChange),
     /// 零更新: the resource had no changes in `since..until`.
     ZeroUpdate(ZeroUpdate),
+    /// The source re-reads the resource from scratch (initial load, a
+    /// requested resync, or repair after a lost capture position).
+    Resync(Resync),
+}
+
+/// Marks around a full re-read of a resource. Between `Begin` and the `End`
+/// with the same id, every row that exists in the source is written by some
+/// change entry (a re-read row or a live change); at `End` the receiver
+/// deletes the rows of the resource that no entry wrote since `Begin`, which
+/// removes rows deleted at the source while capture could not see them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resync {
+    Begin {
+        id: u64,
+        /// Why, in words for the administrator ("initial load", "replication
+        /// slot lost: ...", "requested by the operator").
+        reason: String,
+    },
+    End {
+        id: u64,
+        /// How many rows the re-read itself sent.
+        rows: u64,
+    },
 }
 
 /// A signed statement that a resource had no changes in a period.

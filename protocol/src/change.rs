@@ -128,6 +128,14 @@ impl TableSchema {
 
     /// Checks that `change` fits this schema: arities, key values consistent
     /// with the row, no NULL key, every value well-formed.
+    /// Whether the key is every column: a table without a key of its own
+    /// (PostgreSQL's REPLICA IDENTITY FULL) is addressed by its whole row,
+    /// and NULL is then an ordinary value of the key, as in `IS NOT DISTINCT
+    /// FROM`. Rows equal in every column are one row in the shared copy.
+    pub fn whole_row_key(&self) -> bool {
+        self.key.len() == self.columns.len()
+    }
+
     pub fn check(&self, change: &RowChange) -> Result<(), ShapeError> {
         if change.schema_version != self.version {
             return Err(ShapeError::SchemaVersion {
@@ -143,7 +151,7 @@ impl TableSchema {
         }
         for (i, v) in change.key.iter().enumerate() {
             let column = self.key_column_name(i);
-            if *v == Value::Null {
+            if *v == Value::Null && !self.whole_row_key() {
                 return Err(ShapeError::NullKey(column));
             }
             v.check()

@@ -29,7 +29,7 @@ pub mod time;
 pub mod value;
 pub mod window;
 
-pub use batch::{BatchBody, BatchHash, Entry, SignedBatch, ZeroUpdate};
+pub use batch::{BatchBody, BatchHash, Entry, Resync, SignedBatch, ZeroUpdate};
 pub use chain::{ChainError, FeedCursor};
 pub use change::{Column, Op, RowChange, TableSchema};
 pub use cycle::UpdateCycle;

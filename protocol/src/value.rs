@@ -189,15 +189,20 @@ fn is_timestamp(b: &[u8], with_zone: bool) -> bool {
     if let Some(time) = rest.strip_suffix(b"Z") {
         return is_time(time);
     }
-    if rest.len() < 6 {
-        return false;
-    }
-    let (time, zone) = rest.split_at(rest.len() - 6);
-    is_time(time)
-        && matches!(zone[0], b'+' | b'-')
-        && all_digits(&zone[1..3])
-        && zone[3] == b':'
-        && all_digits(&zone[4..6])
+    // `+08:00`, or `+08` as PostgreSQL prints whole-hour offsets.
+    let zone_ok = |zone: &[u8]| match zone {
+        [sign, h @ .., b':', m1, m2] if h.len() == 2 => {
+            matches!(sign, b'+' | b'-') && all_digits(h) && all_digits(&[*m1, *m2])
+        }
+        [sign, h1, h2] => matches!(sign, b'+' | b'-') && all_digits(&[*h1, *h2]),
+        _ => false,
+    };
+    [6, 3].into_iter().any(|n| {
+        rest.len() > n && {
+            let (time, zone) = rest.split_at(rest.len() - n);
+            is_time(time) && zone_ok(zone)
+        }
+    })
 }
 
 // Key encoding tags, in the order SQL databases sort types:
@@ -291,6 +296,7 @@ mod tests {
             Value::Timestamp("2026-11-21 08:30:00".into()),
             Value::TimestampTz("2026-11-21T08:30:00.5+08:00".into()),
             Value::TimestampTz("2026-11-21 08:30:00Z".into()),
+            Value::TimestampTz("2026-11-21 08:30:00.123456+00".into()),
         ] {
             assert!(ok.check().is_ok(), "{ok:?}");
         }

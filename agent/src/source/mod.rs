@@ -12,9 +12,11 @@
 //! the last ones reported), and every change up to the returned position is
 //! included.
 
+pub mod pg;
 pub mod sqlite;
 
-use shuyuan_protocol::{Op, TableSchema, Value};
+use serde::{Deserialize, Serialize};
+use shuyuan_protocol::{Op, Resync, TableSchema, UnixMillis, Value};
 
 use crate::config::{Config, SourceConfig};
 
@@ -51,6 +53,26 @@ pub enum SourceError {
     PendingChanges { pending: u64 },
     #[error("bad capture position {0:?}")]
     BadPosition(String),
+    #[error("PostgreSQL error while {context}: {message}")]
+    Pg { context: String, message: String },
+    #[error(
+        "replication slot {slot} does not exist; run `shuyuan-agent pg setup` (or have a DBA run the SQL of `shuyuan-agent pg setup --print-sql`)"
+    )]
+    NoSlot { slot: String },
+    #[error(
+        "table {table} has no primary key and no replica identity, so the log cannot say which row an update or delete changed; give it a primary key, or run ALTER TABLE {table} REPLICA IDENTITY FULL (the whole row then identifies it)"
+    )]
+    NoIdentity { table: String },
+    #[error(
+        "the key ({key}) configured for table {table} is not what the log identifies rows by ({identity}); leave `key` out to use the primary key, or run ALTER TABLE {table} REPLICA IDENTITY FULL"
+    )]
+    KeyNotIdentity {
+        table: String,
+        key: String,
+        identity: String,
+    },
+    #[error("{0}")]
+    Unsupported(String),
     #[error("SQLite error while {context}: {source}")]
     Sql {
         context: String,
@@ -61,7 +83,7 @@ pub enum SourceError {
 impl SourceError {
     /// Whether retrying later may succeed without anyone doing anything.
     pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Locked { .. })
+        matches!(self, SourceError::Locked { .. } | SourceError::Pg { .. })
     }
 }
 
@@ -84,6 +106,9 @@ pub struct SourceRead {
     /// the first read). Their `version` is 0; the capture loop numbers them.
     pub shapes: Option<Vec<TableSchema>>,
     pub changes: Vec<Captured>,
+    /// Re-read marks: `(i, resource, mark)` goes before `changes[i]` (or
+    /// after the last change when `i == changes.len()`), in this order.
+    pub marks: Vec<(usize, usize, Resync)>,
     /// The position this read covers up to.
     pub position: String,
     /// No further changes were pending when this read was taken.
@@ -91,6 +116,34 @@ pub struct SourceRead {
     /// Changes skipped because a key column was NULL (a NULL key cannot
     /// address a row in the shared copy).
     pub skipped_null_keys: u64,
+}
+
+/// A re-read of one resource, running or finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub resource: String,
+    pub id: u64,
+    pub reason: String,
+    pub rows: u64,
+    /// Rows in the table when it began (an estimate).
+    pub total: u64,
+    pub started_at: UnixMillis,
+    pub finished_at: Option<UnixMillis>,
+}
+
+/// What a connector tells status beyond the position.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceReport {
+    /// The position in words.
+    pub position: String,
+    /// Something an operator must know (a lost replication slot).
+    pub alarm: Option<String>,
+    /// Re-reads in progress.
+    pub loads: Vec<LoadReport>,
+    /// The latest finished re-read of each resource (this run).
+    pub finished: Vec<LoadReport>,
+    /// What `backlog` counts.
+    pub backlog_unit: &'static str,
 }
 
 /// A capture connector.
@@ -103,6 +156,22 @@ pub trait Source: Send {
     fn release(&mut self, upto: &str) -> Result<(), SourceError>;
     /// How many captured changes wait after `after`.
     fn backlog(&mut self, after: &str) -> Result<u64, SourceError>;
+    /// The state for status, given the committed position.
+    fn report(&self, position: &str) -> SourceReport {
+        SourceReport {
+            position: position.to_string(),
+            backlog_unit: "changes",
+            ..SourceReport::default()
+        }
+    }
+    /// Asks for a re-read of one resource (an index into the config's
+    /// resources); it begins with the next read.
+    fn request_resync(&mut self, resource: usize, reason: String) -> Result<u64, SourceError> {
+        let _ = (resource, reason);
+        Err(SourceError::Unsupported(
+            "resync re-reads PostgreSQL tables; for SQLite run `shuyuan-agent triggers install` again, which queues every row".into(),
+        ))
+    }
 }
 
 /// Opens the configured source, checking that capture is set up.
@@ -115,6 +184,7 @@ pub fn open(config: &Config) -> Result<Box<dyn Source>, SourceError> {
             *busy_timeout,
             &config.resources,
         )?)),
+        SourceConfig::Postgres(pg) => Ok(Box::new(pg::PgSource::open(pg, &config.resources)?)),
     }
 }
 
@@ -122,5 +192,7 @@ pub fn open(config: &Config) -> Result<Box<dyn Source>, SourceError> {
 pub fn initial_position(config: &Config) -> String {
     match config.source {
         SourceConfig::Sqlite { .. } => "0".to_string(),
+        // Empty: not started; the first read takes the slot's position.
+        SourceConfig::Postgres(_) => String::new(),
     }
 }

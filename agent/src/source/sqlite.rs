@@ -454,6 +454,7 @@ impl Source for SqliteSource {
         Ok(SourceRead {
             shapes: shapes_out,
             changes,
+            marks: Vec::new(),
             position: last_id.to_string(),
             complete: n < limit,
             skipped_null_keys,

@@ -100,6 +100,30 @@ pub struct FeedRecord {
     pub last_rejection: Option<RejectionRecord>,
 }
 
+/// A re-read of a resource from its source ([`shuyuan_protocol::Resync`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncRecord {
+    pub id: u64,
+    pub reason: String,
+    /// The batch that carried `Begin`.
+    pub started_seq: u64,
+    pub started_at: UnixMillis,
+    /// Rows written by any change since `Begin`.
+    pub rows_written: u64,
+    pub finished: Option<ResyncFinish>,
+}
+
+/// How a re-read ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResyncFinish {
+    pub seq: u64,
+    pub at: UnixMillis,
+    /// Rows the re-read itself sent (the agent's count).
+    pub rows_sent: u64,
+    /// Rows removed because the source no longer has them.
+    pub rows_removed: u64,
+}
+
 /// One row of the shared copy, under the schema version it was written with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredRow {
@@ -124,6 +148,11 @@ pub enum AuditKind {
     Enrolled,
     /// A connection broke the protocol or claimed another department.
     ConnectionRefused,
+    /// A feed began re-reading its resource from the source (feed alarm when
+    /// the reason is a lost capture position).
+    ResyncStarted,
+    /// A re-read finished; rows the source no longer has were removed.
+    ResyncFinished,
 }
 
 /// One row of the audit log.
@@ -228,6 +257,8 @@ pub trait Backend: Send + Sync + 'static {
     fn feeds(&self) -> Result<Vec<(FeedId, FeedRecord)>, StoreError>;
     fn feed(&self, feed: &FeedId) -> Result<Option<FeedRecord>, StoreError>;
     fn schema(&self, feed: &FeedId, version: u32) -> Result<Option<TableSchema>, StoreError>;
+    /// The feed's latest re-read, running or finished.
+    fn resync(&self, feed: &FeedId) -> Result<Option<ResyncRecord>, StoreError>;
     /// Visits the shared copy of a feed in key order.
     fn rows(
         &self,

@@ -9,6 +9,9 @@
 //! - `audit_v1`: id -> [`AuditEntry`]
 //! - `catalogs_v1`: department code -> the department's catalog (automerge)
 //! - `catalog_sync_v1`: (department code, peer key) -> automerge sync state
+//! - `resync_v1`: feed text -> the feed's latest [`ResyncRecord`]
+//! - `resync_touched_v1`: (feed text, row key) -> () for rows written since a
+//!   running re-read began; emptied when it ends
 //! - `migrations_v1`: migration name -> unix millis applied
 
 use std::path::Path;
@@ -19,7 +22,7 @@ use redb::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shuyuan_protocol::batch::Entry;
+use shuyuan_protocol::batch::{Entry, Resync};
 use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::message::{Ack, Reject};
 use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
@@ -31,7 +34,8 @@ use shuyuan_protocol::{
 
 use super::{
     AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming, Outcome,
-    RejectionRecord, StoreError, StoredRow, VerifiedBatch, WriteOp, ZeroUpdateRecord,
+    RejectionRecord, ResyncFinish, ResyncRecord, StoreError, StoredRow, VerifiedBatch, WriteOp,
+    ZeroUpdateRecord,
 };
 
 const ENROLLMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrollments_v1");
@@ -42,6 +46,8 @@ const ROWS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("rows_v
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_v1");
 const CATALOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("catalogs_v1");
 const CATALOG_SYNC: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("catalog_sync_v1");
+const RESYNC: TableDefinition<&str, &[u8]> = TableDefinition::new("resync_v1");
+const TOUCHED: TableDefinition<(&str, &[u8]), ()> = TableDefinition::new("resync_touched_v1");
 
 /// Named, idempotent migrations, applied once each in order.
 const MIGRATIONS: &[Migration] = &[
@@ -57,6 +63,11 @@ const MIGRATIONS: &[Migration] = &[
     ("0002-catalogs", |tx| {
         tx.open_table(CATALOGS)?;
         tx.open_table(CATALOG_SYNC)?;
+        Ok(())
+    }),
+    ("0003-resync", |tx| {
+        tx.open_table(RESYNC)?;
+        tx.open_table(TOUCHED)?;
         Ok(())
     }),
 ];
@@ -102,6 +113,8 @@ struct Tables<'t> {
     schemas: Table<'t, (&'static str, u32), &'static [u8]>,
     batches: Table<'t, (&'static str, u64), &'static [u8]>,
     rows: Table<'t, (&'static str, &'static [u8]), &'static [u8]>,
+    resync: Table<'t, &'static str, &'static [u8]>,
+    touched: Table<'t, (&'static str, &'static [u8]), ()>,
     audit: Table<'t, u64, &'static [u8]>,
     next_audit: u64,
     now: UnixMillis,
@@ -120,6 +133,8 @@ impl<'t> Tables<'t> {
             schemas: tx.open_table(SCHEMAS).map_err(storage)?,
             batches: tx.open_table(BATCHES).map_err(storage)?,
             rows: tx.open_table(ROWS).map_err(storage)?,
+            resync: tx.open_table(RESYNC).map_err(storage)?,
+            touched: tx.open_table(TOUCHED).map_err(storage)?,
             audit,
             next_audit,
             now: UnixMillis::now(),
@@ -213,6 +228,39 @@ impl<'t> Tables<'t> {
         }))
     }
 
+    fn clear_touched(&mut self, feed: &str) -> Result<(), StoreError> {
+        let lo: (&str, &[u8]) = (feed, &[]);
+        let hi: (&str, &[u8]) = (feed, &[0xff]);
+        self.touched
+            .retain_in(lo..hi, |_, _| false)
+            .map_err(storage)
+    }
+
+    /// Deletes the feed's rows that no change wrote since the re-read began.
+    fn remove_untouched(&mut self, feed: &str) -> Result<u64, StoreError> {
+        let lo: (&str, &[u8]) = (feed, &[]);
+        let hi: (&str, &[u8]) = (feed, &[0xff]);
+        let mut stale = Vec::new();
+        for item in self.rows.range(lo..hi).map_err(storage)? {
+            let (k, _) = item.map_err(storage)?;
+            let row_key = k.value().1;
+            if self
+                .touched
+                .get((feed, row_key))
+                .map_err(storage)?
+                .is_none()
+            {
+                stale.push(row_key.to_vec());
+            }
+        }
+        for row_key in &stale {
+            self.rows
+                .remove((feed, row_key.as_slice()))
+                .map_err(storage)?;
+        }
+        Ok(stale.len() as u64)
+    }
+
     fn apply(&mut self, peer: NodeId, v: &VerifiedBatch) -> Result<Outcome, StoreError> {
         let body = &v.body;
         let key = body.feed.to_string();
@@ -251,6 +299,12 @@ impl<'t> Tables<'t> {
             );
         }
         let mut had_changes = false;
+        let mut resync: Option<ResyncRecord> =
+            match self.resync.get(key.as_str()).map_err(storage)? {
+                Some(v) => Some(dec(|| format!("resync of {key}"), v.value())?),
+                None => None,
+            };
+        let resync_before = resync.clone();
         for entry in &body.entries {
             match entry {
                 Entry::Schema(s) => {
@@ -263,6 +317,12 @@ impl<'t> Tables<'t> {
                     had_changes = true;
                     rec.changes_applied += 1;
                     let row_key = encode_key(&c.key);
+                    if let Some(r) = resync.as_mut().filter(|r| r.finished.is_none()) {
+                        r.rows_written += 1;
+                        self.touched
+                            .insert((key.as_str(), row_key.as_slice()), ())
+                            .map_err(storage)?;
+                    }
                     match &c.row {
                         Some(values) => {
                             let stored = enc(&StoredRow {
@@ -288,6 +348,59 @@ impl<'t> Tables<'t> {
                         }
                     }
                 }
+                Entry::Resync(Resync::Begin { id, reason }) => {
+                    self.clear_touched(&key)?;
+                    resync = Some(ResyncRecord {
+                        id: *id,
+                        reason: reason.clone(),
+                        started_seq: body.seq,
+                        started_at: self.now,
+                        rows_written: 0,
+                        finished: None,
+                    });
+                    self.audit(AuditEntry {
+                        id: 0,
+                        at: self.now,
+                        kind: AuditKind::ResyncStarted,
+                        peer: Some(peer),
+                        feed: Some(body.feed.clone()),
+                        seq: Some(body.seq),
+                        reason: None,
+                        detail: reason.clone(),
+                    })?;
+                }
+                Entry::Resync(Resync::End { id, rows }) => {
+                    let Some(r) = resync
+                        .as_mut()
+                        .filter(|r| r.id == *id && r.finished.is_none())
+                    else {
+                        tracing::warn!(feed = %body.feed, id, "resync end without its begin; ignored");
+                        continue;
+                    };
+                    let removed = self.remove_untouched(&key)?;
+                    rec.rows -= removed;
+                    self.clear_touched(&key)?;
+                    r.finished = Some(ResyncFinish {
+                        seq: body.seq,
+                        at: self.now,
+                        rows_sent: *rows,
+                        rows_removed: removed,
+                    });
+                    let detail = format!(
+                        "re-read finished: {rows} rows sent, {} rows written since it began, {removed} rows removed that the source no longer has",
+                        r.rows_written
+                    );
+                    self.audit(AuditEntry {
+                        id: 0,
+                        at: self.now,
+                        kind: AuditKind::ResyncFinished,
+                        peer: Some(peer),
+                        feed: Some(body.feed.clone()),
+                        seq: Some(body.seq),
+                        reason: None,
+                        detail,
+                    })?;
+                }
                 Entry::ZeroUpdate(z) => {
                     rec.last_zero_update = Some(ZeroUpdateRecord {
                         seq: body.seq,
@@ -301,6 +414,13 @@ impl<'t> Tables<'t> {
         }
         if had_changes {
             rec.last_change_at = Some(body.created_at);
+        }
+        if resync != resync_before
+            && let Some(r) = &resync
+        {
+            self.resync
+                .insert(key.as_str(), enc(r)?.as_slice())
+                .map_err(storage)?;
         }
         rec.cursor.advance(body.seq, v.hash);
         rec.signer = Some(v.signed.signer);
@@ -350,7 +470,7 @@ fn check_content(current: Option<&TableSchema>, entries: &[Entry]) -> Result<(),
                     .ok_or_else(|| format!("entry {i}: row change before any schema"))?;
                 s.check(c).map_err(|e| format!("entry {i}: {e}"))?;
             }
-            Entry::ZeroUpdate(_) => {}
+            Entry::ZeroUpdate(_) | Entry::Resync(_) => {}
         }
     }
     Ok(())
@@ -499,6 +619,16 @@ impl Backend for RedbBackend {
         let key = feed.to_string();
         match table.get((key.as_str(), version)).map_err(storage)? {
             Some(v) => Ok(Some(dec(|| format!("schema {key} v{version}"), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn resync(&self, feed: &FeedId) -> Result<Option<ResyncRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(RESYNC).map_err(storage)?;
+        let key = feed.to_string();
+        match table.get(key.as_str()).map_err(storage)? {
+            Some(v) => Ok(Some(dec(|| format!("resync of {key}"), v.value())?)),
             None => Ok(None),
         }
     }
