@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Builds release binaries and runs the benchmark; prints Markdown tables for
 # BENCHMARKS.md. Options go to shuyuan-bench (see --help).
+# `./bench.sh pg [--mode none|native|shuyuan|all] [--scale 10] [--seconds 30]
+# [--clients 4]` compares shuyuan with PostgreSQL's native logical
+# replication on a pgbench load; it needs the PostgreSQL server binaries
+# (`.ci/run` installs the Debian `postgresql` package).
 set -euo pipefail
 cd "$(dirname "$0")"
+if [[ "${1:-}" == pg ]] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    echo "./bench.sh pg needs PostgreSQL: run .ci/run (or apt-get install postgresql)" >&2
+    exit 1
+fi
 cargo build --release --locked --workspace --bins
 exec target/release/shuyuan-bench "$@"

@@ -193,7 +193,7 @@ impl CaptureLoop {
                     false
                 }
             };
-            if more {
+            if more || (last_error.is_none() && self.source.waits_for_changes()) {
                 continue;
             }
             match self.acks.recv_timeout(self.poll_interval()) {

@@ -12,7 +12,8 @@ use shuyuan_protocol::{FeedId, UnixMillis};
 use crate::catalog::CityEntry;
 use crate::live::ConnectionInfo;
 use crate::store::{
-    AuditEntry, Backend, Enrollment, FeedRecord, RejectionRecord, StoreError, ZeroUpdateRecord,
+    AuditEntry, Backend, Enrollment, FeedRecord, RejectionRecord, ResyncRecord, StoreError,
+    ZeroUpdateRecord,
 };
 use shuyuan_protocol::UpdateCycle;
 use std::time::Duration;
@@ -78,6 +79,10 @@ pub struct ResourceEntry {
     pub rejected: u64,
     pub last_rejection: Option<RejectionRecord>,
     pub signer: Option<String>,
+    /// The latest re-read from the source (initial load, resync, repair
+    /// after a lost capture position), running or finished.
+    #[serde(default)]
+    pub resync: Option<ResyncRecord>,
 }
 
 /// Facts beyond the feed store: what a running hub knows, and the update
@@ -172,6 +177,10 @@ pub fn collect(
             .any(|c| c.department == f.department && c.resources.contains(&f.resource))
     };
     let entry = |feed: &FeedId, r: &FeedRecord| {
+        let resync = backend.resync(feed).unwrap_or_else(|e| {
+            tracing::warn!(%feed, error = %e, "cannot read the feed's resync state");
+            None
+        });
         let cycle = live.cycles.get(&feed.to_string()).copied();
         let (freshness, fresh_until) = freshness(r, cycle, live.now, live.grace);
         ResourceEntry {
@@ -193,6 +202,7 @@ pub fn collect(
             rejected: r.rejected,
             last_rejection: r.last_rejection.clone(),
             signer: r.signer.map(|s| s.to_string()),
+            resync,
         }
     };
     for (feed, r) in &feeds {
@@ -337,6 +347,25 @@ impl HubStatus {
                     None => {
                         let _ = writeln!(s, "        last zero-update (零更新) -");
                     }
+                }
+                match &r.resync {
+                    Some(x) if x.finished.is_none() => {
+                        let _ = writeln!(
+                            s,
+                            "        RE-READING since {} (#{}, {} rows written so far): {}",
+                            x.started_at, x.started_seq, x.rows_written, x.reason
+                        );
+                    }
+                    Some(x) => {
+                        if let Some(f) = &x.finished {
+                            let _ = writeln!(
+                                s,
+                                "        last re-read finished {} ({} rows, {} removed): {}",
+                                f.at, f.rows_sent, f.rows_removed, x.reason
+                            );
+                        }
+                    }
+                    None => {}
                 }
                 if r.rejected > 0 {
                     let last = r

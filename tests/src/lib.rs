@@ -1,13 +1,15 @@
 //! Harness for shuyuan's end-to-end tests, demo and benchmark: builds and
 //! starts the real `shuyuan-hub` and `shuyuan-agent` binaries on loopback,
 //! each in its own temporary directory, with real SQLite department
-//! databases, and reads back what the hub holds.
+//! databases or throwaway PostgreSQL servers ([`pg`]), and reads back what
+//! the hub holds.
 //!
 //! Processes are killed when their handle drops, so a failing test leaves
 //! nothing running.
 
 pub mod data;
 pub mod peer;
+pub mod pg;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt;
@@ -380,15 +382,60 @@ impl ResourceSpec {
     }
 }
 
-/// An agent process next to a SQLite database.
+/// An agent process next to a SQLite database or a PostgreSQL server.
 #[derive(Debug)]
 pub struct AgentProcess {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub key: String,
     pub department: String,
+    /// The SQLite database (empty for a PostgreSQL source).
     pub db: PathBuf,
+    /// The PostgreSQL connection string (`None` for a SQLite source).
+    pub dsn: Option<String>,
     proc: Option<Proc>,
+}
+
+/// One `[[resource]]` of an agent config; the `key` line is left out when
+/// `omit_empty_key` and the spec names no key (the agent then uses the
+/// table's primary key).
+fn resource_toml(r: &ResourceSpec, omit_empty_key: bool) -> String {
+    let mut text = format!(
+        "[[resource]]\ncode = \"{}\"\ntable = \"{}\"\n",
+        r.code, r.table
+    );
+    if !(omit_empty_key && r.key.is_empty()) {
+        text.push_str(&format!(
+            "key = [{}]\n",
+            r.key
+                .iter()
+                .map(|k| format!("\"{k}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    text.push_str(&format!("update_cycle = \"{}\"\n", r.cycle));
+    if let Some(h) = &r.heartbeat {
+        text.push_str(&format!("heartbeat = \"{h}\"\n"));
+    }
+    text
+}
+
+/// The replication slot and publication name an agent test uses for a
+/// department: `shuyuan_` and the code in lower case, each character other
+/// than an ASCII letter or digit replaced by `_`.
+pub fn pg_slot_name(department: &str) -> String {
+    let tail: String = department
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("shuyuan_{tail}")
 }
 
 impl AgentProcess {
@@ -413,21 +460,49 @@ impl AgentProcess {
             db.display()
         );
         for r in resources {
-            text.push_str(&format!(
-                "[[resource]]\ncode = \"{}\"\ntable = \"{}\"\nkey = [{}]\nupdate_cycle = \"{}\"\n",
-                r.code,
-                r.table,
-                r.key
-                    .iter()
-                    .map(|k| format!("\"{k}\""))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                r.cycle
-            ));
-            if let Some(h) = &r.heartbeat {
-                text.push_str(&format!("heartbeat = \"{h}\"\n"));
-            }
+            text.push_str(&resource_toml(r, false));
         }
+        AgentProcess::write_and_key(dir, department, &text, db.to_owned(), None)
+    }
+
+    /// Like [`AgentProcess::init`] for a PostgreSQL source at `dsn` (see
+    /// [`pg::PgInstance::dsn`]): logical replication slot and publication
+    /// named by [`pg_slot_name`], polled every 20 ms, initial load in chunks
+    /// of 5000 rows. A resource without key columns uses the table's
+    /// primary key. Create the slot and publication with
+    /// [`AgentProcess::pg_setup`].
+    pub fn init_pg(
+        dir: &Path,
+        hub: &HubProcess,
+        department: &str,
+        dsn: &str,
+        resources: &[ResourceSpec],
+        outbox: &str,
+    ) -> Result<AgentProcess> {
+        std::fs::create_dir_all(dir)?;
+        let slot = pg_slot_name(department);
+        let mut text = format!(
+            "[agent]\ndepartment = \"{department}\"\nkey_file = \"agent.key\"\ndata_dir = \"data\"\n\
+             [hub]\naddress = \"{}\"\nkey = \"{}\"\n\
+             [source]\nkind = \"postgres\"\ndsn = \"{dsn}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
+             poll_interval = \"20ms\"\nchunk_size = 5000\n\
+             [outbox]\n{outbox}\n",
+            hub.addr, hub.key,
+        );
+        for r in resources {
+            text.push_str(&resource_toml(r, true));
+        }
+        AgentProcess::write_and_key(dir, department, &text, PathBuf::new(), Some(dsn.into()))
+    }
+
+    /// Writes `agent.toml` and creates the agent's key.
+    fn write_and_key(
+        dir: &Path,
+        department: &str,
+        text: &str,
+        db: PathBuf,
+        dsn: Option<String>,
+    ) -> Result<AgentProcess> {
         let config = dir.join("agent.toml");
         std::fs::write(&config, text)?;
         let key = run(Command::new(bin("shuyuan-agent"))
@@ -441,7 +516,8 @@ impl AgentProcess {
             config,
             key,
             department: department.into(),
-            db: db.to_owned(),
+            db,
+            dsn,
             proc: None,
         })
     }
@@ -464,6 +540,18 @@ impl AgentProcess {
 
     pub fn install_triggers(&self) -> Result<String> {
         run(self.cmd().args(["triggers", "install"]))
+    }
+
+    /// `shuyuan-agent pg setup`: creates the publication and the
+    /// replication slot of a PostgreSQL source.
+    pub fn pg_setup(&self) -> Result<String> {
+        run(self.cmd().args(["pg", "setup"]))
+    }
+
+    /// `shuyuan-agent resync RESOURCE --no-wait`: asks the running agent to
+    /// re-read a resource from scratch.
+    pub fn resync(&self, resource: &str) -> Result<String> {
+        run(self.cmd().args(["resync", resource, "--no-wait"]))
     }
 
     /// Starts `shuyuan-agent run` and waits until it answers `status`.
@@ -505,19 +593,26 @@ impl AgentProcess {
     pub fn wait_drained(&self, timeout: Duration) -> Result<Json> {
         let asked = now_millis();
         wait_for("the agent to drain its outbox", timeout, || {
-            let s = self.status()?;
-            let drained = s["source"]["last_read_at"]
-                .as_i64()
-                .is_some_and(|t| t > asked)
-                && s["outbox"]["batches"] == 0
-                && s["source"]["backlog"] == 0
-                && s["resources"].as_array().is_some_and(|rs| {
-                    rs.iter().all(|r| {
-                        r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0)
-                    })
-                });
-            Ok(drained.then_some(s))
+            self.drained_since(asked)
         })
+    }
+
+    /// The status if a capture step that began after `asked` (Unix
+    /// milliseconds) has found nothing waiting in the source and every
+    /// sealed batch is acknowledged; `None` if not yet. One poll of
+    /// [`AgentProcess::wait_drained`].
+    pub fn drained_since(&self, asked: i64) -> Result<Option<Json>> {
+        let s = self.status()?;
+        let drained = s["source"]["last_read_at"]
+            .as_i64()
+            .is_some_and(|t| t > asked)
+            && s["outbox"]["batches"] == 0
+            && s["source"]["backlog"] == 0
+            && s["resources"].as_array().is_some_and(|rs| {
+                rs.iter()
+                    .all(|r| r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0))
+            });
+        Ok(drained.then_some(s))
     }
 }
 
@@ -623,6 +718,37 @@ impl Sandbox {
         Ok((path, conn))
     }
 
+    /// A throwaway PostgreSQL server in `name/` of the sandbox, with the
+    /// test settings ([`pg::DEFAULT_SETTINGS`]).
+    pub fn postgres(&self, name: &str) -> Result<pg::PgInstance> {
+        pg::PgInstance::start(&self.dir.path().join(name))
+    }
+
+    /// An agent for a PostgreSQL source: config and key created, key
+    /// enrolled at the hub, publication and slot created (`pg setup`). Not
+    /// started.
+    pub fn pg_agent(
+        &self,
+        name: &str,
+        department: &str,
+        pg: &pg::PgInstance,
+        resources: &[ResourceSpec],
+        outbox: &str,
+    ) -> Result<AgentProcess> {
+        let agent = AgentProcess::init_pg(
+            &self.dir.path().join(name),
+            &self.hub,
+            department,
+            &pg.dsn(),
+            resources,
+            outbox,
+        )?;
+        self.hub
+            .enroll(department, &format!("{name} department"), &agent.key)?;
+        agent.pg_setup()?;
+        Ok(agent)
+    }
+
     /// An agent for `db`: config and key created, key enrolled at the hub,
     /// capture triggers installed. Not started.
     pub fn agent(
@@ -646,6 +772,28 @@ impl Sandbox {
         agent.install_triggers()?;
         Ok(agent)
     }
+}
+
+/// Compares every resource of a PostgreSQL `agent` between its source and
+/// the hub, as CSV ([`pg::PgInstance::table_csv`] against `export --format
+/// csv`) in key order: the resource's key columns, else the table's primary
+/// key, else every column (a table without a key is keyed by its whole row).
+pub fn assert_pg_in_sync(
+    hub: &HubProcess,
+    agent: &AgentProcess,
+    pg: &pg::PgInstance,
+    resources: &[ResourceSpec],
+) -> Result<usize> {
+    let mut total = 0;
+    for r in resources {
+        let order = pg.key_order(&r.table, &r.key)?;
+        let source = pg.table_csv(&r.table, &order)?;
+        let copy = hub.export_csv(&format!("{}:{}", agent.department, r.code))?;
+        pg::assert_same_csv(&source, &copy)
+            .with_context(|| format!("resource {} (table {})", r.code, r.table))?;
+        total += pg::csv_records(&source).len().saturating_sub(1);
+    }
+    Ok(total)
 }
 
 /// Compares every resource of `agent` between its database and the hub.

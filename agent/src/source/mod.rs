@@ -156,6 +156,11 @@ pub trait Source: Send {
     fn release(&mut self, upto: &str) -> Result<(), SourceError>;
     /// How many captured changes wait after `after`.
     fn backlog(&mut self, after: &str) -> Result<u64, SourceError>;
+    /// Whether `read` itself waits (up to the poll interval) for changes to
+    /// arrive, so the capture loop need not sleep between reads.
+    fn waits_for_changes(&self) -> bool {
+        false
+    }
     /// The state for status, given the committed position.
     fn report(&self, position: &str) -> SourceReport {
         SourceReport {

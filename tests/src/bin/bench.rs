@@ -3,15 +3,24 @@
 //! the cost of signing and verifying a batch (`feeds`); and the time,
 //! bytes, disk and memory of syncing a city catalog (`catalog`).
 //!
-//! Run with `./bench.sh` (builds release binaries first; `./bench.sh feeds`
-//! or `./bench.sh catalog` runs one part). Prints Markdown tables for
-//! BENCHMARKS.md.
+//! Against PostgreSQL's native logical replication on the same pgbench
+//! workload (`pg`, run only when asked): source TPS without replication,
+//! with native replication and with shuyuan; replication lag during the
+//! load; catch-up time after it; initial sync time.
+//!
+//! Run with `./bench.sh` (builds release binaries first; `./bench.sh feeds`,
+//! `./bench.sh catalog` or `./bench.sh pg` runs one part). Prints Markdown
+//! tables for BENCHMARKS.md.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Parser;
+use serde_json::Value as Json;
 use shuyuan_protocol::batch::{BatchBody, BatchHash, Entry, SignedBatch};
 use shuyuan_protocol::catalog::doc::CatalogDoc;
 use shuyuan_protocol::catalog::{
@@ -24,8 +33,10 @@ use shuyuan_protocol::{
 };
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::peer::CatalogPeer;
+use shuyuan_tests::pg::{self, PgInstance};
 use shuyuan_tests::{
-    AgentProcess, HubProcess, ResourceSpec, assert_in_sync, immediate, now_millis, wait_for,
+    AgentProcess, HubProcess, ResourceSpec, assert_in_sync, assert_pg_in_sync, immediate,
+    now_millis, wait_for,
 };
 
 #[derive(Debug, Parser)]
@@ -48,6 +59,38 @@ enum What {
     Feeds(Args),
     /// A city catalog: first sync, one edited field, disk and memory.
     Catalog(CatalogArgs),
+    /// PostgreSQL: shuyuan against native logical replication under the
+    /// same pgbench load (not part of the default run: needs PostgreSQL).
+    Pg(PgArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PgArgs {
+    /// pgbench scale factor (100,000 accounts each).
+    #[arg(long, default_value_t = 10)]
+    scale: u32,
+    /// Seconds of pgbench load per mode.
+    #[arg(long, default_value_t = 30)]
+    seconds: u32,
+    /// pgbench clients.
+    #[arg(long, default_value_t = 4)]
+    clients: u32,
+    /// Which replication to measure.
+    #[arg(long, value_enum, default_value_t = PgMode::All)]
+    mode: PgMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PgMode {
+    /// No replication: the source alone.
+    #[value(name = "none")]
+    Alone,
+    /// PostgreSQL's publication -> subscription into a second instance.
+    Native,
+    /// A shuyuan agent reading a logical replication slot, and a hub.
+    Shuyuan,
+    /// The three, one after the other.
+    All,
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,6 +127,7 @@ fn main() -> Result<()> {
     match cli.what {
         Some(What::Feeds(args)) => feeds(&dir, &args),
         Some(What::Catalog(args)) => catalog(&dir, &args),
+        Some(What::Pg(args)) => postgres(&dir, &args),
         None => {
             feeds(
                 &dir,
@@ -586,4 +630,684 @@ async fn catalog_async(dir: &std::path::Path, args: &CatalogArgs) -> Result<()> 
         listed.len() as f64 / 1e6
     );
     Ok(())
+}
+
+/// The server settings of every instance the `pg` benchmark starts: the
+/// harness's defaults (wal_level=logical, synchronous_commit=on, 128 MB of
+/// shared buffers, max_wal_size 1 GB) with durable commits.
+const PG_BENCH_SETTINGS: &[(&str, &str)] = &[("fsync", "on")];
+
+/// The pgbench tables, in the publication and as shuyuan resources.
+const PGBENCH_TABLES: [&str; 4] = [
+    "pgbench_accounts",
+    "pgbench_branches",
+    "pgbench_tellers",
+    "pgbench_history",
+];
+
+/// One probe row is inserted at the source this often during the load.
+const PROBE_EVERY: Duration = Duration::from_millis(100);
+
+/// One line of the PostgreSQL table.
+#[derive(Debug, Default)]
+struct PgFigures {
+    what: String,
+    tps: f64,
+    /// Probe lags in seconds, sorted.
+    lags: Vec<f64>,
+    catch_up: Option<Duration>,
+    initial_sync: Option<Duration>,
+    /// How the replica was watched, for the notes under the table.
+    notes: Vec<String>,
+}
+
+fn postgres(dir: &Path, args: &PgArgs) -> Result<()> {
+    let version = pg::version()?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let accounts = u64::from(args.scale) * 100_000;
+    println!(
+        "{version}; nproc {cores}; every instance on this machine with fsync=on, synchronous_commit=on, shared_buffers=128MB"
+    );
+    let modes = match args.mode {
+        PgMode::All => vec![PgMode::Alone, PgMode::Native, PgMode::Shuyuan],
+        m => vec![m],
+    };
+    if modes.contains(&PgMode::Shuyuan) {
+        // Fails now, naming what to build, rather than after the other modes.
+        shuyuan_tests::bin_dir();
+    }
+    let mut lines = Vec::new();
+    for mode in modes {
+        let d = dir.join(format!("pg-{mode:?}").to_lowercase());
+        std::fs::create_dir_all(&d)?;
+        let figures = match mode {
+            PgMode::Alone => pg_alone(&d, args)?,
+            PgMode::Native => pg_native(&d, args)?,
+            PgMode::Shuyuan => pg_shuyuan(&d, args)?,
+            PgMode::All => unreachable!("expanded above"),
+        };
+        lines.push(figures);
+        // The instances are gone; free the disk before the next mode.
+        std::fs::remove_dir_all(&d)?;
+    }
+
+    let j = args.clients.min(2);
+    println!(
+        "\n### PostgreSQL: native logical replication and shuyuan under `pgbench -T {} -c {} -j {j} -n` (scale {}, {accounts} accounts)\n",
+        args.seconds, args.clients, args.scale
+    );
+    println!(
+        "| replication | source TPS | lag p50 | lag p99 | catch-up after load | initial sync of {accounts} accounts |\n|---|---|---|---|---|---|"
+    );
+    let ms = |v: f64| format!("{:.0} ms", v * 1e3);
+    let secs = |d: Option<Duration>| match d {
+        None => "—".to_string(),
+        Some(d) if d < Duration::from_secs(1) => format!("{} ms", d.as_millis()),
+        Some(d) => format!("{:.2} s", d.as_secs_f64()),
+    };
+    for f in &lines {
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {} |",
+            f.what,
+            f.tps,
+            percentile(&f.lags, 0.50).map_or("—".into(), ms),
+            percentile(&f.lags, 0.99).map_or("—".into(), ms),
+            secs(f.catch_up),
+            secs(f.initial_sync)
+        );
+    }
+    println!();
+    for f in &lines {
+        for n in &f.notes {
+            println!("- {}: {n}", f.what);
+        }
+    }
+    Ok(())
+}
+
+/// The nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+/// A source instance with the pgbench tables at `scale`, the history table
+/// keyed by its whole row for replication, and the probe table.
+fn pg_source(dir: &Path, args: &PgArgs) -> Result<PgInstance> {
+    let source = PgInstance::start_with(&dir.join("source"), PG_BENCH_SETTINGS)?;
+    eprintln!("pgbench -i -s {} on {}", args.scale, source.dsn());
+    source.pgbench(&["-i", "-q", "-s", &args.scale.to_string()])?;
+    // pgbench_history has no key: native replication needs REPLICA IDENTITY
+    // FULL for updates and deletes (pgbench only inserts), shuyuan to key
+    // the table by its whole row. Set for both, for parity.
+    source.sql(
+        "ALTER TABLE pgbench_history REPLICA IDENTITY FULL; \
+         CREATE TABLE shuyuan_probe (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())",
+    )?;
+    Ok(source)
+}
+
+/// Starts the measured load on `source` (after a checkpoint, so that every
+/// mode starts from the same state).
+fn start_load(source: &PgInstance, args: &PgArgs) -> Result<Child> {
+    source.sql("CHECKPOINT")?;
+    eprintln!(
+        "pgbench -T {} -c {} on {}",
+        args.seconds,
+        args.clients,
+        source.dsn()
+    );
+    source.pgbench_spawn(&[
+        "-T",
+        &args.seconds.to_string(),
+        "-c",
+        &args.clients.to_string(),
+        "-j",
+        &args.clients.min(2).to_string(),
+        "-n",
+    ])
+}
+
+/// Waits for pgbench and returns its TPS ("tps = N (without initial
+/// connection time)").
+fn finish_load(load: Child) -> Result<f64> {
+    let out = load.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "pgbench failed ({}):\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tps_lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("tps = ")).collect();
+    let line = tps_lines
+        .iter()
+        .find(|l| l.contains("without initial connection time") || l.contains("excluding"))
+        .or(tps_lines.first())
+        .ok_or_else(|| anyhow::anyhow!("no tps line in pgbench's output:\n{stdout}"))?;
+    Ok(line
+        .trim_start_matches("tps = ")
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .parse()?)
+}
+
+fn pg_alone(dir: &Path, args: &PgArgs) -> Result<PgFigures> {
+    let source = pg_source(dir, args)?;
+    let tps = finish_load(start_load(&source, args)?)?;
+    Ok(PgFigures {
+        what: "none (the source alone)".into(),
+        tps,
+        ..PgFigures::default()
+    })
+}
+
+/// A blocking tokio-postgres connection on its own single-threaded runtime
+/// (cheaper and steadier than a psql process per query while polling).
+struct Conn {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl Conn {
+    fn open(dsn: &str) -> Result<Conn> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = rt.block_on(pg::connect(dsn))?;
+        Ok(Conn { rt, client })
+    }
+
+    /// The first row of `sql`, every column a bigint.
+    fn ints(&self, sql: &str) -> Result<Vec<i64>> {
+        let row = self.rt.block_on(self.client.query_one(sql, &[]))?;
+        (0..row.len())
+            .map(|i| Ok(row.try_get::<_, i64>(i)?))
+            .collect()
+    }
+}
+
+/// What catch-up compares between the source and a native replica.
+const STATE_SQL: &str = "SELECT (SELECT count(*) FROM pgbench_accounts), \
+     (SELECT coalesce(sum(abalance), 0)::bigint FROM pgbench_accounts), \
+     (SELECT count(*) FROM pgbench_history)";
+
+fn pg_native(dir: &Path, args: &PgArgs) -> Result<PgFigures> {
+    let source = pg_source(dir, args)?;
+    let target = PgInstance::start_with(&dir.join("target"), PG_BENCH_SETTINGS)?;
+    // Empty tables with their primary keys (pgbench's steps: drop, create
+    // tables, primary keys): the apply worker finds updated rows by key.
+    target.pgbench(&["-i", "-I", "dtp", "-s", &args.scale.to_string()])?;
+    target.sql(
+        "CREATE TABLE shuyuan_probe (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())",
+    )?;
+    source.sql(&format!(
+        "CREATE PUBLICATION p FOR TABLE {}, shuyuan_probe",
+        PGBENCH_TABLES.join(", ")
+    ))?;
+    let accounts = i64::from(args.scale) * 100_000;
+
+    // Initial sync: from CREATE SUBSCRIPTION (which also creates the slot
+    // at the source) until every table is ready and the accounts are there.
+    eprintln!("native: initial sync");
+    let replica = Conn::open(&target.dsn())?;
+    let start = Instant::now();
+    target.sql(&format!(
+        "CREATE SUBSCRIPTION s CONNECTION {} PUBLICATION p",
+        pg::quote_literal(&source.dsn())
+    ))?;
+    poll_until(
+        "the subscription's initial sync",
+        Duration::from_millis(50),
+        || {
+            let v = replica.ints(
+                "SELECT (SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'), \
+                    (SELECT count(*) FROM pgbench_accounts)",
+            )?;
+            Ok(v == [0, accounts])
+        },
+    )?;
+    let initial_sync = start.elapsed();
+
+    let watch_every = Duration::from_millis(10);
+    let watcher = Conn::open(&target.dsn())?;
+    let newest = || Ok(watcher.ints("SELECT coalesce(max(id), 0) FROM shuyuan_probe")?[0]);
+    let origin = ProbeConn::open(&source.dsn())?;
+    let (tps, probe, catch_up) = under_load(&source, args, watch_every, newest, |ended, probe| {
+        // One apply worker applies the source's transactions in commit
+        // order: once a probe row committed after the load is at the
+        // subscriber, so is every pgbench transaction.
+        let marker = probe.send_one(&origin)?;
+        probe.wait_seen(marker)?;
+        Ok(ended.elapsed())
+    })?;
+    // Not timed: the subscriber holds what the source holds.
+    let (want, got) = (origin.conn.ints(STATE_SQL)?, replica.ints(STATE_SQL)?);
+    if want != got {
+        bail!(
+            "after catch-up the subscriber's accounts (count, sum of balances) and history count {got:?} differ from the source's {want:?}"
+        );
+    }
+    Ok(PgFigures {
+        what: "native (publication -> subscription)".into(),
+        tps,
+        notes: vec![
+            probe.describe("SELECT max(id) on the subscriber"),
+            "catch-up runs from pgbench's end until a probe row committed after it is at the subscriber (one apply worker, commit order), then the accounts' count and sum of balances and the history's count are checked equal to the source's; initial sync runs from CREATE SUBSCRIPTION, slot creation included".into(),
+        ],
+        lags: probe.lags,
+        catch_up: Some(catch_up),
+        initial_sync: Some(initial_sync),
+    })
+}
+
+fn pg_shuyuan(dir: &Path, args: &PgArgs) -> Result<PgFigures> {
+    let source = pg_source(dir, args)?;
+    let mut hub = HubProcess::init(&dir.join("hub"))?;
+    let dept = "PGB";
+    let code = |table: &str| format!("PG/{}", table.trim_start_matches("pgbench_"));
+    let mut resources: Vec<ResourceSpec> = PGBENCH_TABLES
+        .iter()
+        .map(|t| ResourceSpec::new(&code(t), t, &[], "realtime"))
+        .collect();
+    resources.push(ResourceSpec::new(
+        "PG/probe",
+        "shuyuan_probe",
+        &[],
+        "realtime",
+    ));
+    let mut agent = AgentProcess::init_pg(
+        &dir.join("agent"),
+        &hub,
+        dept,
+        &source.dsn(),
+        &resources,
+        "batch_max_changes = 5000\nbatch_max_size = \"15 MiB\"\nmax_size = \"4 GiB\"",
+    )?;
+    hub.enroll(dept, "pgbench", &agent.key)?;
+    hub.start()?;
+    let setup_start = Instant::now();
+    agent.pg_setup()?;
+    let setup = setup_start.elapsed();
+
+    // Initial sync: from the agent's start until the hub holds every row of
+    // the accounts, branches and tellers.
+    eprintln!("shuyuan: initial sync");
+    let scale = u64::from(args.scale);
+    let want = [
+        (code("pgbench_accounts"), scale * 100_000),
+        (code("pgbench_branches"), scale),
+        (code("pgbench_tellers"), scale * 10),
+    ];
+    // The hub is watched from a thread while the agent starts: the initial
+    // load may be over before the agent's status answers.
+    let start = Instant::now();
+    let failed = AtomicBool::new(false);
+    let (initial_sync, polls) = std::thread::scope(|s| {
+        let watch = s.spawn(|| {
+            let mut polls = 0u32;
+            poll_until(
+                "the hub to hold the pgbench tables",
+                Duration::from_millis(50),
+                || {
+                    if failed.load(Ordering::SeqCst) {
+                        bail!("the agent did not start");
+                    }
+                    polls += 1;
+                    let rows = hub_rows(&hub, dept)?;
+                    Ok(want
+                        .iter()
+                        .all(|(c, n)| rows.iter().any(|(r, m)| r == c && m == n)))
+                },
+            )?;
+            anyhow::Ok((start.elapsed(), polls))
+        });
+        if let Err(e) = agent.start() {
+            failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        watch
+            .join()
+            .map_err(|_| anyhow::anyhow!("the initial sync watcher panicked"))?
+    })?;
+    let status_poll = {
+        let t = Instant::now();
+        hub_rows(&hub, dept)?;
+        t.elapsed()
+    };
+    // The load starts from a quiet agent (the initial load's end sent).
+    agent.wait_drained(Duration::from_secs(600))?;
+
+    let probe_feed = format!("{dept}:PG/probe");
+    let newest = || {
+        let rows = hub.export_jsonl(&probe_feed)?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r["id"].as_i64())
+            .max()
+            .unwrap_or(0))
+    };
+    let mut catch_polls = 0u32;
+    let (tps, probe, catch_up) = under_load(
+        &source,
+        args,
+        Duration::from_millis(20),
+        newest,
+        |ended, _| {
+            // Caught up: the agent has read the slot up to the WAL position
+            // at the load's end, no initial load or resync runs, and the
+            // hub acknowledged (after its durable commit) every batch
+            // sealed. (The probe rows are another feed: they say nothing of
+            // the pgbench tables' feeds.)
+            let target = source.current_lsn()?;
+            poll_until("the agent to catch up", Duration::from_millis(20), || {
+                catch_polls += 1;
+                Ok(captured_to(&agent.status()?, target))
+            })?;
+            Ok(ended.elapsed())
+        },
+    )?;
+    let agent_poll = {
+        let t = Instant::now();
+        agent.status()?;
+        t.elapsed()
+    };
+
+    // Not timed: the hub's copy of every table equals the source's.
+    eprintln!("shuyuan: comparing the hub's copies with the source");
+    let compared = assert_pg_in_sync(&hub, &agent, &source, &resources)?;
+    agent.stop()?;
+    hub.stop()?;
+    Ok(PgFigures {
+        what: "shuyuan (agent -> hub)".into(),
+        tps,
+        notes: vec![
+            probe.describe(&format!(
+                "`shuyuan-hub export {probe_feed} --format jsonl` (a process per poll)"
+            )),
+            format!(
+                "catch-up runs from pgbench's end until `shuyuan-agent status` (polled every 20 ms, {catch_polls} polls, one takes {:.0} ms) shows the slot read up to the WAL position at that end, no load running, and every batch acknowledged by the hub after its durable commit; initial sync runs from the agent's start, polling `shuyuan-hub status --json` every 50 ms (polls: {polls}, one takes {:.0} ms); `pg setup` (publication and slot) took {:.2} s before it, not counted; afterwards the hub's CSV export of all {} tables equals the source's COPY ({compared} rows)",
+                agent_poll.as_secs_f64() * 1e3,
+                status_poll.as_secs_f64() * 1e3,
+                setup.as_secs_f64(),
+                resources.len()
+            ),
+        ],
+        lags: probe.lags,
+        catch_up: Some(catch_up),
+        initial_sync: Some(initial_sync),
+    })
+}
+
+/// Whether an agent's status shows the source read up to `lsn`, no initial
+/// load or resync running, and every sealed batch acknowledged.
+fn captured_to(status: &Json, lsn: u64) -> bool {
+    status["source"]["position"]
+        .as_str()
+        .and_then(pg::parse_lsn)
+        .is_some_and(|at| at >= lsn)
+        && status["source"]["loads"]
+            .as_array()
+            .is_some_and(|l| l.is_empty())
+        && status["outbox"]["batches"] == 0
+        && status["resources"].as_array().is_some_and(|rs| {
+            rs.iter()
+                .all(|r| r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0))
+        })
+}
+
+/// Rows per resource of `department` at the hub.
+fn hub_rows(hub: &HubProcess, department: &str) -> Result<Vec<(String, u64)>> {
+    let status = hub.status()?;
+    let prefix = format!("{department}:");
+    Ok(status["departments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|d| d["resources"].as_array().into_iter().flatten())
+        .filter_map(|r| {
+            let code = r["feed"].as_str()?.strip_prefix(&prefix)?;
+            Some((code.to_string(), r["rows"].as_u64()?))
+        })
+        .collect())
+}
+
+/// Calls `done` every `every` until it says yes (an error ends the wait),
+/// for at most ten minutes.
+fn poll_until(what: &str, every: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        let t = Instant::now();
+        if done().with_context(|| format!("while waiting for {what}"))? {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(600) {
+            bail!("timed out after 10 min waiting for {what}");
+        }
+        std::thread::sleep(every.saturating_sub(t.elapsed()));
+    }
+}
+
+/// What the probe saw.
+#[derive(Debug)]
+struct ProbeResult {
+    /// Seconds from sending each probe row to seeing it, sorted, for the
+    /// rows sent during the load.
+    lags: Vec<f64>,
+    every: Duration,
+    polls: u64,
+    poll_time: Duration,
+}
+
+impl ProbeResult {
+    fn describe(&self, how: &str) -> String {
+        format!(
+            "lag: {} probe rows, one every {} ms at the source during the load (its own connection; timed from just before the INSERT), seen with {how} every {} ms ({} polls, mean {:.1} ms each); a lag includes up to one poll interval and one poll",
+            self.lags.len(),
+            PROBE_EVERY.as_millis(),
+            self.every.as_millis(),
+            self.polls,
+            self.poll_time.as_secs_f64() * 1e3 / self.polls.max(1) as f64
+        )
+    }
+}
+
+/// Probe rows sent so far, and when; what the replica has shown.
+#[derive(Debug, Default)]
+struct Probe {
+    /// The send instant of probe id `i + 1`. Held across the INSERT, so
+    /// that ids commit in order.
+    sent: Mutex<Vec<Instant>>,
+    /// The highest probe id seen at the replica.
+    seen: AtomicI64,
+    /// The load is over: the sender stops.
+    stop: AtomicBool,
+    /// Catch-up is measured: the watcher stops once every sent row arrived.
+    finish: AtomicBool,
+    /// Something failed: stop at once.
+    abort: AtomicBool,
+}
+
+/// Sets `abort` unless disarmed, so that no probe thread outlives a failure.
+struct AbortOnDrop<'a>(&'a Probe, bool);
+
+impl Drop for AbortOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            for flag in [&self.0.stop, &self.0.finish, &self.0.abort] {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// A connection to the source with the probe INSERT prepared.
+struct ProbeConn {
+    conn: Conn,
+    insert: tokio_postgres::Statement,
+}
+
+impl ProbeConn {
+    fn open(dsn: &str) -> Result<ProbeConn> {
+        let conn = Conn::open(dsn)?;
+        let insert = conn.rt.block_on(
+            conn.client
+                .prepare("INSERT INTO shuyuan_probe (id) VALUES ($1)"),
+        )?;
+        Ok(ProbeConn { conn, insert })
+    }
+}
+
+impl Probe {
+    fn sent(&self) -> Result<std::sync::MutexGuard<'_, Vec<Instant>>> {
+        self.sent
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a probe thread panicked"))
+    }
+
+    /// Inserts the next probe row (autocommit); returns its id.
+    fn send_one(&self, source: &ProbeConn) -> Result<i64> {
+        let mut sent = self.sent()?;
+        sent.push(Instant::now());
+        let id = i64::try_from(sent.len())?;
+        source
+            .conn
+            .rt
+            .block_on(source.conn.client.execute(&source.insert, &[&id]))?;
+        Ok(id)
+    }
+
+    /// Inserts probe rows into the source every [`PROBE_EVERY`] until told
+    /// to stop.
+    fn send(&self, dsn: &str) -> Result<()> {
+        let source = ProbeConn::open(dsn)?;
+        let mut next = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            self.send_one(&source)?;
+            next += PROBE_EVERY;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
+        }
+        Ok(())
+    }
+
+    /// Waits until the replica has shown probe row `id`.
+    fn wait_seen(&self, id: i64) -> Result<()> {
+        poll_until(
+            "a probe row at the replica",
+            Duration::from_millis(1),
+            || {
+                if self.abort.load(Ordering::SeqCst) {
+                    bail!("aborted");
+                }
+                Ok(self.seen.load(Ordering::SeqCst) >= id)
+            },
+        )
+    }
+
+    /// Polls `newest` (the highest probe id at the replica) every `every`
+    /// until told to finish and every sent row arrived; returns each sent
+    /// row's send and arrival instants, and the polls' count and time.
+    #[allow(clippy::type_complexity)]
+    fn watch(
+        &self,
+        every: Duration,
+        mut newest: impl FnMut() -> Result<i64>,
+    ) -> Result<(Vec<(Instant, Instant)>, u64, Duration)> {
+        let mut arrived: Vec<Instant> = Vec::new();
+        let (mut polls, mut poll_time) = (0u64, Duration::ZERO);
+        let mut finishing: Option<Instant> = None;
+        let mut last_err = None;
+        loop {
+            if self.abort.load(Ordering::SeqCst) {
+                bail!("aborted");
+            }
+            let t = Instant::now();
+            let seen = newest();
+            let now = Instant::now();
+            polls += 1;
+            poll_time += now - t;
+            match seen {
+                Ok(n) => {
+                    while i64::try_from(arrived.len())? < n {
+                        arrived.push(now);
+                    }
+                    self.seen.fetch_max(n, Ordering::SeqCst);
+                }
+                // The replica may not have the probe table yet.
+                Err(e) => last_err = Some(e),
+            }
+            if self.finish.load(Ordering::SeqCst) {
+                let sent = self.sent()?.len();
+                if arrived.len() >= sent {
+                    break;
+                }
+                if finishing.get_or_insert(now).elapsed() > Duration::from_secs(600) {
+                    bail!(
+                        "{} of {sent} probe rows arrived{}",
+                        arrived.len(),
+                        last_err
+                            .map(|e| format!(" (last error: {e:#})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            std::thread::sleep(every.saturating_sub(t.elapsed()));
+        }
+        let pairs = self.sent()?.iter().copied().zip(arrived).collect();
+        Ok((pairs, polls, poll_time))
+    }
+}
+
+/// Runs the load on `source` with the probe sending to it and watching the
+/// replica through `newest`; when pgbench ends, runs `catch_up` with the
+/// instant it ended and the probe. Returns the TPS, the probe's findings and
+/// what `catch_up` returned.
+fn under_load<C>(
+    source: &PgInstance,
+    args: &PgArgs,
+    watch_every: Duration,
+    newest: impl FnMut() -> Result<i64> + Send,
+    catch_up: impl FnOnce(Instant, &Probe) -> Result<C>,
+) -> Result<(f64, ProbeResult, C)> {
+    let probe = Probe::default();
+    let dsn = source.dsn();
+    std::thread::scope(|s| {
+        let mut guard = AbortOnDrop(&probe, true);
+        let sender = s.spawn(|| probe.send(&dsn));
+        let watcher = s.spawn(|| probe.watch(watch_every, newest));
+        let load = start_load(source, args)?;
+        let tps = finish_load(load)?;
+        let ended = Instant::now();
+        probe.stop.store(true, Ordering::SeqCst);
+        eprintln!("load over ({tps:.0} TPS): catching up");
+        let caught_up = catch_up(ended, &probe)?;
+        probe.finish.store(true, Ordering::SeqCst);
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("the probe sender panicked"))??;
+        let (pairs, polls, poll_time) = watcher
+            .join()
+            .map_err(|_| anyhow::anyhow!("the probe watcher panicked"))??;
+        guard.1 = false;
+        let mut lags: Vec<f64> = pairs
+            .iter()
+            .filter(|(sent, _)| *sent < ended)
+            .map(|(sent, seen)| seen.saturating_duration_since(*sent).as_secs_f64())
+            .collect();
+        lags.sort_by(f64::total_cmp);
+        let seen = ProbeResult {
+            lags,
+            every: watch_every,
+            polls,
+            poll_time,
+        };
+        Ok((tps, seen, caught_up))
+    })
 }

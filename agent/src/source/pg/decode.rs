@@ -92,25 +92,23 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let at = self.at;
+        self.take(N)?
+            .try_into()
+            .map_err(|_| DecodeError(format!("short field at {at}")))
+    }
     fn i16(&mut self) -> Result<i16, DecodeError> {
-        Ok(i16::from_be_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(i16::from_be_bytes(self.bytes()?))
     }
     fn i32(&mut self) -> Result<i32, DecodeError> {
-        Ok(i32::from_be_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(i32::from_be_bytes(self.bytes()?))
     }
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_be_bytes(self.bytes()?))
     }
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_be_bytes(self.bytes()?))
     }
     fn string(&mut self) -> Result<String, DecodeError> {
         let rest = &self.b[self.at..];
@@ -285,7 +283,7 @@ fn parse_float(text: &str) -> Option<f64> {
 }
 
 fn unhex(h: &str) -> Option<Vec<u8>> {
-    if h.len() % 2 != 0 {
+    if !h.len().is_multiple_of(2) {
         return None;
     }
     (0..h.len())

@@ -91,8 +91,8 @@ impl Position {
             .map(Some)
             .map_err(|_| SourceError::BadPosition(text.to_string()))
     }
-    fn text(&self) -> String {
-        serde_json::to_string(self).expect("a position serialises")
+    fn text(&self) -> Result<String, SourceError> {
+        serde_json::to_string(self).map_err(|e| SourceError::BadPosition(e.to_string()))
     }
 }
 
@@ -459,7 +459,12 @@ impl PgSource {
         &mut self,
         f: impl AsyncFnOnce(&mut Self) -> Result<T, SourceError>,
     ) -> Result<T, SourceError> {
-        let rt = self.rt.take().expect("runtime present between calls");
+        let Some(rt) = self.rt.take() else {
+            return Err(SourceError::Pg {
+                context: "running the PostgreSQL client".into(),
+                message: "its runtime was lost by an earlier failure".into(),
+            });
+        };
         let out = rt.block_on(f(self));
         self.rt = Some(rt);
         if let Err(e) = &out
@@ -492,8 +497,11 @@ impl PgSource {
         Ok(())
     }
 
-    fn sql(&self) -> &tokio_postgres::Client {
-        self.sql.as_ref().expect("connected")
+    fn sql(&self) -> Result<&tokio_postgres::Client, SourceError> {
+        self.sql.as_ref().ok_or_else(|| SourceError::Pg {
+            context: "using the SQL connection".into(),
+            message: "not connected".into(),
+        })
     }
 
     fn new_id(&mut self) -> u64 {
@@ -541,7 +549,7 @@ impl PgSource {
     async fn estimate_rows(&self, i: usize) -> Result<u64, SourceError> {
         let e = pg_err("estimating the table size");
         let est: f32 = self
-            .sql()
+            .sql()?
             .query_one(
                 "SELECT reltuples FROM pg_class WHERE oid = $1::int8::oid",
                 &[&i64::from(self.tables[i].oid)],
@@ -553,7 +561,7 @@ impl PgSource {
             return Ok(est as u64);
         }
         let n: i64 = self
-            .sql()
+            .sql()?
             .query_one(
                 &format!("SELECT count(*) FROM {}", self.tables[i].sql_name),
                 &[],
@@ -577,7 +585,7 @@ impl PgSource {
         }
         let slot = self.cfg.slot.clone();
         let row = self
-            .sql()
+            .sql()?
             .query_opt(
                 "SELECT confirmed_flush_lsn::text, to_jsonb(s) ->> 'wal_status', plugin::text \
                  FROM pg_replication_slots s WHERE slot_name = $1",
@@ -663,13 +671,13 @@ impl PgSource {
         tracing::error!(%alarm, "capture position lost; recreating the slot and re-reading every resource");
         let e = pg_err("recreating the replication slot");
         if exists {
-            self.sql()
+            self.sql()?
                 .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
                 .await
                 .map_err(&e)?;
         }
         let lsn: String = self
-            .sql()
+            .sql()?
             .query_one(
                 "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
                 &[&slot],
@@ -709,7 +717,7 @@ impl PgSource {
             self.pos.loads.remove(0);
             return Ok(());
         };
-        let sql = self.sql.as_ref().expect("connected");
+        let sql = self.sql()?;
         // The table as it is now (the snapshot below reads it so).
         let mut table = resolve(sql, &self.resources[i]).await?;
         table.shape.version = self.tables[i].shape.version;
@@ -922,7 +930,7 @@ impl PgSource {
             cond.join(" AND ")
         );
         let msgs = self
-            .sql()
+            .sql()?
             .simple_query(&q)
             .await
             .map_err(pg_err("reading a row whose large values did not change"))?;
@@ -954,7 +962,7 @@ impl PgSource {
                 Some(t) => t.clone(),
                 None => {
                     let t: String = self
-                        .sql()
+                        .sql()?
                         .query_one(
                             "SELECT format_type($1::int8::oid, $2)",
                             &[&i64::from(*ty), typmod],
@@ -1020,7 +1028,7 @@ impl PgSource {
         added: Vec<String>,
     ) -> Result<(), SourceError> {
         let defaulted: Vec<String> = self
-            .sql()
+            .sql()?
             .query(
                 "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::int8::oid \
                  AND attname::text = ANY($2) AND (atthasdef OR atthasmissing)",
@@ -1085,8 +1093,16 @@ impl PgSource {
         }
         let mut complete = false;
         let mut wait = self.cfg.poll_interval;
+        let started = Instant::now();
         loop {
             if out.len() >= limit && self.txn.is_none() {
+                break;
+            }
+            // While the log flows, hand over what arrived at least every
+            // poll interval: a read is sealed and sent as a whole, so a long
+            // read would be lag.
+            if self.txn.is_none() && !out.is_empty() && started.elapsed() >= self.cfg.poll_interval
+            {
                 break;
             }
             if self.chunk_due() && !self.emit_chunk(&mut out, &mut marks) {
@@ -1100,7 +1116,12 @@ impl PgSource {
             }
             let due = self.last_status.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
             let want_reply = self.chunk.as_ref().is_some_and(|c| self.pos.lsn < c.high);
-            let repl = self.repl.as_mut().expect("stream connected");
+            let Some(repl) = self.repl.as_mut() else {
+                return Err(SourceError::Pg {
+                    context: "reading the log".into(),
+                    message: "the replication connection is not open".into(),
+                });
+            };
             if due || (want_reply && wait == self.cfg.poll_interval) {
                 repl.status(self.released, want_reply)
                     .await
@@ -1166,12 +1187,13 @@ impl PgSource {
                     });
                 }
                 Message::Commit { end_lsn } => {
-                    if let Some(t) = self.txn.take() {
-                        if t.seen > 0 && t.skip != u64::MAX {
-                            self.recent_xids.push_back(t.xid);
-                            if self.recent_xids.len() > RECENT_XIDS {
-                                self.recent_xids.pop_front();
-                            }
+                    if let Some(t) = self.txn.take()
+                        && t.seen > 0
+                        && t.skip != u64::MAX
+                    {
+                        self.recent_xids.push_back(t.xid);
+                        if self.recent_xids.len() > RECENT_XIDS {
+                            self.recent_xids.pop_front();
                         }
                     }
                     if end_lsn > self.pos.lsn {
@@ -1278,7 +1300,7 @@ impl PgSource {
             shapes,
             changes: out,
             marks,
-            position: self.pos.text(),
+            position: self.pos.text()?,
             complete,
             skipped_null_keys: 0,
         })
@@ -1455,7 +1477,7 @@ impl Source for PgSource {
         let v = self.run(async |s| {
             s.ensure_sql().await?;
             let cur: String = s
-                .sql()
+                .sql()?
                 .query_one("SELECT pg_current_wal_lsn()::text", &[])
                 .await
                 .map_err(pg_err("reading the WAL position"))?
@@ -1491,6 +1513,10 @@ impl Source for PgSource {
             finished: self.finished.values().cloned().collect(),
             backlog_unit: "WAL bytes",
         }
+    }
+
+    fn waits_for_changes(&self) -> bool {
+        true
     }
 
     fn request_resync(&mut self, resource: usize, reason: String) -> Result<u64, SourceError> {

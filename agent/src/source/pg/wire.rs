@@ -276,7 +276,7 @@ impl ReplConn {
                 let len = be_i32(avail, 1)?;
                 let len = usize::try_from(len)
                     .ok()
-                    .filter(|&l| l >= 4 && l <= 1 << 30)
+                    .filter(|l| (4..=1 << 30).contains(l))
                     .ok_or_else(|| protocol(format!("bad message length {len}")))?;
                 if avail.len() > len {
                     let tag = avail[0];
