@@ -274,7 +274,6 @@ impl CaptureLoop {
                     let answer = self
                         .source
                         .request_resync(resource, reason)
-                        .map(|_| ())
                         .map_err(|e| e.to_string());
                     let _ = reply.send(answer);
                 }

@@ -171,7 +171,7 @@ pub trait Source: Send {
     }
     /// Asks for a re-read of one resource (an index into the config's
     /// resources); it begins with the next read.
-    fn request_resync(&mut self, resource: usize, reason: String) -> Result<u64, SourceError> {
+    fn request_resync(&mut self, resource: usize, reason: String) -> Result<(), SourceError> {
         let _ = (resource, reason);
         Err(SourceError::Unsupported(
             "resync re-reads PostgreSQL tables; for SQLite run `shuyuan-agent triggers install` again, which queues every row".into(),

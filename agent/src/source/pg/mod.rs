@@ -198,7 +198,7 @@ pub struct PgSource {
     last_returned: Option<String>,
     recent_xids: VecDeque<u32>,
     chunk: Option<Chunk>,
-    requests: Vec<(usize, String, u64)>,
+    requests: Vec<(usize, String)>,
     released: u64,
     last_status: Option<Instant>,
     alarm: Option<String>,
@@ -281,6 +281,23 @@ pub(crate) fn quoted_table(table: &str) -> String {
 
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Where each named key column sits among `columns`.
+fn key_indexes(table: &str, columns: &[Column], names: &[String]) -> Result<Vec<u16>, SourceError> {
+    names
+        .iter()
+        .map(|k| {
+            columns
+                .iter()
+                .position(|c| &c.name == k)
+                .map(|i| u16::try_from(i).unwrap_or(u16::MAX))
+                .ok_or_else(|| SourceError::MissingColumn {
+                    table: table.to_string(),
+                    column: k.clone(),
+                })
+        })
+        .collect()
 }
 
 /// Looks a configured table up: columns, types, the key, and whether the
@@ -370,19 +387,7 @@ pub(crate) async fn resolve(
             });
         }
     }
-    let key = key_names
-        .iter()
-        .map(|k| {
-            columns
-                .iter()
-                .position(|c| &c.name == k)
-                .map(|i| u16::try_from(i).unwrap_or(u16::MAX))
-                .ok_or_else(|| SourceError::MissingColumn {
-                    table: resource.table.clone(),
-                    column: k.clone(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let key = key_indexes(&resource.table, &columns, &key_names)?;
     let whole_row = identity.is_none() && resource.key.is_empty() && primary.is_empty();
     let shape = TableSchema {
         version: 0,
@@ -516,8 +521,7 @@ impl PgSource {
         i: usize,
         reason: String,
         marks: &mut Vec<Mark>,
-        at: usize,
-    ) -> Result<u64, SourceError> {
+    ) -> Result<(), SourceError> {
         let code = self.resources[i].code.to_string();
         let total = self.estimate_rows(i).await?;
         let id = self.new_id();
@@ -526,8 +530,9 @@ impl PgSource {
             self.chunk = None;
         }
         tracing::info!(resource = %code, id, %reason, total, "re-reading the table");
+        // Loads start between transactions, before this read's changes.
         marks.push((
-            at,
+            0,
             i,
             Resync::Begin {
                 id,
@@ -543,7 +548,7 @@ impl PgSource {
             total,
             started_at: UnixMillis::now(),
         });
-        Ok(id)
+        Ok(())
     }
 
     async fn estimate_rows(&self, i: usize) -> Result<u64, SourceError> {
@@ -628,8 +633,7 @@ impl PgSource {
         };
         if fresh {
             for i in 0..self.resources.len() {
-                let at = 0;
-                self.start_load(i, "initial load".into(), marks, at).await?;
+                self.start_load(i, "initial load".into(), marks).await?;
             }
         }
         if let Some(why) = lost {
@@ -690,7 +694,7 @@ impl PgSource {
         self.released = self.pos.lsn;
         self.chunk = None;
         for i in 0..self.resources.len() {
-            self.start_load(i, format!("{alarm}; re-reading the table"), marks, 0)
+            self.start_load(i, format!("{alarm}; re-reading the table"), marks)
                 .await?;
         }
         self.alarm = Some(format!(
@@ -903,10 +907,8 @@ impl PgSource {
     async fn fetch_row(
         &self,
         t: &Table,
-        key: &[Value],
         key_text: &[String],
     ) -> Result<Option<Vec<Value>>, SourceError> {
-        let _ = key;
         let cols: Vec<String> = t
             .shape
             .columns
@@ -995,19 +997,7 @@ impl PgSource {
                 .map(|&k| current.columns[usize::from(k)].name.clone())
                 .collect()
         };
-        let key = key_names
-            .iter()
-            .map(|k| {
-                columns
-                    .iter()
-                    .position(|c| &c.name == k)
-                    .map(|p| u16::try_from(p).unwrap_or(u16::MAX))
-                    .ok_or_else(|| SourceError::MissingColumn {
-                        table: self.resources[i].table.clone(),
-                        column: k.clone(),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let key = key_indexes(&self.resources[i].table, &columns, &key_names)?;
         Ok(Some((
             i,
             TableSchema {
@@ -1045,8 +1035,7 @@ impl PgSource {
                 defaulted.join(", ")
             );
             tracing::info!(table = %self.resources[i].table, %reason);
-            let id = self.requests.len() as u64;
-            self.requests.push((i, reason, id));
+            self.requests.push((i, reason));
         }
         Ok(())
     }
@@ -1087,8 +1076,8 @@ impl PgSource {
         self.ensure_stream(fresh, &mut marks).await?;
         // Requested re-reads start here, between transactions.
         if self.txn.is_none() {
-            for (i, reason, _) in std::mem::take(&mut self.requests) {
-                self.start_load(i, reason, &mut marks, 0).await?;
+            for (i, reason) in std::mem::take(&mut self.requests) {
+                self.start_load(i, reason, &mut marks).await?;
             }
         }
         let mut complete = false;
@@ -1348,9 +1337,8 @@ impl PgSource {
                             }
                         }
                         _ => {
-                            let key = t.key_of(&row);
                             let texts = Self::key_texts(&t, &new);
-                            match self.fetch_row(&t, &key, &texts).await? {
+                            match self.fetch_row(&t, &texts).await? {
                                 Some(current) => {
                                     for (c, d) in new.iter().enumerate() {
                                         if matches!(d, Datum::Unchanged) {
@@ -1445,11 +1433,9 @@ impl Source for PgSource {
         let Some(p) = Position::parse(upto)? else {
             return Ok(());
         };
-        let lsn = match p.partial {
-            // Inside a transaction: only what is before it.
-            Some(_) => p.lsn,
-            None => p.lsn,
-        };
+        // Inside a cut transaction, `lsn` is still before it: the slot
+        // moves only over whole transactions.
+        let lsn = p.lsn;
         if lsn <= self.released {
             return Ok(());
         }
@@ -1519,9 +1505,8 @@ impl Source for PgSource {
         true
     }
 
-    fn request_resync(&mut self, resource: usize, reason: String) -> Result<u64, SourceError> {
-        let id = self.requests.len() as u64;
-        self.requests.push((resource, reason, id));
-        Ok(id)
+    fn request_resync(&mut self, resource: usize, reason: String) -> Result<(), SourceError> {
+        self.requests.push((resource, reason));
+        Ok(())
     }
 }
