@@ -157,6 +157,14 @@ async fn session(
         );
         return Err(refuse_connection(ingest, conn, &mut send, peer, detail).await);
     }
+    // Batches of this agent's previous connection may still wait in the
+    // writer's queue; report the heads after they are decided, or the agent
+    // would resend (and the hub refuse as replays) batches it already has.
+    ingest
+        .store
+        .barrier()
+        .await
+        .map_err(|e| SessionError::Refused(e.to_string()))?;
     let welcome = welcome(ingest, &hello)?;
     quic::write_message(&mut send, &MessageV1::Welcome(welcome).into()).await?;
     let id = ingest.live.next_id();

@@ -339,6 +339,8 @@ enum Command {
         save: CatalogSave,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Answered once everything queued before it has been decided.
+    Barrier(oneshot::Sender<()>),
     Shutdown,
 }
 
@@ -432,6 +434,17 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Waits until every request queued before this call has been decided
+    /// (committed or refused), so that reads after it see them.
+    pub async fn barrier(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Barrier(reply))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
+    }
+
     /// A connection ended; forget its per-connection state.
     pub fn connection_closed(&self, conn: u64) {
         let _ = self.tx.try_send(Command::Closed { conn });
@@ -470,6 +483,7 @@ fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
         }
         let mut ops = Vec::with_capacity(commands.len());
         let mut replies: Vec<Reply> = Vec::with_capacity(commands.len());
+        let mut barriers = Vec::new();
         for c in commands {
             match c {
                 Command::Apply {
@@ -511,10 +525,14 @@ fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
                     replies.push(Reply::Saved(reply));
                 }
                 Command::Closed { conn } => discards.forget(conn),
+                Command::Barrier(reply) => barriers.push(reply),
                 Command::Shutdown => stopping = true,
             }
         }
         if ops.is_empty() {
+            for b in barriers {
+                let _ = b.send(());
+            }
             continue;
         }
         let before = discards.clone();
@@ -557,6 +575,9 @@ fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
                 }
                 _ => {}
             }
+        }
+        for b in barriers {
+            let _ = b.send(());
         }
     }
 }
