@@ -572,6 +572,15 @@ impl AgentProcess {
         end_service(&mut self.proc, Signal::SIGTERM)
     }
 
+    /// Waits until the agent captured `pg`'s log up to its current position
+    /// and the hub acknowledged everything ([`pg_captured_to`]).
+    pub fn wait_pg_caught_up(&self, pg: &pg::PgInstance, timeout: Duration) -> Result<()> {
+        let target = pg.current_lsn()?;
+        wait_for("the agent and the hub to catch up", timeout, || {
+            Ok(pg_captured_to(&self.status()?, target).then_some(()))
+        })
+    }
+
     /// SIGKILL and wait.
     pub fn kill(&mut self) -> Result<()> {
         end_service(&mut self.proc, Signal::SIGKILL)
@@ -695,6 +704,20 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// Fails if the hub refused any batch.
+    pub fn assert_no_rejections(&self) -> Result<()> {
+        let rejected: Vec<_> = self
+            .hub
+            .audit()?
+            .into_iter()
+            .filter(|a| a["kind"] == "batch_rejected")
+            .collect();
+        if !rejected.is_empty() {
+            bail!("the hub refused batches: {rejected:?}");
+        }
+        Ok(())
+    }
+
     /// Set `SHUYUAN_KEEP=1` to keep the directory (logs, databases) after
     /// the test.
     pub fn new() -> Result<Sandbox> {
@@ -772,6 +795,24 @@ impl Sandbox {
         agent.install_triggers()?;
         Ok(agent)
     }
+}
+
+/// Whether an agent's status shows a PostgreSQL source read up to `lsn`, no
+/// initial load or resync running, and every sealed batch acknowledged by
+/// the hub (after its durable commit).
+pub fn pg_captured_to(status: &Json, lsn: u64) -> bool {
+    status["source"]["position"]
+        .as_str()
+        .and_then(pg::parse_lsn)
+        .is_some_and(|at| at >= lsn)
+        && status["source"]["loads"]
+            .as_array()
+            .is_some_and(|l| l.is_empty())
+        && status["outbox"]["batches"] == 0
+        && status["resources"].as_array().is_some_and(|rs| {
+            rs.iter()
+                .all(|r| r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0))
+        })
 }
 
 /// Compares every resource of a PostgreSQL `agent` between its source and

@@ -16,17 +16,6 @@ fn household() -> Vec<ResourceSpec> {
     )]
 }
 
-fn no_rejections(sb: &Sandbox) -> Result<()> {
-    let rejected: Vec<_> = sb
-        .hub
-        .audit()?
-        .into_iter()
-        .filter(|a| a["kind"] == "batch_rejected")
-        .collect();
-    assert!(rejected.is_empty(), "the hub refused batches: {rejected:?}");
-    Ok(())
-}
-
 /// Every batch of the feed was applied exactly once: the chain is gap-free
 /// by construction, and a replayed or duplicated batch would have been
 /// refused (and audited) rather than applied.
@@ -88,7 +77,7 @@ fn agent_killed_mid_stream_loses_and_repeats_nothing() -> Result<()> {
     let rows = assert_in_sync(&sb.hub, &agent, &resources)?;
     assert!(rows >= total, "{rows} rows");
     applied_once(&sb, "GA:A01/0001")?;
-    no_rejections(&sb)?;
+    sb.assert_no_rejections()?;
     Ok(())
 }
 
@@ -144,7 +133,7 @@ fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
     assert_in_sync(&sb.hub, &agent, &resources)?;
     applied_once(&sb, "ZR:A01/0001")?;
     applied_once(&sb, "ZR:B02/0007")?;
-    no_rejections(&sb)?;
+    sb.assert_no_rejections()?;
     Ok(())
 }
 
@@ -198,6 +187,6 @@ fn full_outbox_pauses_capture_without_losing_changes() -> Result<()> {
     assert_eq!(s["source"]["paused_outbox_full"], false);
     assert_in_sync(&sb.hub, &agent, &resources)?;
     applied_once(&sb, "GA:A01/0001")?;
-    no_rejections(&sb)?;
+    sb.assert_no_rejections()?;
     Ok(())
 }

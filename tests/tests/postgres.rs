@@ -9,8 +9,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use shuyuan_tests::pg::{PgInstance, assert_same_csv, csv_records};
-use shuyuan_tests::{AgentProcess, ResourceSpec, Sandbox, wait_for};
+use shuyuan_tests::pg::{PgInstance, parse_lsn};
+use shuyuan_tests::{
+    AgentProcess, ResourceSpec, Sandbox, assert_pg_in_sync, pg_slot_name, wait_for,
+};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -30,78 +32,43 @@ fn pgbench_resources() -> Vec<ResourceSpec> {
     ]
 }
 
-fn parse_lsn(text: &str) -> Option<u64> {
-    let (hi, lo) = text.trim().split_once('/')?;
-    Some(u64::from_str_radix(hi, 16).ok()? << 32 | u64::from_str_radix(lo, 16).ok()?)
-}
-
-/// Waits until the agent has captured the log up to the server's current
-/// position, sealed it, and the hub acknowledged everything.
-fn caught_up(pg: &PgInstance, agent: &AgentProcess, timeout: Duration) -> Result<()> {
-    let target = parse_lsn(&pg.sql("SELECT pg_current_wal_lsn()")?).context("bad LSN")?;
-    wait_for("the agent and the hub to catch up", timeout, || {
-        let s = agent.status()?;
-        let at = s["source"]["position"]
-            .as_str()
-            .and_then(parse_lsn)
-            .unwrap_or(0);
-        let done = at >= target
-            && s["source"]["loads"]
-                .as_array()
-                .is_some_and(|l| l.is_empty())
-            && s["outbox"]["batches"] == 0
-            && s["resources"].as_array().is_some_and(|rs| {
-                rs.iter()
-                    .all(|r| r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0))
-            });
-        Ok(done.then_some(()))
-    })
-}
-
-/// Compares one resource's hub copy with the source table, row by row.
-fn same_table(
+/// The hub's copy of every resource equals the source, row by row in key
+/// order (the pgbench history, which has no key, by its whole row).
+fn in_sync(
     sb: &Sandbox,
+    agent: &AgentProcess,
     pg: &PgInstance,
+    resources: &[ResourceSpec],
+) -> Result<usize> {
+    assert_pg_in_sync(&sb.hub, agent, pg, resources)
+}
+
+/// A started hub, a server with one table made by `setup`, and a started
+/// agent that shares it as resource `code` and has loaded it.
+fn one_table(
+    sb: &mut Sandbox,
+    setup: &[&str],
     code: &str,
     table: &str,
-    order: &str,
-) -> Result<usize> {
-    let source = pg.table_csv(table, order)?;
-    let hub = sb.hub.export_csv(&format!("{DEPT}:{code}"))?;
-    assert_same_csv(&source, &hub).with_context(|| format!("{code} (table {table})"))?;
-    Ok(csv_records(&source).len() - 1)
+) -> Result<(PgInstance, AgentProcess, Vec<ResourceSpec>)> {
+    sb.hub.start()?;
+    let pg = sb.postgres("pg")?;
+    for sql in setup {
+        pg.sql(sql)?;
+    }
+    let resources = vec![ResourceSpec::new(code, table, &[], "realtime")];
+    let mut agent = sb.pg_agent("agent", DEPT, &pg, &resources, "")?;
+    agent.start()?;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
+    Ok((pg, agent, resources))
 }
 
-/// A table without a key compared as a multiset: both sides' lines sorted.
-fn same_table_unordered(sb: &Sandbox, pg: &PgInstance, code: &str, table: &str) -> Result<usize> {
-    let sorted = |csv: String| {
-        let mut lines: Vec<String> = csv.lines().map(str::to_string).collect();
-        lines.sort();
-        lines.join("\n")
-    };
-    let source = sorted(pg.table_csv(table, "1")?);
-    let hub = sorted(sb.hub.export_csv(&format!("{DEPT}:{code}"))?);
-    assert_same_csv(&source, &hub).with_context(|| format!("{code} (table {table})"))?;
-    Ok(source.lines().count() - 1)
-}
-
-fn same_pgbench(sb: &Sandbox, pg: &PgInstance) -> Result<usize> {
-    let mut n = same_table(sb, pg, "ACCOUNTS", "pgbench_accounts", "aid")?;
-    n += same_table(sb, pg, "BRANCHES", "pgbench_branches", "bid")?;
-    n += same_table(sb, pg, "TELLERS", "pgbench_tellers", "tid")?;
-    n += same_table_unordered(sb, pg, "HISTORY", "pgbench_history")?;
-    Ok(n)
-}
-
-fn no_rejections(sb: &Sandbox) -> Result<()> {
-    let rejected: Vec<_> = sb
-        .hub
-        .audit()?
-        .into_iter()
-        .filter(|a| a["kind"] == "batch_rejected")
-        .collect();
-    assert!(rejected.is_empty(), "the hub refused batches: {rejected:?}");
-    Ok(())
+fn slot_position(pg: &PgInstance) -> Result<u64> {
+    let text = pg.sql(&format!(
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+        pg_slot_name(DEPT)
+    ))?;
+    parse_lsn(&text).with_context(|| format!("slot position {text:?}"))
 }
 
 /// A source with pgbench tables of `scale`, history shared by whole row.
@@ -122,43 +89,27 @@ fn pgbench_run_is_captured_from_the_log() -> Result<()> {
     agent.start()?;
     let out = pg.pgbench(&["-T", "20", "-c", "4", "-j", "2", "-n"])?;
     assert!(out.contains("tps = "), "pgbench output: {out}");
-    caught_up(&pg, &agent, Duration::from_secs(180))?;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(180))?;
     let history: u64 = pg
         .sql("SELECT count(*) FROM pgbench_history")?
         .trim()
         .parse()?;
     assert!(history > 1000, "pgbench wrote only {history} transactions");
-    let rows = same_pgbench(&sb, &pg)?;
+    let rows = in_sync(&sb, &agent, &pg, &pgbench_resources())?;
     eprintln!("{rows} rows equal after {history} pgbench transactions");
-    no_rejections(&sb)?;
-    // Zero-update heartbeats carry the log position.
-    let status = agent.status()?;
-    assert!(
-        status["source"]["position"]
-            .as_str()
-            .and_then(parse_lsn)
-            .is_some(),
-        "status position is a log position: {status}"
-    );
-    // The slot's confirmed position followed the outbox: no WAL kept for
-    // changes the hub already has (released at most once a second).
-    let slot = crate::parse_lsn(&pg.sql(&format!(
-        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
-        shuyuan_tests::pg_slot_name(DEPT)
-    ))?)
-    .context("slot position")?;
-    let captured = status["source"]["position"]
+    sb.assert_no_rejections()?;
+    // The agent's position is a log position, and the slot's confirmed
+    // position follows it (released at most once a second after the outbox
+    // commit), so the server keeps no WAL for what the hub already has.
+    let captured = agent.status()?["source"]["position"]
         .as_str()
         .and_then(parse_lsn)
-        .unwrap_or(0);
-    wait_for("the slot to advance", Duration::from_secs(10), || {
-        let now = crate::parse_lsn(&pg.sql(&format!(
-            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
-            shuyuan_tests::pg_slot_name(DEPT)
-        ))?)
-        .unwrap_or(0);
-        Ok((now >= captured || now > slot).then_some(()))
-    })?;
+        .context("the status position is a log position")?;
+    wait_for(
+        "the slot to reach the captured position",
+        Duration::from_secs(10),
+        || Ok((slot_position(&pg)? >= captured).then_some(())),
+    )?;
     agent.stop()?;
     Ok(())
 }
@@ -182,10 +133,10 @@ fn agent_killed_twice_during_pgbench_loses_nothing() -> Result<()> {
     }
     let status = bench.wait()?;
     assert!(status.success(), "pgbench failed");
-    caught_up(&pg, &agent, Duration::from_secs(180))?;
-    let rows = same_pgbench(&sb, &pg)?;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(180))?;
+    let rows = in_sync(&sb, &agent, &pg, &pgbench_resources())?;
     eprintln!("{rows} rows equal after two SIGKILLs");
-    no_rejections(&sb)?;
+    sb.assert_no_rejections()?;
     // No batch was applied twice: sequence numbers are gap-free and each
     // was applied once.
     for code in ["ACCOUNTS", "HISTORY"] {
@@ -232,11 +183,11 @@ fn initial_load_of_a_million_rows_while_pgbench_writes() -> Result<()> {
         started.elapsed()
     );
     assert!(bench.wait()?.success(), "pgbench failed");
-    caught_up(&pg, &agent, Duration::from_secs(600))?;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(600))?;
     eprintln!("loaded and caught up after {:?}", started.elapsed());
-    let rows = same_pgbench(&sb, &pg)?;
+    let rows = in_sync(&sb, &agent, &pg, &pgbench_resources())?;
     assert!(rows >= 1_000_000, "only {rows} rows");
-    no_rejections(&sb)?;
+    sb.assert_no_rejections()?;
     let audit = sb.hub.audit()?;
     assert!(
         audit
@@ -251,10 +202,7 @@ fn initial_load_of_a_million_rows_while_pgbench_writes() -> Result<()> {
 fn every_supported_type_round_trips_exactly() -> Result<()> {
     let _one = serial();
     let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let pg = sb.postgres("pg")?;
-    pg.sql(
-        "CREATE TABLE typed (
+    let create = "CREATE TABLE typed (
             id int PRIMARY KEY,
             i2 smallint, i4 integer, i8 bigint,
             num numeric, num_scaled numeric(20,6),
@@ -263,8 +211,7 @@ fn every_supported_type_round_trips_exactly() -> Result<()> {
             b boolean, d date, tm time, ts timestamp, tstz timestamptz,
             by bytea, js json, jsb jsonb, u uuid,
             ia integer[], ta text[], big text
-        )",
-    )?;
+        )";
     let rows = [
         // Edge values first; loaded by the initial load.
         "(1, -32768, -2147483648, -9223372036854775808, 0, -0.000001, -3.4e38, -1.7976931348623157e308, '', '', '', false, '0001-01-01', '00:00:00', '1970-01-01 00:00:00', '1970-01-01 00:00:00+00', '', 'null', '{}', '00000000-0000-0000-0000-000000000000', '{}', '{}', '')",
@@ -272,15 +219,9 @@ fn every_supported_type_round_trips_exactly() -> Result<()> {
         "(3, NULL, NULL, NULL, 'NaN', NULL, 'NaN', 'Infinity', NULL, NULL, NULL, NULL, 'infinity', '24:00:00', '-infinity', 'infinity', NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
         "(4, 0, 0, 0, -0.0, 0, '-0', '-Infinity', 'NULL', 'null', 'x', NULL, '2000-02-29', '12:00:00.5', '2000-02-29 12:00:00', '2000-02-29 12:00:00.5-03:30', '\\x', '[]', '[]', 'ffffffff-ffff-ffff-ffff-ffffffffffff', '{-1}', '{\"\"}', 'x')",
     ];
-    pg.sql(&format!(
-        "INSERT INTO typed VALUES {}",
-        rows[..2].join(", ")
-    ))?;
-    let resources = [ResourceSpec::new("TYPED", "typed", &[], "realtime")];
-    let mut agent = sb.pg_agent("agent", DEPT, &pg, &resources, "")?;
-    agent.start()?;
-    caught_up(&pg, &agent, Duration::from_secs(60))?;
-    same_table(&sb, &pg, "TYPED", "typed", "id")?;
+    let first = format!("INSERT INTO typed VALUES {}", rows[..2].join(", "));
+    let (pg, agent, resources) = one_table(&mut sb, &[create, &first], "TYPED", "typed")?;
+    in_sync(&sb, &agent, &pg, &resources)?;
     // The same values through the log: inserts, an update that leaves the
     // large (TOASTed) value unchanged, an update of the key.
     pg.sql(&format!(
@@ -290,8 +231,8 @@ fn every_supported_type_round_trips_exactly() -> Result<()> {
     pg.sql("INSERT INTO typed SELECT id + 100, i2, i4, i8, num, num_scaled, r4, r8, t, vc, ch, b, d, tm, ts, tstz, by, js, jsb, u, ia, ta, big FROM typed")?;
     pg.sql("UPDATE typed SET t = 'changed' WHERE id = 102")?;
     pg.sql("UPDATE typed SET id = 202 WHERE id = 101")?;
-    caught_up(&pg, &agent, Duration::from_secs(60))?;
-    let n = same_table(&sb, &pg, "TYPED", "typed", "id")?;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
+    let n = in_sync(&sb, &agent, &pg, &resources)?;
     assert_eq!(n, 8);
     let hub = sb.hub.export_jsonl(&format!("{DEPT}:TYPED"))?;
     let row2 = hub.iter().find(|r| r["id"] == 102).context("row 102")?;
@@ -307,14 +248,15 @@ fn every_supported_type_round_trips_exactly() -> Result<()> {
 fn columns_added_and_dropped_while_streaming() -> Result<()> {
     let _one = serial();
     let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let pg = sb.postgres("pg")?;
-    pg.sql("CREATE TABLE permit (id int PRIMARY KEY, holder text, issued date)")?;
-    pg.sql("INSERT INTO permit SELECT g, 'holder ' || g, date '2026-01-01' + g FROM generate_series(1, 3000) g")?;
-    let resources = [ResourceSpec::new("PERMIT", "permit", &[], "realtime")];
-    let mut agent = sb.pg_agent("agent", DEPT, &pg, &resources, "")?;
-    agent.start()?;
-    caught_up(&pg, &agent, Duration::from_secs(60))?;
+    let (pg, agent, resources) = one_table(
+        &mut sb,
+        &[
+            "CREATE TABLE permit (id int PRIMARY KEY, holder text, issued date)",
+            "INSERT INTO permit SELECT g, 'holder ' || g, date '2026-01-01' + g FROM generate_series(1, 3000) g",
+        ],
+        "PERMIT",
+        "permit",
+    )?;
     pg.sql("UPDATE permit SET holder = 'before' WHERE id <= 10")?;
     pg.sql("ALTER TABLE permit ADD COLUMN status text DEFAULT 'valid'")?;
     pg.sql("UPDATE permit SET status = 'revoked' WHERE id BETWEEN 11 AND 20")?;
@@ -322,8 +264,8 @@ fn columns_added_and_dropped_while_streaming() -> Result<()> {
     pg.sql("ALTER TABLE permit DROP COLUMN issued")?;
     pg.sql("UPDATE permit SET holder = 'after drop' WHERE id BETWEEN 21 AND 30")?;
     pg.sql("DELETE FROM permit WHERE id BETWEEN 31 AND 40")?;
-    caught_up(&pg, &agent, Duration::from_secs(60))?;
-    let n = same_table(&sb, &pg, "PERMIT", "permit", "id")?;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
+    let n = in_sync(&sb, &agent, &pg, &resources)?;
     assert_eq!(n, 2991);
     let feed = sb
         .hub
@@ -338,20 +280,21 @@ fn columns_added_and_dropped_while_streaming() -> Result<()> {
 fn dropped_slot_is_detected_reported_and_repaired() -> Result<()> {
     let _one = serial();
     let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let pg = sb.postgres("pg")?;
-    pg.sql("CREATE TABLE licence (id int PRIMARY KEY, holder text)")?;
-    pg.sql("INSERT INTO licence SELECT g, 'holder ' || g FROM generate_series(1, 5000) g")?;
-    let resources = [ResourceSpec::new("LICENCE", "licence", &[], "realtime")];
-    let mut agent = sb.pg_agent("agent", DEPT, &pg, &resources, "")?;
-    agent.start()?;
-    caught_up(&pg, &agent, Duration::from_secs(60))?;
+    let (pg, mut agent, resources) = one_table(
+        &mut sb,
+        &[
+            "CREATE TABLE licence (id int PRIMARY KEY, holder text)",
+            "INSERT INTO licence SELECT g, 'holder ' || g FROM generate_series(1, 5000) g",
+        ],
+        "LICENCE",
+        "licence",
+    )?;
     agent.stop()?;
     // While the agent is stopped: the slot is dropped, and rows change,
     // are deleted and added where no log will ever show it to the agent.
     pg.sql(&format!(
         "SELECT pg_drop_replication_slot('{}')",
-        shuyuan_tests::pg_slot_name(DEPT)
+        pg_slot_name(DEPT)
     ))?;
     pg.sql("DELETE FROM licence WHERE id % 10 = 0")?;
     pg.sql("UPDATE licence SET holder = 'changed' WHERE id % 7 = 0")?;
@@ -363,8 +306,8 @@ fn dropped_slot_is_detected_reported_and_repaired() -> Result<()> {
             .map(str::to_string))
     })?;
     assert!(alarm.contains("lost"), "alarm: {alarm}");
-    caught_up(&pg, &agent, Duration::from_secs(60))?;
-    let n = same_table(&sb, &pg, "LICENCE", "licence", "id")?;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
+    let n = in_sync(&sb, &agent, &pg, &resources)?;
     assert_eq!(n, 4501);
     let audit = sb.hub.audit()?;
     let started = audit
@@ -422,6 +365,10 @@ fn resync_on_demand_and_tables_the_log_cannot_identify() -> Result<()> {
             })
             .then_some(()))
     })?;
+    // The copy is still exact, and capture goes on after the re-read.
+    pg.sql("DELETE FROM seal WHERE id > 11000")?;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
+    assert_eq!(assert_pg_in_sync(&sb.hub, &agent, &pg, &resources)?, 11000);
     let err = agent.resync("NOPE").unwrap_err();
     assert!(format!("{err:#}").contains("no resource NOPE"), "{err:#}");
     Ok(())

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use serde_json::Value as Json;
 use shuyuan_protocol::batch::{BatchBody, BatchHash, Entry, SignedBatch};
 use shuyuan_protocol::catalog::doc::CatalogDoc;
 use shuyuan_protocol::catalog::{
@@ -36,7 +35,7 @@ use shuyuan_tests::peer::CatalogPeer;
 use shuyuan_tests::pg::{self, PgInstance};
 use shuyuan_tests::{
     AgentProcess, HubProcess, ResourceSpec, assert_in_sync, assert_pg_in_sync, immediate,
-    now_millis, wait_for,
+    now_millis, pg_captured_to, wait_for,
 };
 
 #[derive(Debug, Parser)]
@@ -1009,7 +1008,7 @@ fn pg_shuyuan(dir: &Path, args: &PgArgs) -> Result<PgFigures> {
             let target = source.current_lsn()?;
             poll_until("the agent to catch up", Duration::from_millis(20), || {
                 catch_polls += 1;
-                Ok(captured_to(&agent.status()?, target))
+                Ok(pg_captured_to(&agent.status()?, target))
             })?;
             Ok(ended.elapsed())
         },
@@ -1044,23 +1043,6 @@ fn pg_shuyuan(dir: &Path, args: &PgArgs) -> Result<PgFigures> {
         catch_up: Some(catch_up),
         initial_sync: Some(initial_sync),
     })
-}
-
-/// Whether an agent's status shows the source read up to `lsn`, no initial
-/// load or resync running, and every sealed batch acknowledged.
-fn captured_to(status: &Json, lsn: u64) -> bool {
-    status["source"]["position"]
-        .as_str()
-        .and_then(pg::parse_lsn)
-        .is_some_and(|at| at >= lsn)
-        && status["source"]["loads"]
-            .as_array()
-            .is_some_and(|l| l.is_empty())
-        && status["outbox"]["batches"] == 0
-        && status["resources"].as_array().is_some_and(|rs| {
-            rs.iter()
-                .all(|r| r["head_seq"] == r["acked_seq"] && r["head_seq"].as_u64() > Some(0))
-        })
 }
 
 /// Rows per resource of `department` at the hub.
