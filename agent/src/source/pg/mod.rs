@@ -15,14 +15,19 @@
 //! key each has read, so all three resume after a crash.
 //!
 //! Re-reads: a chunk of rows after the last key is selected in a REPEATABLE
-//! READ snapshot that also records the WAL insert position `H`. While the
+//! READ snapshot that also records the flushed WAL position `H`. While the
 //! log is read up to `H`, rows of the chunk written by transactions the
 //! snapshot cannot see are dropped from the chunk (the log carries their
-//! newer state); at `H` the rest of the chunk is emitted. Every transaction
-//! the snapshot sees committed before `H`, and every one after `H` is newer
-//! than the snapshot, so the shared copy never goes back in time. A chunk
-//! taken while an already emitted transaction is not yet visible (commit
-//! written, not yet visible) is discarded and taken again.
+//! newer state); at `H` the rest of the chunk is emitted. Every
+//! synchronously committed transaction the snapshot sees was flushed before
+//! `H`; one committed asynchronously may be visible yet after `H`, and is
+//! then applied again after the chunk, in commit order, which ends in the
+//! same state. Every transaction after `H` the snapshot cannot see. So the
+//! shared copy never goes back in time. When the server's position stays
+//! put short of `H` for a poll interval (its last flushed record is not
+//! complete yet), it has sent everything before `H` and the chunk is
+//! emitted. A chunk taken while an already emitted transaction is not yet
+//! visible (commit written, not yet visible) is discarded and taken again.
 //!
 //! Invariants: positions only move forward within a run; a read is cut
 //! only between messages, and a shape change ends a read so that shapes are
@@ -201,6 +206,11 @@ pub struct PgSource {
     requests: Vec<(usize, String)>,
     released: u64,
     last_status: Option<Instant>,
+    /// When the server last was asked for its position.
+    last_ping: Option<Instant>,
+    /// The server's position, unchanged since the instant: it has sent
+    /// every complete record it has flushed.
+    idle: Option<(u64, Instant)>,
     alarm: Option<String>,
     finished: BTreeMap<String, LoadReport>,
     type_names: HashMap<(u32, i32), String>,
@@ -434,6 +444,8 @@ impl PgSource {
             requests: Vec::new(),
             released: 0,
             last_status: None,
+            last_ping: None,
+            idle: None,
             alarm: None,
             finished: BTreeMap::new(),
             type_names: HashMap::new(),
@@ -767,7 +779,7 @@ impl PgSource {
         };
         let select = format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-             SELECT txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text; \
+             SELECT txid_current_snapshot()::text, pg_current_wal_flush_lsn()::text; \
              SELECT {}, {} FROM {} {filter} ORDER BY {order} LIMIT {}; COMMIT;",
             bound_cols.join(", "),
             cols.join(", "),
@@ -835,7 +847,13 @@ impl PgSource {
 
     /// Whether the chunk can be emitted now (the log reached its high mark).
     fn chunk_due(&self) -> bool {
-        self.txn.is_none() && self.chunk.as_ref().is_some_and(|c| self.pos.lsn >= c.high)
+        self.txn.is_none()
+            && self.chunk.as_ref().is_some_and(|c| {
+                self.pos.lsn >= c.high
+                    || self.idle.is_some_and(|(at, since)| {
+                        at == self.pos.lsn && since.elapsed() >= self.cfg.poll_interval
+                    })
+            })
     }
 
     /// Emits the pending chunk. Returns false (emitting nothing) when the
@@ -1104,18 +1122,26 @@ impl PgSource {
                 }
             }
             let due = self.last_status.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
-            let want_reply = self.chunk.as_ref().is_some_and(|c| self.pos.lsn < c.high);
+            // Ask the server where it is while a chunk waits for the log,
+            // at most once a poll interval.
+            let want_reply = self.chunk.as_ref().is_some_and(|c| self.pos.lsn < c.high)
+                && self
+                    .last_ping
+                    .is_none_or(|t| t.elapsed() >= self.cfg.poll_interval);
             let Some(repl) = self.repl.as_mut() else {
                 return Err(SourceError::Pg {
                     context: "reading the log".into(),
                     message: "the replication connection is not open".into(),
                 });
             };
-            if due || (want_reply && wait == self.cfg.poll_interval) {
+            if due || want_reply {
                 repl.status(self.released, want_reply)
                     .await
                     .map_err(wire_err("reporting the position"))?;
                 self.last_status = Some(Instant::now());
+                if want_reply {
+                    self.last_ping = self.last_status;
+                }
             }
             let msg = match self.pushback.take() {
                 Some(m) => m,
@@ -1133,6 +1159,9 @@ impl PgSource {
                                 self.pos.lsn = wal_end;
                                 self.pos.partial = None;
                             }
+                            if self.idle.is_none_or(|(at, _)| at != wal_end) {
+                                self.idle = Some((wal_end, Instant::now()));
+                            }
                             if reply {
                                 repl.status(self.released, false)
                                     .await
@@ -1143,6 +1172,7 @@ impl PgSource {
                         }
                         Replication::XLogData { data, .. } => {
                             wait = DRAIN_GAP;
+                            self.idle = None;
                             decode::parse(&data).map_err(|e| SourceError::Pg {
                                 context: "decoding the log".into(),
                                 message: e.to_string(),
@@ -1418,6 +1448,7 @@ impl Source for PgSource {
             // First read, or the last read was not committed: start over
             // from the committed position.
             self.repl = None;
+            self.idle = None;
             self.txn = None;
             self.pushback = None;
             self.chunk = None;
