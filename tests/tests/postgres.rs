@@ -373,3 +373,80 @@ fn resync_on_demand_and_tables_the_log_cannot_identify() -> Result<()> {
     assert!(format!("{err:#}").contains("no resource NOPE"), "{err:#}");
     Ok(())
 }
+
+#[test]
+fn initial_load_resumes_after_the_agent_is_killed_mid_load() -> Result<()> {
+    let _one = serial();
+    let mut sb = Sandbox::new()?;
+    sb.hub.start()?;
+    let pg = pgbench_source(&sb, 5)?;
+    let resources = pgbench_resources();
+    let mut agent = sb.pg_agent("agent", DEPT, &pg, &resources, "")?;
+    agent.start()?;
+    let loaded = |agent: &AgentProcess| -> Result<Option<u64>> {
+        Ok(agent.status()?["source"]["loads"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["resource"] == "ACCOUNTS"))
+            .and_then(|l| l["rows"].as_u64()))
+    };
+    let before = wait_for(
+        "the load to pass 100,000 rows",
+        Duration::from_secs(120),
+        || Ok(loaded(&agent)?.filter(|&r| r >= 100_000)),
+    )?;
+    agent.kill()?;
+    pg.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 1000 = 0")?;
+    agent.start()?;
+    assert!(
+        before < 500_000,
+        "the kill came mid-load ({before} rows read)"
+    );
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(600))?;
+    let rows = in_sync(&sb, &agent, &pg, &resources)?;
+    assert!(rows >= 500_000, "only {rows} rows");
+    sb.assert_no_rejections()?;
+    let starts = sb
+        .hub
+        .audit()?
+        .into_iter()
+        .filter(|a| a["kind"] == "resync_started" && a["feed"] == format!("{DEPT}:ACCOUNTS"))
+        .count();
+    // A load that lost its committed progress would begin again (a second
+    // Begin); this one went on from its last chunk.
+    assert_eq!(starts, 1, "one load, resumed, not begun again");
+    Ok(())
+}
+
+#[test]
+fn quiet_tables_in_a_busy_database_still_move_the_slot() -> Result<()> {
+    let _one = serial();
+    let mut sb = Sandbox::new()?;
+    let (pg, agent, _) = one_table(
+        &mut sb,
+        &[
+            "CREATE TABLE quiet (id int PRIMARY KEY, v text)",
+            "INSERT INTO quiet VALUES (1, 'only row')",
+            "CREATE TABLE busy (id serial PRIMARY KEY, v text)",
+        ],
+        "QUIET",
+        "quiet",
+    )?;
+    let start = slot_position(&pg)?;
+    // Another application's table, not shared, takes a stream of writes.
+    for _ in 0..20 {
+        pg.sql("INSERT INTO busy (v) SELECT repeat('x', 200) FROM generate_series(1, 2000)")?;
+    }
+    let written = pg.current_lsn()?;
+    assert!(written > start + 1_000_000, "the busy table wrote WAL");
+    // Nothing of the shared table changed, yet the agent's position and the
+    // slot follow the log, so the server keeps no WAL for the agent.
+    wait_for(
+        "the slot to pass the busy writes",
+        Duration::from_secs(30),
+        || Ok((slot_position(&pg)? >= written).then_some(())),
+    )?;
+    let status = agent.status()?;
+    let at = status["source"]["position"].as_str().and_then(parse_lsn);
+    assert!(at >= Some(written), "agent position {status}");
+    Ok(())
+}
