@@ -15,19 +15,29 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use shuyuan_protocol::batch::{Entry, ZeroUpdate};
-use shuyuan_protocol::{FeedId, NodeKey, RowChange, TableSchema, UnixMillis};
+use shuyuan_protocol::message::VerifyMode;
+use shuyuan_protocol::{FeedId, KeyRange, NodeKey, Resync, RowChange, TableSchema, UnixMillis};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::outbox::{Commit, FeedState, Outbox, OutboxError, Totals};
+use crate::digest::{Overlay, Tracker};
+use crate::outbox::{Commit, FeedDigest, FeedState, Outbox, OutboxError, Totals};
 use crate::seal::{BatchLimits, SealError, seal_entries};
-use crate::source::{self, Source, SourceError};
+use crate::source::{self, Probe, Source, SourceError};
 use crate::status::StatusBoard;
 
 /// The shortest time between two deletions from the source's change table.
 pub const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
+/// A busy feed carries its digest (a checkpoint) at least this often; a
+/// quiet one with every zero-update.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
+/// Source rows per range of a full comparison the operator starts (the
+/// hub asks for the same).
+pub const VERIFY_CHUNK_ROWS: u32 = 10_000;
+/// How soon the loop comes back while comparisons wait for their budget.
+const PROBE_PAUSE: Duration = Duration::from_millis(50);
 
 /// The hub acknowledged a feed up to `seq` (sent by the uplink).
 #[derive(Debug, Clone)]
@@ -70,6 +80,12 @@ pub struct CaptureLoop {
     skipped_null_keys: u64,
     /// Encoded bytes per change in the latest batches, for sizing reads.
     bytes_per_change: u64,
+    /// Each feed's digest, as committed.
+    digests: Vec<FeedDigest>,
+    /// When each feed last carried a checkpoint (this run).
+    last_checkpoint: Vec<Option<UnixMillis>>,
+    /// Comparisons wait for the source's budget.
+    probes_pending: bool,
 }
 
 impl std::fmt::Debug for CaptureLoop {
@@ -109,6 +125,14 @@ pub enum CaptureRequest {
         reason: String,
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
+    /// Compare a key range with the hub (asked by the hub).
+    Probe(Probe),
+    /// Compare a whole resource with the hub (asked by the operator);
+    /// answers with the run's id.
+    Verify {
+        resource: usize,
+        reply: tokio::sync::oneshot::Sender<Result<u64, String>>,
+    },
 }
 
 impl CaptureLoop {
@@ -141,6 +165,16 @@ impl CaptureLoop {
             .position()?
             .unwrap_or_else(|| source::initial_position(&config));
         let totals = outbox.totals()?;
+        let stored_digests = outbox.digests()?;
+        let digests: Vec<FeedDigest> = config
+            .resources
+            .iter()
+            .map(|r| {
+                let feed = FeedId::new(config.department.clone(), r.code.clone());
+                stored_digests.get(&feed).cloned().unwrap_or_default()
+            })
+            .collect();
+        let last_checkpoint = vec![None; digests.len()];
         Ok(CaptureLoop {
             config,
             key,
@@ -159,6 +193,9 @@ impl CaptureLoop {
             requests,
             skipped_null_keys: 0,
             bytes_per_change: 256,
+            digests,
+            last_checkpoint,
+            probes_pending: false,
         })
     }
 
@@ -196,7 +233,12 @@ impl CaptureLoop {
             if more || (last_error.is_none() && self.source.waits_for_changes()) {
                 continue;
             }
-            match self.acks.recv_timeout(self.poll_interval()) {
+            let wait = if self.probes_pending {
+                self.poll_interval().min(PROBE_PAUSE)
+            } else {
+                self.poll_interval()
+            };
+            match self.acks.recv_timeout(wait) {
                 Ok(note) => self.pending_acks.push(note),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(self.poll_interval()),
@@ -277,6 +319,37 @@ impl CaptureLoop {
                         .map_err(|e| e.to_string());
                     let _ = reply.send(answer);
                 }
+                CaptureRequest::Probe(p) => {
+                    let (resource, run, range) = (p.resource, p.run, p.range.clone());
+                    match self.source.probe(p) {
+                        Ok(()) => {
+                            tracing::debug!(resource, run, %range, "comparison with the hub queued");
+                            self.probes_pending = true;
+                        }
+                        Err(e) => {
+                            tracing::warn!(resource, run, error = %e, "cannot compare with the hub")
+                        }
+                    }
+                }
+                CaptureRequest::Verify { resource, reply } => {
+                    let run = u64::try_from(now.0).unwrap_or(0);
+                    let answer = self
+                        .source
+                        .probe(Probe {
+                            resource,
+                            run,
+                            range: KeyRange::all(),
+                            mode: VerifyMode::Scan {
+                                chunk_rows: VERIFY_CHUNK_ROWS,
+                            },
+                        })
+                        .map(|()| run)
+                        .map_err(|e| e.to_string());
+                    if answer.is_ok() {
+                        self.probes_pending = true;
+                    }
+                    let _ = reply.send(answer);
+                }
             }
         }
 
@@ -304,6 +377,7 @@ impl CaptureLoop {
         let paused = self.totals.bytes >= self.config.outbox.max_bytes;
         let mut more = false;
         let mut new_position = None;
+        let mut new_digests = None;
         if !paused {
             // Read no more than the outbox has room for, judging by the size
             // of recent changes, so a full outbox is overrun by little.
@@ -370,10 +444,23 @@ impl CaptureLoop {
             for (_, r, mark) in marks {
                 entries[r].push(Entry::Resync(mark));
             }
+            self.probes_pending = read.probes_pending;
+            for (r, mut entry) in read.probes {
+                if let Entry::RangeRepair(repair) = &mut entry {
+                    let version = feeds[r].1.schema.as_ref().map_or(0, |s| s.version);
+                    for c in &mut repair.rows {
+                        c.schema_version = version;
+                    }
+                }
+                entries[r].push(entry);
+            }
+            let seeds = self.outbox.seeds()?;
+            let mut digests = self.digests.clone();
             let limits = BatchLimits {
                 max_changes: self.config.outbox.batch_max_changes,
                 max_bytes: self.config.outbox.batch_max_bytes,
             };
+            let mut checkpointed = Vec::new();
             for (i, es) in entries.into_iter().enumerate() {
                 let resource = &self.config.resources[i];
                 let (feed, state) = &mut feeds[i];
@@ -405,6 +492,34 @@ impl CaptureLoop {
                 if es.is_empty() {
                     continue;
                 }
+                let mut es = es;
+                let digest = &mut digests[i];
+                let feed_text = feed.to_string();
+                let mut overlay = Overlay::new();
+                Tracker {
+                    feed: &feed_text,
+                    reader: &seeds,
+                    overlay: &mut overlay,
+                }
+                .apply(digest, &es)?;
+                let due = self.last_checkpoint[i]
+                    .is_none_or(|t| now.since(t) >= CHECKPOINT_INTERVAL)
+                    || es.iter().any(|e| {
+                        matches!(
+                            e,
+                            Entry::ZeroUpdate(_)
+                                | Entry::RangeRepair(_)
+                                | Entry::Resync(Resync::End { .. })
+                        )
+                    });
+                if digest.established && due {
+                    es.push(Entry::Checkpoint(digest.digest().summary()));
+                    checkpointed.push(i);
+                }
+                commit
+                    .seeds
+                    .extend(overlay.into_iter().map(|(k, e)| (feed.clone(), k, e)));
+                commit.digests.push((feed.clone(), digest.clone()));
                 if has_changes[i] {
                     state.last_change_at = Some(now);
                 }
@@ -422,6 +537,7 @@ impl CaptureLoop {
             if read.position != self.position {
                 new_position = Some(read.position);
             }
+            new_digests = Some((digests, checkpointed));
         }
         commit.position = new_position.clone();
         if commit.is_empty() {
@@ -435,6 +551,12 @@ impl CaptureLoop {
             .collect();
         self.totals = self.outbox.commit(&commit)?;
         self.feeds = feeds;
+        if let Some((digests, checkpointed)) = new_digests {
+            self.digests = digests;
+            for i in checkpointed {
+                self.last_checkpoint[i] = Some(now);
+            }
+        }
         if !commit.appended.is_empty() {
             self.sealed.notify_one();
         }

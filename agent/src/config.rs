@@ -29,6 +29,8 @@ struct RawConfig {
     source: RawSource,
     #[serde(default)]
     outbox: RawOutbox,
+    #[serde(default)]
+    verify: RawVerify,
     #[serde(default, rename = "resource")]
     resources: Vec<RawResource>,
 }
@@ -48,6 +50,12 @@ fn default_key_file() -> PathBuf {
 }
 fn default_data_dir() -> PathBuf {
     PathBuf::from("agent-data")
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    rows_per_second: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -106,7 +114,15 @@ pub struct Config {
     pub hub: HubConfig,
     pub source: SourceConfig,
     pub outbox: OutboxConfig,
+    pub verify: VerifyConfig,
     pub resources: Vec<ResourceConfig>,
+}
+
+/// Comparisons of the source with the hub's copy (一致性核验).
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    /// Source rows a comparison reads per second at most.
+    pub rows_per_second: u64,
 }
 
 /// Where the hub is and which key it must present.
@@ -308,6 +324,18 @@ impl Config {
                 })
             }
         };
+        let verify = VerifyConfig {
+            rows_per_second: match raw.verify.rows_per_second {
+                Some(n @ 1_000..=100_000_000) => n,
+                Some(_) => {
+                    return Err(err(
+                        "verify.rows_per_second",
+                        "must be between 1000 and 100000000".into(),
+                    ));
+                }
+                None => 200_000,
+            },
+        };
         let postgres = matches!(source, SourceConfig::Postgres(_));
         let outbox = OutboxConfig {
             max_bytes: match raw.outbox.max_size {
@@ -460,6 +488,7 @@ impl Config {
             },
             source,
             outbox,
+            verify,
             resources,
         })
     }

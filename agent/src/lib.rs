@@ -11,6 +11,7 @@
 pub mod capture;
 pub mod catalog;
 pub mod config;
+pub mod digest;
 pub mod outbox;
 pub mod seal;
 pub mod source;
@@ -76,6 +77,11 @@ pub enum ControlRequest {
     },
     /// Re-reads one resource from the source (PostgreSQL).
     Resync {
+        resource: String,
+    },
+    /// Compares one resource with the hub's copy through a throttled scan
+    /// of the source; answers `{"run": id}`.
+    Verify {
         resource: String,
     },
 }
@@ -156,6 +162,7 @@ impl Agent {
             sealed,
             status: status.clone(),
             catalog: catalog.clone(),
+            requests: request_tx.clone(),
         };
         let uplink = tokio::spawn(uplink.run(cancel.clone()));
         let links = ControlLinks {
@@ -218,6 +225,28 @@ struct ControlLinks {
     config: Arc<Config>,
 }
 
+/// Sends a request about one resource to the capture loop and waits for
+/// its answer.
+async fn ask_capture<T>(
+    config: &Config,
+    capture: &std::sync::Mutex<std::sync::mpsc::Sender<CaptureRequest>>,
+    resource: &str,
+    request: impl FnOnce(usize, tokio::sync::oneshot::Sender<Result<T, String>>) -> CaptureRequest,
+) -> Result<T, String> {
+    let i = config
+        .resources
+        .iter()
+        .position(|r| r.code.as_str() == resource)
+        .ok_or_else(|| format!("no resource {resource} in {}", config.file.display()))?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    capture
+        .lock()
+        .map_err(|_| "capture is not running".to_string())?
+        .send(request(i, reply))
+        .map_err(|_| "capture is not running".to_string())?;
+    answer.await.map_err(|_| "capture stopped".to_string())?
+}
+
 /// Answers a request on the control socket.
 async fn answer(request: ControlRequest, mut stream: tokio::net::UnixStream, links: ControlLinks) {
     let ControlLinks {
@@ -228,38 +257,23 @@ async fn answer(request: ControlRequest, mut stream: tokio::net::UnixStream, lin
     } = links;
     let result: Result<serde_json::Value, String> = match request {
         ControlRequest::Resync { resource } => {
-            match config
-                .resources
-                .iter()
-                .position(|r| r.code.as_str() == resource)
-            {
-                None => Err(format!(
-                    "no resource {resource} in {}",
-                    config.file.display()
-                )),
-                Some(i) => {
-                    let (reply, answer) = tokio::sync::oneshot::channel();
-                    let sent = capture
-                        .lock()
-                        .map_err(|_| "capture is not running".to_string())
-                        .and_then(|tx| {
-                            tx.send(CaptureRequest::Resync {
-                                resource: i,
-                                reason: "requested by the operator (shuyuan-agent resync)".into(),
-                                reply,
-                            })
-                            .map_err(|_| "capture is not running".to_string())
-                        });
-                    match sent {
-                        Err(e) => Err(e),
-                        Ok(()) => match answer.await {
-                            Ok(Ok(())) => Ok(serde_json::json!({ "resource": resource })),
-                            Ok(Err(e)) => Err(e),
-                            Err(_) => Err("capture stopped".into()),
-                        },
-                    }
+            let reason = "requested by the operator (shuyuan-agent resync)".to_string();
+            ask_capture(&config, &capture, &resource, |i, reply| {
+                CaptureRequest::Resync {
+                    resource: i,
+                    reason,
+                    reply,
                 }
-            }
+            })
+            .await
+            .map(|()| serde_json::json!({ "resource": resource }))
+        }
+        ControlRequest::Verify { resource } => {
+            ask_capture(&config, &capture, &resource, |i, reply| {
+                CaptureRequest::Verify { resource: i, reply }
+            })
+            .await
+            .map(|run| serde_json::json!({ "resource": resource, "run": run }))
         }
         ControlRequest::Status => {
             serde_json::to_value(status.snapshot()).map_err(|e| e.to_string())

@@ -75,6 +75,17 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Compare one resource's table with the hub's copy (一致性核验): a throttled scan of the source, range by range; the hub localises and repairs any difference. Waits for the hub's verdict.
+    Verify {
+        /// The resource code, as in the config.
+        resource: String,
+        /// Return once the scan has started.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (the comparison goes on).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// The department's data resource catalog (数据资源目录): show, edit, import and export entries.
     Catalog {
         #[command(subcommand)]
@@ -194,6 +205,18 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{line}");
             }
             Ok(())
+        }
+        Command::Verify {
+            resource,
+            no_wait,
+            timeout,
+        } => {
+            let config = Config::load(&cli.config)?;
+            tokio::runtime::Runtime::new()?.block_on(verify(
+                &config,
+                &resource,
+                (!no_wait).then(|| std::time::Duration::from_secs(timeout)),
+            ))
         }
         Command::Resync { resource, no_wait } => {
             let config = Config::load(&cli.config)?;
@@ -425,6 +448,56 @@ async fn resync(config: &Config, resource: &str, no_wait: bool) -> Result<()> {
         }
         if let Some(e) = &status.source.error {
             bar.set_message(format!("{resource} (capture error: {e})"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Starts a comparison of one resource with the hub and waits for the
+/// hub's verdict.
+async fn verify(config: &Config, resource: &str, wait: Option<std::time::Duration>) -> Result<()> {
+    let mut out = Vec::new();
+    let request = ControlRequest::Verify {
+        resource: resource.to_string(),
+    };
+    match control::call(&config.control_socket(), &request, &mut out).await {
+        Ok(()) => {}
+        Err(ControlError::NotRunning { .. }) => bail!(
+            "the agent is not running; start it first (`shuyuan-agent run` or the service): the comparison reads the source next to live capture and is judged by the hub"
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    let answer: serde_json::Value =
+        serde_json::from_slice(&out).context("bad answer from the agent")?;
+    let run = answer["run"]
+        .as_u64()
+        .context("the agent did not name the run")?;
+    println!("comparison of {resource} with the hub started (run {run})");
+    let Some(wait) = wait else {
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let status = live_status(config).await?;
+        if let Some(v) = status
+            .verifications
+            .iter()
+            .find(|v| v.run == run && v.feed.resource.as_str() == resource)
+        {
+            println!("{}", status::render_outcome(v));
+            if !v.detail.is_empty() {
+                println!("{}", v.detail);
+            }
+            if v.verified {
+                return Ok(());
+            }
+            bail!("the hub's copy of {resource} still differs from the source");
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "no verdict from the hub after {} s (is it connected?); the comparison goes on, `shuyuan-agent status` shows the verdict when it comes",
+                wait.as_secs()
+            );
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }

@@ -11,6 +11,12 @@
 //! - `feeds_v1`: feed text -> postcard [`FeedState`]
 //! - `meta_v1`: name -> bytes; `position` (source position, UTF-8),
 //!   `batches` and `bytes` (u64 big-endian totals of `outbox_v1`)
+//! - `digests_v1`: feed text -> postcard [`FeedDigest`], the digest of the
+//!   rows the feed has described so far
+//! - `row_seeds_v1`: (feed text, encoded row key) -> the row's 64-byte
+//!   [`RowSeed`] then the id of the re-read that last wrote it (u64
+//!   big-endian, 0 outside re-reads), so an update or delete can subtract
+//!   what the row contributed
 //! - `migrations_v1`: migration name -> unix millis applied
 
 use std::collections::BTreeMap;
@@ -21,18 +27,90 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::encoding::{self, decode, encode};
 use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
-use shuyuan_protocol::{FeedCursor, FeedId, SignedBatch, TableSchema, UnixMillis};
+use shuyuan_protocol::{
+    Digest, FeedCursor, FeedId, KeyRange, RowSeed, SignedBatch, TableSchema, UnixMillis,
+};
 
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox_v1");
 const FEEDS: TableDefinition<&str, &[u8]> = TableDefinition::new("feeds_v1");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
+const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests_v1");
+const SEEDS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("row_seeds_v1");
 /// Named, idempotent migrations, applied in order once each.
-const MIGRATIONS: &[Migration] = &[("0001-create-tables", |tx| {
-    tx.open_table(OUTBOX)?;
-    tx.open_table(FEEDS)?;
-    tx.open_table(META)?;
-    Ok(())
-})];
+const MIGRATIONS: &[Migration] = &[
+    ("0001-create-tables", |tx| {
+        tx.open_table(OUTBOX)?;
+        tx.open_table(FEEDS)?;
+        tx.open_table(META)?;
+        Ok(())
+    }),
+    ("0002-digests", |tx| {
+        tx.open_table(SEEDS)?;
+        let mut digests = tx.open_table(DIGESTS)?;
+        // Feeds that already sent rows have no record of them: their digest
+        // is unknown until a re-read.
+        let feeds = tx.open_table(FEEDS)?;
+        for item in feeds.iter()? {
+            let (k, v) = item?;
+            let started = decode::<FeedState>(v.value()).is_ok_and(|s| s.head.last_seq > 0);
+            if started {
+                let unknown = FeedDigest {
+                    established: false,
+                    ..FeedDigest::default()
+                };
+                if let Ok(bytes) = encode(&unknown) {
+                    digests.insert(k.value(), bytes.as_slice())?;
+                }
+            }
+        }
+        Ok(())
+    }),
+];
+
+/// The digest of what a feed has said so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedDigest {
+    /// [`Digest::to_bytes`]; empty for the empty set.
+    pub digest: Vec<u8>,
+    /// The re-read in progress (its `Begin` sealed, its `End` not yet).
+    pub resync: Option<u64>,
+    /// False when the feed began before this agent kept digests: its
+    /// checkpoints are not sent.
+    pub established: bool,
+}
+
+impl Default for FeedDigest {
+    fn default() -> Self {
+        FeedDigest {
+            digest: Vec::new(),
+            resync: None,
+            established: true,
+        }
+    }
+}
+
+impl FeedDigest {
+    /// The digest itself.
+    pub fn digest(&self) -> Digest {
+        Digest::from_bytes(&self.digest).unwrap_or_default()
+    }
+}
+
+/// A row's stored seed and the re-read that wrote it.
+pub type SeedEntry = (RowSeed, u64);
+
+fn seed_bytes((seed, gen_): &SeedEntry) -> Vec<u8> {
+    let mut out = Vec::with_capacity(72);
+    out.extend_from_slice(&seed.0);
+    out.extend_from_slice(&gen_.to_be_bytes());
+    out
+}
+
+fn seed_entry(bytes: &[u8]) -> Option<SeedEntry> {
+    let (seed, gen_) = bytes.split_first_chunk::<64>()?;
+    let gen_: [u8; 8] = gen_.try_into().ok()?;
+    Some((RowSeed(*seed), u64::from_be_bytes(gen_)))
+}
 
 /// Errors of the outbox store.
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +173,10 @@ pub struct Commit {
     /// Delete every entry of the feed up to and including the sequence
     /// number (the hub acknowledged them).
     pub prune: Vec<(FeedId, u64)>,
+    /// Feed digests to store (whole).
+    pub digests: Vec<(FeedId, FeedDigest)>,
+    /// Row seeds to store (`None`: the row is gone).
+    pub seeds: Vec<(FeedId, Vec<u8>, Option<SeedEntry>)>,
 }
 
 impl Commit {
@@ -103,6 +185,8 @@ impl Commit {
             && self.feeds.is_empty()
             && self.position.is_none()
             && self.prune.is_empty()
+            && self.digests.is_empty()
+            && self.seeds.is_empty()
     }
 }
 
@@ -156,6 +240,34 @@ impl Outbox {
             out.insert(feed, state);
         }
         Ok(out)
+    }
+
+    /// Every feed's stored digest (feeds without one start empty).
+    pub fn digests(&self) -> Result<BTreeMap<FeedId, FeedDigest>, OutboxError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(DIGESTS).map_err(storage)?;
+        let mut out = BTreeMap::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let corrupt = |reason: String| OutboxError::CorruptState {
+                feed: k.value().to_string(),
+                reason,
+            };
+            let feed: FeedId = k
+                .value()
+                .parse()
+                .map_err(|e: shuyuan_protocol::feed::CodeError| corrupt(e.to_string()))?;
+            out.insert(feed, decode(v.value()).map_err(|e| corrupt(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Reads row seeds; one read transaction for many lookups.
+    pub fn seeds(&self) -> Result<SeedReader, OutboxError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        Ok(SeedReader {
+            table: tx.open_table(SEEDS).map_err(storage)?,
+        })
     }
 
     /// The committed source position, if any.
@@ -246,6 +358,31 @@ impl Outbox {
             if let Some(p) = &c.position {
                 meta.insert("position", p.as_bytes()).map_err(storage)?;
             }
+            if !c.seeds.is_empty() || !c.digests.is_empty() {
+                let mut seeds = tx.open_table(SEEDS).map_err(storage)?;
+                for (feed, key, entry) in &c.seeds {
+                    let f = feed.to_string();
+                    match entry {
+                        Some(e) => {
+                            seeds
+                                .insert((f.as_str(), key.as_slice()), seed_bytes(e).as_slice())
+                                .map_err(storage)?;
+                        }
+                        None => {
+                            seeds
+                                .remove((f.as_str(), key.as_slice()))
+                                .map_err(storage)?;
+                        }
+                    }
+                }
+                let mut digests = tx.open_table(DIGESTS).map_err(storage)?;
+                for (feed, d) in &c.digests {
+                    let bytes = encode(d).map_err(|e| OutboxError::Storage(e.to_string()))?;
+                    digests
+                        .insert(feed.to_string().as_str(), bytes.as_slice())
+                        .map_err(storage)?;
+                }
+            }
             meta.insert("batches", totals.batches.to_be_bytes().as_slice())
                 .map_err(storage)?;
             meta.insert("bytes", totals.bytes.to_be_bytes().as_slice())
@@ -254,6 +391,45 @@ impl Outbox {
         };
         tx.commit().map_err(storage)?;
         Ok(totals)
+    }
+}
+
+/// Lookups of row seeds in one read transaction.
+#[derive(Debug)]
+pub struct SeedReader {
+    table: redb::ReadOnlyTable<(&'static str, &'static [u8]), &'static [u8]>,
+}
+
+impl SeedReader {
+    /// The stored seed of one row.
+    pub fn get(&self, feed: &str, key: &[u8]) -> Result<Option<SeedEntry>, OutboxError> {
+        Ok(self
+            .table
+            .get((feed, key))
+            .map_err(storage)?
+            .and_then(|v| seed_entry(v.value())))
+    }
+
+    /// The stored seeds of the rows in a key range, in key order.
+    pub fn range(
+        &self,
+        feed: &str,
+        range: &KeyRange,
+    ) -> Result<Vec<(Vec<u8>, SeedEntry)>, OutboxError> {
+        let lo: (&str, &[u8]) = (feed, range.lo.as_slice());
+        let items = match &range.hi {
+            Some(hi) => self.table.range(lo..(feed, hi.as_slice())),
+            None => self.table.range(lo..(feed, [0xffu8].as_slice())),
+        }
+        .map_err(storage)?;
+        let mut out = Vec::new();
+        for item in items {
+            let (k, v) = item.map_err(storage)?;
+            if let Some(e) = seed_entry(v.value()) {
+                out.push((k.value().1.to_vec(), e));
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -315,6 +491,7 @@ mod tests {
                 feeds: vec![(feed("A"), state.clone())],
                 position: Some("42".into()),
                 prune: vec![],
+                ..Default::default()
             })
             .unwrap();
         assert_eq!(
@@ -340,5 +517,47 @@ mod tests {
         drop(ob);
         let ob = Outbox::open(&path).unwrap();
         assert_eq!(ob.totals().unwrap().batches, 2, "totals survive reopening");
+    }
+
+    #[test]
+    fn row_seeds_and_digests_are_stored_with_the_commit() {
+        use shuyuan_protocol::Value;
+        use shuyuan_protocol::value::encode_key;
+        let dir = tempfile::tempdir().unwrap();
+        let ob = Outbox::open(&dir.path().join("outbox.redb")).unwrap();
+        let k = |i: i64| encode_key(&[Value::Int(i)]);
+        let seed = |i: i64| RowSeed::of(&[Value::Int(i)], &[Value::Int(i)]);
+        let mut d = Digest::new();
+        d.add(&seed(1));
+        d.add(&seed(2));
+        let state = FeedDigest {
+            digest: d.to_bytes(),
+            resync: Some(7),
+            established: true,
+        };
+        ob.commit(&Commit {
+            seeds: vec![
+                (feed("A"), k(1), Some((seed(1), 0))),
+                (feed("A"), k(2), Some((seed(2), 7))),
+                (feed("B"), k(1), Some((seed(9), 0))),
+            ],
+            digests: vec![(feed("A"), state.clone())],
+            ..Default::default()
+        })
+        .unwrap();
+        let r = ob.seeds().unwrap();
+        assert_eq!(r.get("D:A", &k(2)).unwrap(), Some((seed(2), 7)));
+        assert_eq!(r.range("D:A", &KeyRange::all()).unwrap().len(), 2);
+        let from_2 = KeyRange { lo: k(2), hi: None };
+        assert_eq!(r.range("D:A", &from_2).unwrap(), vec![(k(2), (seed(2), 7))]);
+        drop(r);
+        assert_eq!(ob.digests().unwrap()[&feed("A")], state);
+        assert_eq!(ob.digests().unwrap()[&feed("A")].digest(), d);
+        ob.commit(&Commit {
+            seeds: vec![(feed("A"), k(1), None)],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(ob.seeds().unwrap().get("D:A", &k(1)).unwrap(), None);
     }
 }

@@ -62,6 +62,16 @@ fn estimate(entry: &Entry) -> usize {
         Entry::ZeroUpdate(z) => 32 + z.source_position.len(),
         Entry::Resync(shuyuan_protocol::Resync::Begin { reason, .. }) => 16 + reason.len(),
         Entry::Resync(shuyuan_protocol::Resync::End { .. }) => 24,
+        Entry::Checkpoint(_) => 48,
+        Entry::RangeDigest(d) => 64 + d.range.lo.len() + d.range.hi.as_ref().map_or(0, Vec::len),
+        Entry::RangeRepair(r) => {
+            24 + r.range.lo.len()
+                + r.range.hi.as_ref().map_or(0, Vec::len)
+                + r.rows
+                    .iter()
+                    .map(|c| 8 + values(&c.key) + c.row.as_deref().map_or(0, values))
+                    .sum::<usize>()
+        }
     }
 }
 

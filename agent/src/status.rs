@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
+use shuyuan_protocol::message::VerifyOutcome;
 use shuyuan_protocol::{FeedId, UnixMillis};
 
 use crate::catalog::Catalog;
@@ -35,6 +36,10 @@ pub struct AgentStatus {
     pub source: SourceStatus,
     pub outbox: OutboxStatus,
     pub resources: Vec<ResourceStatus>,
+    /// How the hub's latest comparison of each resource with the source
+    /// ended (一致性核验), as the hub reported it.
+    #[serde(default)]
+    pub verifications: Vec<VerifyOutcome>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -178,6 +183,7 @@ impl AgentStatus {
                     next_zero_update_due: None,
                 })
                 .collect(),
+            verifications: Vec::new(),
         }
     }
 
@@ -346,6 +352,13 @@ impl AgentStatus {
                 t(r.next_zero_update_due),
                 r.heartbeat_secs
             );
+            if let Some(v) = self
+                .verifications
+                .iter()
+                .find(|v| v.feed.resource.as_str() == r.code)
+            {
+                let _ = writeln!(s, "      {}", render_outcome(v));
+            }
         }
         s
     }
@@ -403,4 +416,19 @@ pub fn offline(config: &Config, node: String) -> Result<AgentStatus, OutboxError
     status.apply_totals(outbox.totals()?);
     status.source.position = outbox.position()?.unwrap_or_else(|| "-".into());
     Ok(status)
+}
+
+/// How the hub's comparison with the source ended, on one line.
+pub fn render_outcome(v: &VerifyOutcome) -> String {
+    format!(
+        "last comparison with the source (一致性核验), run {}: {} at seq #{}; {} ranges compared, {} differed, {} rows rewritten, {} removed, {} bytes exchanged",
+        v.run,
+        if v.verified { "VERIFIED" } else { "DIVERGED" },
+        v.seq,
+        v.ranges_compared,
+        v.ranges_differing,
+        v.rows_repaired,
+        v.rows_removed,
+        v.bytes_exchanged
+    )
 }

@@ -24,10 +24,11 @@ use shuyuan_protocol::{FeedId, Message, MessageV1, NodeKey, UnixMillis};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::AckNote;
+use crate::capture::{AckNote, CaptureRequest};
 use crate::catalog::{Catalog, CatalogStoreError};
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError};
+use crate::source::Probe;
 use crate::status::{LinkState, StatusBoard};
 
 /// Batches per feed sent ahead of the hub's acks.
@@ -71,6 +72,8 @@ pub struct Uplink {
     pub sealed: Arc<Notify>,
     pub status: StatusBoard,
     pub catalog: Catalog,
+    /// The hub's comparison requests go to the capture loop.
+    pub requests: Sender<CaptureRequest>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -388,6 +391,43 @@ impl Uplink {
                 if let Some(seq) = window.on_reject(&feed, r.resend_from, now)? {
                     let _ = self.acks.send(AckNote { feed, seq, at: now });
                 }
+                Ok(())
+            }
+            MessageV1::Verify(v) => {
+                let resource = (v.feed.department == self.config.department)
+                    .then(|| {
+                        self.config
+                            .resources
+                            .iter()
+                            .position(|r| r.code == v.feed.resource)
+                    })
+                    .flatten();
+                match resource {
+                    Some(resource) => {
+                        tracing::debug!(feed = %v.feed, run = v.run, range = %v.range, "the hub asks to compare a range");
+                        let _ = self.requests.send(CaptureRequest::Probe(Probe {
+                            resource,
+                            run: v.run,
+                            range: v.range,
+                            mode: v.mode,
+                        }));
+                    }
+                    None => {
+                        tracing::warn!(feed = %v.feed, "the hub asks to compare a resource this agent does not share; ignored")
+                    }
+                }
+                Ok(())
+            }
+            MessageV1::Verified(outcome) => {
+                if outcome.verified {
+                    tracing::info!(feed = %outcome.feed, run = outcome.run, seq = outcome.seq, repaired = outcome.rows_repaired, removed = outcome.rows_removed, "the hub verified its copy against the source");
+                } else {
+                    tracing::warn!(feed = %outcome.feed, run = outcome.run, detail = %outcome.detail, "the hub's copy still differs from the source");
+                }
+                self.status.update(|s| {
+                    s.verifications.retain(|v| v.feed != outcome.feed);
+                    s.verifications.push(outcome);
+                });
                 Ok(())
             }
             other => Err(SessionError::Protocol(format!(

@@ -18,7 +18,7 @@ use std::io::Write;
 use shuyuan_protocol::value::hex;
 use shuyuan_protocol::{FeedId, TableSchema, Value};
 
-use crate::store::{Backend, StoreError};
+use crate::store::{Backend, StoreError, column_mapping};
 
 /// Export formats.
 #[derive(
@@ -144,15 +144,6 @@ pub fn export(
         })?;
     out.flush()?;
     Ok(n)
-}
-
-/// For each current column, its index in the older schema (by name).
-fn column_mapping(old: &TableSchema, current: &TableSchema) -> Vec<Option<usize>> {
-    current
-        .columns
-        .iter()
-        .map(|c| old.columns.iter().position(|o| o.name == c.name))
-        .collect()
 }
 
 fn csv_text(s: &str) -> String {

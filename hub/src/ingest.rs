@@ -19,7 +19,7 @@ use shuyuan_protocol::batch::BatchError;
 use shuyuan_protocol::catalog::doc::CatalogError;
 use shuyuan_protocol::encoding::decode;
 use shuyuan_protocol::message::{
-    CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, Welcome,
+    CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, VerifyRequest, Welcome,
 };
 use shuyuan_protocol::quic::{self, QuicError};
 use shuyuan_protocol::{
@@ -33,7 +33,10 @@ use tracing::Instrument;
 use crate::catalog::{HubCatalog, HubCatalogError};
 use crate::live::{ConnectionInfo, Live};
 use crate::peers::Peers;
-use crate::store::{AuditEntry, AuditKind, Enrollment, Incoming, Outcome, Store, VerifiedBatch};
+use crate::store::{
+    AuditEntry, AuditKind, Enrollment, Incoming, Outcome, Store, StoreError, VerifiedBatch,
+    VerifyEvent,
+};
 
 /// How long a new connection may take to open its stream and say `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -269,6 +272,11 @@ async fn stream_batches(
     });
     let department = &enrollment.department;
     let mut catalog_changes = ingest.catalog.subscribe();
+    let mut verify_events = ingest.store.verify_events();
+    let mut sent = SentRequests::default();
+    if let Err(e) = send_verify_requests(ingest, department, None, &mut sent, &out_tx).await {
+        tracing::warn!(error = %e, "cannot send pending verification requests");
+    }
     let catalog = async {
         ingest.catalog.begin_sync(department, &peer).await?;
         send_catalog(ingest, department, &peer, &out_tx).await
@@ -287,6 +295,22 @@ async fn stream_batches(
                 };
                 if ours && let Err(e) = send_catalog(ingest, department, &peer, &out_tx).await {
                     tracing::warn!(error = %e, "cannot send catalog changes");
+                }
+                continue;
+            }
+            event = verify_events.recv() => {
+                let feed = match event {
+                    Ok(VerifyEvent::Requests(feed)) if feed.department == *department => Some(feed),
+                    Ok(VerifyEvent::Finished(outcome)) if outcome.feed.department == *department => {
+                        let _ = out_tx.send(Outgoing::Message(MessageV1::Verified(outcome))).await;
+                        continue;
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(broadcast::error::RecvError::Closed) => continue,
+                };
+                if let Err(e) = send_verify_requests(ingest, department, feed.as_ref(), &mut sent, &out_tx).await {
+                    tracing::warn!(error = %e, "cannot send verification requests");
                 }
                 continue;
             }
@@ -337,6 +361,63 @@ async fn stream_batches(
     drop(out_tx);
     let _ = replies.await;
     result
+}
+
+/// The verification requests already sent on this connection: feed, run,
+/// the end of the range and its depth (pending ranges of a run are
+/// disjoint, and a range asked for again is one level deeper).
+type SentRequests = std::collections::BTreeSet<(FeedId, u64, Option<Vec<u8>>, u8)>;
+
+/// Sends the pending verification requests of the department's feeds (or
+/// of one feed) that this connection has not sent yet.
+async fn send_verify_requests(
+    ingest: &Ingest,
+    department: &DepartmentCode,
+    only: Option<&FeedId>,
+    sent: &mut SentRequests,
+    out: &mpsc::Sender<Outgoing>,
+) -> Result<(), StoreError> {
+    let feeds: Vec<FeedId> = match only {
+        Some(f) => vec![f.clone()],
+        None => ingest
+            .store
+            .backend()
+            .feeds()?
+            .into_iter()
+            .map(|(f, _)| f)
+            .filter(|f| f.department == *department)
+            .collect(),
+    };
+    for feed in feeds {
+        let Some(run) = ingest
+            .store
+            .backend()
+            .verification(&feed)?
+            .and_then(|v| v.run)
+        else {
+            continue;
+        };
+        for p in run.pending {
+            if !sent.insert((feed.clone(), run.id, p.range.hi.clone(), p.depth)) {
+                continue;
+            }
+            let request = VerifyRequest {
+                feed: feed.clone(),
+                run: run.id,
+                range: p.range,
+                mode: p.mode,
+            };
+            tracing::debug!(%feed, run = run.id, range = %request.range, "verification request sent");
+            if out
+                .send(Outgoing::Message(MessageV1::Verify(request)))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Queues every catalog sync message there is to send to this agent now.
@@ -432,6 +513,8 @@ fn message_name(m: &MessageV1) -> &'static str {
         MessageV1::Report(_) => "Report",
         MessageV1::Catalog(_) => "Catalog",
         MessageV1::CatalogRefused(_) => "CatalogRefused",
+        MessageV1::Verify(_) => "Verify",
+        MessageV1::Verified(_) => "Verified",
     }
 }
 

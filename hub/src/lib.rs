@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use shuyuan_protocol::control;
 use shuyuan_protocol::identity::IdentityError;
 use shuyuan_protocol::quic;
-use shuyuan_protocol::{DepartmentCode, NodeId, NodeKey, UnixMillis};
+use shuyuan_protocol::{DepartmentCode, FeedId, NodeId, NodeKey, UnixMillis};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -88,6 +88,20 @@ pub enum ControlRequest {
     CatalogReview(ReviewRequest),
     /// The publication-deadline and yearly-review report: a list of [`catalog::Finding`].
     CatalogDeadlines,
+    /// Starts a comparison with the source of one resource (or of every
+    /// resource): a list of [`VerifyStarted`].
+    Verify {
+        resource: Option<String>,
+        department: Option<String>,
+    },
+}
+
+/// A verification run started by `shuyuan-hub verify`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyStarted {
+    pub feed: String,
+    /// The run's id, or why none started.
+    pub run: Result<u64, String>,
 }
 
 /// An administrator's verdict on a catalog entry.
@@ -420,6 +434,51 @@ async fn answer(
             control::write_ok(out).await.map_err(|e| e.to_string())?;
             let _ = out
                 .write_all(&serde_json::to_vec(&list).unwrap_or_default())
+                .await;
+            let _ = out.write_all(b"\n").await;
+        }
+        ControlRequest::Verify {
+            resource,
+            department,
+        } => {
+            let feeds: Vec<FeedId> = match &resource {
+                Some(r) => vec![
+                    export::resolve(shared.store.backend(), r, department.as_deref())
+                        .map_err(|e| e.to_string())?,
+                ],
+                None => shared
+                    .store
+                    .backend()
+                    .feeds()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .map(|(f, _)| f)
+                    .filter(|f| {
+                        department
+                            .as_deref()
+                            .is_none_or(|d| f.department.as_str() == d)
+                    })
+                    .collect(),
+            };
+            let mut started = Vec::new();
+            for feed in feeds {
+                let run = shared
+                    .store
+                    .start_verify(
+                        feed.clone(),
+                        "requested at the hub (shuyuan-hub verify)".into(),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(%feed, ?run, "verification requested");
+                started.push(VerifyStarted {
+                    feed: feed.to_string(),
+                    run,
+                });
+            }
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out
+                .write_all(&serde_json::to_vec(&started).unwrap_or_default())
                 .await;
             let _ = out.write_all(b"\n").await;
         }

@@ -13,7 +13,7 @@ use shuyuan_hub::export::{self, Format};
 use shuyuan_hub::status::{self, HubStatus, LiveFacts, render_audit};
 use shuyuan_hub::store::redb::RedbBackend;
 use shuyuan_hub::store::{AuditEntry, Backend, Store, StoreError};
-use shuyuan_hub::{ControlRequest, Hub, ReviewRequest, enrollment};
+use shuyuan_hub::{ControlRequest, Hub, ReviewRequest, VerifyStarted, enrollment};
 use shuyuan_protocol::NodeKey;
 use shuyuan_protocol::UnixMillis;
 use shuyuan_protocol::catalog::form;
@@ -87,6 +87,23 @@ enum Command {
     Audit {
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Prove the shared copy equals the source (一致性核验): compare it with the department's table range by range through the agent, repair the rows that differ, and show the result.
+    Verify {
+        /// The resource code, or DEPARTMENT:RESOURCE; every resource when left out.
+        resource: Option<String>,
+        /// Only this department's resources.
+        #[arg(long)]
+        department: Option<String>,
+        /// Start the runs and return; `status` shows how they end.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds (the runs go on).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -289,6 +306,22 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Catalog { action } => catalog(&config()?, action).await,
+        Command::Verify {
+            resource,
+            department,
+            no_wait,
+            timeout,
+            json,
+        } => {
+            verify(
+                &config()?,
+                resource,
+                department,
+                (!no_wait).then(|| std::time::Duration::from_secs(timeout)),
+                json,
+            )
+            .await
+        }
         Command::Audit { limit, json } => {
             let config = config()?;
             let mut out = Vec::new();
@@ -313,6 +346,130 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Starts verification runs at the running hub and waits for them to end.
+async fn verify(
+    config: &Config,
+    resource: Option<String>,
+    department: Option<String>,
+    wait: Option<std::time::Duration>,
+    json: bool,
+) -> Result<()> {
+    let socket = config.control_socket();
+    let mut out = Vec::new();
+    match control::call(
+        &socket,
+        &ControlRequest::Verify {
+            resource,
+            department,
+        },
+        &mut out,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(ControlError::NotRunning { .. }) => bail!(
+            "the hub is not running; verification compares the copy with the source through the agents' connections, so start it with `shuyuan-hub run`"
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    let started: Vec<VerifyStarted> =
+        serde_json::from_slice(&out).context("bad answer from the hub")?;
+    let mut failed = false;
+    for s in &started {
+        match &s.run {
+            Ok(run) => eprintln!("{}: verification run {run} started", s.feed),
+            Err(why) => {
+                eprintln!("{}: {why}", s.feed);
+                failed = true;
+            }
+        }
+    }
+    let Some(wait) = wait else {
+        return if failed {
+            bail!("not every resource could be verified")
+        } else {
+            Ok(())
+        };
+    };
+    let deadline = std::time::Instant::now() + wait;
+    let ended = loop {
+        let mut out = Vec::new();
+        control::call(&socket, &ControlRequest::Status, &mut out).await?;
+        let status: HubStatus = serde_json::from_slice(&out).context("bad status from the hub")?;
+        let resources: Vec<&status::ResourceEntry> = status
+            .departments
+            .iter()
+            .flat_map(|d| &d.resources)
+            .collect();
+        let mut ended = Vec::new();
+        let mut waiting = false;
+        for s in &started {
+            let Ok(run) = s.run else { continue };
+            let last = resources
+                .iter()
+                .find(|r| r.feed == s.feed)
+                .and_then(|r| r.verification.as_ref())
+                .and_then(|v| v.last_run.as_ref())
+                .filter(|r| r.id == run);
+            match last {
+                Some(r) => ended.push((s.feed.clone(), r.clone())),
+                None => waiting = true,
+            }
+        }
+        if !waiting {
+            break ended;
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "still verifying after {} s (is the department's agent connected?); the runs go on, `shuyuan-hub status` shows how they end",
+                wait.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    if json {
+        let runs: Vec<serde_json::Value> = ended
+            .iter()
+            .map(|(feed, run)| serde_json::json!({ "feed": feed, "run": run }))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+    }
+    for (feed, run) in &ended {
+        let end = run.finished.as_ref();
+        let verified = end.is_some_and(|e| e.verified);
+        failed |= !verified;
+        if json {
+            continue;
+        }
+        println!(
+            "{feed}: {} at seq #{} — {}",
+            match (verified, run.ranges_differing) {
+                (true, 0) => "VERIFIED",
+                (true, _) => "REPAIRED and verified",
+                (false, _) => "DIVERGED",
+            },
+            end.map_or(0, |e| e.seq),
+            end.map_or("", |e| e.detail.as_str())
+        );
+        println!(
+            "    {} ranges compared, {} differed; {} rows rewritten, {} removed; {} bytes exchanged; took {} ms",
+            run.ranges_compared,
+            run.ranges_differing,
+            run.rows_repaired,
+            run.rows_removed,
+            run.bytes_received + run.bytes_sent,
+            end.map_or(0, |e| e.at.0 - run.started_at.0)
+        );
+        if !run.keys.is_empty() {
+            println!("    keys: {}", run.keys.join("; "));
+        }
+    }
+    if failed {
+        bail!("not every resource was verified");
+    }
+    Ok(())
 }
 
 /// Runs a catalog command through the running hub, or on the store when the

@@ -11,6 +11,7 @@ use shuyuan_protocol::{FeedId, UnixMillis};
 
 use crate::catalog::CityEntry;
 use crate::live::ConnectionInfo;
+use crate::store::verify::{Verdict, VerifyRecord};
 use crate::store::{
     AuditEntry, Backend, Enrollment, FeedRecord, RejectionRecord, ResyncRecord, StoreError,
     ZeroUpdateRecord,
@@ -83,6 +84,16 @@ pub struct ResourceEntry {
     /// after a lost capture position), running or finished.
     #[serde(default)]
     pub resync: Option<ResyncRecord>,
+    /// Verified at a sequence, diverged, or unverified (一致性核验).
+    #[serde(default = "unverified")]
+    pub verdict: Verdict,
+    /// The checkpoints, the run in progress and the latest finished run.
+    #[serde(default)]
+    pub verification: Option<VerifyRecord>,
+}
+
+fn unverified() -> Verdict {
+    Verdict::Unverified
 }
 
 /// Facts beyond the feed store: what a running hub knows, and the update
@@ -181,6 +192,10 @@ pub fn collect(
             tracing::warn!(%feed, error = %e, "cannot read the feed's resync state");
             None
         });
+        let verification = backend.verification(feed).unwrap_or_else(|e| {
+            tracing::warn!(%feed, error = %e, "cannot read the feed's verification state");
+            None
+        });
         let cycle = live.cycles.get(&feed.to_string()).copied();
         let (freshness, fresh_until) = freshness(r, cycle, live.now, live.grace);
         ResourceEntry {
@@ -203,6 +218,10 @@ pub fn collect(
             last_rejection: r.last_rejection.clone(),
             signer: r.signer.map(|s| s.to_string()),
             resync,
+            verdict: verification
+                .as_ref()
+                .map_or(Verdict::Unverified, VerifyRecord::verdict),
+            verification,
         }
     };
     for (feed, r) in &feeds {
@@ -367,6 +386,20 @@ impl HubStatus {
                     }
                     None => {}
                 }
+                let _ = writeln!(s, "        {}", render_verdict(&r.verdict));
+                if let Some(run) = r.verification.as_ref().and_then(|v| v.run.as_ref()) {
+                    let _ = writeln!(
+                        s,
+                        "        verifying (run {}, since {}): {} ranges compared, {} differ, {} pending; {} rows rewritten, {} removed",
+                        run.id,
+                        run.started_at,
+                        run.ranges_compared,
+                        run.ranges_differing,
+                        run.pending.len(),
+                        run.rows_repaired,
+                        run.rows_removed
+                    );
+                }
                 if r.rejected > 0 {
                     let last = r
                         .last_rejection
@@ -386,6 +419,25 @@ impl HubStatus {
             let _ = writeln!(s, "  {}", render_audit(a));
         }
         s
+    }
+}
+
+/// A resource's consistency verdict on one line.
+pub fn render_verdict(v: &Verdict) -> String {
+    match v {
+        Verdict::Verified { seq, at, by } => {
+            format!("consistency (一致性): VERIFIED at seq #{seq}, {at} (by {by})")
+        }
+        Verdict::Diverged {
+            since_seq,
+            rows,
+            repairing,
+            detail,
+        } => format!(
+            "consistency (一致性): DIVERGED since seq #{since_seq}: {rows} rows{}; {detail}",
+            if *repairing { ", being repaired" } else { "" }
+        ),
+        Verdict::Unverified => "consistency (一致性): unverified".to_string(),
     }
 }
 

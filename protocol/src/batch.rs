@@ -7,15 +7,17 @@
 //! them. Each body names the hash of the previous batch of its feed, so the
 //! feed is a chain: changing, dropping or reordering any batch breaks it.
 //!
-//! Invariant: a batch is either a non-empty list of schema and row-change
-//! entries, or exactly one zero-update entry.
+//! Invariant: a batch is either a non-empty list of schema, row-change,
+//! re-read, checkpoint and range entries, or one zero-update entry that may
+//! be followed by one checkpoint.
 
 use std::fmt;
 
 use ed25519_dalek::Signature;
 use serde::{Deserialize, Serialize};
 
-use crate::change::{RowChange, TableSchema};
+use crate::change::{Op, RowChange, TableSchema};
+use crate::digest::{DigestSummary, KeyRange};
 use crate::encoding::{self, DecodeError, EncodeError};
 use crate::feed::FeedId;
 use crate::identity::{NodeId, NodeKey};
@@ -79,6 +81,35 @@ pub enum Entry {
     /// The source re-reads the resource from scratch (initial load, a
     /// requested resync, or repair after a lost capture position).
     Resync(Resync),
+    /// The sender's digest of the feed's rows after every entry before this
+    /// one: the receiver compares it with its own.
+    Checkpoint(DigestSummary),
+    /// The digest of the source's rows in a key range, read at this point of
+    /// the feed (an answer to a verification request, or a step of a full
+    /// scan).
+    RangeDigest(RangeDigest),
+    /// The source's rows in a key range, read at this point of the feed:
+    /// the receiver makes its rows in the range exactly these.
+    RangeRepair(RangeRepair),
+}
+
+/// The source's digest of one key range at one point of the feed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeDigest {
+    /// The verification this answers.
+    pub run: u64,
+    pub range: KeyRange,
+    /// Rows under the current table shape.
+    pub digest: DigestSummary,
+}
+
+/// The source's rows of one key range at one point of the feed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRepair {
+    pub run: u64,
+    pub range: KeyRange,
+    /// Every row of the range, as upserts under the current table shape.
+    pub rows: Vec<RowChange>,
 }
 
 /// Marks around a full re-read of a resource. Between `Begin` and the `End`
@@ -153,8 +184,30 @@ impl BatchBody {
             .iter()
             .filter(|e| matches!(e, Entry::ZeroUpdate(_)))
             .count();
-        if zero_updates > 0 && self.entries.len() != 1 {
-            return invalid("a zero-update must be the only entry of its batch");
+        let heartbeat = matches!(
+            self.entries.as_slice(),
+            [Entry::ZeroUpdate(_)] | [Entry::ZeroUpdate(_), Entry::Checkpoint(_)]
+        );
+        if zero_updates > 0 && !heartbeat {
+            return invalid(
+                "a zero-update must be the only entry of its batch (with at most a checkpoint)",
+            );
+        }
+        for entry in &self.entries {
+            match entry {
+                Entry::RangeDigest(RangeDigest { range, .. }) if range.is_empty() => {
+                    return invalid("a range digest covers an empty key range");
+                }
+                Entry::RangeRepair(r) if r.range.is_empty() => {
+                    return invalid("a range repair covers an empty key range");
+                }
+                Entry::RangeRepair(r)
+                    if r.rows.iter().any(|c| c.op == Op::Delete || c.row.is_none()) =>
+                {
+                    return invalid("a range repair carries rows, not deletions");
+                }
+                _ => {}
+            }
         }
         if let Some(Entry::ZeroUpdate(z)) = self.entries.first()
             && z.since > z.until
@@ -167,7 +220,7 @@ impl BatchBody {
     /// The zero-update this batch carries, if it is a heartbeat.
     pub fn zero_update(&self) -> Option<&ZeroUpdate> {
         match self.entries.as_slice() {
-            [Entry::ZeroUpdate(z)] => Some(z),
+            [Entry::ZeroUpdate(z)] | [Entry::ZeroUpdate(z), Entry::Checkpoint(_)] => Some(z),
             _ => None,
         }
     }

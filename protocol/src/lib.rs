@@ -16,6 +16,7 @@ pub mod change;
 #[cfg(feature = "service")]
 pub mod control;
 pub mod cycle;
+pub mod digest;
 pub mod encoding;
 pub mod feed;
 pub mod frame;
@@ -29,10 +30,13 @@ pub mod time;
 pub mod value;
 pub mod window;
 
-pub use batch::{BatchBody, BatchHash, Entry, Resync, SignedBatch, ZeroUpdate};
+pub use batch::{
+    BatchBody, BatchHash, Entry, RangeDigest, RangeRepair, Resync, SignedBatch, ZeroUpdate,
+};
 pub use chain::{ChainError, FeedCursor};
 pub use change::{Column, Op, RowChange, TableSchema};
 pub use cycle::UpdateCycle;
+pub use digest::{Digest, DigestSummary, KeyRange, RowSeed};
 pub use feed::{DepartmentCode, FeedId, ResourceCode};
 pub use frame::MAX_FRAME_SIZE;
 pub use identity::{NodeId, NodeKey};

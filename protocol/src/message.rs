@@ -14,6 +14,9 @@
 //! both ways      Catalog  (automerge sync messages of the department's
 //!                          catalog, until neither side has more to say)
 //! hub   -> agent CatalogRefused (a catalog message was not applied, why)
+//! hub   -> agent Verify   (send the source's digests, or rows, of a key
+//!                          range as feed entries)
+//! hub   -> agent Verified (how a verification of a resource ended)
 //! ```
 
 use std::fmt;
@@ -22,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::SignedBatch;
 use crate::chain::FeedCursor;
+use crate::digest::KeyRange;
 use crate::feed::{DepartmentCode, FeedId, ResourceCode};
 use crate::time::UnixMillis;
 
@@ -45,6 +49,50 @@ pub enum MessageV1 {
     Report(AgentReport),
     Catalog(CatalogSync),
     CatalogRefused(CatalogRefusal),
+    Verify(VerifyRequest),
+    Verified(VerifyOutcome),
+}
+
+/// The hub asks the agent to compare a key range of a resource with the
+/// source. The answer is a run of [`crate::RangeDigest`] or
+/// [`crate::RangeRepair`] entries in the feed that cover `range` in key
+/// order, each read at the point of the feed where it stands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRequest {
+    pub feed: FeedId,
+    pub run: u64,
+    pub range: KeyRange,
+    pub mode: VerifyMode,
+}
+
+/// How to cover the requested range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VerifyMode {
+    /// A full comparison: consecutive ranges of at most `chunk_rows` source
+    /// rows each, read at the agent's configured pace.
+    Scan { chunk_rows: u32 },
+    /// Localise a range known to differ: `parts` ranges of about equal row
+    /// counts; a range of at most `leaf_rows` source rows is sent as its rows
+    /// (a repair) instead of a digest.
+    Split { parts: u16, leaf_rows: u16 },
+}
+
+/// How a verification of a resource ended at the hub.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyOutcome {
+    pub feed: FeedId,
+    pub run: u64,
+    /// The copy equals the source (after any repair).
+    pub verified: bool,
+    /// The feed sequence at which it ended.
+    pub seq: u64,
+    pub ranges_compared: u64,
+    pub ranges_differing: u64,
+    pub rows_repaired: u64,
+    pub rows_removed: u64,
+    /// Bytes of range entries the hub received and requests it sent.
+    pub bytes_exchanged: u64,
+    pub detail: String,
 }
 
 /// One automerge sync message of a department's catalog document.

@@ -259,6 +259,82 @@ pub fn encode_key(values: &[Value]) -> Vec<u8> {
     out
 }
 
+/// Decodes what [`encode_key`] wrote; `None` when the bytes are not a key
+/// encoding (a range bound from a peer is checked with this before use).
+pub fn decode_key(mut bytes: &[u8]) -> Option<Vec<Value>> {
+    fn fixed(bytes: &mut &[u8]) -> Option<[u8; 8]> {
+        let (head, rest) = bytes.split_first_chunk::<8>()?;
+        *bytes = rest;
+        Some(*head)
+    }
+    fn unescaped(bytes: &mut &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            match *bytes.get(i)? {
+                0 if bytes.get(i + 1) == Some(&0xff) => {
+                    out.push(0);
+                    i += 2;
+                }
+                0 => {
+                    *bytes = &bytes[i + 1..];
+                    return Some(out);
+                }
+                b => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+    }
+    fn text(bytes: &mut &[u8]) -> Option<String> {
+        String::from_utf8(unescaped(bytes)?).ok()
+    }
+    let mut out = Vec::new();
+    while let Some((&tag, rest)) = bytes.split_first() {
+        bytes = rest;
+        out.push(match tag {
+            TAG_NULL => Value::Null,
+            TAG_BOOL => {
+                let (&b, rest) = bytes.split_first()?;
+                bytes = rest;
+                Value::Bool(b == 1)
+            }
+            TAG_INT => Value::Int((u64::from_be_bytes(fixed(&mut bytes)?) ^ (1 << 63)) as i64),
+            TAG_REAL => {
+                let ordered = u64::from_be_bytes(fixed(&mut bytes)?);
+                let bits = if ordered >> 63 == 1 {
+                    ordered & !(1 << 63)
+                } else {
+                    !ordered
+                };
+                Value::Real(f64::from_bits(bits))
+            }
+            TAG_DECIMAL => Value::Decimal(text(&mut bytes)?),
+            TAG_DATE => Value::Date(text(&mut bytes)?),
+            TAG_TIME => Value::Time(text(&mut bytes)?),
+            TAG_TIMESTAMP => Value::Timestamp(text(&mut bytes)?),
+            TAG_TIMESTAMPTZ => Value::TimestampTz(text(&mut bytes)?),
+            TAG_TEXT => Value::Text(text(&mut bytes)?),
+            TAG_BYTES => Value::Bytes(unescaped(&mut bytes)?),
+            _ => return None,
+        });
+    }
+    Some(out)
+}
+
+/// An encoded key in words, for messages: `42`, `"a", 7`.
+pub fn describe_key(bytes: &[u8]) -> String {
+    match decode_key(bytes) {
+        Some(values) => values
+            .iter()
+            .map(|v| format!("{v:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => format!("x'{}'", hex(bytes)),
+    }
+}
+
 fn escaped(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
     out.push(tag);
     for &b in bytes {
@@ -274,6 +350,36 @@ fn escaped(out: &mut Vec<u8>, tag: u8, bytes: &[u8]) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn keys_decode_to_what_was_encoded(
+            ints in proptest::collection::vec(any::<i64>(), 0..3),
+            texts in proptest::collection::vec(".{0,8}", 0..3),
+            bytes in proptest::collection::vec(any::<u8>(), 0..8),
+            real in any::<f64>(),
+        ) {
+            let mut key: Vec<Value> = ints.into_iter().map(Value::Int).collect();
+            key.extend(texts.into_iter().map(Value::Text));
+            key.push(Value::Bytes(bytes));
+            key.push(Value::Real(real));
+            key.push(Value::Null);
+            key.push(Value::Bool(true));
+            key.push(Value::Date("2026-11-21".into()));
+            prop_assert_eq!(decode_key(&encode_key(&key)), Some(key));
+        }
+    }
+
+    #[test]
+    fn bad_key_bytes_do_not_decode() {
+        assert_eq!(decode_key(&[0x20, 1, 2]), None);
+        assert_eq!(decode_key(&[0x30, b'a']), None);
+        assert_eq!(decode_key(&[0x77]), None);
+        assert_eq!(
+            describe_key(&encode_key(&[Value::Int(7), Value::Text("a".into())])),
+            "7, \"a\""
+        );
+    }
 
     #[test]
     fn null_differs_from_empty() {

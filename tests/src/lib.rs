@@ -327,6 +327,27 @@ impl HubProcess {
         run(self.cmd().args(["export", feed, "--format", "csv"]))
     }
 
+    /// `shuyuan-hub verify FEED --json`: compares the copy with the source
+    /// through the agent and waits for the end; the run records.
+    pub fn verify(&self, feed: &str) -> Result<Json> {
+        let out = run(self
+            .cmd()
+            .args(["verify", feed, "--json", "--timeout", "300"]))?;
+        let runs: Vec<Json> = serde_json::from_str(&out)?;
+        runs.into_iter()
+            .find(|r| r["feed"] == feed)
+            .map(|r| r["run"].clone())
+            .context("verify printed no run for the feed")
+    }
+
+    /// The verification run with this id, once the hub finished it.
+    pub fn finished_run(&self, feed: &str, run: u64) -> Result<Option<Json>> {
+        Ok(self
+            .feed_status(feed)?
+            .map(|r| r["verification"]["last_run"].clone())
+            .filter(|r| r["id"].as_u64() == Some(run) && !r["finished"].is_null()))
+    }
+
     /// The status entry of one feed (`DEPT:RES`), if the hub has it.
     pub fn feed_status(&self, feed: &str) -> Result<Option<Json>> {
         let status = self.status()?;
@@ -552,6 +573,16 @@ impl AgentProcess {
     /// re-read a resource from scratch.
     pub fn resync(&self, resource: &str) -> Result<String> {
         run(self.cmd().args(["resync", resource, "--no-wait"]))
+    }
+
+    /// `shuyuan-agent verify RESOURCE --no-wait`: starts a comparison of
+    /// the source table with the hub's copy; returns the run's id.
+    pub fn verify(&self, resource: &str) -> Result<u64> {
+        let out = run(self.cmd().args(["verify", resource, "--no-wait"]))?;
+        out.split("(run ")
+            .nth(1)
+            .and_then(|r| r.trim_end().trim_end_matches(')').parse().ok())
+            .with_context(|| format!("no run id in {out:?}"))
     }
 
     /// Starts `shuyuan-agent run` and waits until it answers `status`.

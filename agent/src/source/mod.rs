@@ -13,10 +13,12 @@
 //! included.
 
 pub mod pg;
+pub mod probe;
 pub mod sqlite;
 
 use serde::{Deserialize, Serialize};
-use shuyuan_protocol::{Op, Resync, TableSchema, UnixMillis, Value};
+use shuyuan_protocol::message::VerifyMode;
+use shuyuan_protocol::{Entry, KeyRange, Op, Resync, TableSchema, UnixMillis, Value};
 
 use crate::config::{Config, SourceConfig};
 
@@ -116,6 +118,21 @@ pub struct SourceRead {
     /// Changes skipped because a key column was NULL (a NULL key cannot
     /// address a row in the shared copy).
     pub skipped_null_keys: u64,
+    /// Answers to probes, `(resource, entry)`, read in the same snapshot and
+    /// placed after every change of the read.
+    pub probes: Vec<(usize, Entry)>,
+    /// Probes wait to be answered (the capture loop comes back soon).
+    pub probes_pending: bool,
+}
+
+/// A comparison of a key range of a resource with the hub's copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// An index into the config's resources.
+    pub resource: usize,
+    pub run: u64,
+    pub range: KeyRange,
+    pub mode: VerifyMode,
 }
 
 /// A re-read of one resource, running or finished.
@@ -177,6 +194,16 @@ pub trait Source: Send {
             "resync re-reads PostgreSQL tables; for SQLite run `shuyuan-agent triggers install` again, which queues every row".into(),
         ))
     }
+    /// Queues a comparison of a key range with the hub. It is answered by a
+    /// later read that saw every pending change, in that read's snapshot,
+    /// so the answer stands at an exact point of the feed. A probe for the
+    /// same resource, run and range end replaces the queued one.
+    fn probe(&mut self, probe: Probe) -> Result<(), SourceError> {
+        let _ = probe;
+        Err(SourceError::Unsupported(
+            "comparing with the source is not available for this connector yet; the feed's checkpoints still compare the hub with what the agent sent".into(),
+        ))
+    }
 }
 
 /// Opens the configured source, checking that capture is set up.
@@ -184,11 +211,10 @@ pub fn open(config: &Config) -> Result<Box<dyn Source>, SourceError> {
     match &config.source {
         SourceConfig::Sqlite {
             path, busy_timeout, ..
-        } => Ok(Box::new(sqlite::SqliteSource::open(
-            path,
-            *busy_timeout,
-            &config.resources,
-        )?)),
+        } => Ok(Box::new(
+            sqlite::SqliteSource::open(path, *busy_timeout, &config.resources)?
+                .with_probe_rate(config.verify.rows_per_second),
+        )),
         SourceConfig::Postgres(pg) => Ok(Box::new(pg::PgSource::open(pg, &config.resources)?)),
     }
 }

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
-use shuyuan_protocol::value::encode_key;
-use shuyuan_protocol::{Column, Op, ResourceCode, TableSchema, Value};
+use shuyuan_protocol::value::{decode_key, encode_key};
+use shuyuan_protocol::{Column, KeyRange, Op, ResourceCode, TableSchema, Value};
 
-use super::{Captured, Source, SourceError, SourceRead};
+use super::probe::{self, Budget, KeyedRow, RangeReader};
+use super::{Captured, Probe, Source, SourceError, SourceRead};
 use crate::config::{MAX_KEY_COLUMNS, ResourceConfig};
 
 /// The change table the triggers write to.
@@ -243,6 +244,85 @@ fn sql_value(v: &Value) -> rusqlite::types::Value {
     }
 }
 
+/// Reads key ranges of shared tables inside a read transaction.
+struct Ranges<'a> {
+    conn: &'a Connection,
+    path: &'a Path,
+    started: Instant,
+}
+
+impl RangeReader for Ranges<'_> {
+    fn read_range(
+        &mut self,
+        schema: &TableSchema,
+        range: &KeyRange,
+        limit: Option<usize>,
+    ) -> Result<Vec<KeyedRow>, SourceError> {
+        let cols = schema
+            .columns
+            .iter()
+            .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
+            .collect::<Vec<_>>();
+        let keys = schema
+            .key_names()
+            .iter()
+            .map(|k| format!("\"{}\"", k.replace('"', "\"\"")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut params = Vec::new();
+        let mut conds = Vec::new();
+        let bound = |bytes: &[u8]| {
+            decode_key(bytes).ok_or_else(|| {
+                SourceError::Unsupported("the hub sent a range bound that is not a key".into())
+            })
+        };
+        if !range.lo.is_empty() {
+            let lo = bound(&range.lo)?;
+            let slots = (params.len() + 1..=params.len() + lo.len())
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            conds.push(format!("({keys}) >= ({slots})"));
+            params.extend(lo.iter().map(sql_value));
+        }
+        if let Some(hi) = &range.hi {
+            let hi = bound(hi)?;
+            let slots = (params.len() + 1..=params.len() + hi.len())
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            conds.push(format!("({keys}) < ({slots})"));
+            params.extend(hi.iter().map(sql_value));
+        }
+        let mut sql = format!(
+            "SELECT {} FROM \"{}\"",
+            cols.join(", "),
+            schema.table.replace('"', "\"\"")
+        );
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+        sql.push_str(&format!(" ORDER BY {keys}"));
+        if let Some(l) = limit {
+            sql.push_str(&format!(" LIMIT {l}"));
+        }
+        let e = sql_err(self.path, self.started, "reading a key range to compare");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(&e)?;
+        let width = cols.len();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(params), |r| {
+                (0..width)
+                    .map(|i| r.get_ref(i).map(value))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(&e)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(&e)?;
+        Ok(probe::in_range(schema, rows, range))
+    }
+}
+
 /// A key seen in the change table during one read.
 #[derive(Debug)]
 struct Touched {
@@ -261,6 +341,8 @@ pub struct SqliteSource {
     resources: Vec<ResourceConfig>,
     schema_cookie: Option<i64>,
     shapes: Vec<TableSchema>,
+    probes: Vec<Probe>,
+    budget: Budget,
 }
 
 impl SqliteSource {
@@ -336,7 +418,17 @@ impl SqliteSource {
             resources: resources.to_vec(),
             schema_cookie: None,
             shapes: Vec::new(),
+            probes: Vec::new(),
+            budget: Budget::new(200_000),
         })
+    }
+}
+
+impl SqliteSource {
+    /// Sets how many rows per second comparisons may read.
+    pub fn with_probe_rate(mut self, rows_per_second: u64) -> Self {
+        self.budget = Budget::new(rows_per_second);
+        self
     }
 }
 
@@ -450,6 +542,30 @@ impl Source for SqliteSource {
                 row,
             });
         }
+        // Comparisons are answered only from a read that saw every pending
+        // change: then the feed, once this read's changes are in it, holds
+        // exactly this snapshot's rows.
+        let mut probes_out = Vec::new();
+        if n < limit && !self.probes.is_empty() {
+            self.budget.refill();
+            let mut reader = Ranges {
+                conn: &tx,
+                path: &path,
+                started,
+            };
+            let mut i = 0;
+            while i < self.probes.len() && self.budget.left() {
+                let p = &mut self.probes[i];
+                let (entries, done) =
+                    probe::answer(p, &self.shapes[p.resource], &mut reader, &mut self.budget)?;
+                probes_out.extend(entries.into_iter().map(|e| (p.resource, e)));
+                if done {
+                    self.probes.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
         tx.commit().map_err(e("ending a read"))?;
         Ok(SourceRead {
             shapes: shapes_out,
@@ -458,7 +574,23 @@ impl Source for SqliteSource {
             position: last_id.to_string(),
             complete: n < limit,
             skipped_null_keys,
+            probes: probes_out,
+            probes_pending: !self.probes.is_empty(),
         })
+    }
+
+    fn probe(&mut self, probe: Probe) -> Result<(), SourceError> {
+        if probe.resource >= self.resources.len() {
+            return Err(SourceError::Unsupported(format!(
+                "no resource number {}",
+                probe.resource
+            )));
+        }
+        self.probes.retain(|p| {
+            !(p.resource == probe.resource && p.run == probe.run && p.range.hi == probe.range.hi)
+        });
+        self.probes.push(probe);
+        Ok(())
     }
 
     fn release(&mut self, upto: &str) -> Result<(), SourceError> {

@@ -13,17 +13,18 @@
 //! producing another rejection.
 
 pub mod redb;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use shuyuan_protocol::message::{Ack, Reject};
+use shuyuan_protocol::message::{Ack, Reject, VerifyOutcome};
 use shuyuan_protocol::{
     BatchBody, BatchHash, DepartmentCode, FeedCursor, FeedId, NodeId, RejectReason, SignedBatch,
     TableSchema, UnixMillis, Value,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// Store errors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -153,6 +154,11 @@ pub enum AuditKind {
     ResyncStarted,
     /// A re-read finished; rows the source no longer has were removed.
     ResyncFinished,
+    /// The copy differs from the source (a checkpoint's digests differ, or a
+    /// range compared with the source does).
+    Diverged,
+    /// A verification run that found differences ended: what was repaired.
+    Repaired,
 }
 
 /// One row of the audit log.
@@ -232,6 +238,30 @@ pub enum WriteOp {
     /// Stores a department's catalog document, with the sync state of the
     /// peer whose message changed it, in one transaction.
     SaveCatalog(CatalogSave),
+    /// Starts a verification run of a feed: the run's id, or why not.
+    StartVerify {
+        feed: FeedId,
+        reason: String,
+        outcome: Option<Result<u64, String>>,
+    },
+}
+
+/// What the connections must pass on to agents after a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VerifyEvent {
+    /// The feed's verification has ranges to ask for.
+    Requests(FeedId),
+    /// A run ended.
+    Finished(VerifyOutcome),
+}
+
+/// For each column of `current`, its index in the `old` shape (by name).
+pub fn column_mapping(old: &TableSchema, current: &TableSchema) -> Vec<Option<usize>> {
+    current
+        .columns
+        .iter()
+        .map(|c| old.columns.iter().position(|o| o.name == c.name))
+        .collect()
 }
 
 /// A catalog document to store.
@@ -251,8 +281,16 @@ pub trait Backend: Send + Sync + 'static {
     /// filling in each operation's outcome; batches that `discards` marks as
     /// pipelined successors of a rejection are answered `Discarded` without
     /// being looked at, and every outcome is reported back to it. On error
-    /// nothing of the group is stored.
-    fn write(&self, group: &mut [WriteOp], discards: &mut Discards) -> Result<(), StoreError>;
+    /// nothing of the group is stored. What agents must be told after the
+    /// commit is added to `events`.
+    fn write(
+        &self,
+        group: &mut [WriteOp],
+        discards: &mut Discards,
+        events: &mut Vec<VerifyEvent>,
+    ) -> Result<(), StoreError>;
+    /// The feed's verification state.
+    fn verification(&self, feed: &FeedId) -> Result<Option<verify::VerifyRecord>, StoreError>;
     fn enrollments(&self) -> Result<Vec<(NodeId, Enrollment)>, StoreError>;
     fn feeds(&self) -> Result<Vec<(FeedId, FeedRecord)>, StoreError>;
     fn feed(&self, feed: &FeedId) -> Result<Option<FeedRecord>, StoreError>;
@@ -339,6 +377,11 @@ enum Command {
         save: CatalogSave,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    StartVerify {
+        feed: FeedId,
+        reason: String,
+        reply: oneshot::Sender<Result<Result<u64, String>, StoreError>>,
+    },
     /// Answered once everything queued before it has been decided.
     Barrier(oneshot::Sender<()>),
     Shutdown,
@@ -354,6 +397,7 @@ const QUEUE: usize = 1024;
 pub struct Store {
     backend: Arc<dyn Backend>,
     tx: mpsc::Sender<Command>,
+    events: broadcast::Sender<VerifyEvent>,
 }
 
 impl std::fmt::Debug for Store {
@@ -377,12 +421,44 @@ impl Store {
     /// Starts the writer thread over `backend`.
     pub fn start(backend: Arc<dyn Backend>) -> Result<(Store, Writer), StoreError> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (events, _) = broadcast::channel(QUEUE);
         let writer_backend = backend.clone();
+        let writer_events = events.clone();
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer_backend, rx))
+            .spawn(move || write_loop(writer_backend, rx, writer_events))
             .map_err(|e| StoreError::Storage(format!("cannot start the writer thread: {e}")))?;
-        Ok((Store { backend, tx }, Writer(handle)))
+        Ok((
+            Store {
+                backend,
+                tx,
+                events,
+            },
+            Writer(handle),
+        ))
+    }
+
+    /// Verification events of committed transactions.
+    pub fn verify_events(&self) -> broadcast::Receiver<VerifyEvent> {
+        self.events.subscribe()
+    }
+
+    /// Starts a verification run of a feed; returns its id, or why not.
+    pub async fn start_verify(
+        &self,
+        feed: FeedId,
+        reason: String,
+    ) -> Result<Result<u64, String>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::StartVerify {
+                feed,
+                reason,
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// The storage engine, for reads.
@@ -467,7 +543,11 @@ impl Store {
     }
 }
 
-fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
+fn write_loop(
+    backend: Arc<dyn Backend>,
+    mut rx: mpsc::Receiver<Command>,
+    events: broadcast::Sender<VerifyEvent>,
+) {
     let mut discards = Discards::default();
     let mut stopping = false;
     while !stopping {
@@ -524,6 +604,18 @@ fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
                     ops.push(WriteOp::SaveCatalog(save));
                     replies.push(Reply::Saved(reply));
                 }
+                Command::StartVerify {
+                    feed,
+                    reason,
+                    reply,
+                } => {
+                    ops.push(WriteOp::StartVerify {
+                        feed,
+                        reason,
+                        outcome: None,
+                    });
+                    replies.push(Reply::Verify(reply));
+                }
                 Command::Closed { conn } => discards.forget(conn),
                 Command::Barrier(reply) => barriers.push(reply),
                 Command::Shutdown => stopping = true,
@@ -536,10 +628,20 @@ fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
             continue;
         }
         let before = discards.clone();
-        let result = backend.write(&mut ops, &mut discards);
-        if let Err(e) = &result {
-            discards = before;
-            tracing::error!(error = %e, "store write failed; the affected batches are refused as unavailable and will be resent");
+        let mut new_events = Vec::new();
+        let result = backend.write(&mut ops, &mut discards, &mut new_events);
+        match &result {
+            Ok(()) => {
+                for e in new_events {
+                    // Nobody listening is fine: connections read what is
+                    // pending when they start.
+                    let _ = events.send(e);
+                }
+            }
+            Err(e) => {
+                discards = before;
+                tracing::error!(error = %e, "store write failed; the affected batches are refused as unavailable and will be resent");
+            }
         }
         for (op, reply) in ops.into_iter().zip(replies) {
             match (reply, op) {
@@ -561,6 +663,14 @@ fn write_loop(backend: Arc<dyn Backend>, mut rx: mpsc::Receiver<Command>) {
                         }),
                     };
                     let _ = reply.send(outcome);
+                }
+                (Reply::Verify(reply), WriteOp::StartVerify { outcome, .. }) => {
+                    let r = match (&result, outcome) {
+                        (Ok(()), Some(o)) => Ok(o),
+                        (Err(e), _) => Err(e.clone()),
+                        (Ok(()), None) => Err(StoreError::Storage("no outcome".into())),
+                    };
+                    let _ = reply.send(r);
                 }
                 (Reply::Saved(reply), WriteOp::SaveCatalog(_)) => {
                     let _ = reply.send(result.clone());
@@ -591,4 +701,5 @@ enum Reply {
     },
     Enroll(oneshot::Sender<Result<bool, StoreError>>),
     Saved(oneshot::Sender<Result<(), StoreError>>),
+    Verify(oneshot::Sender<Result<Result<u64, String>, StoreError>>),
 }

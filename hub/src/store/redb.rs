@@ -12,6 +12,9 @@
 //! - `resync_v1`: feed text -> the feed's latest [`ResyncRecord`]
 //! - `resync_touched_v1`: (feed text, row key) -> () for rows written since a
 //!   running re-read began; emptied when it ends
+//! - `digests_v1`: feed text -> the feed digest of the shared copy as
+//!   stored ([`Digest::to_bytes`]), updated with every row written
+//! - `verify_v1`: feed text -> [`VerifyRecord`]
 //! - `migrations_v1`: migration name -> unix millis applied
 
 use std::path::Path;
@@ -22,20 +25,24 @@ use redb::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shuyuan_protocol::batch::{Entry, Resync};
+use shuyuan_protocol::batch::{Entry, RangeDigest, RangeRepair, Resync};
 use shuyuan_protocol::encoding::{decode, encode};
+use shuyuan_protocol::message::VerifyMode;
 use shuyuan_protocol::message::{Ack, Reject};
 use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
-use shuyuan_protocol::value::encode_key;
+use shuyuan_protocol::value::{decode_key, describe_key, encode_key};
 use shuyuan_protocol::{
-    BatchHash, ChainError, DepartmentCode, FeedId, NodeId, RejectReason, SignedBatch, TableSchema,
-    UnixMillis,
+    BatchHash, ChainError, DepartmentCode, Digest, DigestSummary, FeedId, KeyRange, NodeId,
+    RejectReason, RowSeed, SignedBatch, TableSchema, UnixMillis, Value,
 };
 
+use super::verify::{
+    CheckpointResult, LEAF_ROWS, RunOrigin, SCAN_CHUNK_ROWS, SPLIT_PARTS, VerifyRecord, VerifyRun,
+};
 use super::{
     AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming, Outcome,
-    RejectionRecord, ResyncFinish, ResyncRecord, StoreError, StoredRow, VerifiedBatch, WriteOp,
-    ZeroUpdateRecord,
+    RejectionRecord, ResyncFinish, ResyncRecord, StoreError, StoredRow, VerifiedBatch, VerifyEvent,
+    WriteOp, ZeroUpdateRecord, column_mapping,
 };
 
 const ENROLLMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrollments_v1");
@@ -48,6 +55,8 @@ const CATALOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("catalogs_v1
 const CATALOG_SYNC: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("catalog_sync_v1");
 const RESYNC: TableDefinition<&str, &[u8]> = TableDefinition::new("resync_v1");
 const TOUCHED: TableDefinition<(&str, &[u8]), ()> = TableDefinition::new("resync_touched_v1");
+const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests_v1");
+const VERIFY: TableDefinition<&str, &[u8]> = TableDefinition::new("verify_v1");
 
 /// Named, idempotent migrations, applied once each in order.
 const MIGRATIONS: &[Migration] = &[
@@ -70,7 +79,42 @@ const MIGRATIONS: &[Migration] = &[
         tx.open_table(TOUCHED)?;
         Ok(())
     }),
+    ("0004-digests", |tx| {
+        // The digest of every feed's rows as they are already stored.
+        let rows = tx.open_table(ROWS)?;
+        let mut digests = tx.open_table(DIGESTS)?;
+        tx.open_table(VERIFY)?;
+        let mut current: Option<(String, Digest)> = None;
+        let mut finished = Vec::new();
+        for item in rows.iter()? {
+            let (k, v) = item?;
+            let (feed, row_key) = k.value();
+            let Some(seed) = stored_seed(row_key, v.value()) else {
+                continue;
+            };
+            if current.as_ref().is_none_or(|(f, _)| f != feed) {
+                finished.extend(current.take());
+                current = Some((feed.to_string(), Digest::new()));
+            }
+            if let Some((_, d)) = current.as_mut() {
+                d.add(&seed);
+            }
+        }
+        finished.extend(current);
+        for (feed, d) in finished {
+            digests.insert(feed.as_str(), d.to_bytes().as_slice())?;
+        }
+        Ok(())
+    }),
 ];
+
+/// What a stored row contributes to its feed's digest: the key as the row
+/// is filed under and the values as they were written.
+fn stored_seed(row_key: &[u8], stored: &[u8]) -> Option<RowSeed> {
+    let key = decode_key(row_key)?;
+    let row: StoredRow = decode(stored).ok()?;
+    Some(RowSeed::of(&key, &row.values))
+}
 
 fn storage(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Storage(e.into().to_string())
@@ -115,6 +159,8 @@ struct Tables<'t> {
     rows: Table<'t, (&'static str, &'static [u8]), &'static [u8]>,
     resync: Table<'t, &'static str, &'static [u8]>,
     touched: Table<'t, (&'static str, &'static [u8]), ()>,
+    digests: Table<'t, &'static str, &'static [u8]>,
+    verify: Table<'t, &'static str, &'static [u8]>,
     audit: Table<'t, u64, &'static [u8]>,
     next_audit: u64,
     now: UnixMillis,
@@ -135,6 +181,8 @@ impl<'t> Tables<'t> {
             rows: tx.open_table(ROWS).map_err(storage)?,
             resync: tx.open_table(RESYNC).map_err(storage)?,
             touched: tx.open_table(TOUCHED).map_err(storage)?,
+            digests: tx.open_table(DIGESTS).map_err(storage)?,
+            verify: tx.open_table(VERIFY).map_err(storage)?,
             audit,
             next_audit,
             now: UnixMillis::now(),
@@ -236,13 +284,14 @@ impl<'t> Tables<'t> {
             .map_err(storage)
     }
 
-    /// Deletes the feed's rows that no change wrote since the re-read began.
-    fn remove_untouched(&mut self, feed: &str) -> Result<u64, StoreError> {
+    /// Deletes the feed's rows that no change wrote since the re-read began;
+    /// returns what each removed row contributed to the digest.
+    fn remove_untouched(&mut self, feed: &str) -> Result<Vec<RowSeed>, StoreError> {
         let lo: (&str, &[u8]) = (feed, &[]);
         let hi: (&str, &[u8]) = (feed, &[0xff]);
         let mut stale = Vec::new();
         for item in self.rows.range(lo..hi).map_err(storage)? {
-            let (k, _) = item.map_err(storage)?;
+            let (k, v) = item.map_err(storage)?;
             let row_key = k.value().1;
             if self
                 .touched
@@ -250,18 +299,168 @@ impl<'t> Tables<'t> {
                 .map_err(storage)?
                 .is_none()
             {
-                stale.push(row_key.to_vec());
+                stale.push((row_key.to_vec(), self.seed_of(feed, row_key, v.value())?));
             }
         }
-        for row_key in &stale {
+        let mut seeds = Vec::with_capacity(stale.len());
+        for (row_key, seed) in stale {
             self.rows
                 .remove((feed, row_key.as_slice()))
                 .map_err(storage)?;
+            seeds.push(seed);
         }
-        Ok(stale.len() as u64)
+        Ok(seeds)
     }
 
-    fn apply(&mut self, peer: NodeId, v: &VerifiedBatch) -> Result<Outcome, StoreError> {
+    /// What a stored row contributes to the feed digest.
+    fn seed_of(&self, feed: &str, row_key: &[u8], stored: &[u8]) -> Result<RowSeed, StoreError> {
+        let key = decode_key(row_key).ok_or_else(|| StoreError::Corrupt {
+            what: format!("row key of {feed}"),
+            reason: "not a key encoding".into(),
+        })?;
+        let row: StoredRow = dec(|| format!("row of {feed}"), stored)?;
+        Ok(RowSeed::of(&key, &row.values))
+    }
+
+    fn digest(&self, feed: &str) -> Result<Digest, StoreError> {
+        match self.digests.get(feed).map_err(storage)? {
+            Some(v) => Digest::from_bytes(v.value()).map_err(|e| StoreError::Corrupt {
+                what: format!("digest of {feed}"),
+                reason: e.to_string(),
+            }),
+            None => Ok(Digest::new()),
+        }
+    }
+
+    /// The digest of the rows as they are stored, computed afresh.
+    fn rebuild_digest(&self, feed: &str) -> Result<Digest, StoreError> {
+        let lo: (&str, &[u8]) = (feed, &[]);
+        let hi: (&str, &[u8]) = (feed, &[0xff]);
+        let mut d = Digest::new();
+        for item in self.rows.range(lo..hi).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            d.add(&self.seed_of(feed, k.value().1, v.value())?);
+        }
+        Ok(d)
+    }
+
+    /// The digest of the rows in `range` as the source would read them now:
+    /// under the feed's current shape, columns added since a row was
+    /// written read as NULL, dropped ones left out.
+    fn range_digest(
+        &self,
+        feed: &str,
+        schema: &TableSchema,
+        range: &KeyRange,
+    ) -> Result<Digest, StoreError> {
+        let mut d = Digest::new();
+        self.visit_range(feed, range, &mut |key, row| {
+            let values = self.current_values(feed, schema, row)?;
+            d.add(&RowSeed::of(&key, &values));
+            Ok(())
+        })?;
+        Ok(d)
+    }
+
+    /// Visits the stored rows of a key range in key order.
+    fn visit_range(
+        &self,
+        feed: &str,
+        range: &KeyRange,
+        visit: &mut dyn FnMut(Vec<Value>, StoredRow) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let lo: (&str, &[u8]) = (feed, range.lo.as_slice());
+        let items = match &range.hi {
+            Some(hi) => self.rows.range(lo..(feed, hi.as_slice())),
+            None => self.rows.range(lo..(feed, [0xffu8].as_slice())),
+        }
+        .map_err(storage)?;
+        for item in items {
+            let (k, v) = item.map_err(storage)?;
+            let key = decode_key(k.value().1).ok_or_else(|| StoreError::Corrupt {
+                what: format!("row key of {feed}"),
+                reason: "not a key encoding".into(),
+            })?;
+            visit(key, dec(|| format!("row of {feed}"), v.value())?)?;
+        }
+        Ok(())
+    }
+
+    fn current_values(
+        &self,
+        feed: &str,
+        schema: &TableSchema,
+        row: StoredRow,
+    ) -> Result<Vec<Value>, StoreError> {
+        if row.schema_version == schema.version {
+            return Ok(row.values);
+        }
+        let old: Option<TableSchema> = match self
+            .schemas
+            .get((feed, row.schema_version))
+            .map_err(storage)?
+        {
+            Some(v) => Some(dec(
+                || format!("schema {feed} v{}", row.schema_version),
+                v.value(),
+            )?),
+            None => None,
+        };
+        Ok(match old {
+            Some(old) => column_mapping(&old, schema)
+                .into_iter()
+                .map(|i| {
+                    i.and_then(|i| row.values.get(i).cloned())
+                        .unwrap_or(Value::Null)
+                })
+                .collect(),
+            None => row.values,
+        })
+    }
+
+    fn verify_record(&self, feed: &str) -> Result<VerifyRecord, StoreError> {
+        match self.verify.get(feed).map_err(storage)? {
+            Some(v) => dec(|| format!("verification of {feed}"), v.value()),
+            None => Ok(VerifyRecord::default()),
+        }
+    }
+
+    /// Starts a verification run of a feed at the administrator's request.
+    fn start_verify(
+        &mut self,
+        feed: &FeedId,
+        reason: &str,
+        events: &mut Vec<VerifyEvent>,
+    ) -> Result<Result<u64, String>, StoreError> {
+        let key = feed.to_string();
+        let rec = self.feed(&key)?;
+        if rec.schema.is_none() {
+            return Ok(Err(format!(
+                "feed {feed} has no data at this hub yet; nothing to verify"
+            )));
+        }
+        let mut vr = self.verify_record(&key)?;
+        let id = vr.start(
+            feed,
+            RunOrigin::Hub,
+            None,
+            reason.to_string(),
+            self.now,
+            rec.cursor.last_seq,
+        );
+        self.verify
+            .insert(key.as_str(), enc(&vr)?.as_slice())
+            .map_err(storage)?;
+        events.push(VerifyEvent::Requests(feed.clone()));
+        Ok(Ok(id))
+    }
+
+    fn apply(
+        &mut self,
+        peer: NodeId,
+        v: &VerifiedBatch,
+        events: &mut Vec<VerifyEvent>,
+    ) -> Result<Outcome, StoreError> {
         let body = &v.body;
         let key = body.feed.to_string();
         let mut rec = self.feed(&key)?;
@@ -305,6 +504,11 @@ impl<'t> Tables<'t> {
                 None => None,
             };
         let resync_before = resync.clone();
+        let mut digest = self.digest(&key)?;
+        let digest_before = digest.clone();
+        // Loaded when an entry needs it; stored if it changed.
+        let mut verify: Option<(VerifyRecord, VerifyRecord)> = None;
+        let mut requests = false;
         for entry in &body.entries {
             match entry {
                 Entry::Schema(s) => {
@@ -325,25 +529,25 @@ impl<'t> Tables<'t> {
                     }
                     match &c.row {
                         Some(values) => {
-                            let stored = enc(&StoredRow {
-                                schema_version: c.schema_version,
-                                values: values.clone(),
-                            })?;
-                            let old = self
-                                .rows
-                                .insert((key.as_str(), row_key.as_slice()), stored.as_slice())
-                                .map_err(storage)?;
-                            if old.is_none() {
-                                rec.rows += 1;
-                            }
+                            self.write_row(
+                                &key,
+                                &row_key,
+                                &c.key,
+                                values,
+                                c.schema_version,
+                                &mut rec,
+                                &mut digest,
+                            )?;
                         }
                         None => {
                             let old = self
                                 .rows
                                 .remove((key.as_str(), row_key.as_slice()))
-                                .map_err(storage)?;
-                            if old.is_some() {
+                                .map_err(storage)?
+                                .map(|old| old.value().to_vec());
+                            if let Some(old) = old {
                                 rec.rows -= 1;
+                                digest.remove(&self.seed_of(&key, &row_key, &old)?);
                             }
                         }
                     }
@@ -378,6 +582,10 @@ impl<'t> Tables<'t> {
                         continue;
                     };
                     let removed = self.remove_untouched(&key)?;
+                    for seed in &removed {
+                        digest.remove(seed);
+                    }
+                    let removed = removed.len() as u64;
                     rec.rows -= removed;
                     self.clear_touched(&key)?;
                     r.finished = Some(ResyncFinish {
@@ -410,10 +618,64 @@ impl<'t> Tables<'t> {
                         received_at: self.now,
                     });
                 }
+                Entry::Checkpoint(agent) => {
+                    let vr = self.loaded(&key, &mut verify)?;
+                    let hub = digest.summary();
+                    requests |= self.checkpoint(peer, body, vr, *agent, hub)?;
+                }
+                Entry::RangeDigest(d) => {
+                    let Some(schema) = rec.schema.clone() else {
+                        continue;
+                    };
+                    let vr = self.loaded(&key, &mut verify)?;
+                    requests |= self.range_digest_entry(peer, body, &schema, vr, d)?;
+                }
+                Entry::RangeRepair(r) => {
+                    let vr = self.loaded(&key, &mut verify)?;
+                    requests |= self.range_repair_entry(body, vr, r, &mut rec, &mut digest)?;
+                    if let Some(run) = resync.as_mut().filter(|r| r.finished.is_none()) {
+                        run.rows_written += r.rows.len() as u64;
+                        for c in &r.rows {
+                            self.touched
+                                .insert((key.as_str(), encode_key(&c.key).as_slice()), ())
+                                .map_err(storage)?;
+                        }
+                    }
+                }
             }
         }
         if had_changes {
             rec.last_change_at = Some(body.created_at);
+        }
+        if let Some((mut vr, before)) = verify {
+            let finished = match vr.run.as_mut() {
+                Some(run) => run.finish_if_done(self.now, body.seq),
+                None => false,
+            };
+            if finished && let Some(run) = vr.run.take() {
+                if run.ranges_differing > 0 {
+                    // A repair rewrote rows that were wrong at the hub; the
+                    // running digest subtracted what was stored, so count
+                    // it afresh from the rows.
+                    digest = self.rebuild_digest(&key)?;
+                    self.audit_run_end(peer, body, &run)?;
+                }
+                events.push(VerifyEvent::Finished(run.outcome(&body.feed)));
+                vr.last_run = Some(run);
+            }
+            if vr != before {
+                self.verify
+                    .insert(key.as_str(), enc(&vr)?.as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        if requests {
+            events.push(VerifyEvent::Requests(body.feed.clone()));
+        }
+        if digest != digest_before {
+            self.digests
+                .insert(key.as_str(), digest.to_bytes().as_slice())
+                .map_err(storage)?;
         }
         if resync != resync_before
             && let Some(r) = &resync
@@ -444,6 +706,301 @@ impl<'t> Tables<'t> {
             seq: body.seq,
         }))
     }
+
+    /// The feed's verification record, loaded once per batch.
+    fn loaded<'a>(
+        &self,
+        feed: &str,
+        slot: &'a mut Option<(VerifyRecord, VerifyRecord)>,
+    ) -> Result<&'a mut VerifyRecord, StoreError> {
+        if slot.is_none() {
+            let vr = self.verify_record(feed)?;
+            *slot = Some((vr.clone(), vr));
+        }
+        match slot {
+            Some((vr, _)) => Ok(vr),
+            None => Err(StoreError::Storage("verification record not loaded".into())),
+        }
+    }
+
+    /// Writes one row and keeps the digest and the row count.
+    #[allow(clippy::too_many_arguments)]
+    fn write_row(
+        &mut self,
+        feed: &str,
+        row_key: &[u8],
+        key: &[Value],
+        values: &[Value],
+        schema_version: u32,
+        rec: &mut FeedRecord,
+        digest: &mut Digest,
+    ) -> Result<Option<StoredRow>, StoreError> {
+        let stored = enc(&StoredRow {
+            schema_version,
+            values: values.to_vec(),
+        })?;
+        let old = self
+            .rows
+            .insert((feed, row_key), stored.as_slice())
+            .map_err(storage)?
+            .map(|old| old.value().to_vec());
+        let new_seed = RowSeed::of(key, values);
+        match old {
+            Some(old) => {
+                let old_row: StoredRow = dec(|| format!("row of {feed}"), &old)?;
+                digest.replace(&RowSeed::of(key, &old_row.values), &new_seed);
+                Ok(Some(old_row))
+            }
+            None => {
+                rec.rows += 1;
+                digest.add(&new_seed);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Compares the agent's feed digest with the hub's at this point.
+    /// Returns whether a run was started (requests to send).
+    fn checkpoint(
+        &mut self,
+        peer: NodeId,
+        body: &shuyuan_protocol::BatchBody,
+        vr: &mut VerifyRecord,
+        agent: DigestSummary,
+        hub: DigestSummary,
+    ) -> Result<bool, StoreError> {
+        let previous = vr.checkpoint.take();
+        let matched = agent == hub;
+        let was_differing = previous.as_ref().is_some_and(|c| !c.matched());
+        vr.checkpoint = Some(CheckpointResult {
+            seq: body.seq,
+            at: self.now,
+            agent,
+            hub,
+            differing_since: if matched {
+                None
+            } else {
+                previous.and_then(|c| c.differing_since).or(Some(body.seq))
+            },
+        });
+        if matched {
+            return Ok(false);
+        }
+        if !was_differing {
+            tracing::warn!(feed = %body.feed, seq = body.seq, %hub, %agent, "feed digests differ");
+            self.audit(AuditEntry {
+                id: 0,
+                at: self.now,
+                kind: AuditKind::Diverged,
+                peer: Some(peer),
+                feed: Some(body.feed.clone()),
+                seq: Some(body.seq),
+                reason: None,
+                detail: format!(
+                    "checkpoint: the hub's digest ({hub}) differs from the agent's ({agent}); comparing with the source"
+                ),
+            })?;
+        }
+        if vr.may_auto_start(self.now) {
+            let head = body.seq;
+            vr.start(
+                &body.feed,
+                RunOrigin::Hub,
+                None,
+                format!("checkpoint at seq {head}: digests differ"),
+                self.now,
+                head,
+            );
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Compares a source range digest with the copy; a differing range is
+    /// asked for again in parts. Returns whether there are requests to send.
+    fn range_digest_entry(
+        &mut self,
+        peer: NodeId,
+        body: &shuyuan_protocol::BatchBody,
+        schema: &TableSchema,
+        vr: &mut VerifyRecord,
+        d: &RangeDigest,
+    ) -> Result<bool, StoreError> {
+        let feed = body.feed.to_string();
+        if vr.run.as_ref().is_none_or(|r| r.id != d.run) {
+            if !d.range.lo.is_empty() {
+                return Ok(false); // a late answer to an ended run
+            }
+            // The agent began a scan of its own (`shuyuan-agent verify`).
+            vr.start(
+                &body.feed,
+                RunOrigin::Agent,
+                Some(d.run),
+                "requested at the agent (shuyuan-agent verify)".into(),
+                self.now,
+                body.seq,
+            );
+        }
+        let Some(run) = vr.run.as_mut() else {
+            return Ok(false);
+        };
+        run.bytes_received += entry_bytes(&Entry::RangeDigest(d.clone()));
+        let Some((_, depth)) = run.answer(&d.range) else {
+            return Ok(false);
+        };
+        run.ranges_compared += 1;
+        let hub = self.range_digest(&feed, schema, &d.range)?.summary();
+        if hub == d.digest {
+            return Ok(false);
+        }
+        run.ranges_differing += 1;
+        let first = run.ranges_differing == 1;
+        run.request(
+            &body.feed,
+            d.range.clone(),
+            VerifyMode::Split {
+                parts: SPLIT_PARTS,
+                leaf_rows: LEAF_ROWS,
+            },
+            depth + 1,
+        );
+        if first {
+            let detail = format!(
+                "run {}: range {} differs from the source (source {}, hub {}); localising",
+                d.run, d.range, d.digest, hub
+            );
+            tracing::warn!(feed = %body.feed, %detail, "copy differs from the source");
+            self.audit(AuditEntry {
+                id: 0,
+                at: self.now,
+                kind: AuditKind::Diverged,
+                peer: Some(peer),
+                feed: Some(body.feed.clone()),
+                seq: Some(body.seq),
+                reason: None,
+                detail,
+            })?;
+        }
+        Ok(true)
+    }
+
+    /// Makes the rows of a range exactly the source's. Applied whatever the
+    /// run's state: the agent's digest took it in too.
+    fn range_repair_entry(
+        &mut self,
+        body: &shuyuan_protocol::BatchBody,
+        vr: &mut VerifyRecord,
+        r: &RangeRepair,
+        rec: &mut FeedRecord,
+        digest: &mut Digest,
+    ) -> Result<bool, StoreError> {
+        let feed = body.feed.to_string();
+        let schema = rec.schema.clone();
+        let incoming: std::collections::BTreeSet<Vec<u8>> =
+            r.rows.iter().map(|c| encode_key(&c.key)).collect();
+        let mut stale = Vec::new();
+        self.visit_range(&feed, &r.range, &mut |key, _| {
+            let k = encode_key(&key);
+            if !incoming.contains(&k) {
+                stale.push(k);
+            }
+            Ok(())
+        })?;
+        let mut removed_keys = Vec::new();
+        for k in &stale {
+            let old = self
+                .rows
+                .remove((feed.as_str(), k.as_slice()))
+                .map_err(storage)?
+                .map(|v| v.value().to_vec());
+            if let Some(old) = old {
+                rec.rows -= 1;
+                digest.remove(&self.seed_of(&feed, k, &old)?);
+                removed_keys.push(describe_key(k));
+            }
+        }
+        let mut repaired_keys = Vec::new();
+        for c in &r.rows {
+            let Some(values) = &c.row else { continue };
+            let row_key = encode_key(&c.key);
+            let old = self.write_row(
+                &feed,
+                &row_key,
+                &c.key,
+                values,
+                c.schema_version,
+                rec,
+                digest,
+            )?;
+            let same = match (old, &schema) {
+                (Some(old), Some(s)) => self.current_values(&feed, s, old)? == *values,
+                _ => false,
+            };
+            if !same {
+                repaired_keys.push(describe_key(&row_key));
+            }
+        }
+        let Some(run) = vr.run.as_mut().filter(|run| run.id == r.run) else {
+            return Ok(false);
+        };
+        run.bytes_received += entry_bytes(&Entry::RangeRepair(r.clone()));
+        run.rows_removed += removed_keys.len() as u64;
+        run.rows_repaired += repaired_keys.len() as u64;
+        for k in removed_keys.into_iter().chain(repaired_keys) {
+            run.note_key(k);
+        }
+        let Some((_, depth)) = run.answer(&r.range) else {
+            return Ok(false);
+        };
+        // Confirm: compare the repaired range once more.
+        run.request(
+            &body.feed,
+            r.range.clone(),
+            VerifyMode::Scan {
+                chunk_rows: SCAN_CHUNK_ROWS,
+            },
+            depth + 1,
+        );
+        Ok(true)
+    }
+
+    fn audit_run_end(
+        &mut self,
+        peer: NodeId,
+        body: &shuyuan_protocol::BatchBody,
+        run: &VerifyRun,
+    ) -> Result<(), StoreError> {
+        let end = run.finished.as_ref().map_or("", |e| e.detail.as_str());
+        let mut keys = run.keys.join("; ");
+        let named = run.keys.len() as u64;
+        let total = run.rows_repaired + run.rows_removed;
+        if total > named {
+            keys.push_str(&format!(" and {} more", total - named));
+        }
+        self.audit(AuditEntry {
+            id: 0,
+            at: self.now,
+            kind: AuditKind::Repaired,
+            peer: Some(peer),
+            feed: Some(body.feed.clone()),
+            seq: Some(body.seq),
+            reason: None,
+            detail: format!(
+                "run {}: {} ranges compared, {} differed; {} rows rewritten, {} removed; {} bytes exchanged; keys: {keys}. {end}",
+                run.id,
+                run.ranges_compared,
+                run.ranges_differing,
+                run.rows_repaired,
+                run.rows_removed,
+                run.bytes_received + run.bytes_sent,
+            ),
+        })
+    }
+}
+
+/// The encoded size of an entry, for counting what a verification cost.
+fn entry_bytes(entry: &Entry) -> u64 {
+    encode(entry).map_or(0, |b| b.len() as u64)
 }
 
 /// Checks every entry against the feed's schema as it evolves within the
@@ -470,14 +1027,36 @@ fn check_content(current: Option<&TableSchema>, entries: &[Entry]) -> Result<(),
                     .ok_or_else(|| format!("entry {i}: row change before any schema"))?;
                 s.check(c).map_err(|e| format!("entry {i}: {e}"))?;
             }
-            Entry::ZeroUpdate(_) | Entry::Resync(_) => {}
+            Entry::RangeRepair(r) => {
+                let s = schema
+                    .as_ref()
+                    .ok_or_else(|| format!("entry {i}: range repair before any schema"))?;
+                for c in &r.rows {
+                    s.check(c).map_err(|e| format!("entry {i}: {e}"))?;
+                    if !r.range.contains(&encode_key(&c.key)) {
+                        return Err(format!(
+                            "entry {i}: repair row {:?} is outside its range {}",
+                            c.key, r.range
+                        ));
+                    }
+                }
+            }
+            Entry::ZeroUpdate(_)
+            | Entry::Resync(_)
+            | Entry::Checkpoint(_)
+            | Entry::RangeDigest(_) => {}
         }
     }
     Ok(())
 }
 
 impl Backend for RedbBackend {
-    fn write(&self, group: &mut [WriteOp], discards: &mut Discards) -> Result<(), StoreError> {
+    fn write(
+        &self,
+        group: &mut [WriteOp],
+        discards: &mut Discards,
+        events: &mut Vec<VerifyEvent>,
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(storage)?;
         {
             let mut t = Tables::open(&tx)?;
@@ -500,7 +1079,7 @@ impl Backend for RedbBackend {
                             continue;
                         }
                         let result = match &*incoming {
-                            Incoming::Verified(v) => t.apply(*peer, v)?,
+                            Incoming::Verified(v) => t.apply(*peer, v, events)?,
                             Incoming::Refused {
                                 feed,
                                 seq,
@@ -514,6 +1093,11 @@ impl Backend for RedbBackend {
                         *outcome = Some(result);
                     }
                     WriteOp::Audit(entry) => t.audit(entry.clone())?,
+                    WriteOp::StartVerify {
+                        feed,
+                        reason,
+                        outcome,
+                    } => *outcome = Some(t.start_verify(feed, reason, events)?),
                     WriteOp::SaveCatalog(save) => {
                         if let Some(document) = &save.document {
                             let mut docs = tx.open_table(CATALOGS).map_err(storage)?;
@@ -619,6 +1203,16 @@ impl Backend for RedbBackend {
         let key = feed.to_string();
         match table.get((key.as_str(), version)).map_err(storage)? {
             Some(v) => Ok(Some(dec(|| format!("schema {key} v{version}"), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn verification(&self, feed: &FeedId) -> Result<Option<VerifyRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(VERIFY).map_err(storage)?;
+        let key = feed.to_string();
+        match table.get(key.as_str()).map_err(storage)? {
+            Some(v) => Ok(Some(dec(|| format!("verification of {key}"), v.value())?)),
             None => Ok(None),
         }
     }

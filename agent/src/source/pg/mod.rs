@@ -1322,6 +1322,7 @@ impl PgSource {
             position: self.pos.text()?,
             complete,
             skipped_null_keys: 0,
+            ..SourceRead::default()
         })
     }
 
