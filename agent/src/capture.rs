@@ -86,6 +86,11 @@ pub struct CaptureLoop {
     last_checkpoint: Vec<Option<UnixMillis>>,
     /// Comparisons wait for the source's budget.
     probes_pending: bool,
+    /// The highest run id the hub used; the agent's own runs count on from
+    /// it (the hub takes a run id it has not seen grow as a new scan).
+    last_run: u64,
+    /// When each resource is next compared with the hub on schedule.
+    next_scan: Vec<Option<UnixMillis>>,
 }
 
 impl std::fmt::Debug for CaptureLoop {
@@ -196,6 +201,8 @@ impl CaptureLoop {
             digests,
             last_checkpoint,
             probes_pending: false,
+            last_run: 0,
+            next_scan: Vec::new(),
         })
     }
 
@@ -303,6 +310,25 @@ impl CaptureLoop {
         }
     }
 
+    /// Starts a full comparison of one resource with the hub (a throttled
+    /// scan of the source); returns the run's id.
+    fn start_scan(&mut self, resource: usize, now: UnixMillis) -> Result<u64, SourceError> {
+        let run = u64::try_from(now.0)
+            .unwrap_or(0)
+            .max(self.last_run.saturating_add(1));
+        self.source.probe(Probe {
+            resource,
+            run,
+            range: KeyRange::all(),
+            mode: VerifyMode::Scan {
+                chunk_rows: VERIFY_CHUNK_ROWS,
+            },
+        })?;
+        self.last_run = run;
+        self.probes_pending = true;
+        Ok(run)
+    }
+
     /// One round. Returns whether more changes are waiting right now.
     pub fn step(&mut self, now: UnixMillis) -> Result<bool, CaptureError> {
         self.try_release(now);
@@ -321,6 +347,7 @@ impl CaptureLoop {
                 }
                 CaptureRequest::Probe(p) => {
                     let (resource, run, range) = (p.resource, p.run, p.range.clone());
+                    self.last_run = self.last_run.max(run);
                     match self.source.probe(p) {
                         Ok(()) => {
                             tracing::debug!(resource, run, %range, "comparison with the hub queued");
@@ -332,23 +359,26 @@ impl CaptureLoop {
                     }
                 }
                 CaptureRequest::Verify { resource, reply } => {
-                    let run = u64::try_from(now.0).unwrap_or(0);
-                    let answer = self
-                        .source
-                        .probe(Probe {
-                            resource,
-                            run,
-                            range: KeyRange::all(),
-                            mode: VerifyMode::Scan {
-                                chunk_rows: VERIFY_CHUNK_ROWS,
-                            },
-                        })
-                        .map(|()| run)
-                        .map_err(|e| e.to_string());
-                    if answer.is_ok() {
-                        self.probes_pending = true;
-                    }
-                    let _ = reply.send(answer);
+                    let _ = reply.send(self.start_scan(resource, now).map_err(|e| e.to_string()));
+                }
+            }
+        }
+        if let Some(every) = self.config.verify.every {
+            if self.next_scan.is_empty() {
+                self.next_scan = vec![Some(now.saturating_add(every)); self.feeds.len()];
+            }
+            for i in 0..self.next_scan.len() {
+                if self.next_scan[i].is_some_and(|t| now >= t) {
+                    self.next_scan[i] = match self.start_scan(i, now) {
+                        Ok(run) => {
+                            tracing::info!(feed = %self.feeds[i].0, run, "scheduled comparison with the hub started");
+                            Some(now.saturating_add(every))
+                        }
+                        Err(e) => {
+                            tracing::info!(feed = %self.feeds[i].0, error = %e, "no scheduled comparisons for this resource");
+                            None
+                        }
+                    };
                 }
             }
         }

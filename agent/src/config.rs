@@ -56,6 +56,7 @@ fn default_data_dir() -> PathBuf {
 #[serde(deny_unknown_fields)]
 struct RawVerify {
     rows_per_second: Option<u64>,
+    every: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +124,9 @@ pub struct Config {
 pub struct VerifyConfig {
     /// Source rows a comparison reads per second at most.
     pub rows_per_second: u64,
+    /// How often the agent compares every resource with the hub's copy on
+    /// its own (`None`: only when asked).
+    pub every: Option<Duration>,
 }
 
 /// Where the hub is and which key it must present.
@@ -334,6 +338,15 @@ impl Config {
                     ));
                 }
                 None => 200_000,
+            },
+            every: match raw.verify.every.as_deref().map(str::trim) {
+                Some("off") => None,
+                other => Some(duration(
+                    &err,
+                    "verify.every",
+                    other.map(String::from),
+                    Duration::from_secs(24 * 3600),
+                )?),
             },
         };
         let postgres = matches!(source, SourceConfig::Postgres(_));
@@ -614,6 +627,10 @@ update_cycle = "daily"
             c.resources[0].heartbeat_under(UpdateCycle::Daily),
             Duration::from_secs(86_400)
         );
+        assert_eq!(c.verify.rows_per_second, 200_000);
+        assert_eq!(c.verify.every, Some(Duration::from_secs(86_400)));
+        let off = parse(&(good() + "[verify]\nevery = \"off\"\n")).unwrap();
+        assert_eq!(off.verify.every, None);
     }
 
     #[test]
@@ -649,6 +666,16 @@ update_cycle = "daily"
                 good() + "[outbox]\nmax_size = \"lots\"\n",
                 "outbox.max_size",
                 "not a size",
+            ),
+            (
+                good() + "[verify]\nrows_per_second = 5\n",
+                "verify.rows_per_second",
+                "between 1000",
+            ),
+            (
+                good() + "[verify]\nevery = \"sometimes\"\n",
+                "verify.every",
+                "positive duration",
             ),
             (
                 good().replace("[agent]", "[agent]\ncolour = \"red\""),

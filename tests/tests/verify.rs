@@ -285,3 +285,50 @@ fn ten_differing_rows_in_a_million_are_repaired_exchanging_a_small_fraction() ->
     agent.stop()?;
     Ok(())
 }
+
+#[test]
+fn the_agent_compares_on_its_schedule_and_the_difference_is_repaired_unasked() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let (db, conn) = sb.database("dept.db", &[DDL])?;
+    for i in 1..=500 {
+        conn.execute(
+            "INSERT INTO person VALUES (?1, ?2, NULL)",
+            rusqlite::params![i, format!("person {i}")],
+        )?;
+    }
+    sb.hub.start()?;
+    let mut agent = sb.agent(
+        "ga",
+        DEPT,
+        &db,
+        &resources(),
+        "batch_max_changes = 2000\n[verify]\nevery = \"2s\"",
+    )?;
+    agent.start()?;
+    agent.wait_drained(Duration::from_secs(60))?;
+    agent.stop()?;
+    behind_capture(&conn, "UPDATE person SET score = 99 WHERE id = 250")?;
+    agent.start()?;
+    // Nobody asks: the agent's own schedule finds and repairs it (later
+    // scheduled runs find nothing, so the audit log tells which run it was).
+    let repaired = wait_for(
+        "a scheduled comparison that repairs",
+        Duration::from_secs(60),
+        || {
+            Ok(sb
+                .hub
+                .audit()?
+                .into_iter()
+                .find(|a| a["kind"] == "repaired" && a["feed"] == FEED))
+        },
+    )?;
+    let detail = repaired["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("1 rows rewritten, 0 removed") && detail.contains("keys: 250."),
+        "{detail}"
+    );
+    assert!(detail.contains("copy equals the source"), "{detail}");
+    assert_in_sync(&sb.hub, &agent, &resources())?;
+    agent.stop()?;
+    Ok(())
+}

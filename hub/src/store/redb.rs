@@ -828,7 +828,7 @@ impl<'t> Tables<'t> {
     ) -> Result<bool, StoreError> {
         let feed = body.feed.to_string();
         if vr.run.as_ref().is_none_or(|r| r.id != d.run) {
-            if !d.range.lo.is_empty() {
+            if !vr.is_new_agent_run(d.run, &d.range) {
                 return Ok(false); // a late answer to an ended run
             }
             // The agent began a scan of its own (`shuyuan-agent verify`).

@@ -343,15 +343,15 @@ impl VerifyRecord {
             });
             self.last_run = Some(old);
         }
+        // Run ids only grow: the hub's count on from its clock in
+        // milliseconds, the agent's are its clock; an answer to an older run
+        // is never taken for a new one.
         let id = id.unwrap_or_else(|| {
-            // Hub ids stay clear of the agent's (which are its clock in
-            // milliseconds) by counting from the hub's own.
-            self.last_run_id = self
-                .last_run_id
-                .max(u64::try_from(now.0).unwrap_or(0))
-                .saturating_add(1);
             self.last_run_id
+                .max(u64::try_from(now.0).unwrap_or(0))
+                .saturating_add(1)
         });
+        self.last_run_id = self.last_run_id.max(id);
         let mut run = VerifyRun::new(id, origin, reason, now, seq);
         run.request(
             feed,
@@ -363,6 +363,12 @@ impl VerifyRecord {
         );
         self.run = Some(run);
         id
+    }
+
+    /// Whether an answer for an unknown run is the start of a scan the agent
+    /// began on its own (and not a late answer to an ended run).
+    pub fn is_new_agent_run(&self, run: u64, range: &KeyRange) -> bool {
+        range.lo.is_empty() && run > self.last_run_id
     }
 
     /// Whether a checkpoint mismatch may start a run now.
@@ -428,6 +434,11 @@ mod tests {
         assert!(run.answer(&last).is_some());
         assert!(run.finish_if_done(UnixMillis(7), 3));
         assert!(run.finished.as_ref().unwrap().verified);
+        // A late answer to this run cannot pass for a new agent scan; a
+        // newer id from the agent can.
+        assert!(!rec.is_new_agent_run(id, &KeyRange::all()));
+        assert!(rec.is_new_agent_run(id + 1, &KeyRange::all()));
+        assert!(!rec.is_new_agent_run(id + 1, &stray));
     }
 
     #[test]
