@@ -8,9 +8,13 @@
 //! with native replication and with shuyuan; replication lag during the
 //! load; catch-up time after it; initial sync time.
 //!
+//! What proving the copy equal to the source costs (`digest`): the digest
+//! update per change, a full recompute, and localising and repairing k of
+//! 1,000,000 rows against a full-table comparison.
+//!
 //! Run with `./bench.sh` (builds release binaries first; `./bench.sh feeds`,
-//! `./bench.sh catalog` or `./bench.sh pg` runs one part). Prints Markdown
-//! tables for BENCHMARKS.md.
+//! `./bench.sh catalog`, `./bench.sh pg` or `./bench.sh digest` runs one
+//! part). Prints Markdown tables for BENCHMARKS.md.
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -61,7 +65,13 @@ enum What {
     /// PostgreSQL: shuyuan against native logical replication under the
     /// same pgbench load (not part of the default run: needs PostgreSQL).
     Pg(PgArgs),
+    /// Consistency proofs: digest cost per change, a full recompute, and
+    /// localising k differing rows against a full-table comparison.
+    Digest(digest::DigestArgs),
 }
+
+#[path = "../bench/digest.rs"]
+mod digest;
 
 #[derive(Debug, clap::Args)]
 struct PgArgs {
@@ -127,6 +137,7 @@ fn main() -> Result<()> {
         Some(What::Feeds(args)) => feeds(&dir, &args),
         Some(What::Catalog(args)) => catalog(&dir, &args),
         Some(What::Pg(args)) => postgres(&dir, &args),
+        Some(What::Digest(args)) => digest::run(&dir, &args),
         None => {
             feeds(
                 &dir,
