@@ -176,6 +176,55 @@ fn checkpoints_verify_the_copy_and_a_damaged_hub_store_is_found_and_repaired() -
         .as_u64()
         .unwrap_or(0);
     checkpoint_verified(&sb, head)?;
+
+    // Damage that a later change overwrites still shows: the hub's digest
+    // subtracts what it stored, the checkpoint differs, and the hub starts
+    // a comparison by itself, after which the digests agree again.
+    sb.hub.stop()?;
+    let path = sb.hub.dir.join("data").join("hub.redb");
+    {
+        let db = redb::Database::open(&path)?;
+        let tx = db.begin_write()?;
+        {
+            let mut rows = tx.open_table(ROWS)?;
+            let k = encode_key(&[Value::Int(2000)]);
+            let mut row: StoredRow =
+                decode(rows.get((FEED, k.as_slice()))?.context("row 2000")?.value())?;
+            row.values[1] = Value::Text("tampered again".into());
+            rows.insert((FEED, k.as_slice()), encode(&row)?.as_slice())?;
+        }
+        tx.commit()?;
+    }
+    sb.hub.start()?;
+    conn.execute("UPDATE person SET name = 'renamed' WHERE id = 2000", [])?;
+    let mismatch = wait_for("the checkpoint to differ", Duration::from_secs(60), || {
+        Ok(sb.hub.audit()?.into_iter().find(|a| {
+            a["kind"] == "diverged"
+                && a["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("checkpoint"))
+        }))
+    })?;
+    let since = mismatch["seq"].as_u64().unwrap_or(0);
+    let auto = wait_for(
+        "the comparison the hub started",
+        Duration::from_secs(120),
+        || {
+            let r = sb.hub.feed_status(FEED)?.context("no feed")?;
+            let last = r["verification"]["last_run"].clone();
+            Ok((last["reason"]
+                .as_str()
+                .is_some_and(|x| x.starts_with("checkpoint at seq"))
+                && !last["finished"].is_null())
+            .then_some(last))
+        },
+    )?;
+    assert_eq!(auto["origin"], "Checkpoint");
+    assert_eq!(auto["finished"]["verified"], true, "{auto:#}");
+    assert_in_sync(&sb.hub, &agent, &resources())?;
+    conn.execute("UPDATE person SET score = 2 WHERE id = 6", [])?;
+    agent.wait_drained(Duration::from_secs(60))?;
+    checkpoint_verified(&sb, since + 1)?;
     sb.assert_no_rejections()?;
     agent.stop()?;
     Ok(())

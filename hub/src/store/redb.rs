@@ -653,11 +653,14 @@ impl<'t> Tables<'t> {
                 None => false,
             };
             if finished && let Some(run) = vr.run.take() {
-                if run.ranges_differing > 0 {
-                    // A repair rewrote rows that were wrong at the hub; the
-                    // running digest subtracted what was stored, so count
-                    // it afresh from the rows.
+                let checkpoint_differs = vr.checkpoint.as_ref().is_some_and(|c| !c.matched());
+                if run.ranges_differing > 0 || checkpoint_differs {
+                    // Rows were wrong at the hub (damaged, or repaired): the
+                    // running digest added and subtracted what was stored,
+                    // so count it afresh from the rows the run just proved.
                     digest = self.rebuild_digest(&key)?;
+                }
+                if run.ranges_differing > 0 {
                     self.audit_run_end(peer, body, &run)?;
                 }
                 events.push(VerifyEvent::Finished(run.outcome(&body.feed)));
@@ -805,7 +808,7 @@ impl<'t> Tables<'t> {
             let head = body.seq;
             vr.start(
                 &body.feed,
-                RunOrigin::Hub,
+                RunOrigin::Checkpoint,
                 None,
                 format!("checkpoint at seq {head}: digests differ"),
                 self.now,

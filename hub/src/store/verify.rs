@@ -71,8 +71,10 @@ impl CheckpointResult {
 /// Who asked for a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RunOrigin {
-    /// `shuyuan-hub verify`, or a checkpoint mismatch.
+    /// `shuyuan-hub verify`.
     Hub,
+    /// The hub itself, after a checkpoint's digests differed.
+    Checkpoint,
     /// `shuyuan-agent verify` (the agent scans on its own).
     Agent,
 }
@@ -371,13 +373,18 @@ impl VerifyRecord {
         range.lo.is_empty() && run > self.last_run_id
     }
 
-    /// Whether a checkpoint mismatch may start a run now.
+    /// Whether a checkpoint mismatch may start a run now: none is running,
+    /// and the last run a checkpoint started did not end just now (the
+    /// digests can still differ after the copy was proven equal, when it is
+    /// the agent's digest that is wrong; this keeps such a feed from being
+    /// scanned over and over).
     pub fn may_auto_start(&self, now: UnixMillis) -> bool {
         self.run.is_none()
             && self.last_run.as_ref().is_none_or(|r| {
-                r.finished
-                    .as_ref()
-                    .is_none_or(|e| now.since(e.at) >= AUTO_RUN_PAUSE)
+                r.origin != RunOrigin::Checkpoint
+                    || r.finished
+                        .as_ref()
+                        .is_none_or(|e| now.since(e.at) >= AUTO_RUN_PAUSE)
             })
     }
 }
