@@ -450,3 +450,122 @@ fn quiet_tables_in_a_busy_database_still_move_the_slot() -> Result<()> {
     assert!(at >= Some(written), "agent position {status}");
     Ok(())
 }
+
+/// Writes to `ledger` until told to stop, one transaction at a time: a few
+/// neighbouring rows updated (never an id divisible by 250), and rows of
+/// 5001..6000 inserted, updated and deleted. Returns the transactions done.
+fn ledger_writer(
+    dsn: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::thread::JoinHandle<Result<()>> {
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let client = shuyuan_tests::pg::connect(&dsn).await?;
+            let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut next = |n: u64| {
+                seed = seed
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (seed >> 33) % n
+            };
+            while !stop.load(Ordering::SeqCst) {
+                let a = 1 + next(3990);
+                let (b, c) = (5001 + next(1000), 5001 + next(1000));
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; \
+                         UPDATE ledger SET v = v + 1, note = 'written ' || v WHERE id BETWEEN {a} AND {a} + 5 AND id % 250 <> 0; \
+                         INSERT INTO ledger VALUES ({b}, 0, 'new') ON CONFLICT (id) DO UPDATE SET v = ledger.v + 1; \
+                         DELETE FROM ledger WHERE id = {c}; \
+                         COMMIT;"
+                    ))
+                    .await?;
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(())
+        })
+    })
+}
+
+#[test]
+fn verify_finds_exactly_the_rows_changed_behind_capture_while_writes_go_on() -> Result<()> {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let _one = serial();
+    let mut sb = Sandbox::new()?;
+    let (pg, agent, resources) = one_table(
+        &mut sb,
+        &[
+            "CREATE TABLE ledger (id int PRIMARY KEY, v int NOT NULL, note text)",
+            "INSERT INTO ledger SELECT g, g, 'row ' || g FROM generate_series(1, 4000) g",
+        ],
+        "LEDGER",
+        "ledger",
+    )?;
+    let feed = format!("{DEPT}:LEDGER");
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let writer = ledger_writer(pg.dsn(), stop.clone(), done.clone());
+    wait_for("the writer to get going", Duration::from_secs(30), || {
+        Ok((done.load(Ordering::SeqCst) >= 50).then_some(()))
+    })?;
+    // Behind capture's back, while the writer goes on: in one transaction
+    // the table leaves the publication, so its changes in between never
+    // reach the log's consumer; the writer's own transactions stay in.
+    pg.sql(&format!(
+        "ALTER PUBLICATION \"{pub_}\" DROP TABLE ledger; \
+         UPDATE ledger SET note = 'behind capture' WHERE id IN (250, 1000, 1750, 2500, 3250); \
+         DELETE FROM ledger WHERE id IN (500, 1500, 3500); \
+         INSERT INTO ledger VALUES (4750, 0, 'unseen'); \
+         ALTER PUBLICATION \"{pub_}\" ADD TABLE ledger",
+        pub_ = pg_slot_name(DEPT)
+    ))?;
+    let before = done.load(Ordering::SeqCst);
+    let run = sb.hub.verify(&feed)?;
+    let during = done.load(Ordering::SeqCst) - before;
+    assert!(during > 0, "the writer wrote while the comparison ran");
+    assert_eq!(run["finished"]["verified"], true, "{run:#}");
+    assert_eq!(run["rows_repaired"], 6, "5 updated, 1 inserted: {run:#}");
+    assert_eq!(run["rows_removed"], 3, "{run:#}");
+    let keys: BTreeSet<String> = run["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str().map(String::from))
+        .collect();
+    let changed: BTreeSet<String> = [250, 1000, 1750, 2500, 3250, 4750, 500, 1500, 3500]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(keys, changed, "{run:#}");
+    eprintln!(
+        "first run: {} ranges compared, {} differed, {} writer transactions meanwhile",
+        run["ranges_compared"], run["ranges_differing"], during
+    );
+    // Compared again, still under writes: nothing differs any more.
+    let before = done.load(Ordering::SeqCst);
+    let again = sb.hub.verify(&feed)?;
+    assert!(done.load(Ordering::SeqCst) > before, "writes went on");
+    assert_eq!(again["finished"]["verified"], true, "{again:#}");
+    assert_eq!(again["ranges_differing"], 0, "{again:#}");
+    assert_eq!(again["rows_repaired"], 0, "{again:#}");
+    assert_eq!(again["rows_removed"], 0, "{again:#}");
+    stop.store(true, Ordering::SeqCst);
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
+    agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
+    let n = in_sync(&sb, &agent, &pg, &resources)?;
+    eprintln!(
+        "{n} rows equal after {} writer transactions",
+        done.load(Ordering::SeqCst)
+    );
+    sb.assert_no_rejections()?;
+    Ok(())
+}

@@ -215,7 +215,10 @@ pub fn open(config: &Config) -> Result<Box<dyn Source>, SourceError> {
             sqlite::SqliteSource::open(path, *busy_timeout, &config.resources)?
                 .with_probe_rate(config.verify.rows_per_second),
         )),
-        SourceConfig::Postgres(pg) => Ok(Box::new(pg::PgSource::open(pg, &config.resources)?)),
+        SourceConfig::Postgres(pg) => Ok(Box::new(
+            pg::PgSource::open(pg, &config.resources)?
+                .with_probe_rate(config.verify.rows_per_second),
+        )),
     }
 }
 

@@ -29,6 +29,19 @@
 //! emitted. A chunk taken while an already emitted transaction is not yet
 //! visible (commit written, not yet visible) is discarded and taken again.
 //!
+//! Comparisons with the hub (probes) reuse the method: the rows of the
+//! probe's key range are read in a REPEATABLE READ snapshot with the WAL
+//! insert position `H` (every commit the snapshot sees was written before
+//! it, whether committed synchronously or not). While the log is read up to
+//! `H`, changes in the range by transactions the snapshot cannot see are
+//! applied to those rows (an insert or update replaces the row, a delete
+//! removes it); when the log reaches `H` (only then: a pause of the server
+//! is no proof for an answer) the answer is computed from them and placed
+//! after the read's changes, and the read ends there. So the answer is the
+//! source's range exactly at its point of the feed. The same retake rule
+//! holds, and only keys that sort in SQL as their encoded bytes do are
+//! compared (see `ranges`).
+//!
 //! Invariants: positions only move forward within a run; a read is cut
 //! only between messages, and a shape change ends a read so that shapes are
 //! reported before the rows that use them; a lost slot is never continued
@@ -36,6 +49,7 @@
 //! hub is told why in the feed.
 
 pub mod decode;
+mod ranges;
 pub mod setup;
 pub mod wire;
 
@@ -43,13 +57,15 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use shuyuan_protocol::message::VerifyMode;
 use shuyuan_protocol::value::encode_key;
-use shuyuan_protocol::{Column, Op, Resync, TableSchema, UnixMillis, Value};
+use shuyuan_protocol::{Column, Entry, KeyRange, Op, Resync, TableSchema, UnixMillis, Value};
 use tokio_postgres::SimpleQueryMessage;
 
 use self::decode::{Datum, Message, Relation, SESSION_SETTINGS, literal, text_value};
 use self::wire::{ReplConn, Replication, WireError, lsn_text, parse_lsn};
-use super::{Captured, LoadReport, Source, SourceError, SourceRead, SourceReport};
+use super::probe::{self, Budget, KeyedRow};
+use super::{Captured, LoadReport, Probe, Source, SourceError, SourceRead, SourceReport};
 use crate::config::{PgConfig, ResourceConfig};
 
 /// How long a read keeps draining once messages flow, before returning.
@@ -185,6 +201,23 @@ struct Chunk {
     full: bool,
 }
 
+/// The rows of a probe's range read in a snapshot, waiting for the log to
+/// reach `high`; changes the snapshot cannot see are patched in meanwhile.
+#[derive(Debug)]
+struct ProbeChunk {
+    /// The probe as it was queued (to find it again).
+    probe: Probe,
+    snapshot: Snapshot,
+    high: u64,
+    table: Table,
+    keys: Vec<ranges::KeyCol>,
+    /// encoded key -> (key, row), for the keys in `covered`
+    rows: BTreeMap<Vec<u8>, KeyedRow>,
+    /// The part of the probe's range the rows cover: from its start up to
+    /// the first row not read (or its end).
+    covered: KeyRange,
+}
+
 /// A PostgreSQL source.
 pub struct PgSource {
     cfg: PgConfig,
@@ -216,6 +249,13 @@ pub struct PgSource {
     type_names: HashMap<(u32, i32), String>,
     backlog_cache: Option<(Instant, u64)>,
     next_id: u64,
+    /// Comparisons with the hub waiting to be answered.
+    probes: Vec<Probe>,
+    /// The probe being answered.
+    probe_chunk: Option<ProbeChunk>,
+    /// Whether a probe goes before the next load chunk (they take turns).
+    probe_turn: bool,
+    budget: Budget,
 }
 
 impl std::fmt::Debug for PgSource {
@@ -451,6 +491,10 @@ impl PgSource {
             type_names: HashMap::new(),
             backlog_cache: None,
             next_id: 0,
+            probes: Vec::new(),
+            probe_chunk: None,
+            probe_turn: true,
+            budget: Budget::new(200_000),
         };
         // Fail early on what an operator must fix (no database, no table, no
         // key); the slot is checked on the first read.
@@ -470,6 +514,13 @@ impl PgSource {
         result?;
         source.rt = Some(rt);
         Ok(source)
+    }
+
+    /// Rows per second comparisons with the hub may read
+    /// (`[verify] rows_per_second`).
+    pub fn with_probe_rate(mut self, rows_per_second: u64) -> Self {
+        self.budget = Budget::new(rows_per_second);
+        self
     }
 
     fn run<T>(
@@ -705,6 +756,7 @@ impl PgSource {
         self.pos.partial = None;
         self.released = self.pos.lsn;
         self.chunk = None;
+        self.probe_chunk = None;
         for i in 0..self.resources.len() {
             self.start_load(i, format!("{alarm}; re-reading the table"), marks)
                 .await?;
@@ -921,6 +973,222 @@ impl PgSource {
         true
     }
 
+    /// Takes the rows of the first queued probe's range (the part of it
+    /// this answer covers) in a snapshot, unless a transaction is open.
+    /// Returns whether a probe chunk is now waiting for the log.
+    ///
+    /// Like a load chunk, it is read in a REPEATABLE READ snapshot with the
+    /// WAL position `H` taken after the snapshot (the insert position: every
+    /// commit the snapshot sees, however committed, was written before it;
+    /// every commit written after it the snapshot cannot see). While the log
+    /// is read up to `H`, changes in the range by transactions the snapshot
+    /// cannot see are applied to the rows; at `H` the rows are the source's
+    /// as of that point of the feed.
+    async fn take_probe(&mut self) -> Result<bool, SourceError> {
+        if self.chunk.is_some()
+            || self.probe_chunk.is_some()
+            || self.txn.is_some()
+            || self.pushback.is_some()
+        {
+            return Ok(false);
+        }
+        let Some(probe) = self.probes.first().cloned() else {
+            return Ok(false);
+        };
+        self.budget.refill();
+        if !self.budget.left() {
+            return Ok(false);
+        }
+        let i = probe.resource;
+        let sql = self.sql()?;
+        let mut table = resolve(sql, &self.resources[i]).await?;
+        table.shape.version = self.tables[i].shape.version;
+        let checked = ranges::key_cols(&table).and_then(|keys| {
+            ranges::check_range(&table, &keys, &probe.range)?;
+            let limit = match probe.mode {
+                VerifyMode::Scan { chunk_rows } => Some(
+                    self.cfg
+                        .chunk_size
+                        .max(usize::try_from(chunk_rows).unwrap_or(usize::MAX))
+                        .saturating_add(1),
+                ),
+                VerifyMode::Split { .. } => None,
+            };
+            let select = ranges::select(&table, &keys, &probe.range, limit)?;
+            Ok((keys, limit, select))
+        });
+        let (keys, limit, select) = match checked {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(resource = i, run = probe.run, error = %e, "cannot compare with the hub");
+                self.probes.remove(0);
+                return Ok(false);
+            }
+        };
+        let query = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SELECT txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text, ({})::text, \
+             current_setting('wal_block_size'), pg_size_bytes(current_setting('wal_segment_size'))::text; \
+             {select}; COMMIT;",
+            ranges::guard(&table, &keys)
+        );
+        let messages = sql
+            .simple_query(&query)
+            .await
+            .map_err(pg_err("reading a key range to compare"))?;
+        let mut head = None;
+        let mut rows: BTreeMap<Vec<u8>, KeyedRow> = BTreeMap::new();
+        let mut n = 0usize;
+        for m in messages {
+            let SimpleQueryMessage::Row(r) = m else {
+                continue;
+            };
+            if head.is_none() {
+                let number = |c: usize| r.get(c).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+                head = Some((
+                    r.get(0).and_then(Snapshot::parse),
+                    ranges::record_end(
+                        r.get(1).and_then(parse_lsn).unwrap_or(u64::MAX),
+                        number(3),
+                        number(4),
+                    ),
+                    r.get(2) == Some("true"),
+                ));
+                continue;
+            }
+            n += 1;
+            let row: Vec<Value> = (0..table.types.len())
+                .map(|c| match r.get(c) {
+                    Some(t) => text_value(table.types[c], t),
+                    None => Value::Null,
+                })
+                .collect();
+            let key = table.key_of(&row);
+            rows.insert(encode_key(&key), (key, row));
+        }
+        let Some((Some(snapshot), high, odd)) = head else {
+            return Err(SourceError::Pg {
+                context: "reading a key range to compare".into(),
+                message: "no snapshot returned".into(),
+            });
+        };
+        if odd || !ranges::keys_fit(&keys, &rows) {
+            tracing::warn!(
+                table = %table.shape.table,
+                run = probe.run,
+                "cannot compare with the hub: a date or timestamp key is infinite or outside years 1 to 9999, so it sorts differently at the hub"
+            );
+            self.probes.remove(0);
+            return Ok(false);
+        }
+        // The same rule as for load chunks: an emitted transaction the
+        // snapshot cannot see yet makes the rows older than the feed.
+        if let Some(x) = self.recent_xids.iter().find(|&&x| !snapshot.sees(x)) {
+            tracing::debug!(
+                xid = x,
+                "probe snapshot misses an emitted transaction; retrying"
+            );
+            return Ok(false);
+        }
+        // A full read covers the range up to its first row not kept (the
+        // SQL order is the encoded order, so it is the greatest key read).
+        let mut covered = probe.range.clone();
+        if limit.is_some_and(|l| n >= l)
+            && let Some((first_not_kept, _)) = rows.pop_last()
+        {
+            covered.hi = Some(first_not_kept);
+        }
+        rows.retain(|k, _| covered.contains(k));
+        self.probe_chunk = Some(ProbeChunk {
+            probe,
+            snapshot,
+            high,
+            table,
+            keys,
+            rows,
+            covered,
+        });
+        Ok(true)
+    }
+
+    /// Whether the probe chunk can be answered now: the log reached its
+    /// high mark. Unlike a load chunk, never because the server's position
+    /// stayed put a while (a busy or starved walsender can pause with
+    /// commits before the mark still unsent); the mark is the end of a
+    /// record, which the server reaches once it flushed it (pinged while
+    /// waiting).
+    fn probe_due(&self) -> bool {
+        self.txn.is_none()
+            && self
+                .probe_chunk
+                .as_ref()
+                .is_some_and(|c| self.pos.lsn >= c.high)
+    }
+
+    /// Answers the probe chunk into `answers`. The read ends after this:
+    /// answers go after every change of the read. When the table's shape
+    /// changed and the read already has events, nothing is answered and
+    /// the chunk waits for the next read (which reports the shape first).
+    fn emit_probe(
+        &mut self,
+        events: bool,
+        answers: &mut Vec<(usize, Entry)>,
+    ) -> Result<(), SourceError> {
+        let Some(chunk) = self.probe_chunk.take() else {
+            return Ok(());
+        };
+        let i = chunk.probe.resource;
+        let current = &self.tables[i].shape;
+        if current.columns != chunk.table.shape.columns || current.key != chunk.table.shape.key {
+            if events {
+                self.probe_chunk = Some(chunk);
+                return Ok(());
+            }
+            self.tables[i].shape = TableSchema {
+                version: current.version,
+                ..chunk.table.shape.clone()
+            };
+            self.tables[i].types = chunk.table.types.clone();
+            self.shapes_dirty = true;
+        }
+        let Some(at) = self.probes.iter().position(|p| *p == chunk.probe) else {
+            // Replaced meanwhile.
+            return Ok(());
+        };
+        if !ranges::keys_fit(&chunk.keys, &chunk.rows) {
+            tracing::warn!(
+                table = %chunk.table.shape.table,
+                run = chunk.probe.run,
+                "cannot compare with the hub: a key changed to a value that sorts differently at the hub"
+            );
+            self.probes.remove(at);
+            return Ok(());
+        }
+        let schema = self.tables[i].shape.clone();
+        let mut reader = ranges::Rows(&chunk.rows);
+        let mut part = Probe {
+            range: chunk.covered.clone(),
+            ..chunk.probe.clone()
+        };
+        let (entries, done) = probe::answer(&mut part, &schema, &mut reader, &mut self.budget)?;
+        answers.extend(entries.into_iter().map(|e| (i, e)));
+        // Where the rest of the probe's range begins, if anything is left.
+        let rest = if !done {
+            Some(part.range.lo)
+        } else if chunk.covered.hi != chunk.probe.range.hi {
+            chunk.covered.hi.clone()
+        } else {
+            None
+        };
+        let mut p = self.probes.remove(at);
+        if let Some(lo) = rest {
+            // Other probes get their turn.
+            p.range.lo = lo;
+            self.probes.push(p);
+        }
+        Ok(())
+    }
+
     /// The full row for an update whose log record left TOASTed columns out.
     async fn fetch_row(
         &self,
@@ -1101,6 +1369,7 @@ impl PgSource {
         let mut complete = false;
         let mut wait = self.cfg.poll_interval;
         let started = Instant::now();
+        let mut answers: Vec<(usize, Entry)> = Vec::new();
         loop {
             if out.len() >= limit && self.txn.is_none() {
                 break;
@@ -1115,16 +1384,38 @@ impl PgSource {
             if self.chunk_due() && !self.emit_chunk(&mut out, &mut marks) {
                 break;
             }
-            if self.chunk.is_none() && !self.pos.loads.is_empty() && out.len() < limit {
-                self.take_chunk().await?;
-                if self.chunk_due() {
+            if self.probe_due() {
+                // Answers end the read: they go after all of its changes.
+                self.emit_probe(!out.is_empty() || !marks.is_empty(), &mut answers)?;
+                break;
+            }
+            if self.chunk.is_none() && self.probe_chunk.is_none() && out.len() < limit {
+                // Load chunks and probes take turns.
+                let mut taken = false;
+                if !self.probes.is_empty() && (self.probe_turn || self.pos.loads.is_empty()) {
+                    taken = self.take_probe().await?;
+                    if taken {
+                        self.probe_turn = false;
+                    }
+                }
+                if !taken && !self.pos.loads.is_empty() {
+                    self.take_chunk().await?;
+                    if self.chunk.is_some() {
+                        self.probe_turn = true;
+                    }
+                }
+                if self.chunk_due() || self.probe_due() {
                     continue;
                 }
             }
             let due = self.last_status.is_none_or(|t| t.elapsed() >= STATUS_EVERY);
             // Ask the server where it is while a chunk waits for the log,
             // at most once a poll interval.
-            let want_reply = self.chunk.as_ref().is_some_and(|c| self.pos.lsn < c.high)
+            let want_reply = (self.chunk.as_ref().is_some_and(|c| self.pos.lsn < c.high)
+                || self
+                    .probe_chunk
+                    .as_ref()
+                    .is_some_and(|c| self.pos.lsn < c.high))
                 && self
                     .last_ping
                     .is_none_or(|t| t.elapsed() >= self.cfg.poll_interval);
@@ -1147,7 +1438,7 @@ impl PgSource {
                 Some(m) => m,
                 None => match tokio::time::timeout(wait, repl.recv()).await {
                     Err(_) => {
-                        if self.chunk_due() {
+                        if self.chunk_due() || self.probe_due() {
                             continue;
                         }
                         complete = self.txn.is_none();
@@ -1183,6 +1474,16 @@ impl PgSource {
             };
             match msg {
                 Message::Begin { final_lsn, xid } => {
+                    if self
+                        .probe_chunk
+                        .as_ref()
+                        .is_some_and(|c| final_lsn >= c.high)
+                    {
+                        // Everything the probe's snapshot saw is before this.
+                        self.pushback = Some(Message::Begin { final_lsn, xid });
+                        self.emit_probe(!out.is_empty() || !marks.is_empty(), &mut answers)?;
+                        break;
+                    }
                     if self.chunk.as_ref().is_some_and(|c| final_lsn >= c.high) {
                         // Everything the chunk's snapshot saw is before this.
                         if !self.emit_chunk(&mut out, &mut marks) {
@@ -1241,6 +1542,14 @@ impl PgSource {
                             self.tables[i].shape = shape;
                             self.tables[i].types = types;
                             self.shapes_dirty = true;
+                            if self
+                                .probe_chunk
+                                .as_ref()
+                                .is_some_and(|c| c.probe.resource == i)
+                            {
+                                // Read under another shape: read it again.
+                                self.probe_chunk = None;
+                            }
                         }
                     }
                 }
@@ -1266,6 +1575,14 @@ impl PgSource {
                             let Some(&i) = self.by_oid.get(&rel) else {
                                 continue;
                             };
+                            if self
+                                .probe_chunk
+                                .as_ref()
+                                .is_some_and(|c| c.probe.resource == i)
+                            {
+                                // Read it again after the truncate.
+                                self.probe_chunk = None;
+                            }
                             let id = self.new_id();
                             marks.push((
                                 out.len(),
@@ -1322,7 +1639,8 @@ impl PgSource {
             position: self.pos.text()?,
             complete,
             skipped_null_keys: 0,
-            ..SourceRead::default()
+            probes: answers,
+            probes_pending: !self.probes.is_empty(),
         })
     }
 
@@ -1420,6 +1738,26 @@ impl PgSource {
                 chunk.rows.remove(&encode_key(&c.key));
             }
         }
+        if let Some(chunk) = self.probe_chunk.as_mut()
+            && chunk.probe.resource == i
+            && !chunk.snapshot.sees(xid)
+        {
+            // The snapshot misses this change: bring its rows up to it.
+            for c in &emitted {
+                let k = encode_key(&c.key);
+                if !chunk.covered.contains(&k) {
+                    continue;
+                }
+                match &c.row {
+                    Some(row) => {
+                        chunk.rows.insert(k, (c.key.clone(), row.clone()));
+                    }
+                    None => {
+                        chunk.rows.remove(&k);
+                    }
+                }
+            }
+        }
         out.extend(emitted);
         Ok(())
     }
@@ -1453,6 +1791,7 @@ impl Source for PgSource {
             self.txn = None;
             self.pushback = None;
             self.chunk = None;
+            self.probe_chunk = None;
             self.pos = Position::parse(after)?.unwrap_or_default();
         }
         let fresh = after.is_empty() && self.last_returned.is_none();
@@ -1539,6 +1878,29 @@ impl Source for PgSource {
 
     fn request_resync(&mut self, resource: usize, reason: String) -> Result<(), SourceError> {
         self.requests.push((resource, reason));
+        Ok(())
+    }
+
+    /// Queues a comparison; it is answered at an exact point of the log
+    /// (see [`PgSource::take_probe`]). Refused for tables whose keys sort
+    /// differently in PostgreSQL than at the hub.
+    fn probe(&mut self, probe: Probe) -> Result<(), SourceError> {
+        let Some(table) = self.tables.get(probe.resource) else {
+            return Err(SourceError::Unsupported(format!(
+                "no resource number {}",
+                probe.resource
+            )));
+        };
+        let keys = ranges::key_cols(table)?;
+        ranges::check_range(table, &keys, &probe.range)?;
+        let same = |p: &Probe| {
+            p.resource == probe.resource && p.run == probe.run && p.range.hi == probe.range.hi
+        };
+        self.probes.retain(|p| !same(p));
+        if self.probe_chunk.as_ref().is_some_and(|c| same(&c.probe)) {
+            self.probe_chunk = None;
+        }
+        self.probes.push(probe);
         Ok(())
     }
 }
