@@ -363,6 +363,10 @@ impl VerifyRecord {
             },
             0,
         );
+        if origin == RunOrigin::Agent {
+            // The agent began this scan itself: nothing was sent for it.
+            run.bytes_sent = 0;
+        }
         self.run = Some(run);
         id
     }

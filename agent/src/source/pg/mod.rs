@@ -1882,7 +1882,7 @@ impl Source for PgSource {
     }
 
     /// Queues a comparison; it is answered at an exact point of the log
-    /// (see [`PgSource::take_probe`]). Refused for tables whose keys sort
+    /// (see `take_probe`). Refused for tables whose keys sort
     /// differently in PostgreSQL than at the hub.
     fn probe(&mut self, probe: Probe) -> Result<(), SourceError> {
         let Some(table) = self.tables.get(probe.resource) else {
