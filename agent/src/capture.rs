@@ -15,7 +15,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
 use shuyuan_protocol::batch::{Entry, ZeroUpdate};
-use shuyuan_protocol::message::VerifyMode;
+use shuyuan_protocol::message::{VerifyMode, VerifyRefusal};
 use shuyuan_protocol::{FeedId, KeyRange, NodeKey, Resync, RowChange, TableSchema, UnixMillis};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -130,8 +130,12 @@ pub enum CaptureRequest {
         reason: String,
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
-    /// Compare a key range with the hub (asked by the hub).
-    Probe(Probe),
+    /// Compare a key range with the hub (asked by the hub); a refusal goes
+    /// back to the hub.
+    Probe {
+        probe: Probe,
+        refusals: tokio::sync::mpsc::UnboundedSender<VerifyRefusal>,
+    },
     /// Compare a whole resource with the hub (asked by the operator);
     /// answers with the run's id.
     Verify {
@@ -345,16 +349,21 @@ impl CaptureLoop {
                         .map_err(|e| e.to_string());
                     let _ = reply.send(answer);
                 }
-                CaptureRequest::Probe(p) => {
-                    let (resource, run, range) = (p.resource, p.run, p.range.clone());
+                CaptureRequest::Probe { probe, refusals } => {
+                    let (resource, run, range) = (probe.resource, probe.run, probe.range.clone());
                     self.last_run = self.last_run.max(run);
-                    match self.source.probe(p) {
+                    match self.source.probe(probe) {
                         Ok(()) => {
                             tracing::debug!(resource, run, %range, "comparison with the hub queued");
                             self.probes_pending = true;
                         }
                         Err(e) => {
-                            tracing::warn!(resource, run, error = %e, "cannot compare with the hub")
+                            tracing::warn!(resource, run, error = %e, "cannot compare with the hub; telling it why");
+                            let _ = refusals.send(VerifyRefusal {
+                                feed: self.feeds[resource].0.clone(),
+                                run,
+                                reason: e.to_string(),
+                            });
                         }
                     }
                 }

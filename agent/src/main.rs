@@ -491,6 +491,9 @@ async fn verify(config: &Config, resource: &str, wait: Option<std::time::Duratio
             if v.verified {
                 return Ok(());
             }
+            if v.refused {
+                bail!("{resource} cannot be compared with the hub's copy");
+            }
             bail!("the hub's copy of {resource} still differs from the source");
         }
         if std::time::Instant::now() >= deadline {

@@ -423,7 +423,11 @@ pub fn render_outcome(v: &VerifyOutcome) -> String {
     format!(
         "last comparison with the source (一致性核验), run {}: {} at seq #{}; {} ranges compared, {} differed, {} rows rewritten, {} removed, {} bytes exchanged",
         v.run,
-        if v.verified { "VERIFIED" } else { "DIVERGED" },
+        match (v.refused, v.verified) {
+            (true, _) => "NOT VERIFIABLE",
+            (false, true) => "VERIFIED",
+            (false, false) => "DIVERGED",
+        },
         v.seq,
         v.ranges_compared,
         v.ranges_differing,

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use quinn::{ConnectionError, Endpoint, ReadError, WriteError};
 use shuyuan_protocol::message::{
-    AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject,
+    AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, VerifyRefusal,
 };
 use shuyuan_protocol::quic::{self, QuicError};
 use shuyuan_protocol::window::{SendWindow, WindowError};
@@ -299,6 +299,7 @@ impl Uplink {
             .begin_sync(&hub)
             .map_err(|e| SessionError::Setup(e.to_string()))?;
         let catalog_changed = self.catalog.changed();
+        let (refusals_tx, mut refusals_rx) = mpsc::unbounded_channel::<VerifyRefusal>();
         self.send_catalog(&mut send).await?;
 
         // The reader only ever holds acks and rejections for batches the
@@ -339,11 +340,16 @@ impl Uplink {
                         self.send_catalog(&mut send).await?;
                     }
                     Some(Ok(Some(Message::V1(MessageV1::CatalogRefused(r))))) => self.catalog_refused(&r),
-                    Some(Ok(Some(Message::V1(m)))) => self.handle(&mut window, m)?,
+                    Some(Ok(Some(Message::V1(m)))) => self.handle(&mut window, m, &refusals_tx)?,
                     Some(Ok(None)) | None => return Err(SessionError::Lost("the hub closed the stream".into())),
                     Some(Err(e)) => return Err(self.quic_error(e)),
                 },
                 _ = catalog_changed.notified() => self.send_catalog(&mut send).await?,
+                Some(refusal) = refusals_rx.recv() => {
+                    quic::write_message(&mut send, &MessageV1::VerifyRefused(refusal).into())
+                        .await
+                        .map_err(|e| self.quic_error(e))?;
+                }
                 _ = self.sealed.notified() => {
                     for (feed, state) in self.outbox.feeds()? {
                         window.set_head(&feed, state.head.last_seq);
@@ -367,7 +373,12 @@ impl Uplink {
         }
     }
 
-    fn handle(&self, window: &mut SendWindow, m: MessageV1) -> Result<(), SessionError> {
+    fn handle(
+        &self,
+        window: &mut SendWindow,
+        m: MessageV1,
+        refusals: &mpsc::UnboundedSender<VerifyRefusal>,
+    ) -> Result<(), SessionError> {
         let now = UnixMillis::now();
         match m {
             MessageV1::Ack(ack) => {
@@ -405,12 +416,15 @@ impl Uplink {
                 match resource {
                     Some(resource) => {
                         tracing::debug!(feed = %v.feed, run = v.run, range = %v.range, "the hub asks to compare a range");
-                        let _ = self.requests.send(CaptureRequest::Probe(Probe {
-                            resource,
-                            run: v.run,
-                            range: v.range,
-                            mode: v.mode,
-                        }));
+                        let _ = self.requests.send(CaptureRequest::Probe {
+                            probe: Probe {
+                                resource,
+                                run: v.run,
+                                range: v.range,
+                                mode: v.mode,
+                            },
+                            refusals: refusals.clone(),
+                        });
                     }
                     None => {
                         tracing::warn!(feed = %v.feed, "the hub asks to compare a resource this agent does not share; ignored")
@@ -419,7 +433,9 @@ impl Uplink {
                 Ok(())
             }
             MessageV1::Verified(outcome) => {
-                if outcome.verified {
+                if outcome.refused {
+                    tracing::warn!(feed = %outcome.feed, run = outcome.run, detail = %outcome.detail, "the hub could not verify its copy");
+                } else if outcome.verified {
                     tracing::info!(feed = %outcome.feed, run = outcome.run, seq = outcome.seq, repaired = outcome.rows_repaired, removed = outcome.rows_removed, "the hub verified its copy against the source");
                 } else {
                     tracing::warn!(feed = %outcome.feed, run = outcome.run, detail = %outcome.detail, "the hub's copy still differs from the source");

@@ -344,6 +344,9 @@ async fn stream_batches(
                 }
             }
             MessageV1::Report(report) => ingest.live.report(id, report),
+            MessageV1::VerifyRefused(refusal) if refusal.feed.department == *department => {
+                ingest.store.refuse_verify(peer, refusal).await;
+            }
             MessageV1::Catalog(sync) => {
                 receive_catalog(ingest, peer, enrollment, sync, &out_tx).await
             }
@@ -515,6 +518,7 @@ fn message_name(m: &MessageV1) -> &'static str {
         MessageV1::CatalogRefused(_) => "CatalogRefused",
         MessageV1::Verify(_) => "Verify",
         MessageV1::Verified(_) => "Verified",
+        MessageV1::VerifyRefused(_) => "VerifyRefused",
     }
 }
 

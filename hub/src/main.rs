@@ -446,6 +446,7 @@ async fn verify(
         println!(
             "{feed}: {} at seq #{} — {}",
             match (verified, run.ranges_differing) {
+                _ if end.is_some_and(|e| e.refused) => "NOT VERIFIABLE",
                 (true, 0) => "VERIFIED",
                 (true, _) => "REPAIRED and verified",
                 (false, _) => "DIVERGED",

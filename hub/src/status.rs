@@ -387,6 +387,15 @@ impl HubStatus {
                     None => {}
                 }
                 let _ = writeln!(s, "        {}", render_verdict(&r.verdict));
+                if let Some(end) = r
+                    .verification
+                    .as_ref()
+                    .and_then(|v| v.last_run.as_ref())
+                    .and_then(|run| run.finished.as_ref())
+                    .filter(|e| e.refused)
+                {
+                    let _ = writeln!(s, "        last comparison not possible: {}", end.detail);
+                }
                 if let Some(run) = r.verification.as_ref().and_then(|v| v.run.as_ref()) {
                     let _ = writeln!(
                         s,

@@ -17,6 +17,7 @@
 //! hub   -> agent Verify   (send the source's digests, or rows, of a key
 //!                          range as feed entries)
 //! hub   -> agent Verified (how a verification of a resource ended)
+//! agent -> hub   VerifyRefused (the source cannot be compared, why)
 //! ```
 
 use std::fmt;
@@ -51,6 +52,17 @@ pub enum MessageV1 {
     CatalogRefused(CatalogRefusal),
     Verify(VerifyRequest),
     Verified(VerifyOutcome),
+    VerifyRefused(VerifyRefusal),
+}
+
+/// The agent cannot answer a verification request (the connector cannot
+/// compare this table, for example its key type sorts differently at the
+/// source); the hub ends the run as not verifiable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyRefusal {
+    pub feed: FeedId,
+    pub run: u64,
+    pub reason: String,
 }
 
 /// The hub asks the agent to compare a key range of a resource with the
@@ -93,6 +105,8 @@ pub struct VerifyOutcome {
     /// Bytes of range entries the hub received and requests it sent.
     pub bytes_exchanged: u64,
     pub detail: String,
+    /// The agent could not compare the resource: the run proves nothing.
+    pub refused: bool,
 }
 
 /// One automerge sync message of a department's catalog document.

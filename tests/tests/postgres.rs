@@ -569,3 +569,48 @@ fn verify_finds_exactly_the_rows_changed_behind_capture_while_writes_go_on() -> 
     sb.assert_no_rejections()?;
     Ok(())
 }
+
+#[test]
+fn verify_of_a_key_that_sorts_differently_ends_at_once_with_the_reason() -> Result<()> {
+    let _one = serial();
+    let mut sb = Sandbox::new()?;
+    let (_pg, _agent, _resources) = one_table(
+        &mut sb,
+        &[
+            "CREATE TABLE price (code numeric PRIMARY KEY, amount int)",
+            "INSERT INTO price SELECT g / 10.0, g FROM generate_series(1, 200) g",
+        ],
+        "PRICE",
+        "price",
+    )?;
+    let feed = format!("{DEPT}:PRICE");
+    let started = Instant::now();
+    let out = std::process::Command::new(shuyuan_tests::bin("shuyuan-hub"))
+        .arg("--config")
+        .arg(&sb.hub.config)
+        .args(["verify", &feed, "--timeout", "120"])
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    // Refused with the reason, not left to time out; nothing is claimed.
+    assert!(!out.status.success(), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(60), "{text}");
+    assert!(
+        text.contains("NOT VERIFIABLE") && text.contains("sort"),
+        "{text}"
+    );
+    let status = sb.hub.feed_status(&feed)?.context("no feed")?;
+    assert_eq!(
+        status["verification"]["last_run"]["finished"]["refused"],
+        true
+    );
+    assert_ne!(status["verdict"]["state"], "diverged", "{status:#}");
+    let audit = sb.hub.audit()?;
+    assert!(
+        audit
+            .iter()
+            .any(|a| a["kind"] == "verify_refused" && a["feed"] == feed.as_str()),
+        "{audit:#?}"
+    );
+    Ok(())
+}

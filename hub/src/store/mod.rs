@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use shuyuan_protocol::message::{Ack, Reject, VerifyOutcome};
+use shuyuan_protocol::message::{Ack, Reject, VerifyOutcome, VerifyRefusal};
 use shuyuan_protocol::{
     BatchBody, BatchHash, DepartmentCode, FeedCursor, FeedId, NodeId, RejectReason, SignedBatch,
     TableSchema, UnixMillis, Value,
@@ -159,6 +159,8 @@ pub enum AuditKind {
     Diverged,
     /// A verification run that found differences ended: what was repaired.
     Repaired,
+    /// The agent cannot compare a resource with its source (why).
+    VerifyRefused,
 }
 
 /// One row of the audit log.
@@ -243,6 +245,11 @@ pub enum WriteOp {
         feed: FeedId,
         reason: String,
         outcome: Option<Result<u64, String>>,
+    },
+    /// The agent cannot answer a run: it ends, proving nothing.
+    RefuseVerify {
+        peer: NodeId,
+        refusal: VerifyRefusal,
     },
 }
 
@@ -381,6 +388,10 @@ enum Command {
         feed: FeedId,
         reason: String,
         reply: oneshot::Sender<Result<Result<u64, String>, StoreError>>,
+    },
+    RefuseVerify {
+        peer: NodeId,
+        refusal: VerifyRefusal,
     },
     /// Answered once everything queued before it has been decided.
     Barrier(oneshot::Sender<()>),
@@ -521,6 +532,12 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)
     }
 
+    /// The agent cannot answer a verification run (recorded without
+    /// waiting).
+    pub async fn refuse_verify(&self, peer: NodeId, refusal: VerifyRefusal) {
+        let _ = self.tx.send(Command::RefuseVerify { peer, refusal }).await;
+    }
+
     /// A connection ended; forget its per-connection state.
     pub fn connection_closed(&self, conn: u64) {
         let _ = self.tx.try_send(Command::Closed { conn });
@@ -603,6 +620,10 @@ fn write_loop(
                 Command::SaveCatalog { save, reply } => {
                     ops.push(WriteOp::SaveCatalog(save));
                     replies.push(Reply::Saved(reply));
+                }
+                Command::RefuseVerify { peer, refusal } => {
+                    ops.push(WriteOp::RefuseVerify { peer, refusal });
+                    replies.push(Reply::None);
                 }
                 Command::StartVerify {
                     feed,

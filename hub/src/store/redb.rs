@@ -27,8 +27,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shuyuan_protocol::batch::{Entry, RangeDigest, RangeRepair, Resync};
 use shuyuan_protocol::encoding::{decode, encode};
-use shuyuan_protocol::message::VerifyMode;
 use shuyuan_protocol::message::{Ack, Reject};
+use shuyuan_protocol::message::{VerifyMode, VerifyRefusal};
 use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
 use shuyuan_protocol::value::{decode_key, describe_key, encode_key};
 use shuyuan_protocol::{
@@ -453,6 +453,39 @@ impl<'t> Tables<'t> {
             .map_err(storage)?;
         events.push(VerifyEvent::Requests(feed.clone()));
         Ok(Ok(id))
+    }
+
+    /// Ends a run the agent cannot answer, and audits why.
+    fn refuse_verify(
+        &mut self,
+        peer: NodeId,
+        refusal: &VerifyRefusal,
+        events: &mut Vec<VerifyEvent>,
+    ) -> Result<(), StoreError> {
+        let key = refusal.feed.to_string();
+        let mut vr = self.verify_record(&key)?;
+        let Some(mut run) = vr.run.take().filter(|r| r.id == refusal.run) else {
+            return Ok(()); // not the run in progress (ended or superseded)
+        };
+        let seq = self.feed(&key)?.cursor.last_seq;
+        run.refuse(self.now, seq, &refusal.reason);
+        tracing::warn!(feed = %refusal.feed, run = run.id, reason = %refusal.reason, "the agent cannot compare the resource with its source");
+        self.audit(AuditEntry {
+            id: 0,
+            at: self.now,
+            kind: AuditKind::VerifyRefused,
+            peer: Some(peer),
+            feed: Some(refusal.feed.clone()),
+            seq: Some(seq),
+            reason: None,
+            detail: format!("run {}: {}", run.id, refusal.reason),
+        })?;
+        events.push(VerifyEvent::Finished(run.outcome(&refusal.feed)));
+        vr.last_run = Some(run);
+        self.verify
+            .insert(key.as_str(), enc(&vr)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
     }
 
     fn apply(
@@ -1101,6 +1134,9 @@ impl Backend for RedbBackend {
                         reason,
                         outcome,
                     } => *outcome = Some(t.start_verify(feed, reason, events)?),
+                    WriteOp::RefuseVerify { peer, refusal } => {
+                        t.refuse_verify(*peer, refusal, events)?;
+                    }
                     WriteOp::SaveCatalog(save) => {
                         if let Some(document) = &save.document {
                             let mut docs = tx.open_table(CATALOGS).map_err(storage)?;

@@ -123,6 +123,9 @@ pub struct RunEnd {
     pub seq: u64,
     pub verified: bool,
     pub detail: String,
+    /// The agent cannot compare this resource with its source: the run
+    /// proves nothing either way.
+    pub refused: bool,
 }
 
 impl VerifyRun {
@@ -205,6 +208,7 @@ impl VerifyRun {
             rows_removed: self.rows_removed,
             bytes_exchanged: self.bytes_received + self.bytes_sent,
             detail: end.map_or_else(String::new, |e| e.detail.clone()),
+            refused: end.is_some_and(|e| e.refused),
         }
     }
 
@@ -235,8 +239,21 @@ impl VerifyRun {
             seq,
             verified,
             detail,
+            refused: false,
         });
         true
+    }
+
+    /// Ends the run because the agent cannot answer it.
+    pub fn refuse(&mut self, now: UnixMillis, seq: u64, reason: &str) {
+        self.pending.clear();
+        self.finished = Some(RunEnd {
+            at: now,
+            seq,
+            verified: false,
+            detail: format!("the agent cannot compare this resource with its source: {reason}"),
+            refused: true,
+        });
     }
 }
 
@@ -294,7 +311,7 @@ impl VerifyRecord {
             (c.at, verdict)
         });
         let from_run = self.last_run.as_ref().and_then(|r| {
-            let end = r.finished.as_ref()?;
+            let end = r.finished.as_ref().filter(|e| !e.refused)?;
             let verdict = if end.verified {
                 Verdict::Verified {
                     seq: end.seq,
@@ -342,6 +359,7 @@ impl VerifyRecord {
                 seq,
                 verified: false,
                 detail: "superseded by a newer run".into(),
+                refused: false,
             });
             self.last_run = Some(old);
         }
