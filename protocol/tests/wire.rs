@@ -9,9 +9,12 @@ use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::frame::{Decoded, LENGTH_PREFIX, decode_frame, encode_frame};
 use shuyuan_protocol::message::{
     Ack, AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Message, MessageV1, Reject,
-    RejectReason, Welcome,
+    RejectReason, VerifyMode, VerifyOutcome, VerifyRefusal, VerifyRequest, Welcome,
 };
-use shuyuan_protocol::{FeedId, NodeKey, UnixMillis, Value};
+use shuyuan_protocol::value::encode_key;
+use shuyuan_protocol::{
+    Digest, FeedId, KeyRange, NodeKey, RangeDigest, RangeRepair, RowSeed, UnixMillis, Value,
+};
 
 fn value() -> impl Strategy<Value = Value> {
     prop_oneof![
@@ -152,6 +155,34 @@ fn message() -> impl Strategy<Value = Message> {
                 reason: RejectReason::from(code),
                 detail,
             })
+        }),
+        (
+            feed(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..20),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..20)),
+            any::<bool>(),
+            any::<u16>(),
+        )
+            .prop_map(|(feed, run, lo, hi, split, n)| {
+                MessageV1::Verify(VerifyRequest {
+                    feed,
+                    run,
+                    range: KeyRange { lo, hi },
+                    mode: if split {
+                        VerifyMode::Split {
+                            parts: n,
+                            leaf_rows: n,
+                        }
+                    } else {
+                        VerifyMode::Scan {
+                            chunk_rows: u32::from(n),
+                        }
+                    },
+                })
+            }),
+        (feed(), any::<u64>(), any::<String>()).prop_map(|(feed, run, reason)| {
+            MessageV1::VerifyRefused(VerifyRefusal { feed, run, reason })
         }),
         (any::<u64>(), any::<u64>(), any::<bool>()).prop_map(|(a, b, p)| MessageV1::Report(
             AgentReport {
@@ -336,6 +367,117 @@ fn golden_batch_frame() {
         blake3_hex(&batch.body),
         "batch hash is blake3 over context and body"
     );
+}
+
+/// The consistency entries and messages, pinned byte for byte, together
+/// with the digest of a fixed set of rows: seeds must never change, or
+/// agents and hubs of different versions would disagree about equal data.
+#[test]
+fn golden_verification_frames() {
+    let key = NodeKey::from_seed([42; 32]);
+    let feed: FeedId = "GA-330902:A01/0001".parse().unwrap();
+    let k = |i: i64| encode_key(&[Value::Int(i)]);
+    let row = |i: i64| vec![Value::Int(i), Value::Text(format!("第{i}行")), Value::Null];
+    let mut digest = Digest::new();
+    for i in 1..=3 {
+        digest.add(&RowSeed::of(&[Value::Int(i)], &row(i)));
+    }
+    let summary = digest.summary();
+    let body = BatchBody {
+        feed: feed.clone(),
+        seq: 9,
+        prev: BatchHash([0xcd; 32]),
+        created_at: UnixMillis(1_795_219_200_000),
+        entries: vec![
+            Entry::Checkpoint(summary),
+            Entry::RangeDigest(RangeDigest {
+                run: 1_795_219_200_001,
+                range: KeyRange {
+                    lo: Vec::new(),
+                    hi: Some(k(100)),
+                },
+                digest: summary,
+            }),
+            Entry::RangeRepair(RangeRepair {
+                run: 1_795_219_200_001,
+                range: KeyRange {
+                    lo: k(100),
+                    hi: None,
+                },
+                rows: vec![RowChange {
+                    op: Op::Update,
+                    key: vec![Value::Int(100)],
+                    row: Some(row(100)),
+                    schema_version: 1,
+                }],
+            }),
+        ],
+    };
+    body.validate().unwrap();
+    let messages = [
+        MessageV1::Batch(SignedBatch::seal(&key, &body).unwrap()),
+        MessageV1::Verify(VerifyRequest {
+            feed: feed.clone(),
+            run: 7,
+            range: KeyRange {
+                lo: k(1),
+                hi: Some(k(5000)),
+            },
+            mode: VerifyMode::Split {
+                parts: 16,
+                leaf_rows: 16,
+            },
+        }),
+        MessageV1::Verified(VerifyOutcome {
+            feed: feed.clone(),
+            run: 7,
+            verified: true,
+            seq: 12,
+            ranges_compared: 40,
+            ranges_differing: 3,
+            rows_repaired: 2,
+            rows_removed: 1,
+            bytes_exchanged: 4096,
+            detail: "repaired".into(),
+            refused: false,
+        }),
+        MessageV1::VerifyRefused(VerifyRefusal {
+            feed,
+            run: 8,
+            reason: "numeric key".into(),
+        }),
+    ];
+    let mut lines: Vec<String> = vec![format!(
+        "{}:{}",
+        summary.rows,
+        summary
+            .hash
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )];
+    for m in messages {
+        let frame = encode_frame(&Message::V1(m)).unwrap();
+        lines.push(frame.iter().map(|b| format!("{b:02x}")).collect());
+    }
+    let text = lines.join("\n");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/verify_v1.hex");
+    if std::env::var_os("SHUYUAN_BLESS").is_some() {
+        std::fs::write(&path, format!("{text}\n")).unwrap();
+    }
+    let golden = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        text,
+        golden.trim(),
+        "row seeds or the wire format changed; if deliberate, bless the fixture"
+    );
+    // The digest summary is what was pinned, whatever order the rows come in.
+    let mut reversed = Digest::new();
+    for i in (1..=3).rev() {
+        reversed.add(&RowSeed::of(&[Value::Int(i)], &row(i)));
+    }
+    assert_eq!(reversed.summary(), summary);
 }
 
 fn blake3_hex(body: &[u8]) -> String {
