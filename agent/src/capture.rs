@@ -71,12 +71,12 @@ pub struct CaptureLoop {
     released: Option<String>,
     last_release: Option<UnixMillis>,
     totals: Totals,
-    acks: Receiver<AckNote>,
+    inbox: Receiver<CaptureInput>,
     pending_acks: Vec<AckNote>,
+    pending_requests: Vec<CaptureRequest>,
     sealed: Arc<Notify>,
     status: StatusBoard,
     catalog: Catalog,
-    requests: Receiver<CaptureRequest>,
     skipped_null_keys: u64,
     /// Encoded bytes per change in the latest batches, for sizing reads.
     bytes_per_change: u64,
@@ -109,15 +109,21 @@ fn same_shape(a: &TableSchema, b: &TableSchema) -> bool {
 /// How the capture loop talks to the rest of the agent.
 #[derive(Debug)]
 pub struct CaptureLinks {
-    /// Acks from the uplink.
-    pub acks: Receiver<AckNote>,
+    /// Acks and the hub's requests from the uplink, operator requests from
+    /// the control socket: one queue, so any of them wakes the loop.
+    pub inbox: Receiver<CaptureInput>,
     /// Woken when new batches are in the outbox.
     pub sealed: Arc<Notify>,
     pub status: StatusBoard,
     /// Told about table shapes, asked for update cycles.
     pub catalog: Catalog,
-    /// Operator requests from the control socket.
-    pub requests: Receiver<CaptureRequest>,
+}
+
+/// What reaches the capture loop.
+#[derive(Debug)]
+pub enum CaptureInput {
+    Ack(AckNote),
+    Request(CaptureRequest),
 }
 
 /// A request to the capture loop.
@@ -154,11 +160,10 @@ impl CaptureLoop {
         links: CaptureLinks,
     ) -> Result<Self, CaptureError> {
         let CaptureLinks {
-            acks,
+            inbox,
             sealed,
             status,
             catalog,
-            requests,
         } = links;
         let stored = outbox.feeds()?;
         let feeds = config
@@ -194,12 +199,12 @@ impl CaptureLoop {
             released: None,
             last_release: None,
             totals,
-            acks,
+            inbox,
             pending_acks: Vec::new(),
+            pending_requests: Vec::new(),
             sealed,
             status,
             catalog,
-            requests,
             skipped_null_keys: 0,
             bytes_per_change: 256,
             digests,
@@ -249,8 +254,9 @@ impl CaptureLoop {
             } else {
                 self.poll_interval()
             };
-            match self.acks.recv_timeout(wait) {
-                Ok(note) => self.pending_acks.push(note),
+            match self.inbox.recv_timeout(wait) {
+                Ok(CaptureInput::Ack(note)) => self.pending_acks.push(note),
+                Ok(CaptureInput::Request(r)) => self.pending_requests.push(r),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(self.poll_interval()),
             }
@@ -336,7 +342,13 @@ impl CaptureLoop {
     /// One round. Returns whether more changes are waiting right now.
     pub fn step(&mut self, now: UnixMillis) -> Result<bool, CaptureError> {
         self.try_release(now);
-        while let Ok(request) = self.requests.try_recv() {
+        while let Ok(input) = self.inbox.try_recv() {
+            match input {
+                CaptureInput::Ack(note) => self.pending_acks.push(note),
+                CaptureInput::Request(r) => self.pending_requests.push(r),
+            }
+        }
+        for request in std::mem::take(&mut self.pending_requests) {
             match request {
                 CaptureRequest::Resync {
                     resource,
@@ -394,9 +406,6 @@ impl CaptureLoop {
 
         let mut feeds = self.feeds.clone();
         let mut commit = Commit::default();
-        while let Ok(note) = self.acks.try_recv() {
-            self.pending_acks.push(note);
-        }
         let mut prune: BTreeMap<usize, u64> = BTreeMap::new();
         for note in self.pending_acks.drain(..) {
             if let Some(i) = feeds.iter().position(|(f, _)| *f == note.feed) {

@@ -30,7 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::{CaptureError, CaptureLinks, CaptureLoop, CaptureRequest};
+use crate::capture::{CaptureError, CaptureInput, CaptureLinks, CaptureLoop, CaptureRequest};
 use crate::catalog::{Catalog, CatalogStoreError, CatalogView};
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError};
@@ -122,19 +122,17 @@ impl Agent {
         let source = source::open(&config)?;
         let status = StatusBoard::new(AgentStatus::initial(&config, key.id().to_string(), true));
         let sealed = Arc::new(Notify::new());
-        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
-        let (request_tx, request_rx) = std::sync::mpsc::channel();
+        let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
         let capture = CaptureLoop::new(
             config.clone(),
             key.clone(),
             outbox.clone(),
             source,
             CaptureLinks {
-                acks: ack_rx,
+                inbox: inbox_rx,
                 sealed: sealed.clone(),
                 status: status.clone(),
                 catalog: catalog.clone(),
-                requests: request_rx,
             },
         )?;
         let socket = config.control_socket();
@@ -158,17 +156,16 @@ impl Agent {
             config: config.clone(),
             key,
             outbox,
-            acks: ack_tx,
+            capture: inbox_tx.clone(),
             sealed,
             status: status.clone(),
             catalog: catalog.clone(),
-            requests: request_tx.clone(),
         };
         let uplink = tokio::spawn(uplink.run(cancel.clone()));
         let links = ControlLinks {
             status: status.clone(),
             catalog: catalog.clone(),
-            capture: Arc::new(std::sync::Mutex::new(request_tx)),
+            capture: Arc::new(std::sync::Mutex::new(inbox_tx)),
             config: config.clone(),
         };
         let control = tokio::spawn(control::serve(
@@ -221,7 +218,7 @@ impl Agent {
 struct ControlLinks {
     status: StatusBoard,
     catalog: Catalog,
-    capture: Arc<std::sync::Mutex<std::sync::mpsc::Sender<CaptureRequest>>>,
+    capture: Arc<std::sync::Mutex<std::sync::mpsc::Sender<CaptureInput>>>,
     config: Arc<Config>,
 }
 
@@ -229,7 +226,7 @@ struct ControlLinks {
 /// its answer.
 async fn ask_capture<T>(
     config: &Config,
-    capture: &std::sync::Mutex<std::sync::mpsc::Sender<CaptureRequest>>,
+    capture: &std::sync::Mutex<std::sync::mpsc::Sender<CaptureInput>>,
     resource: &str,
     request: impl FnOnce(usize, tokio::sync::oneshot::Sender<Result<T, String>>) -> CaptureRequest,
 ) -> Result<T, String> {
@@ -242,7 +239,7 @@ async fn ask_capture<T>(
     capture
         .lock()
         .map_err(|_| "capture is not running".to_string())?
-        .send(request(i, reply))
+        .send(CaptureInput::Request(request(i, reply)))
         .map_err(|_| "capture is not running".to_string())?;
     answer.await.map_err(|_| "capture stopped".to_string())?
 }

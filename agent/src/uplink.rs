@@ -24,7 +24,7 @@ use shuyuan_protocol::{FeedId, Message, MessageV1, NodeKey, UnixMillis};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::capture::{AckNote, CaptureRequest};
+use crate::capture::{AckNote, CaptureInput, CaptureRequest};
 use crate::catalog::{Catalog, CatalogStoreError};
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError};
@@ -68,12 +68,11 @@ pub struct Uplink {
     pub config: Arc<Config>,
     pub key: NodeKey,
     pub outbox: Outbox,
-    pub acks: Sender<AckNote>,
+    /// Acks, and the hub's comparison requests, go to the capture loop.
+    pub capture: Sender<CaptureInput>,
     pub sealed: Arc<Notify>,
     pub status: StatusBoard,
     pub catalog: Catalog,
-    /// The hub's comparison requests go to the capture loop.
-    pub requests: Sender<CaptureRequest>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -288,7 +287,9 @@ impl Uplink {
         let now = UnixMillis::now();
         for (feed, seq) in prune {
             if seq > local.get(&feed).map_or(0, |s| s.acked) {
-                let _ = self.acks.send(AckNote { feed, seq, at: now });
+                let _ = self
+                    .capture
+                    .send(CaptureInput::Ack(AckNote { feed, seq, at: now }));
             }
         }
         *established = true;
@@ -383,11 +384,11 @@ impl Uplink {
         match m {
             MessageV1::Ack(ack) => {
                 if let Some(seq) = window.on_ack(&ack.feed, ack.seq)? {
-                    let _ = self.acks.send(AckNote {
+                    let _ = self.capture.send(CaptureInput::Ack(AckNote {
                         feed: ack.feed,
                         seq,
                         at: now,
-                    });
+                    }));
                 }
                 Ok(())
             }
@@ -400,7 +401,9 @@ impl Uplink {
                     )));
                 };
                 if let Some(seq) = window.on_reject(&feed, r.resend_from, now)? {
-                    let _ = self.acks.send(AckNote { feed, seq, at: now });
+                    let _ = self
+                        .capture
+                        .send(CaptureInput::Ack(AckNote { feed, seq, at: now }));
                 }
                 Ok(())
             }
@@ -416,15 +419,17 @@ impl Uplink {
                 match resource {
                     Some(resource) => {
                         tracing::debug!(feed = %v.feed, run = v.run, range = %v.range, "the hub asks to compare a range");
-                        let _ = self.requests.send(CaptureRequest::Probe {
-                            probe: Probe {
-                                resource,
-                                run: v.run,
-                                range: v.range,
-                                mode: v.mode,
-                            },
-                            refusals: refusals.clone(),
-                        });
+                        let _ = self
+                            .capture
+                            .send(CaptureInput::Request(CaptureRequest::Probe {
+                                probe: Probe {
+                                    resource,
+                                    run: v.run,
+                                    range: v.range,
+                                    mode: v.mode,
+                                },
+                                refusals: refusals.clone(),
+                            }));
                     }
                     None => {
                         tracing::warn!(feed = %v.feed, "the hub asks to compare a resource this agent does not share; ignored")
