@@ -340,6 +340,25 @@ impl HubProcess {
             .context("verify printed no run for the feed")
     }
 
+    /// `shuyuan-hub verify FEED --no-wait`: starts a comparison and returns
+    /// the run's id without waiting for its end.
+    pub fn start_verify(&self, feed: &str) -> Result<u64> {
+        let out = self
+            .cmd()
+            .args(["verify", feed, "--no-wait"])
+            .output()
+            .context("cannot run shuyuan-hub verify")?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("shuyuan-hub verify {feed} failed: {text}");
+        }
+        text.split("verification run ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|id| id.parse().ok())
+            .with_context(|| format!("no run id in {text:?}"))
+    }
+
     /// The verification run with this id, once the hub finished it.
     pub fn finished_run(&self, feed: &str, run: u64) -> Result<Option<Json>> {
         Ok(self

@@ -381,3 +381,63 @@ fn the_agent_compares_on_its_schedule_and_the_difference_is_repaired_unasked() -
     agent.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_comparison_resumes_after_the_agent_is_killed_mid_scan() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let (db, conn) = sb.database("dept.db", &[DDL])?;
+    conn.execute_batch("BEGIN")?;
+    for i in 1..=100_000 {
+        conn.execute(
+            "INSERT INTO person VALUES (?1, ?2, NULL)",
+            rusqlite::params![i, format!("person {i}")],
+        )?;
+    }
+    conn.execute_batch("COMMIT")?;
+    sb.hub.start()?;
+    // A slow scan (10 ranges of 10,000 rows at 5,000 rows/s) so that the
+    // agent dies in the middle of it.
+    let mut agent = sb.agent(
+        "ga",
+        DEPT,
+        &db,
+        &resources(),
+        "batch_max_changes = 2000\n[verify]\nrows_per_second = 5000",
+    )?;
+    agent.start()?;
+    agent.wait_drained(Duration::from_secs(300))?;
+    agent.stop()?;
+    behind_capture(
+        &conn,
+        "UPDATE person SET name = 'early' WHERE id = 1500;
+         UPDATE person SET name = 'late' WHERE id = 95000;",
+    )?;
+    agent.start()?;
+    let run = sb.hub.start_verify(FEED)?;
+    // Part of the table compared, not all of it: then the agent dies.
+    wait_for("part of the scan", Duration::from_secs(60), || {
+        let r = sb.hub.feed_status(FEED)?.context("no feed")?;
+        let compared = r["verification"]["run"]["ranges_compared"]
+            .as_u64()
+            .unwrap_or(0);
+        Ok((compared >= 2).then_some(()))
+    })?;
+    let mid = sb.hub.feed_status(FEED)?.context("no feed")?;
+    assert!(
+        mid["verification"]["run"]["finished"].is_null(),
+        "the scan ended before the agent was killed: {mid:#}"
+    );
+    agent.kill()?;
+    agent.start()?;
+    // The hub asks again from where the answers stopped; the run ends.
+    let ended = wait_for("the run to end", Duration::from_secs(120), || {
+        sb.hub.finished_run(FEED, run)
+    })?;
+    assert_eq!(ended["finished"]["verified"], true, "{ended:#}");
+    assert_eq!(ended["rows_repaired"], 2, "{ended:#}");
+    assert_eq!(keys(&ended), set(&["1500", "95000"]));
+    assert_in_sync(&sb.hub, &agent, &resources())?;
+    sb.assert_no_rejections()?;
+    agent.stop()?;
+    Ok(())
+}
