@@ -502,7 +502,8 @@ impl CaptureLoop {
                 }
                 entries[r].push(entry);
             }
-            let seeds = self.outbox.seeds()?;
+            // Opened by the first feed with entries (an idle read needs none).
+            let mut seeds = None;
             let mut digests = self.digests.clone();
             let limits = BatchLimits {
                 max_changes: self.config.outbox.batch_max_changes,
@@ -544,9 +545,13 @@ impl CaptureLoop {
                 let digest = &mut digests[i];
                 let feed_text = feed.to_string();
                 let mut overlay = Overlay::new();
+                let reader = match &mut seeds {
+                    Some(r) => r,
+                    None => seeds.insert(self.outbox.seeds()?),
+                };
                 Tracker {
                     feed: &feed_text,
-                    reader: &seeds,
+                    reader,
                     overlay: &mut overlay,
                 }
                 .apply(digest, &es)?;

@@ -74,15 +74,6 @@ impl Budget {
     }
 }
 
-/// The key values of a row.
-fn key_of(schema: &TableSchema, row: &[Value]) -> Vec<Value> {
-    schema
-        .key
-        .iter()
-        .filter_map(|&k| row.get(usize::from(k)).cloned())
-        .collect()
-}
-
 fn digest(rows: &[KeyedRow]) -> Digest {
     let mut d = Digest::new();
     for (k, r) in rows {
@@ -174,7 +165,7 @@ pub fn answer(
 /// encoded keys (the source's own order could differ for mixed types).
 pub fn in_range(schema: &TableSchema, rows: Vec<Vec<Value>>, range: &KeyRange) -> Vec<KeyedRow> {
     rows.into_iter()
-        .map(|row| (key_of(schema, &row), row))
+        .map(|row| (schema.key_of(&row), row))
         .filter(|(k, _)| range.contains(&encode_key(k)))
         .collect()
 }

@@ -195,21 +195,26 @@ fn shape(conn: &Connection, path: &Path, r: &ResourceConfig) -> Result<TableSche
     })
 }
 
+/// A quoted SQL identifier.
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `"a", "b", ...`: the quoted names, comma-separated.
+fn quoted_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    names.into_iter().map(quote).collect::<Vec<_>>().join(", ")
+}
+
 fn lookup_sql(s: &TableSchema) -> String {
-    let cols = s
-        .columns
-        .iter()
-        .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let cols = quoted_list(s.columns.iter().map(|c| c.name.as_str()));
     let cond = s
         .key_names()
         .iter()
         .enumerate()
-        .map(|(i, k)| format!("\"{}\" = ?{}", k.replace('"', "\"\""), i + 1))
+        .map(|(i, k)| format!("{} = ?{}", quote(k), i + 1))
         .collect::<Vec<_>>()
         .join(" AND ");
-    format!("SELECT {cols} FROM \"{}\" WHERE {cond}", s.table)
+    format!("SELECT {cols} FROM {} WHERE {cond}", quote(&s.table))
 }
 
 /// A SQLite value as a shuyuan value, by storage class.
@@ -258,47 +263,27 @@ impl RangeReader for Ranges<'_> {
         range: &KeyRange,
         limit: Option<usize>,
     ) -> Result<Vec<KeyedRow>, SourceError> {
-        let cols = schema
-            .columns
-            .iter()
-            .map(|c| format!("\"{}\"", c.name.replace('"', "\"\"")))
-            .collect::<Vec<_>>();
-        let keys = schema
-            .key_names()
-            .iter()
-            .map(|k| format!("\"{}\"", k.replace('"', "\"\"")))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols = quoted_list(schema.columns.iter().map(|c| c.name.as_str()));
+        let keys = quoted_list(schema.key_names());
         let mut params = Vec::new();
         let mut conds = Vec::new();
-        let bound = |bytes: &[u8]| {
-            decode_key(bytes).ok_or_else(|| {
+        let bounds = [
+            (Some(range.lo.as_slice()).filter(|lo| !lo.is_empty()), ">="),
+            (range.hi.as_deref(), "<"),
+        ];
+        for (bound, op) in bounds {
+            let Some(bytes) = bound else { continue };
+            let values = decode_key(bytes).ok_or_else(|| {
                 SourceError::Unsupported("the hub sent a range bound that is not a key".into())
-            })
-        };
-        if !range.lo.is_empty() {
-            let lo = bound(&range.lo)?;
-            let slots = (params.len() + 1..=params.len() + lo.len())
+            })?;
+            let slots = (params.len() + 1..=params.len() + values.len())
                 .map(|i| format!("?{i}"))
                 .collect::<Vec<_>>()
                 .join(", ");
-            conds.push(format!("({keys}) >= ({slots})"));
-            params.extend(lo.iter().map(sql_value));
+            conds.push(format!("({keys}) {op} ({slots})"));
+            params.extend(values.iter().map(sql_value));
         }
-        if let Some(hi) = &range.hi {
-            let hi = bound(hi)?;
-            let slots = (params.len() + 1..=params.len() + hi.len())
-                .map(|i| format!("?{i}"))
-                .collect::<Vec<_>>()
-                .join(", ");
-            conds.push(format!("({keys}) < ({slots})"));
-            params.extend(hi.iter().map(sql_value));
-        }
-        let mut sql = format!(
-            "SELECT {} FROM \"{}\"",
-            cols.join(", "),
-            schema.table.replace('"', "\"\"")
-        );
+        let mut sql = format!("SELECT {cols} FROM {}", quote(&schema.table));
         if !conds.is_empty() {
             sql.push_str(" WHERE ");
             sql.push_str(&conds.join(" AND "));
@@ -309,7 +294,7 @@ impl RangeReader for Ranges<'_> {
         }
         let e = sql_err(self.path, self.started, "reading a key range to compare");
         let mut stmt = self.conn.prepare_cached(&sql).map_err(&e)?;
-        let width = cols.len();
+        let width = schema.columns.len();
         let rows = stmt
             .query_map(rusqlite::params_from_iter(params), |r| {
                 (0..width)

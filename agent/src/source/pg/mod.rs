@@ -134,11 +134,7 @@ pub(crate) struct Table {
 
 impl Table {
     fn key_of(&self, row: &[Value]) -> Vec<Value> {
-        self.shape
-            .key
-            .iter()
-            .map(|&k| row[usize::from(k)].clone())
-            .collect()
+        self.shape.key_of(row)
     }
 }
 
