@@ -150,6 +150,25 @@ impl RedbBackend {
     }
 }
 
+impl RedbBackend {
+    /// One feed's record in a table keyed by feed text (`what` names it in
+    /// a corruption error).
+    fn feed_record<T: DeserializeOwned>(
+        &self,
+        definition: TableDefinition<&str, &[u8]>,
+        feed: &FeedId,
+        what: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(definition).map_err(storage)?;
+        let key = feed.to_string();
+        match table.get(key.as_str()).map_err(storage)? {
+            Some(v) => Ok(Some(dec(|| format!("{what} {key}"), v.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// The tables one write transaction works on.
 struct Tables<'t> {
     enrollments: Table<'t, &'static [u8], &'static [u8]>,
@@ -196,6 +215,27 @@ impl<'t> Tables<'t> {
             .insert(entry.id, enc(&entry)?.as_slice())
             .map_err(storage)?;
         Ok(())
+    }
+
+    /// Audits an event of a feed caused by a peer.
+    fn audit_feed(
+        &mut self,
+        kind: AuditKind,
+        peer: NodeId,
+        feed: &FeedId,
+        seq: u64,
+        detail: impl Into<String>,
+    ) -> Result<(), StoreError> {
+        self.audit(AuditEntry {
+            id: 0,
+            at: self.now,
+            kind,
+            peer: Some(peer),
+            feed: Some(feed.clone()),
+            seq: Some(seq),
+            reason: None,
+            detail: detail.into(),
+        })
     }
 
     fn feed(&self, key: &str) -> Result<FeedRecord, StoreError> {
@@ -470,16 +510,13 @@ impl<'t> Tables<'t> {
         let seq = self.feed(&key)?.cursor.last_seq;
         run.refuse(self.now, seq, &refusal.reason);
         tracing::warn!(feed = %refusal.feed, run = run.id, reason = %refusal.reason, "the agent cannot compare the resource with its source");
-        self.audit(AuditEntry {
-            id: 0,
-            at: self.now,
-            kind: AuditKind::VerifyRefused,
-            peer: Some(peer),
-            feed: Some(refusal.feed.clone()),
-            seq: Some(seq),
-            reason: None,
-            detail: format!("run {}: {}", run.id, refusal.reason),
-        })?;
+        self.audit_feed(
+            AuditKind::VerifyRefused,
+            peer,
+            &refusal.feed,
+            seq,
+            format!("run {}: {}", run.id, refusal.reason),
+        )?;
         events.push(VerifyEvent::Finished(run.outcome(&refusal.feed)));
         vr.last_run = Some(run);
         self.verify
@@ -595,16 +632,13 @@ impl<'t> Tables<'t> {
                         rows_written: 0,
                         finished: None,
                     });
-                    self.audit(AuditEntry {
-                        id: 0,
-                        at: self.now,
-                        kind: AuditKind::ResyncStarted,
-                        peer: Some(peer),
-                        feed: Some(body.feed.clone()),
-                        seq: Some(body.seq),
-                        reason: None,
-                        detail: reason.clone(),
-                    })?;
+                    self.audit_feed(
+                        AuditKind::ResyncStarted,
+                        peer,
+                        &body.feed,
+                        body.seq,
+                        reason.clone(),
+                    )?;
                 }
                 Entry::Resync(Resync::End { id, rows }) => {
                     let Some(r) = resync
@@ -631,16 +665,13 @@ impl<'t> Tables<'t> {
                         "re-read finished: {rows} rows sent, {} rows written since it began, {removed} rows removed that the source no longer has",
                         r.rows_written
                     );
-                    self.audit(AuditEntry {
-                        id: 0,
-                        at: self.now,
-                        kind: AuditKind::ResyncFinished,
-                        peer: Some(peer),
-                        feed: Some(body.feed.clone()),
-                        seq: Some(body.seq),
-                        reason: None,
+                    self.audit_feed(
+                        AuditKind::ResyncFinished,
+                        peer,
+                        &body.feed,
+                        body.seq,
                         detail,
-                    })?;
+                    )?;
                 }
                 Entry::ZeroUpdate(z) => {
                     rec.last_zero_update = Some(ZeroUpdateRecord {
@@ -824,18 +855,10 @@ impl<'t> Tables<'t> {
         }
         if !was_differing {
             tracing::warn!(feed = %body.feed, seq = body.seq, %hub, %agent, "feed digests differ");
-            self.audit(AuditEntry {
-                id: 0,
-                at: self.now,
-                kind: AuditKind::Diverged,
-                peer: Some(peer),
-                feed: Some(body.feed.clone()),
-                seq: Some(body.seq),
-                reason: None,
-                detail: format!(
-                    "checkpoint: the hub's digest ({hub}) differs from the agent's ({agent}); comparing with the source"
-                ),
-            })?;
+            let detail = format!(
+                "checkpoint: the hub's digest ({hub}) differs from the agent's ({agent}); comparing with the source"
+            );
+            self.audit_feed(AuditKind::Diverged, peer, &body.feed, body.seq, detail)?;
         }
         if vr.may_auto_start(self.now) {
             let head = body.seq;
@@ -880,7 +903,7 @@ impl<'t> Tables<'t> {
         let Some(run) = vr.run.as_mut() else {
             return Ok(false);
         };
-        run.bytes_received += entry_bytes(&Entry::RangeDigest(d.clone()));
+        run.bytes_received += entry_bytes(d);
         let Some((_, depth)) = run.answer(&d.range) else {
             return Ok(false);
         };
@@ -906,16 +929,7 @@ impl<'t> Tables<'t> {
                 d.run, d.range, d.digest, hub
             );
             tracing::warn!(feed = %body.feed, %detail, "copy differs from the source");
-            self.audit(AuditEntry {
-                id: 0,
-                at: self.now,
-                kind: AuditKind::Diverged,
-                peer: Some(peer),
-                feed: Some(body.feed.clone()),
-                seq: Some(body.seq),
-                reason: None,
-                detail,
-            })?;
+            self.audit_feed(AuditKind::Diverged, peer, &body.feed, body.seq, detail)?;
         }
         Ok(true)
     }
@@ -979,7 +993,7 @@ impl<'t> Tables<'t> {
         let Some(run) = vr.run.as_mut().filter(|run| run.id == r.run) else {
             return Ok(false);
         };
-        run.bytes_received += entry_bytes(&Entry::RangeRepair(r.clone()));
+        run.bytes_received += entry_bytes(r);
         run.rows_removed += removed_keys.len() as u64;
         run.rows_repaired += repaired_keys.len() as u64;
         for k in removed_keys.into_iter().chain(repaired_keys) {
@@ -1013,30 +1027,23 @@ impl<'t> Tables<'t> {
         if total > named {
             keys.push_str(&format!(" and {} more", total - named));
         }
-        self.audit(AuditEntry {
-            id: 0,
-            at: self.now,
-            kind: AuditKind::Repaired,
-            peer: Some(peer),
-            feed: Some(body.feed.clone()),
-            seq: Some(body.seq),
-            reason: None,
-            detail: format!(
-                "run {}: {} ranges compared, {} differed; {} rows rewritten, {} removed; {} bytes exchanged; keys: {keys}. {end}",
-                run.id,
-                run.ranges_compared,
-                run.ranges_differing,
-                run.rows_repaired,
-                run.rows_removed,
-                run.bytes_received + run.bytes_sent,
-            ),
-        })
+        let detail = format!(
+            "run {}: {} ranges compared, {} differed; {} rows rewritten, {} removed; {} bytes exchanged; keys: {keys}. {end}",
+            run.id,
+            run.ranges_compared,
+            run.ranges_differing,
+            run.rows_repaired,
+            run.rows_removed,
+            run.bytes_received + run.bytes_sent,
+        );
+        self.audit_feed(AuditKind::Repaired, peer, &body.feed, body.seq, detail)
     }
 }
 
-/// The encoded size of an entry, for counting what a verification cost.
-fn entry_bytes(entry: &Entry) -> u64 {
-    encode(entry).map_or(0, |b| b.len() as u64)
+/// The encoded size of a range entry, for counting what a verification
+/// cost: its variant tag (one byte) and its content.
+fn entry_bytes(content: &impl Serialize) -> u64 {
+    1 + encode(content).map_or(0, |b| b.len() as u64)
 }
 
 /// Checks every entry against the feed's schema as it evolves within the
@@ -1227,13 +1234,7 @@ impl Backend for RedbBackend {
     }
 
     fn feed(&self, feed: &FeedId) -> Result<Option<FeedRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
-        let table = tx.open_table(FEEDS).map_err(storage)?;
-        let key = feed.to_string();
-        match table.get(key.as_str()).map_err(storage)? {
-            Some(v) => Ok(Some(dec(|| format!("feed {key}"), v.value())?)),
-            None => Ok(None),
-        }
+        self.feed_record(FEEDS, feed, "feed")
     }
 
     fn schema(&self, feed: &FeedId, version: u32) -> Result<Option<TableSchema>, StoreError> {
@@ -1247,23 +1248,11 @@ impl Backend for RedbBackend {
     }
 
     fn verification(&self, feed: &FeedId) -> Result<Option<VerifyRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
-        let table = tx.open_table(VERIFY).map_err(storage)?;
-        let key = feed.to_string();
-        match table.get(key.as_str()).map_err(storage)? {
-            Some(v) => Ok(Some(dec(|| format!("verification of {key}"), v.value())?)),
-            None => Ok(None),
-        }
+        self.feed_record(VERIFY, feed, "verification of")
     }
 
     fn resync(&self, feed: &FeedId) -> Result<Option<ResyncRecord>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
-        let table = tx.open_table(RESYNC).map_err(storage)?;
-        let key = feed.to_string();
-        match table.get(key.as_str()).map_err(storage)? {
-            Some(v) => Ok(Some(dec(|| format!("resync of {key}"), v.value())?)),
-            None => Ok(None),
-        }
+        self.feed_record(RESYNC, feed, "resync of")
     }
 
     fn rows(
