@@ -30,6 +30,16 @@ fn synced(
     sb: &mut Sandbox,
     rows: i64,
 ) -> Result<(std::path::PathBuf, rusqlite::Connection, AgentProcess)> {
+    synced_with(sb, rows, "")
+}
+
+/// The same, with more agent settings after the `[outbox]` ones (for
+/// example a `[verify]` section).
+fn synced_with(
+    sb: &mut Sandbox,
+    rows: i64,
+    settings: &str,
+) -> Result<(std::path::PathBuf, rusqlite::Connection, AgentProcess)> {
     let (db, conn) = sb.database("dept.db", &[DDL])?;
     conn.execute_batch("BEGIN")?;
     {
@@ -40,7 +50,13 @@ fn synced(
     }
     conn.execute_batch("COMMIT")?;
     sb.hub.start()?;
-    let mut agent = sb.agent("ga", DEPT, &db, &resources(), "batch_max_changes = 2000")?;
+    let mut agent = sb.agent(
+        "ga",
+        DEPT,
+        &db,
+        &resources(),
+        &format!("batch_max_changes = 2000\n{settings}"),
+    )?;
     agent.start()?;
     agent.wait_drained(Duration::from_secs(600))?;
     assert_in_sync(&sb.hub, &agent, &resources())?;
@@ -95,18 +111,41 @@ struct StoredRow {
     values: Vec<Value>,
 }
 
-/// Damages the stopped hub's copy directly in its redb file: one row's
-/// value changed, one row deleted, one row that the source never had added.
-fn damage_hub_store(path: &Path) -> Result<()> {
+/// Edits the stopped hub's rows directly in its redb file, in one
+/// transaction.
+fn edit_hub_rows(
+    path: &Path,
+    edit: impl FnOnce(&mut redb::Table<(&str, &[u8]), &[u8]>) -> Result<()>,
+) -> Result<()> {
     let db = redb::Database::open(path)?;
     let tx = db.begin_write()?;
-    {
-        let mut rows = tx.open_table(ROWS)?;
-        let k = encode_key(&[Value::Int(1234)]);
-        let mut row: StoredRow =
-            decode(rows.get((FEED, k.as_slice()))?.context("row 1234")?.value())?;
-        row.values[1] = Value::Text("tampered".into());
-        rows.insert((FEED, k.as_slice()), encode(&row)?.as_slice())?;
+    edit(&mut tx.open_table(ROWS)?)?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Changes the name of one stored row behind the hub's back; returns it.
+fn rename_stored(
+    rows: &mut redb::Table<(&str, &[u8]), &[u8]>,
+    id: i64,
+    name: &str,
+) -> Result<StoredRow> {
+    let k = encode_key(&[Value::Int(id)]);
+    let mut row: StoredRow = decode(
+        rows.get((FEED, k.as_slice()))?
+            .with_context(|| format!("row {id}"))?
+            .value(),
+    )?;
+    row.values[1] = Value::Text(name.into());
+    rows.insert((FEED, k.as_slice()), encode(&row)?.as_slice())?;
+    Ok(row)
+}
+
+/// Damages the stopped hub's copy: one row's value changed, one row
+/// deleted, one row that the source never had added.
+fn damage_hub_store(path: &Path) -> Result<()> {
+    edit_hub_rows(path, |rows| {
+        let row = rename_stored(rows, 1234, "tampered")?;
         rows.remove((FEED, encode_key(&[Value::Int(77)]).as_slice()))?;
         let extra = StoredRow {
             schema_version: row.schema_version,
@@ -120,8 +159,9 @@ fn damage_hub_store(path: &Path) -> Result<()> {
             (FEED, encode_key(&[Value::Int(99_999)]).as_slice()),
             encode(&extra)?.as_slice(),
         )?;
-    }
-    tx.commit()?;
+        Ok(())
+    })?;
+    let db = redb::Database::open(path)?;
     let check = db.begin_read()?;
     assert!(
         check
@@ -181,20 +221,9 @@ fn checkpoints_verify_the_copy_and_a_damaged_hub_store_is_found_and_repaired() -
     // subtracts what it stored, the checkpoint differs, and the hub starts
     // a comparison by itself, after which the digests agree again.
     sb.hub.stop()?;
-    let path = sb.hub.dir.join("data").join("hub.redb");
-    {
-        let db = redb::Database::open(&path)?;
-        let tx = db.begin_write()?;
-        {
-            let mut rows = tx.open_table(ROWS)?;
-            let k = encode_key(&[Value::Int(2000)]);
-            let mut row: StoredRow =
-                decode(rows.get((FEED, k.as_slice()))?.context("row 2000")?.value())?;
-            row.values[1] = Value::Text("tampered again".into());
-            rows.insert((FEED, k.as_slice()), encode(&row)?.as_slice())?;
-        }
-        tx.commit()?;
-    }
+    edit_hub_rows(&sb.hub.dir.join("data").join("hub.redb"), |rows| {
+        rename_stored(rows, 2000, "tampered again").map(drop)
+    })?;
     sb.hub.start()?;
     conn.execute("UPDATE person SET name = 'renamed' WHERE id = 2000", [])?;
     let mismatch = wait_for("the checkpoint to differ", Duration::from_secs(60), || {
@@ -338,23 +367,7 @@ fn ten_differing_rows_in_a_million_are_repaired_exchanging_a_small_fraction() ->
 #[test]
 fn the_agent_compares_on_its_schedule_and_the_difference_is_repaired_unasked() -> Result<()> {
     let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[DDL])?;
-    for i in 1..=500 {
-        conn.execute(
-            "INSERT INTO person VALUES (?1, ?2, NULL)",
-            rusqlite::params![i, format!("person {i}")],
-        )?;
-    }
-    sb.hub.start()?;
-    let mut agent = sb.agent(
-        "ga",
-        DEPT,
-        &db,
-        &resources(),
-        "batch_max_changes = 2000\n[verify]\nevery = \"2s\"",
-    )?;
-    agent.start()?;
-    agent.wait_drained(Duration::from_secs(60))?;
+    let (_db, conn, mut agent) = synced_with(&mut sb, 500, "[verify]\nevery = \"2s\"")?;
     agent.stop()?;
     behind_capture(&conn, "UPDATE person SET score = 99 WHERE id = 250")?;
     agent.start()?;
@@ -385,27 +398,9 @@ fn the_agent_compares_on_its_schedule_and_the_difference_is_repaired_unasked() -
 #[test]
 fn a_comparison_resumes_after_the_agent_is_killed_mid_scan() -> Result<()> {
     let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[DDL])?;
-    conn.execute_batch("BEGIN")?;
-    for i in 1..=100_000 {
-        conn.execute(
-            "INSERT INTO person VALUES (?1, ?2, NULL)",
-            rusqlite::params![i, format!("person {i}")],
-        )?;
-    }
-    conn.execute_batch("COMMIT")?;
-    sb.hub.start()?;
     // A slow scan (10 ranges of 10,000 rows at 5,000 rows/s) so that the
     // agent dies in the middle of it.
-    let mut agent = sb.agent(
-        "ga",
-        DEPT,
-        &db,
-        &resources(),
-        "batch_max_changes = 2000\n[verify]\nrows_per_second = 5000",
-    )?;
-    agent.start()?;
-    agent.wait_drained(Duration::from_secs(300))?;
+    let (_db, conn, mut agent) = synced_with(&mut sb, 100_000, "[verify]\nrows_per_second = 5000")?;
     agent.stop()?;
     behind_capture(
         &conn,
