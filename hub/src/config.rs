@@ -24,6 +24,27 @@ struct RawConfig {
     catalog: RawCatalog,
     #[serde(default)]
     freshness: RawFreshness,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    alerts: RawAlerts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    password_hash: Option<String>,
+    session: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    webhook: Option<String>,
+    attempts: Option<u32>,
+    retry_after: Option<String>,
+    timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,6 +102,34 @@ pub struct Config {
     /// How late a change or zero-update may be, beyond the update cycle,
     /// before the resource is overdue.
     pub freshness_grace: Duration,
+    /// The admin console, JSON API and metrics (`None`: switched off).
+    pub admin: Option<AdminConfig>,
+    /// Where state changes are posted.
+    pub alerts: AlertsConfig,
+}
+
+/// The admin HTTP server.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// The administrators' password as an argon2 PHC string; when set, every
+    /// request must log in. Required when `listen` is not a loopback address.
+    pub password_hash: Option<String>,
+    /// How long a login lasts.
+    pub session: Duration,
+}
+
+/// Alerts on state changes.
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    /// An `http://` or `https://` URL that receives each event as JSON.
+    pub webhook: Option<String>,
+    /// Deliveries tried per event before it is given up (and logged).
+    pub attempts: u32,
+    /// The wait before the first retry; it doubles with each retry.
+    pub retry_after: Duration,
+    /// How long one delivery may take.
+    pub timeout: Duration,
 }
 
 impl Config {
@@ -140,6 +189,82 @@ impl Config {
                 )
             })?,
         };
+        let duration = |key: &str, value: &Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(v) => parse_duration(v)
+                .ok_or_else(|| err(key, format!("{v:?} is not a duration such as \"5s\""))),
+        };
+        let admin = match raw.admin.listen.as_deref() {
+            Some("off") => None,
+            listen => {
+                let text = listen.unwrap_or("127.0.0.1:7780");
+                let listen: SocketAddr = text.parse().map_err(|_| {
+                    err(
+                        "admin.listen",
+                        format!(
+                            "{text:?} is not IP:PORT (for example \"127.0.0.1:7780\") or \"off\""
+                        ),
+                    )
+                })?;
+                let password_hash = raw.admin.password_hash.clone();
+                if let Some(h) = &password_hash {
+                    argon2::PasswordHash::new(h).map_err(|e| {
+                        err(
+                            "admin.password_hash",
+                            format!("not an argon2 hash ({e}); make one with `shuyuan-hub admin-password`"),
+                        )
+                    })?;
+                } else if !listen.ip().is_loopback() {
+                    return Err(err(
+                        "admin.password_hash",
+                        format!(
+                            "the console listens on {listen}, beyond loopback: set a password hash (make one with `shuyuan-hub admin-password`)"
+                        ),
+                    ));
+                }
+                let session = duration(
+                    "admin.session",
+                    &raw.admin.session,
+                    Duration::from_secs(12 * 3600),
+                )?;
+                if session < Duration::from_secs(60) {
+                    return Err(err("admin.session", "must be at least 1min".into()));
+                }
+                Some(AdminConfig {
+                    listen,
+                    password_hash,
+                    session,
+                })
+            }
+        };
+        if let Some(url) = &raw.alerts.webhook {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && reqwest::Url::parse(url).is_ok_and(|u| u.host_str().is_some());
+            if !ok {
+                return Err(err(
+                    "alerts.webhook",
+                    format!("{url:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        let alerts = AlertsConfig {
+            webhook: raw.alerts.webhook.clone(),
+            attempts: match raw.alerts.attempts {
+                None => 5,
+                Some(n @ 1..=100) => n,
+                Some(_) => return Err(err("alerts.attempts", "must be 1 to 100".into())),
+            },
+            retry_after: duration(
+                "alerts.retry_after",
+                &raw.alerts.retry_after,
+                Duration::from_secs(2),
+            )?,
+            timeout: duration(
+                "alerts.timeout",
+                &raw.alerts.timeout,
+                Duration::from_secs(10),
+            )?,
+        };
         Ok(Config {
             file: path.to_owned(),
             name: raw.hub.name.unwrap_or_else(|| "shuyuan hub".to_string()),
@@ -150,12 +275,26 @@ impl Config {
             publication_deadline_days,
             calendar,
             freshness_grace,
+            admin,
+            alerts,
         })
     }
 
     /// The hub's database.
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("hub.redb")
+    }
+
+    /// The token the hub writes at start (mode 0600) for local commands that
+    /// use the admin API, such as `status`.
+    pub fn local_token_file(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+
+    /// Where the hub writes the admin console's bound address at start
+    /// (useful with port 0).
+    pub fn admin_addr_file(&self) -> PathBuf {
+        self.data_dir.join("admin.addr")
     }
 
     /// The control socket used by `status`, `enroll`, `export` and `audit`.

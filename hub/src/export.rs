@@ -94,7 +94,6 @@ pub fn export(
             "feed {feed} has no schema yet"
         )));
     };
-    let mut older: BTreeMap<u32, Option<Vec<Option<usize>>>> = BTreeMap::new();
     let mut line = String::new();
     if format == Format::Csv {
         let header: Vec<String> = schema.columns.iter().map(|c| csv_text(&c.name)).collect();
@@ -102,48 +101,89 @@ pub fn export(
     }
     let mut n = 0u64;
     let mut io_error = None;
-    backend
-        .rows(feed, &mut |row| {
-            let values: Vec<&Value> = if row.schema_version == schema.version {
-                row.values.iter().collect()
-            } else {
-                let mapping = match older.get(&row.schema_version) {
-                    Some(m) => m.clone(),
-                    None => {
-                        let m = backend
-                            .schema(feed, row.schema_version)?
-                            .map(|old| column_mapping(&old, &schema));
-                        older.insert(row.schema_version, m.clone());
-                        m
-                    }
-                };
-                match mapping {
-                    Some(m) => m
-                        .iter()
-                        .map(|i| i.and_then(|i| row.values.get(i)).unwrap_or(&Value::Null))
-                        .collect(),
-                    None => row.values.iter().collect(),
-                }
-            };
-            line.clear();
-            match format {
-                Format::Csv => csv_row(&values, &mut line),
-                Format::Jsonl => json_row(&schema, &values, &mut line),
-            }
-            line.push('\n');
-            if let Err(e) = out.write_all(line.as_bytes()) {
-                io_error = Some(e);
-                return Err(StoreError::Storage("export stopped: output closed".into()));
-            }
-            n += 1;
-            Ok(())
-        })
-        .map_err(|e| match io_error.take() {
-            Some(io) => ExportError::Write(io),
-            None => ExportError::Store(e),
-        })?;
+    each_row(backend, feed, &schema, &mut |values| {
+        line.clear();
+        match format {
+            Format::Csv => csv_row(values, &mut line),
+            Format::Jsonl => json_row(&schema, values, &mut line),
+        }
+        line.push('\n');
+        if let Err(e) = out.write_all(line.as_bytes()) {
+            io_error = Some(e);
+            return Err(StoreError::Storage("export stopped: output closed".into()));
+        }
+        n += 1;
+        Ok(true)
+    })
+    .map_err(|e| match io_error.take() {
+        Some(io) => ExportError::Write(io),
+        None => ExportError::Store(e),
+    })?;
     out.flush()?;
     Ok(n)
+}
+
+/// The column names and the first `limit` rows of the shared copy, each
+/// value as CSV text.
+pub fn sample(
+    backend: &dyn Backend,
+    feed: &FeedId,
+    limit: usize,
+) -> Result<(Vec<String>, Vec<Vec<String>>), StoreError> {
+    let Some(schema) = backend.feed(feed)?.and_then(|r| r.schema) else {
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let mut rows = Vec::new();
+    if limit > 0 {
+        each_row(backend, feed, &schema, &mut |values| {
+            let mut cells = Vec::with_capacity(values.len());
+            for v in values {
+                let mut cell = String::new();
+                csv_row(&[v], &mut cell);
+                cells.push(cell);
+            }
+            rows.push(cells);
+            Ok(rows.len() < limit)
+        })?;
+    }
+    let columns = schema.columns.iter().map(|c| c.name.clone()).collect();
+    Ok((columns, rows))
+}
+
+/// Visits the rows of a feed in key order, each mapped to the current
+/// schema's columns (columns a row's older schema lacks are null), until
+/// `visit` returns `false`.
+fn each_row(
+    backend: &dyn Backend,
+    feed: &FeedId,
+    schema: &TableSchema,
+    visit: &mut dyn FnMut(&[&Value]) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let mut older: BTreeMap<u32, Option<Vec<Option<usize>>>> = BTreeMap::new();
+    backend.rows(feed, &mut |row| {
+        let values: Vec<&Value> = if row.schema_version == schema.version {
+            row.values.iter().collect()
+        } else {
+            let mapping = match older.get(&row.schema_version) {
+                Some(m) => m.clone(),
+                None => {
+                    let m = backend
+                        .schema(feed, row.schema_version)?
+                        .map(|old| column_mapping(&old, schema));
+                    older.insert(row.schema_version, m.clone());
+                    m
+                }
+            };
+            match mapping {
+                Some(m) => m
+                    .iter()
+                    .map(|i| i.and_then(|i| row.values.get(i)).unwrap_or(&Value::Null))
+                    .collect(),
+                None => row.values.iter().collect(),
+            }
+        };
+        visit(&values)
+    })
 }
 
 fn csv_text(s: &str) -> String {

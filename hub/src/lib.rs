@@ -8,6 +8,7 @@
 //! [`export`] read what the store holds.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod export;
@@ -55,6 +56,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
     #[error("cannot open the control socket {path}: {source}")]
     Control {
         path: PathBuf,
@@ -218,19 +221,22 @@ pub struct Hub {
     node: NodeId,
     local_addr: SocketAddr,
     socket: PathBuf,
+    admin: Option<admin::AdminServer>,
+    monitor: tokio::task::JoinHandle<()>,
 }
 
-/// What the control socket's handlers share.
+/// What the control socket's and the admin server's handlers share.
 #[derive(Debug)]
-struct Shared {
-    config: Config,
-    node: NodeId,
-    store: Store,
-    peers: Arc<Peers>,
-    live: Arc<Live>,
-    catalog: Arc<HubCatalog>,
-    local_addr: SocketAddr,
-    started_at: UnixMillis,
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) node: NodeId,
+    pub(crate) store: Store,
+    pub(crate) peers: Arc<Peers>,
+    pub(crate) live: Arc<Live>,
+    pub(crate) catalog: Arc<HubCatalog>,
+    pub(crate) alerts: admin::webhook::Alerts,
+    pub(crate) local_addr: SocketAddr,
+    pub(crate) started_at: UnixMillis,
 }
 
 impl Hub {
@@ -272,6 +278,8 @@ impl Hub {
             config.max_connections,
             cancel.clone(),
         ));
+        let alerts = admin::webhook::Alerts::start(&config.alerts, key.clone(), cancel.clone());
+        let admin_config = config.admin.clone();
         let shared = Arc::new(Shared {
             config,
             node: key.id(),
@@ -279,9 +287,20 @@ impl Hub {
             peers,
             live,
             catalog,
+            alerts,
             local_addr,
             started_at: UnixMillis::now(),
         });
+        let watcher = Arc::new(admin::Monitor::default());
+        let monitor = tokio::spawn(admin::monitor::run(
+            shared.clone(),
+            watcher.clone(),
+            cancel.clone(),
+        ));
+        let admin = match admin_config {
+            Some(c) => Some(admin::start(shared.clone(), c, watcher, cancel.clone()).await?),
+            None => None,
+        };
         let control = tokio::spawn(control::serve(
             listener,
             cancel.clone().cancelled_owned(),
@@ -298,7 +317,14 @@ impl Hub {
             node: key.id(),
             local_addr,
             socket,
+            admin,
+            monitor,
         })
+    }
+
+    /// The admin console's address, when it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr)
     }
 
     /// The address agents connect to.
@@ -318,6 +344,10 @@ impl Hub {
         self.cancel.cancel();
         let _ = (&mut self.accept).await;
         let _ = (&mut self.control).await;
+        let _ = (&mut self.monitor).await;
+        if let Some(admin) = self.admin.take() {
+            let _ = admin.task.await;
+        }
         self.endpoint.close(0u32.into(), b"hub stopping");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.endpoint.wait_idle())
             .await;
@@ -358,7 +388,7 @@ async fn serve_request(
 }
 
 /// The city catalog, filtered.
-async fn city(shared: &Shared, filter: &Filter) -> Result<Vec<CityEntry>, String> {
+pub(crate) async fn city(shared: &Shared, filter: &Filter) -> Result<Vec<CityEntry>, String> {
     filter.validate()?;
     let all = shared.catalog.city().await.map_err(|e| e.to_string())?;
     Ok(all.into_iter().filter(|e| filter.matches(e)).collect())
@@ -510,7 +540,7 @@ async fn answer(
     Ok(())
 }
 
-async fn live_status(shared: &Shared) -> Result<HubStatus, String> {
+pub(crate) async fn live_status(shared: &Shared) -> Result<HubStatus, String> {
     let city = shared.catalog.city().await.map_err(|e| e.to_string())?;
     status::collect(
         shared.store.backend(),

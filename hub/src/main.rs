@@ -53,6 +53,8 @@ enum Command {
     },
     /// Run the hub until SIGTERM or Ctrl-C.
     Run,
+    /// Hash the administrators' console password (read from standard input, one line) for `[admin] password_hash`.
+    AdminPassword,
     /// Allow an agent's key to connect and write the feeds of one department.
     Enroll {
         /// The department code (部门代码) the key may write for.
@@ -198,6 +200,19 @@ async fn run(cli: Cli) -> Result<()> {
     let config = || Config::load(&cli.config);
     match cli.command {
         Command::Init { key_only } => init(&cli.config, key_only),
+        Command::AdminPassword => {
+            let mut line = String::new();
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("cannot read the password from standard input")?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.chars().count() < 12 {
+                bail!("the console password must be at least 12 characters");
+            }
+            let hash = shuyuan_hub::admin::auth::hash_password(password).map_err(|e| anyhow!(e))?;
+            println!("{hash}");
+            Ok(())
+        }
         Command::Run => {
             let hub = Hub::bind(config()?).await?;
             wait_for_signal().await?;
@@ -245,28 +260,22 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Status { json } => {
             let config = config()?;
-            let mut out = Vec::new();
-            let status: HubStatus =
-                match control::call(&config.control_socket(), &ControlRequest::Status, &mut out)
-                    .await
-                {
-                    Ok(()) => serde_json::from_slice(&out).context("bad status from the hub")?,
-                    Err(ControlError::NotRunning { .. }) => {
-                        let backend = open_offline(&config)?;
-                        let node = NodeKey::load(&config.key_file)
-                            .map(|k| k.id().to_string())
-                            .unwrap_or_else(|_| "(no key)".into());
-                        let key = NodeKey::load(&config.key_file).map(|k| k.id()).ok();
-                        let city = match key {
-                            Some(k) => shuyuan_hub::catalog::city_from_store(&*backend, &k)?,
-                            None => Vec::new(),
-                        };
-                        let facts =
-                            LiveFacts::default().with_catalog(&city, config.freshness_grace);
-                        status::collect(&*backend, &config.name, node, false, facts)?
-                    }
-                    Err(e) => return Err(e.into()),
-                };
+            let status = match running_status(&config).await? {
+                Some(status) => status,
+                None => {
+                    let backend = open_offline(&config)?;
+                    let node = NodeKey::load(&config.key_file)
+                        .map(|k| k.id().to_string())
+                        .unwrap_or_else(|_| "(no key)".into());
+                    let key = NodeKey::load(&config.key_file).map(|k| k.id()).ok();
+                    let city = match key {
+                        Some(k) => shuyuan_hub::catalog::city_from_store(&*backend, &k)?,
+                        None => Vec::new(),
+                    };
+                    let facts = LiveFacts::default().with_catalog(&city, config.freshness_grace);
+                    status::collect(&*backend, &config.name, node, false, facts)?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -693,6 +702,66 @@ async fn offline_catalog(config: &Config, request: ControlRequest) -> Result<ser
         ))?,
         other => bail!("{other:?} is not a catalog request"),
     })
+}
+
+/// The running hub's status, or `None` when it is not running. With the
+/// admin console on, it comes from the JSON API (`/api/v1/status`, the data
+/// the console shows), authorised by the token the hub wrote at start;
+/// otherwise from the control socket.
+async fn running_status(config: &Config) -> Result<Option<HubStatus>> {
+    let Some(admin) = &config.admin else {
+        let mut out = Vec::new();
+        return match control::call(&config.control_socket(), &ControlRequest::Status, &mut out)
+            .await
+        {
+            Ok(()) => Ok(Some(
+                serde_json::from_slice(&out).context("bad status from the hub")?,
+            )),
+            Err(ControlError::NotRunning { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+    };
+    let token_file = config.local_token_file();
+    let token = match std::fs::read_to_string(&token_file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(anyhow!(
+                "cannot read the hub's local API token {}: {e}",
+                token_file.display()
+            ));
+        }
+    };
+    let mut addr = std::fs::read_to_string(config.admin_addr_file())
+        .ok()
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or(admin.listen);
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}/api/v1/status");
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?;
+    let response = match client.get(&url).bearer_auth(token.trim()).send().await {
+        Ok(r) => r,
+        Err(e) if e.is_connect() => return Ok(None),
+        Err(e) => return Err(anyhow!("cannot ask the hub at {url}: {e}")),
+    };
+    if !response.status().is_success() {
+        let code = response.status();
+        let body = response.text().await.unwrap_or_default();
+        bail!("the hub's admin API answered {code} for {url}: {body}");
+    }
+    Ok(Some(
+        response
+            .json()
+            .await
+            .with_context(|| format!("bad status from {url}"))?,
+    ))
 }
 
 fn open_offline(config: &Config) -> Result<Arc<RedbBackend>> {

@@ -11,6 +11,7 @@ pub mod data;
 pub mod peer;
 pub mod pg;
 
+use std::io::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value as Json;
@@ -242,7 +243,7 @@ impl HubProcess {
         std::fs::write(
             &config,
             format!(
-                "[hub]\nname = \"test hub\"\nlisten = \"{addr}\"\nkey_file = \"hub.key\"\ndata_dir = \"data\"\n"
+                "[hub]\nname = \"test hub\"\nlisten = \"{addr}\"\nkey_file = \"hub.key\"\ndata_dir = \"data\"\n[admin]\nlisten = \"127.0.0.1:0\"\n"
             ),
         )?;
         let key = run(Command::new(bin("shuyuan-hub"))
@@ -287,6 +288,52 @@ impl HubProcess {
         let mut c = Command::new(bin("shuyuan-hub"));
         c.arg("--config").arg(&self.config).env("RUST_LOG", "warn");
         c
+    }
+
+    /// The admin console's base URL (`http://127.0.0.1:PORT`), as the
+    /// running hub wrote it.
+    pub fn admin_url(&self) -> Result<String> {
+        let addr = std::fs::read_to_string(self.dir.join("data").join("admin.addr"))?;
+        Ok(format!("http://{}", addr.trim()))
+    }
+
+    /// The local API token the running hub wrote.
+    pub fn admin_token(&self) -> Result<String> {
+        Ok(
+            std::fs::read_to_string(self.dir.join("data").join("admin.token"))?
+                .trim()
+                .to_string(),
+        )
+    }
+
+    /// Sets `[admin] password_hash` to a hash of `password` made by
+    /// `shuyuan-hub admin-password`, and optionally a webhook.
+    pub fn set_admin(&self, password: &str, extra: &str) -> Result<()> {
+        let mut child = self
+            .cmd()
+            .arg("admin-password")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow!("no stdin"))?
+            .write_all(format!("{password}\n").as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "admin-password failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let hash = String::from_utf8(out.stdout)?.trim().to_string();
+        let config = std::fs::read_to_string(&self.config)?.replace(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n",
+            &format!("[admin]\nlisten = \"127.0.0.1:0\"\npassword_hash = \"{hash}\"\n"),
+        );
+        std::fs::write(&self.config, config + extra)?;
+        Ok(())
     }
 
     pub fn enroll(&self, department: &str, name: &str, key: &str) -> Result<String> {

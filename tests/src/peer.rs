@@ -1,15 +1,19 @@
-//! A hand-driven agent that speaks the catalog part of the feed protocol,
-//! for tests of the hub's checks and for the catalog benchmark.
+//! Hand-driven agents: one that speaks the catalog part of the feed
+//! protocol, one that sends batches, for tests of the hub's checks and for
+//! the benchmarks.
 
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
+use shuyuan_protocol::batch::SignedBatch;
 use shuyuan_protocol::catalog::doc::{CatalogDoc, Sender};
-use shuyuan_protocol::message::{CatalogRefusal, CatalogSync, Hello};
+use shuyuan_protocol::message::{CatalogRefusal, CatalogSync, Hello, Welcome};
 use shuyuan_protocol::quic;
 use shuyuan_protocol::{Message, MessageV1, NodeId, NodeKey};
 
 use std::net::SocketAddr;
+
+use crate::HubProcess;
 
 /// One connection to a hub.
 #[derive(Debug)]
@@ -123,5 +127,82 @@ impl CatalogPeer {
             m?;
         }
         Ok(())
+    }
+}
+
+/// A hand-driven client speaking the feed protocol.
+#[derive(Debug)]
+pub struct FeedPeer {
+    _endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl FeedPeer {
+    /// Connects to `hub` with `key` and says `Hello` as `department`.
+    pub async fn connect(
+        hub: &HubProcess,
+        key: &NodeKey,
+        department: &str,
+        resources: &[&str],
+    ) -> Result<(FeedPeer, Welcome)> {
+        let hub_key: NodeId = hub.key.parse()?;
+        let endpoint = quic::client_endpoint(hub.addr)?;
+        let conn = endpoint
+            .connect_with(
+                quic::client_config(key, hub_key)?,
+                hub.addr,
+                quic::SERVER_NAME,
+            )?
+            .await
+            .map_err(|e| anyhow!(quic::explain(&e)))?;
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| anyhow!(quic::explain(&e)))?;
+        let hello = Hello {
+            software: "test-peer".into(),
+            department: department.parse()?,
+            resources: resources
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<_, _>>()?,
+        };
+        quic::write_message(&mut send, &MessageV1::Hello(hello).into()).await?;
+        let welcome = match quic::read_message(&mut recv).await {
+            Ok(Some(Message::V1(MessageV1::Welcome(w)))) => w,
+            Ok(other) => return Err(anyhow!("expected Welcome, got {other:?}")),
+            Err(quic::QuicError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                return Err(anyhow!(quic::explain(&e)));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok((
+            FeedPeer {
+                _endpoint: endpoint,
+                conn,
+                send,
+                recv,
+            },
+            welcome,
+        ))
+    }
+
+    /// Sends one batch and returns the hub's answer to it (skipping the
+    /// hub's catalog sync messages, which this peer does not take part in).
+    pub async fn send(&mut self, batch: &SignedBatch) -> Result<MessageV1> {
+        quic::write_message(&mut self.send, &MessageV1::Batch(batch.clone()).into()).await?;
+        loop {
+            let reply =
+                tokio::time::timeout(Duration::from_secs(20), quic::read_message(&mut self.recv))
+                    .await
+                    .context("no reply from the hub")??;
+            match reply {
+                Some(Message::V1(MessageV1::Catalog(_))) => continue,
+                Some(Message::V1(m)) => return Ok(m),
+                None => return Err(anyhow!("the hub closed the stream")),
+            }
+        }
     }
 }

@@ -34,6 +34,12 @@ fn the_demo_runs_and_ends_in_sync() -> Result<()> {
         stdout.contains("shuyuan-hub --config") && stdout.contains(" status"),
         "it says how to watch: {stdout}"
     );
+    assert!(
+        stdout.contains(
+            "open the console (管理控制台) in a browser on this machine: http://127.0.0.1:"
+        ),
+        "{stdout}"
+    );
     assert!(stdout.contains("stopped cleanly"), "{stdout}");
     Ok(())
 }

@@ -4,91 +4,14 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use shuyuan_protocol::batch::{BatchBody, BatchHash, Entry, SignedBatch};
-use shuyuan_protocol::message::{Hello, Welcome};
-use shuyuan_protocol::quic;
 use shuyuan_protocol::{
-    Column, Message, MessageV1, NodeId, NodeKey, Op, RejectReason, RowChange, TableSchema,
-    UnixMillis, Value,
+    Column, MessageV1, NodeKey, Op, RejectReason, RowChange, TableSchema, UnixMillis, Value,
 };
 use shuyuan_tests::data::{self, Rng};
+use shuyuan_tests::peer::FeedPeer;
 use shuyuan_tests::{AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_in_sync, wait_for};
-
-/// A hand-driven client speaking the feed protocol.
-struct Peer {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-impl Peer {
-    async fn connect(
-        hub: &HubProcess,
-        key: &NodeKey,
-        department: &str,
-        resources: &[&str],
-    ) -> Result<(Peer, Welcome)> {
-        let hub_key: NodeId = hub.key.parse()?;
-        let endpoint = quic::client_endpoint(hub.addr)?;
-        let conn = endpoint
-            .connect_with(
-                quic::client_config(key, hub_key)?,
-                hub.addr,
-                quic::SERVER_NAME,
-            )?
-            .await
-            .map_err(|e| anyhow!(quic::explain(&e)))?;
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| anyhow!(quic::explain(&e)))?;
-        let hello = Hello {
-            software: "test-peer".into(),
-            department: department.parse()?,
-            resources: resources
-                .iter()
-                .map(|r| r.parse())
-                .collect::<Result<_, _>>()?,
-        };
-        quic::write_message(&mut send, &MessageV1::Hello(hello).into()).await?;
-        let welcome = match quic::read_message(&mut recv).await {
-            Ok(Some(Message::V1(MessageV1::Welcome(w)))) => w,
-            Ok(other) => return Err(anyhow!("expected Welcome, got {other:?}")),
-            Err(quic::QuicError::Read(quinn::ReadError::ConnectionLost(e))) => {
-                return Err(anyhow!(quic::explain(&e)));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        Ok((
-            Peer {
-                _endpoint: endpoint,
-                conn,
-                send,
-                recv,
-            },
-            welcome,
-        ))
-    }
-
-    /// Sends one batch and returns the hub's answer to it (skipping the
-    /// hub's catalog sync messages, which this peer does not take part in).
-    async fn send(&mut self, batch: &SignedBatch) -> Result<MessageV1> {
-        quic::write_message(&mut self.send, &MessageV1::Batch(batch.clone()).into()).await?;
-        loop {
-            let reply =
-                tokio::time::timeout(Duration::from_secs(20), quic::read_message(&mut self.recv))
-                    .await
-                    .context("no reply from the hub")??;
-            match reply {
-                Some(Message::V1(MessageV1::Catalog(_))) => continue,
-                Some(Message::V1(m)) => return Ok(m),
-                None => return Err(anyhow!("the hub closed the stream")),
-            }
-        }
-    }
-}
 
 fn schema() -> TableSchema {
     TableSchema {
@@ -176,7 +99,7 @@ async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Re
     let key = NodeKey::generate()?;
     sb.hub
         .enroll("MZ", "民政局 civil affairs", &key.id().to_string())?;
-    let (mut peer, welcome) = Peer::connect(&sb.hub, &key, "MZ", &["M01/0001"]).await?;
+    let (mut peer, welcome) = FeedPeer::connect(&sb.hub, &key, "MZ", &["M01/0001"]).await?;
     assert_eq!(welcome.feeds[0].cursor.last_seq, 0);
     let feed = "MZ:M01/0001";
     let b1 = batch(&key, feed, 1, BatchHash::GENESIS, "J330902-2026-000001")?;
@@ -271,7 +194,7 @@ async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
     let mut sb = Sandbox::new()?;
     sb.hub.start()?;
     let stranger = NodeKey::generate()?;
-    let err = match Peer::connect(&sb.hub, &stranger, "XX", &["R"]).await {
+    let err = match FeedPeer::connect(&sb.hub, &stranger, "XX", &["R"]).await {
         Ok(_) => panic!("an unenrolled key got through"),
         Err(e) => e.to_string(),
     };

@@ -133,7 +133,7 @@ pub struct StoredRow {
 }
 
 /// What an audit entry records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AuditKind {
     /// A key that is not enrolled tried to connect.
@@ -162,6 +162,20 @@ pub enum AuditKind {
     /// The agent cannot compare a resource with its source (why).
     VerifyRefused,
 }
+
+impl AuditKind {
+    /// The kind's name as serialised (`batch_rejected`, ...): what the audit
+    /// filter, the API and the metrics use.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+/// Audit entries by kind and rejection reason.
+pub type AuditCounts = BTreeMap<(AuditKind, Option<RejectReason>), u64>;
 
 /// One row of the audit log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,14 +318,30 @@ pub trait Backend: Send + Sync + 'static {
     fn schema(&self, feed: &FeedId, version: u32) -> Result<Option<TableSchema>, StoreError>;
     /// The feed's latest re-read, running or finished.
     fn resync(&self, feed: &FeedId) -> Result<Option<ResyncRecord>, StoreError>;
-    /// Visits the shared copy of a feed in key order.
+    /// Visits the shared copy of a feed in key order, until `visit`
+    /// returns `false`.
     fn rows(
         &self,
         feed: &FeedId,
-        visit: &mut dyn FnMut(StoredRow) -> Result<(), StoreError>,
+        visit: &mut dyn FnMut(StoredRow) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError>;
+    /// Visits the audit log newest first, until `visit` returns `false`.
+    fn audit_scan(&self, visit: &mut dyn FnMut(AuditEntry) -> bool) -> Result<(), StoreError>;
     /// The newest audit entries, newest first.
-    fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+    fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = Vec::new();
+        if limit > 0 {
+            self.audit_scan(&mut |e| {
+                out.push(e);
+                out.len() < limit
+            })?;
+        }
+        Ok(out)
+    }
+    /// Audit entries written since the store opened, by kind and reason.
+    fn audit_counts(&self) -> AuditCounts;
+    /// The newest applied batches of a feed, newest first.
+    fn recent_batches(&self, feed: &FeedId, limit: usize) -> Result<Vec<SignedBatch>, StoreError>;
     /// How many audit entries exist.
     fn audit_count(&self) -> Result<u64, StoreError>;
     /// A department's stored catalog document.

@@ -18,6 +18,7 @@
 //! - `migrations_v1`: migration name -> unix millis applied
 
 use std::path::Path;
+use std::sync::PoisonError;
 
 use redb::{
     Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
@@ -40,9 +41,9 @@ use super::verify::{
     CheckpointResult, LEAF_ROWS, RunOrigin, SCAN_CHUNK_ROWS, SPLIT_PARTS, VerifyRecord, VerifyRun,
 };
 use super::{
-    AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming, Outcome,
-    RejectionRecord, ResyncFinish, ResyncRecord, StoreError, StoredRow, VerifiedBatch, VerifyEvent,
-    WriteOp, ZeroUpdateRecord, column_mapping,
+    AuditCounts, AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming,
+    Outcome, RejectionRecord, ResyncFinish, ResyncRecord, StoreError, StoredRow, VerifiedBatch,
+    VerifyEvent, WriteOp, ZeroUpdateRecord, column_mapping,
 };
 
 const ENROLLMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrollments_v1");
@@ -135,6 +136,8 @@ fn dec<T: DeserializeOwned>(what: impl FnOnce() -> String, bytes: &[u8]) -> Resu
 #[derive(Debug)]
 pub struct RedbBackend {
     db: Database,
+    /// Audit entries written since the store opened, by kind and reason.
+    counts: std::sync::Mutex<AuditCounts>,
 }
 
 impl RedbBackend {
@@ -144,7 +147,10 @@ impl RedbBackend {
             OpenError::AlreadyOpen(p) => StoreError::AlreadyOpen(p.display().to_string()),
             other => StoreError::Storage(other.to_string()),
         })?;
-        let backend = RedbBackend { db };
+        let backend = RedbBackend {
+            db,
+            counts: Default::default(),
+        };
         migrate(&backend.db, MIGRATIONS).map_err(storage)?;
         Ok(backend)
     }
@@ -182,6 +188,8 @@ struct Tables<'t> {
     verify: Table<'t, &'static str, &'static [u8]>,
     audit: Table<'t, u64, &'static [u8]>,
     next_audit: u64,
+    /// What this transaction audited, by kind and reason.
+    counted: AuditCounts,
     now: UnixMillis,
 }
 
@@ -204,6 +212,7 @@ impl<'t> Tables<'t> {
             verify: tx.open_table(VERIFY).map_err(storage)?,
             audit,
             next_audit,
+            counted: AuditCounts::new(),
             now: UnixMillis::now(),
         })
     }
@@ -211,6 +220,7 @@ impl<'t> Tables<'t> {
     fn audit(&mut self, mut entry: AuditEntry) -> Result<(), StoreError> {
         entry.id = self.next_audit;
         self.next_audit += 1;
+        *self.counted.entry((entry.kind, entry.reason)).or_default() += 1;
         self.audit
             .insert(entry.id, enc(&entry)?.as_slice())
             .map_err(storage)?;
@@ -1101,7 +1111,7 @@ impl Backend for RedbBackend {
         events: &mut Vec<VerifyEvent>,
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(storage)?;
-        {
+        let counted = {
             let mut t = Tables::open(&tx)?;
             for op in group.iter_mut() {
                 match op {
@@ -1192,8 +1202,38 @@ impl Backend for RedbBackend {
                     }
                 }
             }
+            std::mem::take(&mut t.counted)
+        };
+        tx.commit().map_err(storage)?;
+        let mut counts = self.counts.lock().unwrap_or_else(PoisonError::into_inner);
+        for (k, n) in counted {
+            *counts.entry(k).or_default() += n;
         }
-        tx.commit().map_err(storage)
+        Ok(())
+    }
+
+    fn audit_counts(&self) -> AuditCounts {
+        self.counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn recent_batches(&self, feed: &FeedId, limit: usize) -> Result<Vec<SignedBatch>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(BATCHES).map_err(storage)?;
+        let key = feed.to_string();
+        let mut out = Vec::new();
+        for item in table
+            .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
+            .map_err(storage)?
+            .rev()
+            .take(limit)
+        {
+            let (k, v) = item.map_err(storage)?;
+            out.push(dec(|| format!("batch {key} #{}", k.value().1), v.value())?);
+        }
+        Ok(out)
     }
 
     fn enrollments(&self) -> Result<Vec<(NodeId, Enrollment)>, StoreError> {
@@ -1258,7 +1298,7 @@ impl Backend for RedbBackend {
     fn rows(
         &self,
         feed: &FeedId,
-        visit: &mut dyn FnMut(StoredRow) -> Result<(), StoreError>,
+        visit: &mut dyn FnMut(StoredRow) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_read().map_err(storage)?;
         let table = tx.open_table(ROWS).map_err(storage)?;
@@ -1267,20 +1307,23 @@ impl Backend for RedbBackend {
         let hi: (&str, &[u8]) = (key.as_str(), &[0xff]);
         for item in table.range(lo..hi).map_err(storage)? {
             let (_, v) = item.map_err(storage)?;
-            visit(dec(|| format!("row of {key}"), v.value())?)?;
+            if !visit(dec(|| format!("row of {key}"), v.value())?)? {
+                break;
+            }
         }
         Ok(())
     }
 
-    fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+    fn audit_scan(&self, visit: &mut dyn FnMut(AuditEntry) -> bool) -> Result<(), StoreError> {
         let tx = self.db.begin_read().map_err(storage)?;
         let table = tx.open_table(AUDIT).map_err(storage)?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(storage)?.rev().take(limit) {
+        for item in table.iter().map_err(storage)?.rev() {
             let (k, v) = item.map_err(storage)?;
-            out.push(dec(|| format!("audit entry {}", k.value()), v.value())?);
+            if !visit(dec(|| format!("audit entry {}", k.value()), v.value())?) {
+                break;
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn catalog(&self, department: &DepartmentCode) -> Result<Option<Vec<u8>>, StoreError> {
@@ -1515,7 +1558,7 @@ mod tests {
         backend
             .rows(&feed, &mut |r| {
                 rows.push(r.values);
-                Ok(())
+                Ok(true)
             })
             .unwrap();
         assert_eq!(rows, vec![vec![Value::Int(1), Value::Text("c".into())]]);

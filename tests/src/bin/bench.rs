@@ -12,8 +12,12 @@
 //! update per change, a full recompute, and localising and repairing k of
 //! 1,000,000 rows against a full-table comparison.
 //!
+//! The admin console, API and metrics scrape with 200 departments and
+//! 2,000 feeds in the store (`console`).
+//!
 //! Run with `./bench.sh` (builds release binaries first; `./bench.sh feeds`,
-//! `./bench.sh catalog`, `./bench.sh pg` or `./bench.sh digest` runs one
+//! `./bench.sh catalog`, `./bench.sh pg`, `./bench.sh digest` or
+//! `./bench.sh console` runs one
 //! part). Prints Markdown tables for BENCHMARKS.md.
 
 use std::path::{Path, PathBuf};
@@ -68,8 +72,12 @@ enum What {
     /// Consistency proofs: digest cost per change, a full recompute, and
     /// localising k differing rows against a full-table comparison.
     Digest(digest::DigestArgs),
+    /// The admin console, JSON API and metrics scrape with 200 departments and 2,000 feeds in the store
+    Console(console::ConsoleArgs),
 }
 
+#[path = "../bench/console.rs"]
+mod console;
 #[path = "../bench/digest.rs"]
 mod digest;
 
@@ -138,6 +146,7 @@ fn main() -> Result<()> {
         Some(What::Catalog(args)) => catalog(&dir, &args),
         Some(What::Pg(args)) => postgres(&dir, &args),
         Some(What::Digest(args)) => digest::run(&dir, &args),
+        Some(What::Console(args)) => console::run(&dir, &args),
         None => {
             feeds(
                 &dir,

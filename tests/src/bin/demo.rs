@@ -194,6 +194,10 @@ async fn main() -> Result<()> {
     println!(
         "\nchanges are flowing; the planning permits (301015/00009) stay quiet and report a zero-update every 10 s."
     );
+    println!(
+        "open the console (管理控制台) in a browser on this machine: {}/ (metrics at /metrics)",
+        hub.admin_url()?
+    );
     println!("watch it from another terminal:");
     println!("  {hub_cmd} status");
     for a in &agents {
@@ -212,9 +216,13 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut changes = 0u64;
+    // SIGTERM (a service manager, `kill`) ends the demo like Ctrl-C, so the
+    // hub and agents it started stop too.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         for (conn, d) in &dbs {

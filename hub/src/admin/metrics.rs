@@ -1,0 +1,402 @@
+//! The hub's Prometheus metrics: every name is declared here, rendered in
+//! the text exposition format from the same status the console shows.
+//!
+//! Per-feed values come from the store (they survive restarts); counters
+//! marked "since start" come from the running process.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use shuyuan_protocol::UnixMillis;
+
+use super::view::{Overview, ResourceState};
+use super::webhook::Deliveries;
+use crate::store::AuditCounts;
+
+/// The process facts beyond the status.
+#[derive(Debug)]
+pub struct ProcessFacts<'a> {
+    pub audit_counts: &'a AuditCounts,
+    pub handshakes_refused: u64,
+    pub deliveries: &'a Deliveries,
+    pub logins_ok: u64,
+    pub logins_failed: u64,
+}
+
+struct Family<'o> {
+    out: &'o mut String,
+}
+
+impl Family<'_> {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders every metric.
+pub fn render(o: &Overview, p: &ProcessFacts<'_>) -> String {
+    let mut out = String::with_capacity(256 + o.departments.len() * 4096);
+    let mut f = Family { out: &mut out };
+    f.header("shuyuan_hub_info", "gauge", "The hub's software and key.");
+    f.sample(
+        "shuyuan_hub_info",
+        &[
+            ("software", &o.software),
+            ("node", &o.node),
+            ("name", &o.hub),
+        ],
+        1,
+    );
+    f.header(
+        "shuyuan_agents_connected",
+        "gauge",
+        "Enrolled agents connected now.",
+    );
+    f.sample("shuyuan_agents_connected", &[], o.agents_online);
+    f.header("shuyuan_agents_enrolled", "gauge", "Enrolled agent keys.");
+    f.sample(
+        "shuyuan_agents_enrolled",
+        &[],
+        o.agents_online + o.agents_offline,
+    );
+    f.header(
+        "shuyuan_agent_connected",
+        "gauge",
+        "1 when the agent is connected.",
+    );
+    for d in &o.departments {
+        for a in &d.agents {
+            f.sample(
+                "shuyuan_agent_connected",
+                &[("department", &d.code), ("agent", &a.key)],
+                u8::from(a.connected),
+            );
+        }
+    }
+    let reports: Vec<_> = o
+        .departments
+        .iter()
+        .flat_map(|d| d.agents.iter().map(move |a| (d, a)))
+        .filter_map(|(d, a)| a.report.as_ref().filter(|_| a.connected).map(|r| (d, a, r)))
+        .collect();
+    f.header(
+        "shuyuan_agent_outbox_batches",
+        "gauge",
+        "Batches the agent reports waiting in its outbox (not yet acknowledged).",
+    );
+    for (d, a, r) in &reports {
+        f.sample(
+            "shuyuan_agent_outbox_batches",
+            &[("department", &d.code), ("agent", &a.key)],
+            r.outbox_batches,
+        );
+    }
+    f.header(
+        "shuyuan_agent_outbox_bytes",
+        "gauge",
+        "Bytes the agent reports in its outbox.",
+    );
+    for (d, a, r) in &reports {
+        f.sample(
+            "shuyuan_agent_outbox_bytes",
+            &[("department", &d.code), ("agent", &a.key)],
+            r.outbox_bytes,
+        );
+    }
+    f.header(
+        "shuyuan_agent_capture_paused",
+        "gauge",
+        "1 when the agent paused capture because its outbox is full.",
+    );
+    for (d, a, r) in &reports {
+        f.sample(
+            "shuyuan_agent_capture_paused",
+            &[("department", &d.code), ("agent", &a.key)],
+            u8::from(r.capture_paused),
+        );
+    }
+
+    let feeds: Vec<_> = o
+        .departments
+        .iter()
+        .flat_map(|d| d.resources.iter().map(move |r| (d, r)))
+        .collect();
+    let labels = |d: &super::view::DepartmentView, r: &super::view::ResourceRow| {
+        [
+            ("department", d.code.clone()),
+            ("resource", r.entry.resource.clone()),
+        ]
+    };
+    macro_rules! per_feed {
+        ($name:expr, $kind:expr, $help:expr, |$r:ident| $value:expr) => {
+            f.header($name, $kind, $help);
+            for (d, $r) in &feeds {
+                let l = labels(d, $r);
+                if let Some(v) = $value {
+                    f.sample($name, &[(l[0].0, &l[0].1), (l[1].0, &l[1].1)], v);
+                }
+            }
+        };
+    }
+    per_feed!(
+        "shuyuan_feed_last_seq",
+        "gauge",
+        "The last applied sequence number.",
+        |r| Some(r.entry.last_seq)
+    );
+    per_feed!(
+        "shuyuan_feed_lag_seconds",
+        "gauge",
+        "Seconds since the last change or zero-update arrived.",
+        |r| r.lag.seconds
+    );
+    per_feed!(
+        "shuyuan_feed_last_change_age_seconds",
+        "gauge",
+        "Seconds since the agent sealed the last batch with row changes.",
+        |r| r.entry.last_change_at.map(|t| age(o.now, t))
+    );
+    per_feed!(
+        "shuyuan_feed_last_zero_update_age_seconds",
+        "gauge",
+        "Seconds since the last zero-update (零更新) arrived.",
+        |r| r
+            .entry
+            .last_zero_update
+            .as_ref()
+            .map(|z| age(o.now, z.received_at))
+    );
+    per_feed!(
+        "shuyuan_feed_lag_batches",
+        "gauge",
+        "Batches the department's agents report waiting, for connected feeds.",
+        |r| r.lag.batches
+    );
+    per_feed!(
+        "shuyuan_feed_fresh_until_timestamp_seconds",
+        "gauge",
+        "When the feed becomes overdue if nothing arrives (Unix seconds).",
+        |r| r.entry.fresh_until.map(|t| t.0 / 1000)
+    );
+    per_feed!(
+        "shuyuan_feed_batches_applied_total",
+        "counter",
+        "Batches applied.",
+        |r| Some(r.entry.batches_applied)
+    );
+    per_feed!(
+        "shuyuan_feed_changes_applied_total",
+        "counter",
+        "Row changes applied.",
+        |r| Some(r.entry.changes_applied)
+    );
+    per_feed!(
+        "shuyuan_feed_rows",
+        "gauge",
+        "Rows in the shared copy.",
+        |r| Some(r.entry.rows)
+    );
+    per_feed!(
+        "shuyuan_feed_rejected_total",
+        "counter",
+        "Batches refused.",
+        |r| Some(r.entry.rejected)
+    );
+    per_feed!(
+        "shuyuan_feed_connected",
+        "gauge",
+        "1 when an agent is connected for the feed.",
+        |r| Some(u8::from(r.entry.connected))
+    );
+    per_feed!(
+        "shuyuan_feed_overdue",
+        "gauge",
+        "1 when neither a change nor a zero-update arrived within the update cycle plus grace.",
+        |r| Some(u8::from(r.entry.freshness == "overdue"))
+    );
+    per_feed!(
+        "shuyuan_feed_diverged",
+        "gauge",
+        "1 when the copy was found to differ from the source.",
+        |r| Some(u8::from(r.state == ResourceState::Diverged))
+    );
+    f.header(
+        "shuyuan_feed_state",
+        "gauge",
+        "1 for the feed's state (the console's verdict).",
+    );
+    for (d, r) in &feeds {
+        f.sample(
+            "shuyuan_feed_state",
+            &[
+                ("department", &d.code),
+                ("resource", &r.entry.resource),
+                ("state", r.state.as_str()),
+            ],
+            1,
+        );
+    }
+    f.header("shuyuan_feeds", "gauge", "Feeds by state.");
+    for (state, n) in &o.states {
+        f.sample("shuyuan_feeds", &[("state", state.as_str())], n);
+    }
+
+    f.header(
+        "shuyuan_rejections_total",
+        "counter",
+        "Refusals audited since start, by kind and reason.",
+    );
+    for ((kind, reason), n) in p.audit_counts {
+        if reason.is_none()
+            && !matches!(
+                kind,
+                crate::store::AuditKind::HandshakeRefused
+                    | crate::store::AuditKind::ConnectionRefused
+                    | crate::store::AuditKind::CatalogRejected
+            )
+        {
+            continue;
+        }
+        let kind = kind.name();
+        let reason = reason.map_or_else(|| "none".to_string(), |r| r.to_string());
+        f.sample(
+            "shuyuan_rejections_total",
+            &[("kind", &kind), ("reason", &reason)],
+            n,
+        );
+    }
+    f.header(
+        "shuyuan_audit_entries_total",
+        "counter",
+        "Audit entries written since start, by kind.",
+    );
+    let mut by_kind = std::collections::BTreeMap::new();
+    for ((kind, _), n) in p.audit_counts {
+        *by_kind.entry(*kind).or_insert(0u64) += n;
+    }
+    for (kind, n) in by_kind {
+        let kind = kind.name();
+        f.sample("shuyuan_audit_entries_total", &[("kind", &kind)], n);
+    }
+    f.header(
+        "shuyuan_handshakes_refused_total",
+        "counter",
+        "QUIC handshakes refused since start (unknown keys).",
+    );
+    f.sample(
+        "shuyuan_handshakes_refused_total",
+        &[],
+        p.handshakes_refused,
+    );
+    f.header(
+        "shuyuan_webhook_deliveries_total",
+        "counter",
+        "Alert deliveries since start, by result.",
+    );
+    for (result, n) in [
+        ("delivered", &p.deliveries.delivered),
+        ("retried", &p.deliveries.retried),
+        ("given_up", &p.deliveries.given_up),
+        ("dropped", &p.deliveries.dropped),
+    ] {
+        f.sample(
+            "shuyuan_webhook_deliveries_total",
+            &[("result", result)],
+            n.load(Ordering::Relaxed),
+        );
+    }
+    f.header(
+        "shuyuan_admin_logins_total",
+        "counter",
+        "Console logins since start, by result.",
+    );
+    f.sample(
+        "shuyuan_admin_logins_total",
+        &[("result", "ok")],
+        p.logins_ok,
+    );
+    f.sample(
+        "shuyuan_admin_logins_total",
+        &[("result", "failed")],
+        p.logins_failed,
+    );
+    out
+}
+
+fn age(now: UnixMillis, t: UnixMillis) -> u64 {
+    (now.0.saturating_sub(t.0).max(0) / 1000) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_alert_rules_use_declared_metrics() {
+        let o = Overview {
+            hub: "h".into(),
+            node: "n".into(),
+            software: "s".into(),
+            started_at: None,
+            now: UnixMillis(0),
+            agents_online: 0,
+            agents_offline: 0,
+            states: Vec::new(),
+            departments: Vec::new(),
+            history: Vec::new(),
+            grace_secs: 0,
+        };
+        let text = render(
+            &o,
+            &ProcessFacts {
+                audit_counts: &AuditCounts::new(),
+                handshakes_refused: 0,
+                deliveries: &Deliveries::default(),
+                logins_ok: 0,
+                logins_failed: 0,
+            },
+        );
+        let rules = include_str!("../../../deploy/prometheus/shuyuan-alerts.yml");
+        let mut names: Vec<&str> = rules
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("shuyuan_"))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 6, "{names:?}");
+        for name in names {
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} is used by the alert rules but not exported"
+            );
+        }
+        assert!(text.contains("name=\"h\""));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

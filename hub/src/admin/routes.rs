@@ -1,0 +1,778 @@
+//! The admin server's routes: console pages, the JSON API (documented in
+//! `hub/openapi.yaml`), `/metrics` and `/events`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json};
+use serde::{Deserialize, Serialize};
+use shuyuan_protocol::{FeedId, UnixMillis};
+
+use super::AdminState;
+use super::auth::{Access, Refusal};
+use super::i18n::Lang;
+use super::metrics::{self, ProcessFacts};
+use super::pages::{self, Page};
+use super::view::{
+    AuditQuery, BatchSummary, DepartmentView, Overview, ResourceRow, ResourceView, RowSample,
+};
+use crate::catalog::{CityEntry, Filter};
+use crate::status::HubStatus;
+use crate::store::AuditEntry;
+use crate::{ReviewRequest, Shared};
+
+/// The OpenAPI description of the JSON API.
+pub const OPENAPI: &str = include_str!("../../openapi.yaml");
+
+/// Batches and rows the resource page shows.
+const RECENT_BATCHES: usize = 20;
+const SAMPLE_ROWS: usize = 20;
+
+type S = State<Arc<AdminState>>;
+
+pub(crate) fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/", get(overview_page))
+        .route("/departments/{code}", get(department_page))
+        .route("/resources/{department}/{*resource}", get(resource_page))
+        .route("/audit", get(audit_page))
+        .route("/catalog", get(catalog_page))
+        .route("/catalog/review", post(review_form))
+        .route("/logout", post(logout))
+        .route("/events", get(events))
+        .route("/metrics", get(metrics_text))
+        .route("/api/v1/status", get(api_status))
+        .route("/api/v1/overview", get(api_overview))
+        .route("/api/v1/departments/{code}", get(api_department))
+        .route(
+            "/api/v1/resources/{department}/{*resource}",
+            get(api_resource),
+        )
+        .route("/api/v1/audit", get(api_audit))
+        .route("/api/v1/catalog", get(api_catalog))
+        .route("/api/v1/catalog/review", post(api_review))
+        .layer(middleware::from_fn_with_state(state.clone(), authorise))
+        // Reachable without a login.
+        .route("/login", get(login_page).post(login_form))
+        .route("/api/v1/login", post(api_login))
+        .route("/api/openapi.yaml", get(openapi))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn is_machine_path(path: &str) -> bool {
+    path.starts_with("/api/") || path == "/metrics" || path == "/events"
+}
+
+async fn authorise(State(s): S, mut req: Request, next: Next) -> Response {
+    match s.auth.check(req.method(), req.headers()).await {
+        Ok(access) => {
+            req.extensions_mut().insert(access);
+            next.run(req).await
+        }
+        Err(Refusal::Unauthenticated) => {
+            let path = req.uri().path();
+            if is_machine_path(path) {
+                let mut r = ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "log in: a session, a bearer token or basic credentials are required",
+                )
+                .into_response();
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"shuyuan hub\""),
+                );
+                r
+            } else {
+                let next = req
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                Redirect::to(&format!("/login?next={}", percent(&next))).into_response()
+            }
+        }
+        Err(Refusal::Forbidden(why)) => {
+            tracing::warn!(path = %req.uri().path(), %why, "admin request refused");
+            ApiError::new(StatusCode::FORBIDDEN, why).into_response()
+        }
+    }
+}
+
+/// A JSON error: `{"error": "..."}`.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "admin request failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+
+    fn not_found(what: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, what)
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::new(r.status(), r.body_text())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        ApiError::new(r.status(), r.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+/// What every page needs from its request.
+#[derive(Debug)]
+struct Ctx {
+    lang: Lang,
+    /// The language was picked in the query: remember it.
+    chosen: bool,
+    path: String,
+    query: String,
+    logged_in: bool,
+    /// The live-update script asks for the page body only.
+    fragment: bool,
+}
+
+impl<St: Send + Sync> FromRequestParts<St> for Ctx {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &St) -> Result<Self, Infallible> {
+        let query = parts.uri.query().unwrap_or("").to_string();
+        let from_query = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == "lang")
+            .and_then(|(_, v)| Lang::from_code(v));
+        let from_cookie = super::auth::cookie(&parts.headers, "lang").and_then(Lang::from_code);
+        let lang = from_query.or(from_cookie).unwrap_or_else(|| {
+            Lang::from_accept_language(
+                parts
+                    .headers
+                    .get(header::ACCEPT_LANGUAGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+            )
+        });
+        Ok(Ctx {
+            lang,
+            chosen: from_query.is_some(),
+            path: parts.uri.path().to_string(),
+            query,
+            logged_in: parts.extensions.get::<Access>() == Some(&Access::Session),
+            fragment: parts.headers.contains_key("x-shuyuan-fragment"),
+        })
+    }
+}
+
+impl Ctx {
+    fn page<'a>(&'a self, s: &'a AdminState) -> Page<'a> {
+        Page {
+            lang: self.lang,
+            path: &self.path,
+            query: &self.query,
+            hub_name: &s.shared.config.name,
+            logged_in: self.logged_in,
+            now: UnixMillis::now(),
+        }
+    }
+
+    /// The page, whole or as a fragment, remembering a chosen language.
+    fn render(&self, s: &AdminState, status: StatusCode, title: &str, body: String) -> Response {
+        let html = if self.fragment {
+            body
+        } else {
+            pages::layout(&self.page(s), title, &body)
+        };
+        let mut r = (status, Html(html)).into_response();
+        r.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if self.chosen
+            && let Ok(v) = HeaderValue::from_str(&format!(
+                "lang={}; Path=/; Max-Age=31536000; SameSite=Lax",
+                self.lang.code()
+            ))
+        {
+            r.headers_mut().insert(header::SET_COOKIE, v);
+        }
+        r
+    }
+
+    fn error(&self, s: &AdminState, e: ApiError) -> Response {
+        let body = pages::message(&self.page(s), e.status.as_str(), &e.message);
+        self.render(s, e.status, e.status.as_str(), body)
+    }
+}
+
+// ---- the data, shared by pages and API ----
+
+async fn status(shared: &Shared) -> Result<HubStatus, ApiError> {
+    crate::live_status(shared).await.map_err(ApiError::internal)
+}
+
+async fn overview(s: &AdminState) -> Result<Overview, ApiError> {
+    let status = status(&s.shared).await?;
+    Ok(Overview::of(
+        &status,
+        s.shared.config.freshness_grace,
+        UnixMillis::now(),
+        s.monitor.history(),
+    ))
+}
+
+async fn department(s: &AdminState, code: &str) -> Result<DepartmentView, ApiError> {
+    let status = status(&s.shared).await?;
+    status
+        .departments
+        .iter()
+        .find(|d| d.code == code)
+        .map(|d| DepartmentView::of(d, s.shared.config.freshness_grace, UnixMillis::now()))
+        .ok_or_else(|| ApiError::not_found(format!("no department {code} at this hub")))
+}
+
+async fn resource(
+    s: &AdminState,
+    department: &str,
+    resource: &str,
+) -> Result<ResourceView, ApiError> {
+    let d = self::department(s, department).await?;
+    let Some(row): Option<ResourceRow> = d
+        .resources
+        .iter()
+        .find(|r| r.entry.resource == resource)
+        .cloned()
+    else {
+        return Err(ApiError::not_found(format!(
+            "no resource {resource} of {department} at this hub"
+        )));
+    };
+    let catalog: Option<CityEntry> = s
+        .shared
+        .catalog
+        .city()
+        .await
+        .map_err(ApiError::internal)?
+        .into_iter()
+        .find(|e| e.department == department && e.entry.code == resource);
+    let feed: FeedId = row
+        .entry
+        .feed
+        .parse()
+        .map_err(|e: shuyuan_protocol::feed::CodeError| ApiError::internal(e))?;
+    let store = s.shared.store.clone();
+    let (batches, sample) = tokio::task::spawn_blocking(move || {
+        let backend = store.backend();
+        let batches = backend
+            .recent_batches(&feed, RECENT_BATCHES)?
+            .iter()
+            .map(batch_summary)
+            .collect::<Vec<_>>();
+        let (columns, rows) = crate::export::sample(backend, &feed, SAMPLE_ROWS)?;
+        Ok::<_, crate::store::StoreError>((batches, RowSample { columns, rows }))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok(ResourceView {
+        department_name: d.name.clone(),
+        row,
+        catalog,
+        batches,
+        sample,
+        grace_secs: d.grace_secs,
+    })
+}
+
+fn batch_summary(b: &shuyuan_protocol::SignedBatch) -> BatchSummary {
+    use shuyuan_protocol::batch::Entry;
+    let hash = data_encoding::HEXLOWER.encode(&b.hash().0);
+    let mut summary = BatchSummary {
+        seq: 0,
+        signer: b.signer.to_string(),
+        sealed_at: UnixMillis(0),
+        changes: 0,
+        zero_update: false,
+        other_entries: 0,
+        bytes: b.body.len() as u64,
+        hash,
+    };
+    // Stored batches were verified before they were applied.
+    if let Ok(body) = b.open() {
+        summary.seq = body.seq;
+        summary.sealed_at = body.created_at;
+        for e in &body.entries {
+            match e {
+                Entry::Change(_) => summary.changes += 1,
+                Entry::ZeroUpdate(_) => summary.zero_update = true,
+                _ => summary.other_entries += 1,
+            }
+        }
+    }
+    summary
+}
+
+/// The audit page's entries and the log's size.
+async fn audit(s: &AdminState, q: &AuditQuery) -> Result<(Vec<AuditEntry>, u64), ApiError> {
+    q.validate()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
+    let store = s.shared.store.clone();
+    let q = q.clone();
+    tokio::task::spawn_blocking(move || {
+        let backend = store.backend();
+        let limit = q.limit();
+        let mut out = Vec::new();
+        backend.audit_scan(&mut |e| {
+            if q.matches(&e) {
+                out.push(e);
+            }
+            out.len() < limit
+        })?;
+        Ok((out, backend.audit_count()?))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e: crate::store::StoreError| ApiError::internal(e))
+}
+
+/// A filter as forms send it: empty fields match all.
+fn filled(mut f: Filter) -> Filter {
+    for field in [
+        &mut f.department,
+        &mut f.class,
+        &mut f.share_type,
+        &mut f.cycle,
+        &mut f.state,
+    ] {
+        if field.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            *field = None;
+        }
+    }
+    f
+}
+
+async fn catalog(s: &AdminState, filter: &Filter) -> Result<Vec<CityEntry>, ApiError> {
+    crate::city(&s.shared, &filled(filter.clone()))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
+}
+
+// ---- pages ----
+
+async fn overview_page(State(s): S, ctx: Ctx) -> Response {
+    match overview(&s).await {
+        Ok(o) => {
+            let body = pages::overview(&ctx.page(&s), &o);
+            ctx.render(&s, StatusCode::OK, &s.shared.config.name, body)
+        }
+        Err(e) => ctx.error(&s, e),
+    }
+}
+
+async fn department_page(State(s): S, ctx: Ctx, Path(code): Path<String>) -> Response {
+    match department(&s, &code).await {
+        Ok(d) => {
+            let body = pages::department(&ctx.page(&s), &d);
+            ctx.render(&s, StatusCode::OK, &format!("{} {}", d.code, d.name), body)
+        }
+        Err(e) => ctx.error(&s, e),
+    }
+}
+
+async fn resource_page(
+    State(s): S,
+    ctx: Ctx,
+    Path((dept, res)): Path<(String, String)>,
+) -> Response {
+    match resource(&s, &dept, &res).await {
+        Ok(r) => {
+            let body = pages::resource(&ctx.page(&s), &r);
+            ctx.render(&s, StatusCode::OK, &r.row.entry.feed, body)
+        }
+        Err(e) => ctx.error(&s, e),
+    }
+}
+
+async fn audit_page(
+    State(s): S,
+    ctx: Ctx,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Response {
+    let q = match q {
+        Ok(Query(q)) => q,
+        Err(e) => return ctx.error(&s, e.into()),
+    };
+    match audit(&s, &q).await {
+        Ok((entries, total)) => {
+            let body = pages::audit(&ctx.page(&s), &entries, total, &q);
+            ctx.render(&s, StatusCode::OK, "audit", body)
+        }
+        Err(e) => ctx.error(&s, e),
+    }
+}
+
+async fn catalog_page(
+    State(s): S,
+    ctx: Ctx,
+    filter: Result<Query<Filter>, QueryRejection>,
+) -> Response {
+    let filter = match filter {
+        Ok(Query(f)) => f,
+        Err(e) => return ctx.error(&s, e.into()),
+    };
+    match catalog(&s, &filter).await {
+        Ok(list) => {
+            let body = pages::catalog(&ctx.page(&s), &list, &filter, None);
+            ctx.render(&s, StatusCode::OK, "catalog", body)
+        }
+        Err(e) => ctx.error(&s, e),
+    }
+}
+
+/// The review form on the catalog page.
+#[derive(Debug, Deserialize)]
+struct ReviewForm {
+    department: Option<String>,
+    code: String,
+    approve: String,
+    reviewer: String,
+    #[serde(default)]
+    remarks: String,
+}
+
+async fn review_form(State(s): S, ctx: Ctx, Form(form): Form<ReviewForm>) -> Response {
+    let request = ReviewRequest {
+        department: form.department.filter(|d| !d.is_empty()),
+        code: form.code,
+        approve: form.approve == "1",
+        reviewer: form.reviewer,
+        remarks: form.remarks,
+    };
+    let (status, notice) = match review(&s, &request).await {
+        Ok(_) => (
+            StatusCode::OK,
+            format!(
+                "{} {}: {}",
+                request.code,
+                request.department.as_deref().unwrap_or(""),
+                match (ctx.lang, request.approve) {
+                    (Lang::Zh, true) => "审核通过",
+                    (Lang::Zh, false) => "退回修改",
+                    (Lang::En, true) => "approved",
+                    (Lang::En, false) => "returned for changes",
+                }
+            ),
+        ),
+        Err(e) => (e.status, e.message),
+    };
+    let filter = Filter::default();
+    match catalog(&s, &filter).await {
+        Ok(list) => {
+            let body = pages::catalog(&ctx.page(&s), &list, &filter, Some(&notice));
+            ctx.render(&s, status, "catalog", body)
+        }
+        Err(e) => ctx.error(&s, e),
+    }
+}
+
+async fn review(
+    s: &AdminState,
+    request: &ReviewRequest,
+) -> Result<shuyuan_protocol::catalog::Review, ApiError> {
+    let all = s.shared.catalog.city().await.map_err(ApiError::internal)?;
+    crate::review(&s.shared.catalog, &s.shared.store, &all, request)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
+}
+
+/// Only paths of this console are followed after a login.
+fn safe_next(next: Option<&str>) -> String {
+    match next {
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        _ => "/".to_string(),
+    }
+}
+
+async fn login_page(State(s): S, ctx: Ctx, Query(q): Query<LoginQuery>) -> Response {
+    if !s.auth.required() {
+        return Redirect::to(&safe_next(q.next.as_deref())).into_response();
+    }
+    let body = pages::login(&ctx.page(&s), None, &safe_next(q.next.as_deref()));
+    ctx.render(&s, StatusCode::OK, "login", body)
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    password: String,
+    next: Option<String>,
+}
+
+async fn login_form(State(s): S, ctx: Ctx, Form(form): Form<LoginForm>) -> Response {
+    let next = safe_next(form.next.as_deref());
+    if !s.auth.required() {
+        return Redirect::to(&next).into_response();
+    }
+    match s.auth.login(&form.password).await {
+        Some(token) => {
+            tracing::info!("administrator logged in to the console");
+            let mut r = Redirect::to(&next).into_response();
+            if let Ok(v) = HeaderValue::from_str(&s.auth.session_cookie(&token)) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        None => {
+            tracing::warn!("console login refused: wrong password");
+            let error = match ctx.lang {
+                Lang::Zh => "密码错误",
+                Lang::En => "Wrong password",
+            };
+            let body = pages::login(&ctx.page(&s), Some(error), &next);
+            ctx.render(&s, StatusCode::UNAUTHORIZED, "login", body)
+        }
+    }
+}
+
+async fn logout(State(s): S, headers: HeaderMap) -> Response {
+    s.auth.logout(&headers);
+    let mut r = Redirect::to("/login").into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("shuyuan_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
+    );
+    r
+}
+
+async fn not_found(State(s): S, ctx: Ctx) -> Response {
+    if is_machine_path(&ctx.path) {
+        return ApiError::not_found(format!("no such endpoint: {}", ctx.path)).into_response();
+    }
+    ctx.error(&s, ApiError::not_found(format!("no page {}", ctx.path)))
+}
+
+/// Tells the console's script when what it shows changed.
+async fn events(State(s): S) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let rx = s.monitor.subscribe();
+    let cancel = s.cancel.clone();
+    let stream = futures_util::stream::unfold((rx, cancel), |(mut rx, cancel)| async move {
+        tokio::select! {
+            changed = rx.changed() => {
+                changed.ok()?;
+                let v = *rx.borrow_and_update();
+                Some((Ok(Event::default().event("update").data(v.to_string())), (rx, cancel)))
+            }
+            () = cancel.cancelled() => None,
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn metrics_text(State(s): S) -> Result<Response, ApiError> {
+    let o = overview(&s).await?;
+    let counts = s.shared.store.backend().audit_counts();
+    let text = metrics::render(
+        &o,
+        &ProcessFacts {
+            audit_counts: &counts,
+            handshakes_refused: s.shared.peers.refused(),
+            deliveries: &s.shared.alerts.counts,
+            logins_ok: s.auth.logins_ok.load(std::sync::atomic::Ordering::Relaxed),
+            logins_failed: s
+                .auth
+                .logins_failed
+                .load(std::sync::atomic::Ordering::Relaxed),
+        },
+    );
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+// ---- JSON API ----
+
+async fn api_status(State(s): S) -> Result<Json<HubStatus>, ApiError> {
+    Ok(Json(status(&s.shared).await?))
+}
+
+async fn api_overview(State(s): S) -> Result<Json<Overview>, ApiError> {
+    Ok(Json(overview(&s).await?))
+}
+
+async fn api_department(
+    State(s): S,
+    Path(code): Path<String>,
+) -> Result<Json<DepartmentView>, ApiError> {
+    Ok(Json(department(&s, &code).await?))
+}
+
+async fn api_resource(
+    State(s): S,
+    Path((dept, res)): Path<(String, String)>,
+) -> Result<Json<ResourceView>, ApiError> {
+    Ok(Json(resource(&s, &dept, &res).await?))
+}
+
+/// A page of the audit log.
+#[derive(Debug, Serialize)]
+struct AuditPage {
+    /// Entries in the whole log.
+    total: u64,
+    entries: Vec<AuditEntry>,
+}
+
+async fn api_audit(
+    State(s): S,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<AuditPage>, ApiError> {
+    let Query(q) = q?;
+    let (entries, total) = audit(&s, &q).await?;
+    Ok(Json(AuditPage { total, entries }))
+}
+
+async fn api_catalog(
+    State(s): S,
+    filter: Result<Query<Filter>, QueryRejection>,
+) -> Result<Json<Vec<CityEntry>>, ApiError> {
+    let Query(filter) = filter?;
+    Ok(Json(catalog(&s, &filter).await?))
+}
+
+async fn api_review(
+    State(s): S,
+    request: Result<Json<ReviewRequest>, JsonRejection>,
+) -> Result<Json<shuyuan_protocol::catalog::Review>, ApiError> {
+    let Json(request) = request?;
+    Ok(Json(review(&s, &request).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiLogin {
+    password: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ApiSession {
+    token: String,
+    expires_in_secs: u64,
+}
+
+async fn api_login(
+    State(s): S,
+    login: Result<Json<ApiLogin>, JsonRejection>,
+) -> Result<Json<ApiSession>, ApiError> {
+    let Json(login) = login?;
+    if !s.auth.required() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "this console has no password (loopback only): no login is needed",
+        ));
+    }
+    match s.auth.login(&login.password).await {
+        Some(token) => Ok(Json(ApiSession {
+            token,
+            expires_in_secs: s.auth.session_ttl().as_secs(),
+        })),
+        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong password")),
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI)
+}
+
+/// Percent-encodes a query value.
+fn percent(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::view::ResourceState;
+
+    #[test]
+    fn only_local_paths_follow_a_login() {
+        assert_eq!(
+            safe_next(Some("/audit?kind=enrolled")),
+            "/audit?kind=enrolled"
+        );
+        assert_eq!(safe_next(Some("//evil.example/")), "/");
+        assert_eq!(safe_next(Some("https://evil.example/")), "/");
+        assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn the_api_documents_every_audit_kind() {
+        let line = OPENAPI
+            .lines()
+            .find(|l| l.contains("{name: kind, in: query"))
+            .unwrap();
+        for kind in crate::admin::i18n::AUDIT_KINDS {
+            let name = kind.name();
+            assert!(line.contains(&name), "{name} undocumented");
+        }
+    }
+
+    #[test]
+    fn states_are_named_as_the_api_documents_them() {
+        for s in ResourceState::ALL {
+            assert!(
+                OPENAPI.contains(s.as_str()),
+                "{s} missing from openapi.yaml"
+            );
+        }
+    }
+}

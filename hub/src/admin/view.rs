@@ -1,0 +1,340 @@
+//! What the console pages, the JSON API, the metrics and the alerts all
+//! show: one resource state per feed, derived from the status the CLI
+//! prints, so every view agrees.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shuyuan_protocol::UnixMillis;
+
+use crate::catalog::CityEntry;
+use crate::status::{DepartmentStatus, HubStatus, ResourceEntry};
+use crate::store::verify::Verdict;
+
+/// The one state a resource is shown in, most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResourceState {
+    /// The copy differs from the source (一致性核验不通过).
+    Diverged,
+    /// The newest thing the feed sent was refused.
+    Rejected,
+    /// Neither a change nor a zero-update within the update cycle plus grace.
+    Overdue,
+    /// No agent of the department is connected for it.
+    Disconnected,
+    /// The last thing received was a zero-update (零更新), within the cycle.
+    ZeroUpdated,
+    /// A change arrived within the cycle.
+    OnTime,
+    /// Connected, but no update cycle is declared yet, or nothing arrived.
+    Unknown,
+}
+
+impl ResourceState {
+    pub const ALL: [ResourceState; 7] = [
+        ResourceState::Diverged,
+        ResourceState::Rejected,
+        ResourceState::Overdue,
+        ResourceState::Disconnected,
+        ResourceState::ZeroUpdated,
+        ResourceState::OnTime,
+        ResourceState::Unknown,
+    ];
+
+    /// The stable name used in the API, the metrics and the pages'
+    /// `data-state` attributes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResourceState::Diverged => "diverged",
+            ResourceState::Rejected => "rejected",
+            ResourceState::Overdue => "overdue",
+            ResourceState::Disconnected => "disconnected",
+            ResourceState::ZeroUpdated => "zero_updated",
+            ResourceState::OnTime => "on_time",
+            ResourceState::Unknown => "unknown",
+        }
+    }
+
+    /// Whether an administrator should look at it.
+    pub fn is_alarm(self) -> bool {
+        matches!(
+            self,
+            ResourceState::Diverged
+                | ResourceState::Rejected
+                | ResourceState::Overdue
+                | ResourceState::Disconnected
+        )
+    }
+
+    /// The state of one resource.
+    pub fn of(r: &ResourceEntry) -> ResourceState {
+        if matches!(r.verdict, Verdict::Diverged { .. }) {
+            return ResourceState::Diverged;
+        }
+        let rejected_last = r.last_rejection.as_ref().is_some_and(|j| {
+            r.last_batch_received_at
+                .is_none_or(|applied| j.at > applied)
+        });
+        if rejected_last {
+            return ResourceState::Rejected;
+        }
+        match r.freshness.as_str() {
+            "overdue" => ResourceState::Overdue,
+            _ if !r.connected => ResourceState::Disconnected,
+            "zero_updated" => ResourceState::ZeroUpdated,
+            "on_time" => ResourceState::OnTime,
+            _ => ResourceState::Unknown,
+        }
+    }
+}
+
+impl std::fmt::Display for ResourceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The lag of a resource behind its source, as far as the hub can tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lag {
+    /// Batches the agent reports waiting in its outbox for this department
+    /// (sealed, not yet acknowledged): the lag in sequence numbers.
+    pub batches: Option<u64>,
+    /// Seconds since anything (change or zero-update) arrived.
+    pub seconds: Option<u64>,
+}
+
+impl Lag {
+    pub fn of(d: &DepartmentStatus, r: &ResourceEntry, now: UnixMillis) -> Lag {
+        let seconds = r
+            .last_batch_received_at
+            .map(|t| (now.0.saturating_sub(t.0).max(0) / 1000) as u64);
+        let batches = r.connected.then(|| {
+            d.agents
+                .iter()
+                .filter_map(|a| a.report.as_ref())
+                .map(|rep| rep.outbox_batches)
+                .sum()
+        });
+        Lag { batches, seconds }
+    }
+}
+
+/// A resource row as the console and API show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResourceRow {
+    pub department: String,
+    pub state: ResourceState,
+    pub lag: Lag,
+    #[serde(flatten)]
+    pub entry: ResourceEntry,
+}
+
+/// A department as the console and API show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DepartmentView {
+    pub code: String,
+    pub name: String,
+    pub agents_online: usize,
+    pub agents: Vec<crate::status::AgentEntry>,
+    pub resources: Vec<ResourceRow>,
+    /// The freshness grace beyond each update cycle, in seconds.
+    pub grace_secs: u64,
+}
+
+impl DepartmentView {
+    pub fn of(d: &DepartmentStatus, grace: Duration, now: UnixMillis) -> DepartmentView {
+        DepartmentView {
+            code: d.code.clone(),
+            name: d.name.clone(),
+            agents_online: d.agents.iter().filter(|a| a.connected).count(),
+            agents: d.agents.clone(),
+            resources: d
+                .resources
+                .iter()
+                .map(|r| ResourceRow {
+                    department: d.code.clone(),
+                    state: ResourceState::of(r),
+                    lag: Lag::of(d, r, now),
+                    entry: r.clone(),
+                })
+                .collect(),
+            grace_secs: grace.as_secs(),
+        }
+    }
+
+    /// The most urgent state among the department's resources.
+    pub fn worst(&self) -> Option<ResourceState> {
+        self.resources.iter().map(|r| r.state).min()
+    }
+}
+
+/// One point of a sparkline.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub at: UnixMillis,
+    /// Row changes applied per second since the previous sample.
+    pub changes_per_sec: f64,
+    /// Batches agents report waiting in their outboxes.
+    pub backlog_batches: u64,
+    /// The largest seconds-since-last-update among connected resources.
+    pub max_lag_secs: u64,
+}
+
+/// The overview: every department, counts by state, and recent history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Overview {
+    pub hub: String,
+    pub node: String,
+    pub software: String,
+    pub started_at: Option<UnixMillis>,
+    pub now: UnixMillis,
+    pub agents_online: usize,
+    pub agents_offline: usize,
+    /// Resources by state (every state listed, zero included).
+    pub states: Vec<(ResourceState, usize)>,
+    pub departments: Vec<DepartmentView>,
+    pub history: Vec<Sample>,
+    pub grace_secs: u64,
+}
+
+impl Overview {
+    pub fn of(status: &HubStatus, grace: Duration, now: UnixMillis, history: Vec<Sample>) -> Self {
+        let departments: Vec<DepartmentView> = status
+            .departments
+            .iter()
+            .map(|d| DepartmentView::of(d, grace, now))
+            .collect();
+        let agents = departments.iter().flat_map(|d| &d.agents);
+        let online = agents.clone().filter(|a| a.connected).count();
+        let offline = agents.count() - online;
+        let states = ResourceState::ALL
+            .iter()
+            .map(|s| {
+                let n = departments
+                    .iter()
+                    .flat_map(|d| &d.resources)
+                    .filter(|r| r.state == *s)
+                    .count();
+                (*s, n)
+            })
+            .collect();
+        Overview {
+            hub: status.name.clone(),
+            node: status.node.clone(),
+            software: status.software.clone(),
+            started_at: status.started_at,
+            now,
+            agents_online: online,
+            agents_offline: offline,
+            states,
+            departments,
+            history,
+            grace_secs: grace.as_secs(),
+        }
+    }
+}
+
+/// One applied batch, as the resource page lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchSummary {
+    pub seq: u64,
+    /// The key that signed it.
+    pub signer: String,
+    pub sealed_at: UnixMillis,
+    /// Row changes it carried.
+    pub changes: u64,
+    /// Whether it was a zero-update (零更新).
+    pub zero_update: bool,
+    /// Other entries (schema, re-read markers, checkpoints, range digests).
+    pub other_entries: u64,
+    pub bytes: u64,
+    /// The batch hash, hex.
+    pub hash: String,
+}
+
+/// A sample of the shared copy: column names and the first rows, as text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowSample {
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+/// Everything the resource page shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResourceView {
+    pub department_name: String,
+    pub row: ResourceRow,
+    /// The catalog entry with the resource's code, when the department
+    /// catalogued it.
+    pub catalog: Option<CityEntry>,
+    /// The newest applied batches, newest first.
+    pub batches: Vec<BatchSummary>,
+    pub sample: RowSample,
+    pub grace_secs: u64,
+}
+
+/// The audit log's filters (query string of `/audit` and `/api/v1/audit`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditQuery {
+    /// Only this kind (`batch_rejected`, `enrolled`, `catalog_reviewed`,
+    /// `repaired`, ...).
+    pub kind: Option<String>,
+    /// Only entries about this feed (`DEPT:RES`) or department (`DEPT`).
+    pub feed: Option<String>,
+    /// Only entries whose detail contains this text.
+    pub q: Option<String>,
+    /// At most this many, newest first (default 200, at most 5,000).
+    pub limit: Option<usize>,
+}
+
+impl AuditQuery {
+    pub const DEFAULT_LIMIT: usize = 200;
+    pub const MAX_LIMIT: usize = 5_000;
+
+    pub fn limit(&self) -> usize {
+        self.limit
+            .unwrap_or(Self::DEFAULT_LIMIT)
+            .clamp(1, Self::MAX_LIMIT)
+    }
+
+    /// Refuses a kind no audit entry has (a typo would show nothing).
+    pub fn validate(&self) -> Result<(), String> {
+        let Some(kind) = self.kind.as_deref().filter(|k| !k.is_empty()) else {
+            return Ok(());
+        };
+        let known: Vec<String> = crate::admin::i18n::AUDIT_KINDS
+            .iter()
+            .map(|k| k.name())
+            .collect();
+        if known.iter().any(|k| k == kind) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{kind:?} is not an audit kind: use one of {}",
+                known.join(", ")
+            ))
+        }
+    }
+
+    /// Whether an entry passes the filters.
+    pub fn matches(&self, e: &crate::store::AuditEntry) -> bool {
+        let kind_ok = self
+            .kind
+            .as_deref()
+            .is_none_or(|k| k.is_empty() || e.kind.name() == k);
+        let feed_ok = self.feed.as_deref().is_none_or(|f| {
+            f.is_empty()
+                || e.feed.as_ref().is_some_and(|feed| {
+                    let s = feed.to_string();
+                    s == f || feed.department.as_str() == f
+                })
+        });
+        let q_ok = self
+            .q
+            .as_deref()
+            .is_none_or(|q| q.is_empty() || e.detail.contains(q));
+        kind_ok && feed_ok && q_ok
+    }
+}
