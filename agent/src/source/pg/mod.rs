@@ -237,9 +237,6 @@ pub struct PgSource {
     last_status: Option<Instant>,
     /// When the server last was asked for its position.
     last_ping: Option<Instant>,
-    /// The server's position, unchanged since the instant: it has sent
-    /// every complete record it has flushed.
-    idle: Option<(u64, Instant)>,
     alarm: Option<String>,
     finished: BTreeMap<String, LoadReport>,
     type_names: HashMap<(u32, i32), String>,
@@ -481,7 +478,6 @@ impl PgSource {
             released: 0,
             last_status: None,
             last_ping: None,
-            idle: None,
             alarm: None,
             finished: BTreeMap::new(),
             type_names: HashMap::new(),
@@ -827,7 +823,8 @@ impl PgSource {
         };
         let select = format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
-             SELECT txid_current_snapshot()::text, pg_current_wal_flush_lsn()::text; \
+             SELECT txid_current_snapshot()::text, pg_current_wal_insert_lsn()::text, \
+             current_setting('wal_block_size'), pg_size_bytes(current_setting('wal_segment_size'))::text; \
              SELECT {}, {} FROM {} {filter} ORDER BY {order} LIMIT {}; COMMIT;",
             bound_cols.join(", "),
             cols.join(", "),
@@ -849,8 +846,13 @@ impl PgSource {
                 continue;
             };
             if snapshot.is_none() {
+                let number = |c: usize| r.get(c).and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
                 snapshot = r.get(0).and_then(Snapshot::parse);
-                high = r.get(1).and_then(parse_lsn).unwrap_or(u64::MAX);
+                high = ranges::record_end(
+                    r.get(1).and_then(parse_lsn).unwrap_or(u64::MAX),
+                    number(2),
+                    number(3),
+                );
                 continue;
             }
             n += 1;
@@ -893,15 +895,13 @@ impl PgSource {
         Ok(())
     }
 
-    /// Whether the chunk can be emitted now (the log reached its high mark).
+    /// Whether the chunk can be emitted now: the log reached its high mark,
+    /// the end of the last record written when the snapshot was taken.
+    /// Never because the server's position stayed put a while: a busy
+    /// walsender can pause with commits before the mark still unsent, and
+    /// emitting then would put the chunk (and its shape) before them.
     fn chunk_due(&self) -> bool {
-        self.txn.is_none()
-            && self.chunk.as_ref().is_some_and(|c| {
-                self.pos.lsn >= c.high
-                    || self.idle.is_some_and(|(at, since)| {
-                        at == self.pos.lsn && since.elapsed() >= self.cfg.poll_interval
-                    })
-            })
+        self.txn.is_none() && self.chunk.as_ref().is_some_and(|c| self.pos.lsn >= c.high)
     }
 
     /// Emits the pending chunk. Returns false (emitting nothing) when the
@@ -1108,11 +1108,9 @@ impl PgSource {
     }
 
     /// Whether the probe chunk can be answered now: the log reached its
-    /// high mark. Unlike a load chunk, never because the server's position
-    /// stayed put a while (a busy or starved walsender can pause with
-    /// commits before the mark still unsent); the mark is the end of a
-    /// record, which the server reaches once it flushed it (pinged while
-    /// waiting).
+    /// high mark (the same rule as [`Self::chunk_due`]; the mark is the end
+    /// of a record, which the server reaches once it flushed it, pinged
+    /// while waiting).
     fn probe_due(&self) -> bool {
         self.txn.is_none()
             && self
@@ -1446,9 +1444,6 @@ impl PgSource {
                                 self.pos.lsn = wal_end;
                                 self.pos.partial = None;
                             }
-                            if self.idle.is_none_or(|(at, _)| at != wal_end) {
-                                self.idle = Some((wal_end, Instant::now()));
-                            }
                             if reply {
                                 repl.status(self.released, false)
                                     .await
@@ -1459,7 +1454,6 @@ impl PgSource {
                         }
                         Replication::XLogData { data, .. } => {
                             wait = DRAIN_GAP;
-                            self.idle = None;
                             decode::parse(&data).map_err(|e| SourceError::Pg {
                                 context: "decoding the log".into(),
                                 message: e.to_string(),
@@ -1783,7 +1777,6 @@ impl Source for PgSource {
             // First read, or the last read was not committed: start over
             // from the committed position.
             self.repl = None;
-            self.idle = None;
             self.txn = None;
             self.pushback = None;
             self.chunk = None;
