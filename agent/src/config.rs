@@ -6,7 +6,6 @@
 //! means the same thing whatever directory the service starts in.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -224,8 +223,7 @@ impl Config {
             .key
             .parse::<NodeId>()
             .map_err(|e| err("hub.key", e.to_string()))?;
-        if raw.hub.address.parse::<SocketAddr>().is_err() && !looks_like_host_port(&raw.hub.address)
-        {
+        if !shuyuan_protocol::service::is_host_port(&raw.hub.address) {
             return Err(err(
                 "hub.address",
                 format!("{:?} is not HOST:PORT", raw.hub.address),
@@ -532,13 +530,6 @@ fn duration(
                 format!("{v:?} is not a positive duration such as \"200ms\" or \"5s\""),
             )),
         },
-    }
-}
-
-fn looks_like_host_port(s: &str) -> bool {
-    match s.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
-        None => false,
     }
 }
 

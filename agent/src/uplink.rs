@@ -9,7 +9,6 @@
 //!
 //! Invariant: the uplink never deletes anything itself; it only reports acks.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
@@ -18,7 +17,7 @@ use quinn::{ConnectionError, Endpoint, ReadError, WriteError};
 use shuyuan_protocol::message::{
     AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, VerifyRefusal,
 };
-use shuyuan_protocol::quic::{self, QuicError};
+use shuyuan_protocol::quic::{self, DialError, QuicError};
 use shuyuan_protocol::window::{SendWindow, WindowError};
 use shuyuan_protocol::{FeedId, Message, MessageV1, NodeKey, UnixMillis};
 use tokio::sync::{Notify, mpsc};
@@ -193,19 +192,6 @@ impl Uplink {
         }
     }
 
-    async fn resolve(&self) -> Result<SocketAddr, SessionError> {
-        let address = &self.config.hub.address;
-        let resolve_err = |reason: String| SessionError::Resolve {
-            address: address.clone(),
-            reason,
-        };
-        tokio::net::lookup_host(address.as_str())
-            .await
-            .map_err(|e| resolve_err(e.to_string()))?
-            .next()
-            .ok_or_else(|| resolve_err("no addresses".into()))
-    }
-
     async fn session(
         &self,
         client: &quinn::ClientConfig,
@@ -213,31 +199,20 @@ impl Uplink {
         cancel: &CancellationToken,
         established: &mut bool,
     ) -> Result<(), SessionError> {
-        let addr = self.resolve().await?;
-        if endpoint.is_none() {
-            *endpoint =
-                Some(quic::client_endpoint(addr).map_err(|e| SessionError::Setup(e.to_string()))?);
-        }
-        let Some(ep) = endpoint.as_ref() else {
-            return Err(SessionError::Setup("no endpoint".into()));
-        };
-        let connecting = ep
-            .connect_with(client.clone(), addr, quic::SERVER_NAME)
-            .map_err(|e| SessionError::Setup(e.to_string()))?;
-        let conn = match tokio::time::timeout(ANSWER_TIMEOUT, connecting).await {
-            Err(_) => {
-                return Err(SessionError::Lost(format!(
-                    "no answer from the hub at {addr} within {}s",
-                    ANSWER_TIMEOUT.as_secs()
-                )));
-            }
-            Ok(Err(e)) => return Err(self.connection_error(&e)),
-            Ok(Ok(c)) => c,
-        };
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| self.connection_error(&e))?;
+        let (addr, conn, mut send, mut recv) =
+            quic::dial(endpoint, client, &self.config.hub.address, ANSWER_TIMEOUT)
+                .await
+                .map_err(|e| match e {
+                    DialError::Resolve { address, reason } => {
+                        SessionError::Resolve { address, reason }
+                    }
+                    DialError::Setup(e) => SessionError::Setup(e),
+                    DialError::Timeout(addr, t) => SessionError::Lost(format!(
+                        "no answer from the hub at {addr} within {}s",
+                        t.as_secs()
+                    )),
+                    DialError::Connection(e) => self.connection_error(&e),
+                })?;
         let hello = Hello {
             software: shuyuan_protocol::SOFTWARE.to_string(),
             department: self.config.department.clone(),

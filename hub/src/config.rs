@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use shuyuan_protocol::catalog::ShareType;
 use shuyuan_protocol::cycle::parse_duration;
 use shuyuan_protocol::service::{config_dir, parse_toml, read_config};
+use shuyuan_protocol::{FeedId, NodeId};
 
 use crate::catalog::deadline::{Calendar, parse_offset};
 
@@ -28,6 +30,18 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     alerts: RawAlerts,
+    upstream: Option<RawUpstream>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    address: String,
+    key: String,
+    share_types: Option<Vec<String>>,
+    undeclared: Option<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +120,24 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// Where state changes are posted.
     pub alerts: AlertsConfig,
+    /// The parent hub this one forwards to (区县平台向上级联).
+    pub upstream: Option<UpstreamConfig>,
+}
+
+/// The link to a parent hub.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The parent's `HOST:PORT`.
+    pub address: String,
+    /// The parent's key, pinned.
+    pub key: NodeId,
+    /// Resources whose catalog entry declares one of these share types
+    /// (共享类型) are forwarded; the others' data stays here.
+    pub share_types: Vec<ShareType>,
+    /// Forward resources whose catalog entry declares no share type yet.
+    pub forward_undeclared: bool,
+    /// Feeds (`DEPARTMENT:RESOURCE`) never forwarded, whatever their entry says.
+    pub exclude: Vec<FeedId>,
 }
 
 /// The admin HTTP server.
@@ -265,6 +297,10 @@ impl Config {
                 Duration::from_secs(10),
             )?,
         };
+        let upstream = match &raw.upstream {
+            None => None,
+            Some(u) => Some(upstream(u, &err)?),
+        };
         Ok(Config {
             file: path.to_owned(),
             name: raw.hub.name.unwrap_or_else(|| "shuyuan hub".to_string()),
@@ -277,6 +313,7 @@ impl Config {
             freshness_grace,
             admin,
             alerts,
+            upstream,
         })
     }
 
@@ -301,6 +338,70 @@ impl Config {
     pub fn control_socket(&self) -> PathBuf {
         self.data_dir.join("hub.sock")
     }
+}
+
+fn upstream(
+    u: &RawUpstream,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<UpstreamConfig, ConfigError> {
+    if !shuyuan_protocol::service::is_host_port(&u.address) {
+        return Err(err(
+            "upstream.address",
+            format!(
+                "{:?} is not HOST:PORT (the parent hub's address)",
+                u.address
+            ),
+        ));
+    }
+    let key: NodeId = u
+        .key
+        .parse()
+        .map_err(|e: shuyuan_protocol::identity::IdentityError| {
+            err("upstream.key", format!("{e} (the parent hub's key)"))
+        })?;
+    let share_types = match &u.share_types {
+        None => vec![ShareType::Unconditional, ShareType::Conditional],
+        Some(list) => list
+            .iter()
+            .map(|t| t.parse::<ShareType>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| err("upstream.share_types", e.to_string()))?,
+    };
+    if share_types.contains(&ShareType::NotShared) {
+        return Err(err(
+            "upstream.share_types",
+            "not-shared (不予共享) data never leaves the platform; list unconditional and/or conditional".into(),
+        ));
+    }
+    let forward_undeclared = match u.undeclared.as_deref() {
+        None | Some("hold") => false,
+        Some("forward") => true,
+        Some(other) => {
+            return Err(err(
+                "upstream.undeclared",
+                format!("{other:?} is not \"hold\" or \"forward\""),
+            ));
+        }
+    };
+    let exclude = u
+        .exclude
+        .iter()
+        .map(|f| {
+            f.parse::<FeedId>().map_err(|e| {
+                err(
+                    "upstream.exclude",
+                    format!("{f:?} is not DEPARTMENT:RESOURCE: {e}"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(UpstreamConfig {
+        address: u.address.clone(),
+        key,
+        share_types,
+        forward_undeclared,
+        exclude,
+    })
 }
 
 #[cfg(test)]
@@ -346,5 +447,59 @@ mod tests {
         );
         let e = Config::parse(Path::new("/srv/hub.toml"), "").unwrap_err();
         assert!(e.to_string().contains("missing field `hub`"), "{e}");
+    }
+
+    #[test]
+    fn upstream_section() {
+        let parent = shuyuan_protocol::NodeKey::from_seed([9; 32]).id();
+        let c = Config::parse(
+            Path::new("/srv/hub.toml"),
+            &format!("[hub]\n[upstream]\naddress = \"city.example:7700\"\nkey = \"{parent}\"\n"),
+        )
+        .unwrap();
+        let u = c.upstream.unwrap();
+        assert_eq!(u.key, parent);
+        assert_eq!(
+            u.share_types,
+            vec![ShareType::Unconditional, ShareType::Conditional]
+        );
+        assert!(!u.forward_undeclared);
+        for (extra, key, words) in [
+            ("address = \"nowhere\"\n", "upstream.address", "HOST:PORT"),
+            (
+                "share_types = [\"不予共享\"]\n",
+                "upstream.share_types",
+                "never leaves",
+            ),
+            (
+                "share_types = [\"sometimes\"]\n",
+                "upstream.share_types",
+                "sometimes",
+            ),
+            ("undeclared = \"maybe\"\n", "upstream.undeclared", "hold"),
+            (
+                "exclude = [\"nofeed\"]\n",
+                "upstream.exclude",
+                "DEPARTMENT:RESOURCE",
+            ),
+        ] {
+            let text = format!(
+                "[hub]\n[upstream]\naddress = \"city.example:7700\"\nkey = \"{parent}\"\n{extra}"
+            )
+            .replacen(
+                "address = \"city.example:7700\"\n",
+                "",
+                usize::from(extra.starts_with("address")),
+            );
+            let e = Config::parse(Path::new("/srv/hub.toml"), &text).unwrap_err();
+            assert_eq!(e.key, key, "{extra}");
+            assert!(e.to_string().contains(words), "{e}");
+        }
+        let e = Config::parse(
+            Path::new("/srv/hub.toml"),
+            "[hub]\n[upstream]\naddress = \"city.example:7700\"\nkey = \"abc\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "upstream.key");
     }
 }

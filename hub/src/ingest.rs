@@ -6,20 +6,25 @@
 //! a separate task writes each batch's ack or rejection, in order, once the
 //! writer's transaction has committed.
 //!
+//! A child hub's connection is the same stream opened with `HubHello`: it
+//! forwards the batches of the departments registered below it, which are
+//! checked against those departments' keys ([`crate::federation`]).
+//!
 //! Invariants: nothing is acknowledged before it is durable; a batch whose
 //! signature fails is never decoded as trusted (its claimed feed is only
 //! used to route the rejection); an agent writes only feeds of the
 //! department its key is enrolled for; every refusal is audited.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream};
 use shuyuan_protocol::batch::BatchError;
-use shuyuan_protocol::catalog::doc::CatalogError;
+use shuyuan_protocol::catalog::doc::{CatalogError, Sender};
 use shuyuan_protocol::encoding::decode;
 use shuyuan_protocol::message::{
-    CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, VerifyRequest, Welcome,
+    CatalogRefusal, CatalogSync, FeedPosition, Reject, VerifyRequest, Welcome,
 };
 use shuyuan_protocol::quic::{self, QuicError};
 use shuyuan_protocol::{
@@ -31,11 +36,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::catalog::{HubCatalog, HubCatalogError};
-use crate::live::{ConnectionInfo, Live};
+use crate::federation;
+use crate::live::{ChildInfo, ConnectionInfo, Live};
 use crate::peers::Peers;
 use crate::store::{
-    AuditEntry, AuditKind, Enrollment, Incoming, Outcome, Store, StoreError, VerifiedBatch,
-    VerifyEvent,
+    AuditEntry, AuditKind, Enrollment, Incoming, NodeKind, Outcome, Store, StoreError,
+    VerifiedBatch, VerifyEvent,
 };
 
 /// How long a new connection may take to open its stream and say `Hello`.
@@ -46,6 +52,8 @@ const PIPELINE: usize = 256;
 /// What every connection task shares.
 #[derive(Debug)]
 pub struct Ingest {
+    /// This hub's key (a registration of it from below is a loop).
+    pub node: NodeId,
     pub store: Store,
     pub peers: Arc<Peers>,
     pub live: Arc<Live>,
@@ -103,6 +111,18 @@ async fn handle(ingest: Arc<Ingest>, incoming: quinn::Incoming, cancel: Cancella
         conn.close(1u32.into(), b"not enrolled");
         return;
     };
+    if enrollment.kind == NodeKind::Hub {
+        let span = tracing::info_span!("child_hub", peer = %peer.short(), code = %enrollment.department, %remote);
+        async move {
+            match child_session(&ingest, &conn, peer, &enrollment, remote, &cancel).await {
+                Ok(()) => tracing::info!("child hub disconnected"),
+                Err(e) => tracing::info!(reason = %e, "child hub connection ended"),
+            }
+        }
+        .instrument(span)
+        .await;
+        return;
+    }
     let span = tracing::info_span!("connection", peer = %peer.short(), department = %enrollment.department, %remote);
     async move {
         match session(&ingest, &conn, peer, &enrollment, remote, &cancel).await {
@@ -168,7 +188,7 @@ async fn session(
         .barrier()
         .await
         .map_err(|e| SessionError::Refused(e.to_string()))?;
-    let welcome = welcome(ingest, &hello)?;
+    let welcome = welcome(ingest, &hello.department, &hello.resources)?;
     quic::write_message(&mut send, &MessageV1::Welcome(welcome).into()).await?;
     let id = ingest.live.next_id();
     ingest.live.register(
@@ -184,7 +204,8 @@ async fn session(
         },
     );
     tracing::info!(software = %hello.software, resources = hello.resources.len(), "agent connected");
-    let result = stream_batches(ingest, id, peer, enrollment, send, recv, cancel).await;
+    let who = Who::Agent(enrollment.department.clone());
+    let result = stream_batches(ingest, id, peer, &who, send, recv, cancel).await;
     ingest.live.unregister(id);
     ingest.store.connection_closed(id);
     if let Err(SessionError::Refused(reason)) = &result {
@@ -193,23 +214,122 @@ async fn session(
     result
 }
 
-fn welcome(ingest: &Ingest, hello: &Hello) -> Result<Welcome, SessionError> {
-    let mut feeds = Vec::with_capacity(hello.resources.len());
-    for r in &hello.resources {
-        let feed = FeedId::new(hello.department.clone(), r.clone());
+/// A child hub's connection: the same stream as an agent's, opened with
+/// `HubHello`, carrying the feeds of the departments registered below it.
+async fn child_session(
+    ingest: &Ingest,
+    conn: &Connection,
+    peer: NodeId,
+    enrollment: &Enrollment,
+    remote: std::net::SocketAddr,
+    cancel: &CancellationToken,
+) -> Result<(), SessionError> {
+    let opened = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await;
+    let (mut send, mut recv) = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(QuicError::Connection(e).into()),
+        Err(_) => return Err(SessionError::Refused("no stream opened".into())),
+    };
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, quic::read_message(&mut recv)).await {
+        Ok(Ok(Some(Message::V1(MessageV1::HubHello(h))))) => h,
+        Ok(Ok(other)) => {
+            let what = match &other {
+                Some(Message::V1(m)) => m.name(),
+                None => "the end of the stream",
+            };
+            return Err(refuse_connection(
+                ingest,
+                conn,
+                &mut send,
+                peer,
+                format!(
+                    "key {peer} is enrolled as a child hub, but it sent {what} instead of HubHello"
+                ),
+            )
+            .await);
+        }
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(SessionError::Refused("no HubHello".into())),
+    };
+    ingest
+        .store
+        .barrier()
+        .await
+        .map_err(|e| SessionError::Refused(e.to_string()))?;
+    let welcome = positions(ingest, &hello.feeds)?;
+    quic::write_message(&mut send, &MessageV1::Welcome(welcome).into()).await?;
+    let id = ingest.live.next_id();
+    ingest.live.register_child(
+        id,
+        ChildInfo {
+            peer,
+            code: enrollment.department.clone(),
+            name: hello.name.clone(),
+            remote,
+            since: UnixMillis::now(),
+            software: hello.software.clone(),
+            feeds: hello.feeds.clone(),
+            tree: None,
+        },
+    );
+    tracing::info!(software = %hello.software, name = %hello.name, feeds = hello.feeds.len(), "child hub connected");
+    let result = stream_batches(ingest, id, peer, &Who::Hub, send, recv, cancel).await;
+    ingest.live.unregister_child(id);
+    ingest.store.connection_closed(id);
+    if let Err(SessionError::Refused(reason)) = &result {
+        conn.close(2u32.into(), reason.as_bytes());
+    }
+    result
+}
+
+/// Who is on the other end of a connection.
+enum Who {
+    /// A department's agent.
+    Agent(DepartmentCode),
+    /// A child hub, carrying the departments registered below it.
+    Hub,
+}
+
+impl Who {
+    /// The departments whose catalogs and feeds this connection carries.
+    fn departments(&self, ingest: &Ingest, peer: &NodeId) -> BTreeSet<DepartmentCode> {
+        match self {
+            Who::Agent(d) => BTreeSet::from([d.clone()]),
+            Who::Hub => federation::carried(&ingest.peers, peer),
+        }
+    }
+}
+
+fn welcome(
+    ingest: &Ingest,
+    department: &DepartmentCode,
+    resources: &[shuyuan_protocol::ResourceCode],
+) -> Result<Welcome, SessionError> {
+    let feeds: Vec<FeedId> = resources
+        .iter()
+        .map(|r| FeedId::new(department.clone(), r.clone()))
+        .collect();
+    positions(ingest, &feeds)
+}
+
+/// The hub's durable head of each feed.
+fn positions(ingest: &Ingest, feeds: &[FeedId]) -> Result<Welcome, SessionError> {
+    let mut out = Vec::with_capacity(feeds.len());
+    for feed in feeds {
+        let feed = feed.clone();
         let record = ingest
             .store
             .backend()
             .feed(&feed)
             .map_err(|e| SessionError::Refused(e.to_string()))?;
-        feeds.push(FeedPosition {
+        out.push(FeedPosition {
             feed,
             cursor: record.map(|r| r.cursor).unwrap_or_default(),
         });
     }
     Ok(Welcome {
         software: shuyuan_protocol::SOFTWARE.to_string(),
-        feeds,
+        feeds: out,
     })
 }
 
@@ -251,7 +371,7 @@ async fn stream_batches(
     ingest: &Ingest,
     id: u64,
     peer: NodeId,
-    enrollment: &Enrollment,
+    who: &Who,
     send: SendStream,
     mut recv: RecvStream,
     cancel: &CancellationToken,
@@ -270,35 +390,38 @@ async fn stream_batches(
             }
         }
     });
-    let department = &enrollment.department;
     let mut catalog_changes = ingest.catalog.subscribe();
     let mut verify_events = ingest.store.verify_events();
     let mut sent = SentRequests::default();
-    if let Err(e) = send_verify_requests(ingest, department, None, &mut sent, &out_tx).await {
+    if let Who::Agent(department) = who
+        && let Err(e) = send_verify_requests(ingest, department, None, &mut sent, &out_tx).await
+    {
         tracing::warn!(error = %e, "cannot send pending verification requests");
     }
-    let catalog = async {
-        ingest.catalog.begin_sync(department, &peer).await?;
-        send_catalog(ingest, department, &peer, &out_tx).await
-    };
-    if let Err(e) = catalog.await {
-        tracing::warn!(error = %e, "cannot start catalog sync");
+    // The departments whose catalog sync has begun on this connection.
+    let mut syncing: BTreeSet<DepartmentCode> = BTreeSet::new();
+    for department in who.departments(ingest, &peer) {
+        start_catalog(ingest, &department, &peer, &out_tx).await;
+        syncing.insert(department);
     }
     let result = loop {
         let message = tokio::select! {
             _ = cancel.cancelled() => break Err(SessionError::Stopping),
             changed = catalog_changes.recv() => {
-                let ours = match changed {
-                    Ok(d) => d == *department,
-                    Err(broadcast::error::RecvError::Lagged(_)) => true,
-                    Err(broadcast::error::RecvError::Closed) => false,
+                let changed = match changed {
+                    Ok(d) => Some(d),
+                    Err(broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(broadcast::error::RecvError::Closed) => continue,
                 };
-                if ours && let Err(e) = send_catalog(ingest, department, &peer, &out_tx).await {
-                    tracing::warn!(error = %e, "cannot send catalog changes");
+                for department in syncing.iter().filter(|d| changed.as_ref().is_none_or(|c| c == *d)) {
+                    if let Err(e) = send_catalog(ingest, department, &peer, &out_tx).await {
+                        tracing::warn!(error = %e, "cannot send catalog changes");
+                    }
                 }
                 continue;
             }
             event = verify_events.recv() => {
+                let Who::Agent(department) = who else { continue };
                 let feed = match event {
                     Ok(VerifyEvent::Requests(feed)) if feed.department == *department => Some(feed),
                     Ok(VerifyEvent::Finished(outcome)) if outcome.feed.department == *department => {
@@ -332,9 +455,12 @@ async fn stream_batches(
             }
             Err(e) => break Err(e.into()),
         };
-        match message {
-            MessageV1::Batch(batch) => {
-                let incoming = verify(&ingest.peers, peer, enrollment, batch);
+        match (who, message) {
+            (_, MessageV1::Batch(batch)) => {
+                let incoming = match who {
+                    Who::Agent(department) => verify(&ingest.peers, peer, department, batch),
+                    Who::Hub => federation::verify_forwarded(&ingest.peers, peer, batch),
+                };
                 let outcome = match ingest.store.apply(id, peer, incoming).await {
                     Ok(rx) => rx,
                     Err(_) => break Err(SessionError::Stopping),
@@ -343,15 +469,143 @@ async fn stream_batches(
                     break Err(SessionError::Refused("could not write replies".into()));
                 }
             }
-            MessageV1::Report(report) => ingest.live.report(id, report),
-            MessageV1::VerifyRefused(refusal) if refusal.feed.department == *department => {
+            (Who::Agent(_), MessageV1::Report(report)) => ingest.live.report(id, report),
+            (Who::Agent(department), MessageV1::VerifyRefused(refusal))
+                if refusal.feed.department == *department =>
+            {
                 ingest.store.refuse_verify(peer, refusal).await;
             }
-            MessageV1::Catalog(sync) => {
-                receive_catalog(ingest, peer, enrollment, sync, &out_tx).await
+            (Who::Agent(department), MessageV1::Catalog(sync)) => {
+                receive_catalog(ingest, peer, department, Sender::Department, sync, &out_tx).await
             }
-            other => {
-                let detail = format!("unexpected message after Hello: {}", message_name(&other));
+            (Who::Hub, MessageV1::Catalog(sync)) => {
+                if !syncing.contains(&sync.department) {
+                    // Registered since the connection began?
+                    if who.departments(ingest, &peer).contains(&sync.department) {
+                        start_catalog(ingest, &sync.department, &peer, &out_tx).await;
+                        syncing.insert(sync.department.clone());
+                    }
+                }
+                let department = sync.department.clone();
+                if syncing.contains(&department) {
+                    receive_catalog(ingest, peer, &department, Sender::Federation, sync, &out_tx)
+                        .await;
+                } else {
+                    let detail = format!(
+                        "child hub {peer} sent the catalog of department {department}, which no hub below it registered"
+                    );
+                    refuse_catalog(
+                        ingest,
+                        peer,
+                        sync.department,
+                        RejectReason::WrongDepartment,
+                        detail,
+                        &out_tx,
+                    )
+                    .await;
+                }
+            }
+            (Who::Hub, MessageV1::Registration(registration)) => {
+                match federation::check_registration(
+                    &ingest.peers,
+                    &ingest.node,
+                    &peer,
+                    registration,
+                ) {
+                    Ok(None) => {}
+                    Ok(Some((key, enrollment))) => {
+                        let department =
+                            (!enrollment.is_hub()).then(|| enrollment.department.clone());
+                        match ingest.peers.enroll(key, enrollment).await {
+                            Ok(_) => {
+                                if let Some(d) = department
+                                    && syncing.insert(d.clone())
+                                {
+                                    start_catalog(ingest, &d, &peer, &out_tx).await;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(%key, error = %e, "cannot record a registration from below");
+                                let reject = Reject {
+                                    feed: None,
+                                    seq: 0,
+                                    reason: RejectReason::Unavailable,
+                                    detail: format!("registration of {key}: {e}"),
+                                    resend_from: 0,
+                                };
+                                let _ = out_tx
+                                    .send(Outgoing::Message(MessageV1::Reject(reject)))
+                                    .await;
+                            }
+                        }
+                    }
+                    Err(refusal) => {
+                        tracing::warn!(reason = %refusal.reason, detail = %refusal.detail, "registration from a child hub refused");
+                        let mut entry =
+                            AuditEntry::new(AuditKind::ConnectionRefused, refusal.detail.clone());
+                        entry.peer = Some(peer);
+                        entry.reason = Some(refusal.reason);
+                        ingest.store.audit(entry);
+                        let reject = Reject {
+                            feed: None,
+                            seq: 0,
+                            reason: refusal.reason,
+                            detail: refusal.detail.clone(),
+                            resend_from: 0,
+                        };
+                        let _ = out_tx
+                            .send(Outgoing::Message(MessageV1::Reject(reject)))
+                            .await;
+                        if refusal.is_loop {
+                            break Err(SessionError::Refused(refusal.detail));
+                        }
+                    }
+                }
+            }
+            (Who::Hub, MessageV1::Feeds(feeds)) => {
+                // Batches of these feeds already queued are decided first.
+                if ingest.store.barrier().await.is_err() {
+                    break Err(SessionError::Stopping);
+                }
+                let welcome = match positions(ingest, &feeds) {
+                    Ok(w) => w,
+                    Err(e) => break Err(e),
+                };
+                ingest.live.update_child(id, |c| {
+                    for f in feeds {
+                        if !c.feeds.contains(&f) {
+                            c.feeds.push(f);
+                        }
+                    }
+                });
+                let _ = out_tx
+                    .send(Outgoing::Message(MessageV1::Welcome(welcome)))
+                    .await;
+            }
+            (Who::Hub, MessageV1::Tree(tree)) => {
+                if tree.hubs().contains(&ingest.node) {
+                    let detail = format!(
+                        "child hub {peer} reports this hub in its own subtree: a loop; refusing the link"
+                    );
+                    tracing::error!(%detail);
+                    let mut entry = AuditEntry::new(AuditKind::ConnectionRefused, detail.clone());
+                    entry.peer = Some(peer);
+                    entry.reason = Some(RejectReason::ProtocolViolation);
+                    ingest.store.audit(entry);
+                    break Err(SessionError::Refused(detail));
+                }
+                ingest.live.update_child(id, |c| c.tree = Some(tree));
+            }
+            (_, other) => {
+                let detail = format!(
+                    "unexpected message from {} after the greeting: {}",
+                    if matches!(who, Who::Hub) {
+                        "a child hub"
+                    } else {
+                        "an agent"
+                    },
+                    other.name()
+                );
                 let mut entry = AuditEntry::new(AuditKind::ConnectionRefused, detail.clone());
                 entry.peer = Some(peer);
                 entry.reason = Some(RejectReason::ProtocolViolation);
@@ -364,6 +618,23 @@ async fn stream_batches(
     drop(out_tx);
     let _ = replies.await;
     result
+}
+
+/// Begins the catalog sync of one department with a peer and sends what
+/// there is.
+async fn start_catalog(
+    ingest: &Ingest,
+    department: &DepartmentCode,
+    peer: &NodeId,
+    out: &mpsc::Sender<Outgoing>,
+) {
+    let begun = async {
+        ingest.catalog.begin_sync(department, peer).await?;
+        send_catalog(ingest, department, peer, out).await
+    };
+    if let Err(e) = begun.await {
+        tracing::warn!(%department, error = %e, "cannot start catalog sync");
+    }
 }
 
 /// The verification requests already sent on this connection: feed, run,
@@ -446,27 +717,30 @@ async fn send_catalog(
     Ok(())
 }
 
-/// Applies an agent's catalog message, or refuses it with the reason (and
-/// audits the refusal); then answers with what the agent lacks.
+/// Applies a peer's catalog message, or refuses it with the reason (and
+/// audits the refusal); then answers with what the peer lacks. An agent
+/// writes its own department's entries; a child hub the entries and
+/// reviews of the departments below it.
 async fn receive_catalog(
     ingest: &Ingest,
     peer: NodeId,
-    enrollment: &Enrollment,
+    department: &DepartmentCode,
+    sender: Sender,
     sync: CatalogSync,
     out: &mpsc::Sender<Outgoing>,
 ) {
-    let refusal = if sync.department != enrollment.department {
+    let refusal = if sync.department != *department {
         Some((
             RejectReason::WrongDepartment,
             format!(
-                "key {peer} is enrolled for department {}, not {}; a department edits only its own catalog",
-                enrollment.department, sync.department
+                "key {peer} is enrolled for department {department}, not {}; a department edits only its own catalog",
+                sync.department
             ),
         ))
     } else {
         match ingest
             .catalog
-            .receive(&enrollment.department, &peer, &sync.message)
+            .receive_as(department, &peer, &sync.message, sender)
             .await
         {
             Ok(()) => None,
@@ -479,47 +753,44 @@ async fn receive_catalog(
     };
     match refusal {
         None => {
-            if let Err(e) = send_catalog(ingest, &enrollment.department, &peer, out).await {
+            if let Err(e) = send_catalog(ingest, department, &peer, out).await {
                 tracing::warn!(error = %e, "cannot answer catalog sync");
             }
         }
         Some((reason, detail)) => {
-            tracing::warn!(%reason, %detail, "catalog changes refused");
-            if reason != RejectReason::Unavailable {
-                let mut entry = AuditEntry::new(
-                    AuditKind::CatalogRejected,
-                    format!("catalog of {}: {detail}", sync.department),
-                );
-                entry.peer = Some(peer);
-                entry.reason = Some(reason);
-                ingest.store.audit(entry);
-            }
-            let refusal = CatalogRefusal {
-                department: sync.department,
-                reason,
-                detail,
-            };
-            let _ = out
-                .send(Outgoing::Message(MessageV1::CatalogRefused(refusal)))
-                .await;
+            refuse_catalog(ingest, peer, sync.department, reason, detail, out).await;
         }
     }
 }
 
-fn message_name(m: &MessageV1) -> &'static str {
-    match m {
-        MessageV1::Hello(_) => "Hello",
-        MessageV1::Welcome(_) => "Welcome",
-        MessageV1::Batch(_) => "Batch",
-        MessageV1::Ack(_) => "Ack",
-        MessageV1::Reject(_) => "Reject",
-        MessageV1::Report(_) => "Report",
-        MessageV1::Catalog(_) => "Catalog",
-        MessageV1::CatalogRefused(_) => "CatalogRefused",
-        MessageV1::Verify(_) => "Verify",
-        MessageV1::Verified(_) => "Verified",
-        MessageV1::VerifyRefused(_) => "VerifyRefused",
+/// Refuses a catalog message: logged, audited (unless the store was only
+/// unavailable) and answered with the reason.
+async fn refuse_catalog(
+    ingest: &Ingest,
+    peer: NodeId,
+    department: DepartmentCode,
+    reason: RejectReason,
+    detail: String,
+    out: &mpsc::Sender<Outgoing>,
+) {
+    tracing::warn!(%reason, %detail, "catalog changes refused");
+    if reason != RejectReason::Unavailable {
+        let mut entry = AuditEntry::new(
+            AuditKind::CatalogRejected,
+            format!("catalog of {department}: {detail}"),
+        );
+        entry.peer = Some(peer);
+        entry.reason = Some(reason);
+        ingest.store.audit(entry);
     }
+    let refusal = CatalogRefusal {
+        department,
+        reason,
+        detail,
+    };
+    let _ = out
+        .send(Outgoing::Message(MessageV1::CatalogRefused(refusal)))
+        .await;
 }
 
 /// Writes each batch's outcome in the order the batches arrived, and the
@@ -557,7 +828,7 @@ async fn write_replies(mut send: SendStream, mut pending: mpsc::Receiver<Outgoin
 pub fn verify(
     peers: &Peers,
     peer: NodeId,
-    enrollment: &Enrollment,
+    department: &DepartmentCode,
     batch: SignedBatch,
 ) -> Incoming {
     let claimed: Option<BatchBody> = decode(&batch.body).ok();
@@ -585,11 +856,11 @@ pub fn verify(
     }
     let hash = batch.hash();
     match batch.open() {
-        Ok(body) if body.feed.department != enrollment.department => refused(
+        Ok(body) if body.feed.department != *department => refused(
             RejectReason::WrongDepartment,
             format!(
-                "feed {} belongs to department {}, the signer is enrolled for {}",
-                body.feed, body.feed.department, enrollment.department
+                "feed {} belongs to department {}, the signer is enrolled for {department}",
+                body.feed, body.feed.department
             ),
         ),
         Ok(body) => Incoming::Verified(Box::new(VerifiedBatch {

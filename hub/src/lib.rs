@@ -12,11 +12,13 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod export;
+pub mod federation;
 pub mod ingest;
 pub mod live;
 pub mod peers;
 pub mod status;
 pub mod store;
+pub mod upstream;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -58,6 +60,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("{0}: upstream.key is this hub's own key; a hub cannot be its own parent")]
+    OwnParent(PathBuf),
     #[error("cannot open the control socket {path}: {source}")]
     Control {
         path: PathBuf,
@@ -74,6 +78,9 @@ pub enum ControlRequest {
         department: String,
         name: String,
         key: String,
+        /// A child hub; `department` is its platform code.
+        #[serde(default)]
+        hub: bool,
     },
     Export {
         resource: String,
@@ -190,8 +197,14 @@ pub async fn review(
     Ok(review)
 }
 
-/// Validates the arguments of `enroll`.
-pub fn enrollment(department: &str, name: &str, key: &str) -> Result<(NodeId, Enrollment), String> {
+/// Validates the arguments of `enroll` (`hub`: a child hub, and
+/// `department` is its platform code).
+pub fn enrollment(
+    department: &str,
+    name: &str,
+    key: &str,
+    hub: bool,
+) -> Result<(NodeId, Enrollment), String> {
     let department = DepartmentCode::new(department).map_err(|e| e.to_string())?;
     let key: NodeId = key.parse().map_err(|e: IdentityError| e.to_string())?;
     let name = name.trim();
@@ -203,7 +216,7 @@ pub fn enrollment(department: &str, name: &str, key: &str) -> Result<(NodeId, En
         Enrollment {
             department,
             name: name.to_string(),
-            kind: NodeKind::Agent,
+            kind: if hub { NodeKind::Hub } else { NodeKind::Agent },
             enrolled_at: UnixMillis::now(),
         },
     ))
@@ -223,6 +236,7 @@ pub struct Hub {
     socket: PathBuf,
     admin: Option<admin::AdminServer>,
     monitor: tokio::task::JoinHandle<()>,
+    upstream: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What the control socket's and the admin server's handlers share.
@@ -237,6 +251,8 @@ pub(crate) struct Shared {
     pub(crate) alerts: admin::webhook::Alerts,
     pub(crate) local_addr: SocketAddr,
     pub(crate) started_at: UnixMillis,
+    /// The link to the parent hub, when configured.
+    pub(crate) upstream: Option<upstream::UpstreamBoard>,
 }
 
 impl Hub {
@@ -244,6 +260,9 @@ impl Hub {
     /// control socket.
     pub async fn bind(config: Config) -> Result<Hub, StartError> {
         let key = NodeKey::load(&config.key_file).map_err(StartError::Key)?;
+        if config.upstream.as_ref().is_some_and(|u| u.key == key.id()) {
+            return Err(StartError::OwnParent(config.file.clone()));
+        }
         let backend = Arc::new(RedbBackend::open(&config.store_path())?);
         let (store, writer) = Store::start(backend)?;
         let peers = Arc::new(Peers::load(store.clone())?);
@@ -267,6 +286,7 @@ impl Hub {
         let catalog = Arc::new(HubCatalog::new(key.id(), store.clone()));
         let cancel = CancellationToken::new();
         let ingest = Arc::new(Ingest {
+            node: key.id(),
             store: store.clone(),
             peers: peers.clone(),
             live: live.clone(),
@@ -280,6 +300,23 @@ impl Hub {
         ));
         let alerts = admin::webhook::Alerts::start(&config.alerts, key.clone(), cancel.clone());
         let admin_config = config.admin.clone();
+        let (upstream, upstream_board) = match &config.upstream {
+            Some(u) => {
+                let board = upstream::UpstreamBoard::default();
+                let link = upstream::Upstream {
+                    config: u.clone(),
+                    name: config.name.clone(),
+                    key: key.clone(),
+                    store: store.clone(),
+                    peers: peers.clone(),
+                    catalog: catalog.clone(),
+                    live: live.clone(),
+                    board: board.clone(),
+                };
+                (Some(tokio::spawn(link.run(cancel.clone()))), Some(board))
+            }
+            None => (None, None),
+        };
         let shared = Arc::new(Shared {
             config,
             node: key.id(),
@@ -290,6 +327,7 @@ impl Hub {
             alerts,
             local_addr,
             started_at: UnixMillis::now(),
+            upstream: upstream_board,
         });
         let watcher = Arc::new(admin::Monitor::default());
         let monitor = tokio::spawn(admin::monitor::run(
@@ -319,6 +357,7 @@ impl Hub {
             socket,
             admin,
             monitor,
+            upstream,
         })
     }
 
@@ -345,6 +384,9 @@ impl Hub {
         let _ = (&mut self.accept).await;
         let _ = (&mut self.control).await;
         let _ = (&mut self.monitor).await;
+        if let Some(link) = self.upstream.take() {
+            let _ = link.await;
+        }
         if let Some(admin) = self.admin.take() {
             let _ = admin.task.await;
         }
@@ -411,8 +453,12 @@ async fn answer(
             department,
             name,
             key,
+            hub,
         } => {
-            let (key, enrollment) = enrollment(&department, &name, &key)?;
+            if hub && key.parse::<NodeId>().is_ok_and(|k| k == shared.node) {
+                return Err("that is this hub's own key".into());
+            }
+            let (key, enrollment) = enrollment(&department, &name, &key, hub)?;
             let new = shared
                 .peers
                 .enroll(key, enrollment)
@@ -551,6 +597,12 @@ pub(crate) async fn live_status(shared: &Shared) -> Result<HubStatus, String> {
             listen: Some(shared.local_addr.to_string()),
             started_at: Some(shared.started_at),
             connections: shared.live.connections(),
+            children: shared.live.children(),
+            upstream: shared.upstream.as_ref().map(|b| {
+                b.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            }),
             handshakes_refused: shared.peers.refused(),
             ..LiveFacts::default()
         }

@@ -1,4 +1,4 @@
-//! The hub's live view of connected agents (not persisted).
+//! The hub's live view of connected agents and child hubs (not persisted).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -7,8 +7,9 @@ use std::sync::PoisonError;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
+use shuyuan_protocol::federation::HubReport;
 use shuyuan_protocol::message::AgentReport;
-use shuyuan_protocol::{DepartmentCode, NodeId, ResourceCode, UnixMillis};
+use shuyuan_protocol::{DepartmentCode, FeedId, NodeId, ResourceCode, UnixMillis};
 
 /// One connected agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,11 +24,28 @@ pub struct ConnectionInfo {
     pub report: Option<AgentReport>,
 }
 
-/// Connected agents by connection id.
+/// One connected child hub.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChildInfo {
+    pub peer: NodeId,
+    /// Its platform code, as enrolled here.
+    pub code: DepartmentCode,
+    pub name: String,
+    pub remote: SocketAddr,
+    pub since: UnixMillis,
+    pub software: String,
+    /// The feeds it forwards.
+    pub feeds: Vec<FeedId>,
+    /// Its last report of itself and its subtree.
+    pub tree: Option<HubReport>,
+}
+
+/// Connected agents and child hubs by connection id.
 #[derive(Debug, Default)]
 pub struct Live {
     next: AtomicU64,
     connections: Mutex<BTreeMap<u64, ConnectionInfo>>,
+    children: Mutex<BTreeMap<u64, ChildInfo>>,
 }
 
 impl Live {
@@ -53,6 +71,30 @@ impl Live {
     /// All current connections.
     pub fn connections(&self) -> Vec<ConnectionInfo> {
         self.lock().values().cloned().collect()
+    }
+
+    pub fn register_child(&self, id: u64, info: ChildInfo) {
+        self.lock_children().insert(id, info);
+    }
+
+    pub fn unregister_child(&self, id: u64) {
+        self.lock_children().remove(&id);
+    }
+
+    /// Updates a child's forwarded feeds or tree.
+    pub fn update_child(&self, id: u64, f: impl FnOnce(&mut ChildInfo)) {
+        if let Some(c) = self.lock_children().get_mut(&id) {
+            f(c);
+        }
+    }
+
+    /// All connected child hubs.
+    pub fn children(&self) -> Vec<ChildInfo> {
+        self.lock_children().values().cloned().collect()
+    }
+
+    fn lock_children(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ChildInfo>> {
+        self.children.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ConnectionInfo>> {

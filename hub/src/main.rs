@@ -55,15 +55,18 @@ enum Command {
     Run,
     /// Hash the administrators' console password (read from standard input, one line) for `[admin] password_hash`.
     AdminPassword,
-    /// Allow an agent's key to connect and write the feeds of one department.
+    /// Allow an agent's key to connect and write the feeds of one department, or (with --hub) a child hub's key to forward its departments' feeds (级联).
     Enroll {
         /// The department code (部门代码) the key may write for.
-        #[arg(long)]
-        department: String,
-        /// The department's name (部门名称).
+        #[arg(long, required_unless_present = "hub", conflicts_with = "hub")]
+        department: Option<String>,
+        /// Enroll a child hub (a district or county platform) by its platform code, for example its administrative division code.
+        #[arg(long, value_name = "PLATFORM_CODE")]
+        hub: Option<String>,
+        /// The department's name (部门名称), or the child platform's.
         #[arg(long)]
         name: String,
-        /// The agent's public key, as printed by `shuyuan-agent init`.
+        /// The public key, as printed by `shuyuan-agent init` or `shuyuan-hub init`.
         key: String,
     },
     /// Show each department's agents and resources: last sequence, last change, last zero-update (零更新), connection, rejections.
@@ -221,14 +224,18 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Enroll {
             department,
+            hub,
             name,
             key,
         } => {
             let config = config()?;
+            let is_hub = hub.is_some();
+            let department = hub.or(department).unwrap_or_default();
             let request = ControlRequest::Enroll {
                 department: department.clone(),
                 name: name.clone(),
                 key: key.clone(),
+                hub: is_hub,
             };
             let mut out = Vec::new();
             let new = match control::call(&config.control_socket(), &request, &mut out).await {
@@ -238,7 +245,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
                 Err(ControlError::NotRunning { .. }) => {
                     let (key, enrollment) =
-                        enrollment(&department, &name, &key).map_err(|e| anyhow!(e))?;
+                        enrollment(&department, &name, &key, is_hub).map_err(|e| anyhow!(e))?;
                     let backend = open_offline(&config)?;
                     let (store, writer) = Store::start(backend)?;
                     let result = store.enroll(key, enrollment).await;
@@ -249,12 +256,14 @@ async fn run(cli: Cli) -> Result<()> {
                 Err(e) => return Err(e.into()),
             };
             println!(
-                "{} key {key} for department {department} ({name})",
+                "{} {} {key} for {} {department} ({name})",
                 if new {
                     "enrolled"
                 } else {
                     "already enrolled; name updated:"
-                }
+                },
+                if is_hub { "child hub key" } else { "key" },
+                if is_hub { "platform" } else { "department" }
             );
             Ok(())
         }

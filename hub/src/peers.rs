@@ -12,7 +12,7 @@ use std::time::Duration;
 use shuyuan_protocol::quic::PeerPolicy;
 use shuyuan_protocol::{NodeId, UnixMillis};
 
-use crate::store::{AuditEntry, AuditKind, Enrollment, Store, StoreError};
+use crate::store::{AuditEntry, AuditKind, Enrollment, NodeKind, Store, StoreError};
 
 /// How often one refused key is audited.
 pub const REFUSAL_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
@@ -23,6 +23,7 @@ pub struct Peers {
     enrolled: RwLock<BTreeMap<NodeId, Enrollment>>,
     last_audited: Mutex<BTreeMap<NodeId, UnixMillis>>,
     refused: AtomicU64,
+    generation: AtomicU64,
     store: Store,
 }
 
@@ -34,6 +35,7 @@ impl Peers {
             enrolled: RwLock::new(enrolled),
             last_audited: Mutex::new(BTreeMap::new()),
             refused: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             store,
         })
     }
@@ -64,7 +66,13 @@ impl Peers {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, enrollment);
+        self.generation.fetch_add(1, Ordering::Relaxed);
         Ok(new)
+    }
+
+    /// Changes with every enrollment recorded since the hub started.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Handshakes refused since the hub started.
@@ -96,8 +104,17 @@ impl Peers {
 
 impl PeerPolicy for Peers {
     fn admit(&self, peer: &NodeId) -> bool {
-        if self.get(peer).is_some() {
-            return true;
+        match self.get(peer).map(|e| e.kind) {
+            Some(NodeKind::Agent | NodeKind::Hub) => return true,
+            Some(NodeKind::Below { via, .. }) => {
+                tracing::warn!(key = %peer, %via, "refused a key registered below child hub {via}: it sends through that hub (handshake)");
+                self.audit_refusal(
+                    Some(*peer),
+                    format!("key {peer} is registered below child hub {via}, not enrolled here"),
+                );
+                return false;
+            }
+            None => {}
         }
         tracing::warn!(key = %peer, "refused a key that is not enrolled (handshake)");
         self.audit_refusal(Some(*peer), format!("key {peer} is not enrolled"));

@@ -10,13 +10,15 @@ use shuyuan_protocol::message::AgentReport;
 use shuyuan_protocol::{FeedId, UnixMillis};
 
 use crate::catalog::CityEntry;
-use crate::live::ConnectionInfo;
+use crate::live::{ChildInfo, ConnectionInfo};
 use crate::store::verify::{Verdict, VerifyRecord};
 use crate::store::{
-    AuditEntry, Backend, Enrollment, FeedRecord, RejectionRecord, ResyncRecord, StoreError,
-    ZeroUpdateRecord,
+    AuditEntry, Backend, Enrollment, FeedRecord, NodeKind, RejectionRecord, ResyncRecord,
+    StoreError, ZeroUpdateRecord,
 };
+use crate::upstream::UpstreamStatus;
 use shuyuan_protocol::UpdateCycle;
+use shuyuan_protocol::federation::HubReport;
 use std::time::Duration;
 
 /// Everything `status` reports.
@@ -33,6 +35,104 @@ pub struct HubStatus {
     pub handshakes_refused: u64,
     pub audit_entries: u64,
     pub recent_audit: Vec<AuditEntry>,
+    /// The link to the parent hub (级联上级), when configured.
+    #[serde(default)]
+    pub upstream: Option<UpstreamStatus>,
+    /// The child hubs enrolled here, with their subtrees while connected.
+    #[serde(default)]
+    pub children: Vec<ChildStatus>,
+}
+
+/// A child hub enrolled here.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChildStatus {
+    pub key: String,
+    /// Its platform code.
+    pub code: String,
+    pub name: String,
+    pub enrolled_at: UnixMillis,
+    pub connected: bool,
+    pub connected_since: Option<UnixMillis>,
+    pub remote: Option<String>,
+    pub software: Option<String>,
+    /// The departments registered below it.
+    pub departments: Vec<String>,
+    /// The feeds it forwards.
+    pub feeds: Vec<String>,
+    /// Its last report of itself and its subtree.
+    pub tree: Option<HubReport>,
+}
+
+/// One feed at one hub of the tree below this one: its head there, and how
+/// far the level above it (this hub for a child) is behind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TreeRow {
+    /// 1 for a child hub, 2 for its children, ...
+    pub depth: usize,
+    pub hub: String,
+    pub hub_key: String,
+    pub feed: String,
+    pub seq: u64,
+    pub received_at: Option<UnixMillis>,
+    /// The feed's head one level up, when that level holds it.
+    pub above: Option<u64>,
+    /// Batches the level above lacks (0 when it is level).
+    pub lag: Option<u64>,
+    /// Why the feed stays at this hub, when it does.
+    pub held: Option<String>,
+}
+
+impl HubStatus {
+    /// Every feed at every hub below this one, depth first, with its lag
+    /// against the level above.
+    pub fn tree_rows(&self) -> Vec<TreeRow> {
+        let top: BTreeMap<String, u64> = self
+            .departments
+            .iter()
+            .flat_map(|d| d.resources.iter())
+            .map(|r| (r.feed.clone(), r.last_seq))
+            .collect();
+        let mut out = Vec::new();
+        for c in &self.children {
+            if let Some(tree) = &c.tree {
+                tree_rows(tree, 1, &top, &mut out);
+            }
+        }
+        out
+    }
+}
+
+fn tree_rows(
+    report: &HubReport,
+    depth: usize,
+    above: &BTreeMap<String, u64>,
+    out: &mut Vec<TreeRow>,
+) {
+    let here: BTreeMap<String, u64> = report
+        .feeds
+        .iter()
+        .map(|f| (f.feed.to_string(), f.last_seq))
+        .collect();
+    for f in &report.feeds {
+        let feed = f.feed.to_string();
+        let up = above.get(&feed).copied();
+        out.push(TreeRow {
+            depth,
+            hub: report.name.clone(),
+            hub_key: report.hub.map(|k| k.to_string()).unwrap_or_default(),
+            seq: f.last_seq,
+            received_at: f.last_batch_received_at,
+            above: up,
+            lag: f
+                .forwarded
+                .then(|| f.last_seq.saturating_sub(up.unwrap_or(0))),
+            held: (!f.forwarded).then(|| f.held.clone()),
+            feed,
+        });
+    }
+    for c in &report.children {
+        tree_rows(c, depth + 1, &here, out);
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +154,9 @@ pub struct AgentEntry {
     pub software: Option<String>,
     /// The agent's last backlog report.
     pub report: Option<AgentReport>,
+    /// For an agent registered below a child hub: that child hub's key.
+    #[serde(default)]
+    pub via: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,6 +211,8 @@ pub struct LiveFacts {
     pub cycles: BTreeMap<String, UpdateCycle>,
     pub grace: Duration,
     pub now: UnixMillis,
+    pub children: Vec<ChildInfo>,
+    pub upstream: Option<UpstreamStatus>,
 }
 
 impl LiveFacts {
@@ -165,7 +270,36 @@ pub fn collect(
     let enrollments: Vec<(shuyuan_protocol::NodeId, Enrollment)> = backend.enrollments()?;
     let feeds: Vec<(FeedId, FeedRecord)> = backend.feeds()?;
     let mut departments: BTreeMap<String, DepartmentStatus> = BTreeMap::new();
+    let mut children = Vec::new();
     for (key, e) in &enrollments {
+        if e.kind == NodeKind::Hub {
+            let conn = live.children.iter().find(|c| c.peer == *key);
+            children.push(ChildStatus {
+                key: key.to_string(),
+                code: e.department.to_string(),
+                name: conn.map_or_else(|| e.name.clone(), |c| c.name.clone()),
+                enrolled_at: e.enrolled_at,
+                connected: conn.is_some(),
+                connected_since: conn.map(|c| c.since),
+                remote: conn.map(|c| c.remote.to_string()),
+                software: conn.map(|c| c.software.clone()),
+                departments: enrollments
+                    .iter()
+                    .filter(|(k, b)| !b.is_hub() && b.via(k) == Some(*key))
+                    .map(|(_, b)| b.department.to_string())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                feeds: conn.map_or_else(Vec::new, |c| {
+                    c.feeds.iter().map(ToString::to_string).collect()
+                }),
+                tree: conn.and_then(|c| c.tree.clone()),
+            });
+            continue;
+        }
+        if e.is_hub() {
+            continue; // a hub further down: shown in its parent's tree
+        }
         let d = department(&mut departments, e.department.as_str());
         if d.name.is_empty() {
             d.name = e.name.clone();
@@ -180,12 +314,14 @@ pub fn collect(
             remote: conn.map(|c| c.remote.to_string()),
             software: conn.map(|c| c.software.clone()),
             report: conn.and_then(|c| c.report.clone()),
+            via: e.via(key).map(|v| v.to_string()),
         });
     }
     let connected = |f: &FeedId| {
         live.connections
             .iter()
             .any(|c| c.department == f.department && c.resources.contains(&f.resource))
+            || live.children.iter().any(|c| c.feeds.contains(f))
     };
     let entry = |feed: &FeedId, r: &FeedRecord| {
         let resync = backend.resync(feed).unwrap_or_else(|e| {
@@ -255,6 +391,8 @@ pub fn collect(
         handshakes_refused: live.handshakes_refused,
         audit_entries: backend.audit_count()?,
         recent_audit: backend.audit(10)?,
+        upstream: live.upstream,
+        children,
     })
 }
 
@@ -419,6 +557,7 @@ impl HubStatus {
                 }
             }
         }
+        self.render_federation(&mut s);
         let _ = writeln!(
             s,
             "\naudit: {} entries; {} handshakes refused since start",
@@ -428,6 +567,105 @@ impl HubStatus {
             let _ = writeln!(s, "  {}", render_audit(a));
         }
         s
+    }
+}
+
+impl HubStatus {
+    /// The upstream link and the tree below, for `render`.
+    fn render_federation(&self, s: &mut String) {
+        if let Some(u) = &self.upstream {
+            let _ = writeln!(
+                s,
+                "\nupstream (级联上级) {} at {}: {}{}{}",
+                u.parent,
+                u.address,
+                u.link,
+                u.since.map(|t| format!(" since {t}")).unwrap_or_default(),
+                u.detail
+                    .as_ref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            );
+            for f in &u.feeds {
+                match (&f.held, f.acked) {
+                    (Some(why), _) => {
+                        let _ = writeln!(s, "  {}  held here: {why}", f.feed);
+                    }
+                    (None, acked) => {
+                        let _ = writeln!(
+                            s,
+                            "  {}  head #{}  parent holds #{}  backlog {}",
+                            f.feed,
+                            f.head,
+                            acked.map_or_else(|| "?".into(), |a| a.to_string()),
+                            acked.map_or_else(
+                                || "?".into(),
+                                |a| f.head.saturating_sub(a).to_string()
+                            )
+                        );
+                    }
+                }
+            }
+            if let Some(r) = &u.last_rejection {
+                let _ = writeln!(
+                    s,
+                    "  REFUSED by the parent {} times; last: {r}",
+                    u.rejections
+                );
+            }
+            if let Some(e) = &u.catalog_error {
+                let _ = writeln!(s, "  catalog: {e}");
+            }
+        }
+        if self.children.is_empty() {
+            return;
+        }
+        let _ = writeln!(s, "\nchild hubs (下级平台):");
+        for c in &self.children {
+            let _ = writeln!(
+                s,
+                "  hub {} {} ({})  {}  departments: {}",
+                c.code,
+                c.name,
+                c.key,
+                if c.connected {
+                    format!(
+                        "connected since {} from {}",
+                        t(c.connected_since),
+                        c.remote.as_deref().unwrap_or("?")
+                    )
+                } else {
+                    "not connected".into()
+                },
+                if c.departments.is_empty() {
+                    "-".into()
+                } else {
+                    c.departments.join(", ")
+                }
+            );
+        }
+        let rows = self.tree_rows();
+        if !rows.is_empty() {
+            let _ = writeln!(
+                s,
+                "  tree (level, hub, feed, head there, lag of the level above):"
+            );
+        }
+        for r in rows {
+            let _ = writeln!(
+                s,
+                "  {}{} {}  #{}  {}",
+                "  ".repeat(r.depth),
+                r.hub,
+                r.feed,
+                r.seq,
+                match (&r.held, r.lag) {
+                    (Some(why), _) => format!("held there: {why}"),
+                    (None, Some(lag)) => format!("lag {lag}"),
+                    (None, None) => String::new(),
+                }
+            );
+        }
     }
 }
 

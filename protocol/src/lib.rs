@@ -18,6 +18,7 @@ pub mod control;
 pub mod cycle;
 pub mod digest;
 pub mod encoding;
+pub mod federation;
 pub mod feed;
 pub mod frame;
 pub mod identity;

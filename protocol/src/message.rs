@@ -19,6 +19,9 @@
 //! hub   -> agent Verified (how a verification of a resource ended)
 //! agent -> hub   VerifyRefused (the source cannot be compared, why)
 //! ```
+//!
+//! A child hub speaks the same protocol to its parent, starting with
+//! `HubHello` instead of `Hello`; see [`crate::federation`].
 
 use std::fmt;
 
@@ -27,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::SignedBatch;
 use crate::chain::FeedCursor;
 use crate::digest::KeyRange;
+use crate::federation::{HubHello, HubReport, Registration};
 use crate::feed::{DepartmentCode, FeedId, ResourceCode};
 use crate::time::UnixMillis;
 
@@ -53,6 +57,14 @@ pub enum MessageV1 {
     Verify(VerifyRequest),
     Verified(VerifyOutcome),
     VerifyRefused(VerifyRefusal),
+    /// A child hub's introduction (instead of `Hello`).
+    HubHello(HubHello),
+    /// A child hub forwards more feeds; answered by `Welcome`.
+    Feeds(Vec<FeedId>),
+    /// A key enrolled below, signed by the hub that enrolled it.
+    Registration(Registration),
+    /// A child hub's subtree, for the parent's console and loop check.
+    Tree(HubReport),
 }
 
 /// The agent cannot answer a verification request (the connector cannot
@@ -123,6 +135,29 @@ pub struct CatalogRefusal {
     pub department: DepartmentCode,
     pub reason: RejectReason,
     pub detail: String,
+}
+
+impl MessageV1 {
+    /// The message's name, for logs and refusals.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MessageV1::Hello(_) => "Hello",
+            MessageV1::Welcome(_) => "Welcome",
+            MessageV1::Batch(_) => "Batch",
+            MessageV1::Ack(_) => "Ack",
+            MessageV1::Reject(_) => "Reject",
+            MessageV1::Report(_) => "Report",
+            MessageV1::Catalog(_) => "Catalog",
+            MessageV1::CatalogRefused(_) => "CatalogRefused",
+            MessageV1::Verify(_) => "Verify",
+            MessageV1::Verified(_) => "Verified",
+            MessageV1::VerifyRefused(_) => "VerifyRefused",
+            MessageV1::HubHello(_) => "HubHello",
+            MessageV1::Feeds(_) => "Feeds",
+            MessageV1::Registration(_) => "Registration",
+            MessageV1::Tree(_) => "Tree",
+        }
+    }
 }
 
 impl From<MessageV1> for Message {

@@ -181,6 +181,55 @@ pub fn client_endpoint(remote: SocketAddr) -> std::io::Result<quinn::Endpoint> {
     quinn::Endpoint::client(local)
 }
 
+/// Why [`dial`] could not open a stream to a peer.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("cannot resolve {address}: {reason}")]
+    Resolve { address: String, reason: String },
+    #[error("cannot set up QUIC: {0}")]
+    Setup(String),
+    #[error("no answer from {0} within {1:?}")]
+    Timeout(SocketAddr, Duration),
+    #[error("{0}")]
+    Connection(ConnectionError),
+}
+
+/// Resolves `address` (`HOST:PORT`), creates the client endpoint on first
+/// use, connects within `timeout` and opens the feed stream: the one way
+/// both an agent and a child hub reach their hub.
+pub async fn dial(
+    endpoint: &mut Option<quinn::Endpoint>,
+    client: &quinn::ClientConfig,
+    address: &str,
+    timeout: Duration,
+) -> Result<(SocketAddr, quinn::Connection, SendStream, RecvStream), DialError> {
+    let resolve = |reason: String| DialError::Resolve {
+        address: address.to_string(),
+        reason,
+    };
+    let addr = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| resolve(e.to_string()))?
+        .next()
+        .ok_or_else(|| resolve("no addresses".into()))?;
+    if endpoint.is_none() {
+        *endpoint = Some(client_endpoint(addr).map_err(|e| DialError::Setup(e.to_string()))?);
+    }
+    let Some(ep) = endpoint.as_ref() else {
+        return Err(DialError::Setup("no endpoint".into()));
+    };
+    let connecting = ep
+        .connect_with(client.clone(), addr, SERVER_NAME)
+        .map_err(|e| DialError::Setup(e.to_string()))?;
+    let conn = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => return Err(DialError::Timeout(addr, timeout)),
+        Ok(Err(e)) => return Err(DialError::Connection(e)),
+        Ok(Ok(c)) => c,
+    };
+    let (send, recv) = conn.open_bi().await.map_err(DialError::Connection)?;
+    Ok((addr, conn, send, recv))
+}
+
 /// The only handshake signature scheme either side offers or accepts.
 const SCHEMES: [SignatureScheme; 1] = [SignatureScheme::ED25519];
 

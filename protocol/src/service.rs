@@ -58,6 +58,16 @@ pub fn parse_toml<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// Whether `s` reads as `HOST:PORT` (a name or an address, a port 1 to
+/// 65535): how a peer's address is written in a config.
+pub fn is_host_port(s: &str) -> bool {
+    s.parse::<std::net::SocketAddr>().is_ok()
+        || match s.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
+            None => false,
+        }
+}
+
 /// The directory relative paths in a config file are resolved against.
 pub fn config_dir(path: &Path) -> PathBuf {
     path.parent()

@@ -77,40 +77,61 @@ impl SendWindow {
         local_head: impl Fn(&FeedId) -> u64,
         max_in_flight: u64,
     ) -> Result<(Self, Vec<(FeedId, u64)>), WindowError> {
-        let mut feeds = BTreeMap::new();
-        let mut prune = Vec::new();
-        for p in positions {
+        let mut window = SendWindow {
+            feeds: BTreeMap::new(),
+            order: Vec::new(),
+            turn: 0,
+            max_in_flight: max_in_flight.max(1),
+        };
+        let prune = window.add(positions, local_head)?;
+        Ok((window, prune))
+    }
+
+    /// Adds feeds to a running connection from the hub's heads of them (a
+    /// later `Welcome`); feeds the window already carries keep their state.
+    /// Returns what [`SendWindow::start`] returns for the new feeds; on an
+    /// error nothing is added.
+    pub fn add(
+        &mut self,
+        positions: &[FeedPosition],
+        local_head: impl Fn(&FeedId) -> u64,
+    ) -> Result<Vec<(FeedId, u64)>, WindowError> {
+        let fresh: Vec<&FeedPosition> = positions
+            .iter()
+            .filter(|p| !self.feeds.contains_key(&p.feed))
+            .collect();
+        for p in &fresh {
             let head = local_head(&p.feed);
-            let hub_seq = p.cursor.last_seq;
-            if hub_seq > head {
+            if p.cursor.last_seq > head {
                 return Err(WindowError::HubAhead {
                     feed: p.feed.clone(),
-                    hub_seq,
+                    hub_seq: p.cursor.last_seq,
                     local_head: head,
                 });
             }
-            feeds.insert(
+        }
+        let mut prune = Vec::new();
+        for p in fresh {
+            let hub_seq = p.cursor.last_seq;
+            self.feeds.insert(
                 p.feed.clone(),
                 FeedSend {
                     acked: hub_seq,
                     next: hub_seq + 1,
-                    head,
+                    head: local_head(&p.feed),
                     consecutive_rejects: 0,
                     hold_until: None,
                 },
             );
             prune.push((p.feed.clone(), hub_seq));
         }
-        let order = feeds.keys().cloned().collect();
-        Ok((
-            SendWindow {
-                feeds,
-                order,
-                turn: 0,
-                max_in_flight: max_in_flight.max(1),
-            },
-            prune,
-        ))
+        self.order = self.feeds.keys().cloned().collect();
+        Ok(prune)
+    }
+
+    /// Whether the window carries `feed`.
+    pub fn carries(&self, feed: &FeedId) -> bool {
+        self.feeds.contains_key(feed)
     }
 
     /// Records that the outbox now holds batches of `feed` up to `head`.

@@ -336,6 +336,39 @@ impl HubProcess {
         Ok(())
     }
 
+    /// Sets the hub's display name (`[hub] name`).
+    pub fn rename(&self, name: &str) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?
+            .replace("name = \"test hub\"", &format!("name = \"{name}\""));
+        std::fs::write(&self.config, text)?;
+        Ok(())
+    }
+
+    /// Makes `parent` this hub's parent: appends an `[upstream]` section
+    /// with `extra` lines (share policy) to the config. Takes effect at the
+    /// next start.
+    pub fn set_upstream(&self, parent: &HubProcess, extra: &str) -> Result<()> {
+        let mut text = std::fs::read_to_string(&self.config)?;
+        text.push_str(&format!(
+            "[upstream]\naddress = \"{}\"\nkey = \"{}\"\n{extra}",
+            parent.addr, parent.key
+        ));
+        std::fs::write(&self.config, text)?;
+        Ok(())
+    }
+
+    /// Enrolls a child hub (`enroll --hub CODE`).
+    pub fn enroll_hub(&self, code: &str, name: &str, key: &str) -> Result<String> {
+        run(self
+            .cmd()
+            .args(["enroll", "--hub", code, "--name", name, key]))
+    }
+
+    /// The status text (`status` without `--json`).
+    pub fn status_text(&self) -> Result<String> {
+        run(self.cmd().arg("status"))
+    }
+
     pub fn enroll(&self, department: &str, name: &str, key: &str) -> Result<String> {
         run(self
             .cmd()
@@ -879,18 +912,38 @@ impl Sandbox {
         resources: &[ResourceSpec],
         outbox: &str,
     ) -> Result<AgentProcess> {
+        self.agent_at(&self.hub, name, department, db, resources, outbox)
+    }
+
+    /// Like [`Sandbox::agent`], for another hub of the sandbox.
+    pub fn agent_at(
+        &self,
+        hub: &HubProcess,
+        name: &str,
+        department: &str,
+        db: &Path,
+        resources: &[ResourceSpec],
+        outbox: &str,
+    ) -> Result<AgentProcess> {
         let agent = AgentProcess::init(
             &self.dir.path().join(name),
-            &self.hub,
+            hub,
             department,
             db,
             resources,
             outbox,
         )?;
-        self.hub
-            .enroll(department, &format!("{name} department"), &agent.key)?;
+        hub.enroll(department, &format!("{name} department"), &agent.key)?;
         agent.install_triggers()?;
         Ok(agent)
+    }
+
+    /// Another hub in `name/` of the sandbox (initialised, not started),
+    /// named `name` in its config.
+    pub fn extra_hub(&self, name: &str) -> Result<HubProcess> {
+        let hub = HubProcess::init(&self.dir.path().join(name))?;
+        hub.rename(name)?;
+        Ok(hub)
     }
 }
 

@@ -80,8 +80,8 @@ impl HubCatalog {
         }
     }
 
-    /// Tells when a department's catalog changed at the hub (a review), so
-    /// that its connected agent is sent the change.
+    /// Tells when a department's catalog changed at the hub (a review, or a
+    /// peer's changes), so that its other peers are sent the change.
     pub fn subscribe(&self) -> broadcast::Receiver<DepartmentCode> {
         self.changed.subscribe()
     }
@@ -141,13 +141,28 @@ impl HubCatalog {
         peer: &NodeId,
         message: &[u8],
     ) -> Result<(), HubCatalogError> {
+        self.receive_as(department, peer, message, Sender::Department)
+            .await
+    }
+
+    /// Applies a sync message from a peer that may write what `sender`
+    /// owns: a department (its entries), a parent hub (reviews) or a child
+    /// hub (entries and reviews). Other peers of the department are told
+    /// when the document changed.
+    pub async fn receive_as(
+        &self,
+        department: &DepartmentCode,
+        peer: &NodeId,
+        message: &[u8],
+        sender: Sender,
+    ) -> Result<(), HubCatalogError> {
         let save = self
             .with_doc(
                 department,
                 |doc, sessions| -> Result<CatalogSave, CatalogError> {
                     let state = sessions.entry((department.clone(), *peer)).or_default();
                     let before = doc.heads();
-                    doc.receive_checked(state, message, Sender::Department)?;
+                    doc.receive_checked(state, message, sender)?;
                     let changed = doc.heads() != before;
                     Ok(CatalogSave {
                         department: department.clone(),
@@ -157,8 +172,23 @@ impl HubCatalog {
                 },
             )
             .await??;
+        let changed = save.document.is_some();
         self.store.save_catalog(save).await?;
+        if changed {
+            let _ = self.changed.send(department.clone());
+        }
         Ok(())
+    }
+
+    /// The departments whose catalog this hub holds.
+    pub fn departments(&self) -> Result<Vec<DepartmentCode>, HubCatalogError> {
+        Ok(self
+            .store
+            .backend()
+            .catalogs()?
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect())
     }
 
     /// Records the platform's review of an entry and stores it; the agent

@@ -19,12 +19,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use shuyuan_protocol::federation::{Registered, Registration};
 use shuyuan_protocol::message::{Ack, Reject, VerifyOutcome, VerifyRefusal};
 use shuyuan_protocol::{
     BatchBody, BatchHash, DepartmentCode, FeedCursor, FeedId, NodeId, RejectReason, SignedBatch,
     TableSchema, UnixMillis, Value,
 };
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 /// Store errors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -42,25 +43,75 @@ pub enum StoreError {
         key: NodeId,
         department: DepartmentCode,
     },
+    #[error("key {key} is already enrolled as {was}, not as {now}")]
+    KindChanged {
+        key: NodeId,
+        was: &'static str,
+        now: &'static str,
+    },
     #[error("the hub store is shutting down")]
     Closed,
 }
 
 /// What kind of node a key belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeKind {
     /// A department agent.
     Agent,
+    /// A child hub (a platform one level down) that forwards its feeds here;
+    /// the enrollment's `department` is its platform code.
+    Hub,
+    /// A key enrolled at a hub further down, known from its signed
+    /// registration; it never connects here. `via` is the child hub whose
+    /// subtree it belongs to.
+    Below {
+        via: NodeId,
+        registration: Registration,
+    },
+}
+
+impl NodeKind {
+    fn name(&self) -> &'static str {
+        match self {
+            NodeKind::Agent => "agent",
+            NodeKind::Hub => "hub",
+            NodeKind::Below { .. } => "registration from below",
+        }
+    }
 }
 
 /// A key the hub accepts, and for which department.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrollment {
+    /// The department; for a hub, its platform code.
     pub department: DepartmentCode,
-    /// The department's name (部门名称).
+    /// The department's name (部门名称), or the platform's.
     pub name: String,
     pub kind: NodeKind,
     pub enrolled_at: UnixMillis,
+}
+
+impl Enrollment {
+    /// The key is a hub: a child hub, or a hub registered below one.
+    pub fn is_hub(&self) -> bool {
+        match &self.kind {
+            NodeKind::Agent => false,
+            NodeKind::Hub => true,
+            NodeKind::Below { registration, .. } => registration
+                .open()
+                .is_ok_and(|b| matches!(b.what, Registered::Hub { .. })),
+        }
+    }
+
+    /// The child hub this key's data arrives through (itself for a child
+    /// hub), or None for a directly connected agent.
+    pub fn via(&self, key: &NodeId) -> Option<NodeId> {
+        match &self.kind {
+            NodeKind::Agent => None,
+            NodeKind::Hub => Some(*key),
+            NodeKind::Below { via, .. } => Some(*via),
+        }
+    }
 }
 
 /// The last zero-update (零更新) received on a feed.
@@ -340,6 +391,8 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// Audit entries written since the store opened, by kind and reason.
     fn audit_counts(&self) -> AuditCounts;
+    /// One applied batch of a feed, as it was received.
+    fn batch(&self, feed: &FeedId, seq: u64) -> Result<Option<SignedBatch>, StoreError>;
     /// The newest applied batches of a feed, newest first.
     fn recent_batches(&self, feed: &FeedId, limit: usize) -> Result<Vec<SignedBatch>, StoreError>;
     /// How many audit entries exist.
@@ -439,6 +492,7 @@ pub struct Store {
     backend: Arc<dyn Backend>,
     tx: mpsc::Sender<Command>,
     events: broadcast::Sender<VerifyEvent>,
+    committed: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -465,18 +519,26 @@ impl Store {
         let (events, _) = broadcast::channel(QUEUE);
         let writer_backend = backend.clone();
         let writer_events = events.clone();
+        let (commits, committed) = watch::channel(0);
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer_backend, rx, writer_events))
+            .spawn(move || write_loop(writer_backend, rx, writer_events, commits))
             .map_err(|e| StoreError::Storage(format!("cannot start the writer thread: {e}")))?;
         Ok((
             Store {
                 backend,
                 tx,
                 events,
+                committed,
             },
             Writer(handle),
         ))
+    }
+
+    /// A counter of committed write groups: changes whenever the store
+    /// committed something (batches, enrollments, catalogs).
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.clone()
     }
 
     /// Verification events of committed transactions.
@@ -594,6 +656,7 @@ fn write_loop(
     backend: Arc<dyn Backend>,
     mut rx: mpsc::Receiver<Command>,
     events: broadcast::Sender<VerifyEvent>,
+    commits: watch::Sender<u64>,
 ) {
     let mut discards = Discards::default();
     let mut stopping = false;
@@ -683,6 +746,7 @@ fn write_loop(
         let result = backend.write(&mut ops, &mut discards, &mut new_events);
         match &result {
             Ok(()) => {
+                commits.send_modify(|n| *n += 1);
                 for e in new_events {
                     // Nobody listening is fine: connections read what is
                     // pending when they start.

@@ -42,8 +42,8 @@ use super::verify::{
 };
 use super::{
     AuditCounts, AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming,
-    Outcome, RejectionRecord, ResyncFinish, ResyncRecord, StoreError, StoredRow, VerifiedBatch,
-    VerifyEvent, WriteOp, ZeroUpdateRecord, column_mapping,
+    NodeKind, Outcome, RejectionRecord, ResyncFinish, ResyncRecord, StoreError, StoredRow,
+    VerifiedBatch, VerifyEvent, WriteOp, ZeroUpdateRecord, column_mapping,
 };
 
 const ENROLLMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrollments_v1");
@@ -266,6 +266,22 @@ impl<'t> Tables<'t> {
         }
     }
 
+    /// Whether the child hub `hub` forwards the department's feeds (an
+    /// agent of the department is registered below it).
+    fn carries(&self, hub: &NodeId, department: &DepartmentCode) -> Result<bool, StoreError> {
+        for item in self.enrollments.iter().map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            let e: Enrollment = dec(|| "enrollment".into(), v.value())?;
+            if e.department == *department
+                && !e.is_hub()
+                && matches!(e.kind, NodeKind::Below { via, .. } if via == *hub)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     fn stored_hash(&self, feed: &str, seq: u64) -> Result<Option<BatchHash>, StoreError> {
         match self.batches.get((feed, seq)).map_err(storage)? {
             Some(v) => {
@@ -287,6 +303,7 @@ impl<'t> Tables<'t> {
         detail: String,
     ) -> Result<Outcome, StoreError> {
         let own_department = match (&feed, self.enrollment(&peer)?) {
+            (Some(f), Some(e)) if e.kind == NodeKind::Hub => self.carries(&peer, &f.department)?,
             (Some(f), Some(e)) => f.department == e.department,
             _ => false,
         };
@@ -1181,6 +1198,16 @@ impl Backend for RedbBackend {
                                     department: old.department,
                                 })
                             }
+                            Some(old)
+                                if std::mem::discriminant(&old.kind)
+                                    != std::mem::discriminant(&enrollment.kind) =>
+                            {
+                                Err(StoreError::KindChanged {
+                                    key: *key,
+                                    was: old.kind.name(),
+                                    now: enrollment.kind.name(),
+                                })
+                            }
                             old => {
                                 t.enrollments
                                     .insert(key.as_bytes().as_slice(), enc(enrollment)?.as_slice())
@@ -1188,10 +1215,27 @@ impl Backend for RedbBackend {
                                 let mut entry = AuditEntry::new(
                                     AuditKind::Enrolled,
                                     format!(
-                                        "{} key for department {} ({})",
+                                        "{} {} for {} {} ({}){}",
                                         if old.is_some() { "renamed" } else { "enrolled" },
+                                        if enrollment.is_hub() {
+                                            "hub key"
+                                        } else {
+                                            "key"
+                                        },
+                                        if enrollment.is_hub() {
+                                            "platform"
+                                        } else {
+                                            "department"
+                                        },
                                         enrollment.department,
-                                        enrollment.name
+                                        enrollment.name,
+                                        match &enrollment.kind {
+                                            NodeKind::Below { via, registration } => format!(
+                                                ", registered by hub {} and forwarded by child hub {via}",
+                                                registration.signer
+                                            ),
+                                            _ => String::new(),
+                                        }
                                     ),
                                 );
                                 entry.peer = Some(*key);
@@ -1217,6 +1261,16 @@ impl Backend for RedbBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    fn batch(&self, feed: &FeedId, seq: u64) -> Result<Option<SignedBatch>, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(BATCHES).map_err(storage)?;
+        let key = feed.to_string();
+        match table.get((key.as_str(), seq)).map_err(storage)? {
+            Some(v) => Ok(Some(dec(|| format!("batch {key} #{seq}"), v.value())?)),
+            None => Ok(None),
+        }
     }
 
     fn recent_batches(&self, feed: &FeedId, limit: usize) -> Result<Vec<SignedBatch>, StoreError> {

@@ -227,6 +227,11 @@ pub enum Sender {
     Department,
     /// The platform (the hub): only `reviews/...`.
     Platform,
+    /// A child platform forwarding the catalog upward: what its
+    /// departments wrote and what it reviewed, `entries/...` and
+    /// `reviews/...` (never the root, so never another department's
+    /// document).
+    Federation,
 }
 
 /// The actor id a node writes the catalog with: its key.
@@ -522,9 +527,10 @@ fn violations(
     genesis: ChangeHash,
     sender: Sender,
 ) -> Result<Vec<String>, CatalogError> {
-    let allowed = match sender {
-        Sender::Department => "entries",
-        Sender::Platform => "reviews",
+    let allowed: &[&str] = match sender {
+        Sender::Department => &["entries"],
+        Sender::Platform => &["reviews"],
+        Sender::Federation => &["entries", "reviews"],
     };
     let mut out: Vec<String> = Vec::new();
     for change in doc.get_changes(before) {
@@ -549,7 +555,7 @@ fn violations(
                 automerge::legacy::Key::Map(k) => path.push(k.to_string()),
                 automerge::legacy::Key::Seq(_) => path.push("[]".into()),
             }
-            let ok = path.len() >= 2 && path[0] == allowed;
+            let ok = path.len() >= 2 && allowed.contains(&path[0].as_str());
             if !ok {
                 let what = match (sender, path.first().map(String::as_str)) {
                     (Sender::Department, Some("reviews")) => "review fields belong to the platform",
@@ -731,6 +737,50 @@ mod tests {
             Sender::Department,
         )
         .unwrap_err();
+        assert!(err.to_string().contains("root"), "{err}");
+    }
+
+    #[test]
+    fn three_levels_merge_entries_and_reviews() {
+        let agent = NodeKey::from_seed([1; 32]).id();
+        let county = NodeKey::from_seed([2; 32]).id();
+        let city = NodeKey::from_seed([3; 32]).id();
+        let mut dep = CatalogDoc::new(&dept(), &agent).unwrap();
+        let mut mid = CatalogDoc::new(&dept(), &county).unwrap();
+        let mut top = CatalogDoc::new(&dept(), &city).unwrap();
+        let e = CatalogEntry::draft(&"101001/00001".parse().unwrap(), "常住人口", "GA-330902");
+        dep.put_entry(&e).unwrap();
+        sync_pair(&mut dep, &mut mid, Sender::Platform, Sender::Department).unwrap();
+        let review = Review {
+            status: ReviewStatus::Approved,
+            reviewer: "县".into(),
+            remarks: String::new(),
+            reviewed_at: UnixMillis(7),
+        };
+        mid.put_review("101001/00001", &review).unwrap();
+        // The county forwards both the department's entry and its review;
+        // the city's own changes come down as platform changes.
+        sync_pair(&mut mid, &mut top, Sender::Platform, Sender::Federation).unwrap();
+        assert_eq!(top.entry("101001/00001").unwrap(), e);
+        assert_eq!(top.reviews()["101001/00001"], review);
+        // A city replica may not write the department's entries downward.
+        let mut meddler = CatalogDoc::new(&dept(), &city).unwrap();
+        sync_pair(&mut mid, &mut meddler, Sender::Platform, Sender::Federation).unwrap();
+        meddler
+            .put_entry(&CatalogEntry::draft(
+                &"101001/00002".parse().unwrap(),
+                "x",
+                "GA-330902",
+            ))
+            .unwrap();
+        let err =
+            sync_pair(&mut mid, &mut meddler, Sender::Platform, Sender::Federation).unwrap_err();
+        assert!(err.to_string().contains("entries/101001/00002"), "{err}");
+        // Nor may a child platform write another department's root.
+        let other: DepartmentCode = "SC-330902".parse().unwrap();
+        let mut foreign = CatalogDoc::new(&other, &county).unwrap();
+        let err =
+            sync_pair(&mut foreign, &mut top, Sender::Platform, Sender::Federation).unwrap_err();
         assert!(err.to_string().contains("root"), "{err}");
     }
 }
