@@ -4,11 +4,10 @@
 //! alters a batch is caught at the top; hubs restart mid-stream; a resource
 //! that is not shared (不予共享) stays where it entered.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde_json::Value as Json;
 use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::{BatchBody, Entry, SignedBatch, Value};
@@ -242,5 +241,259 @@ fn three_levels_carry_every_department_to_the_top() -> Result<()> {
     for h in [&sb.hub, &city, &d1, &d2] {
         no_rejections(h)?;
     }
+    Ok(())
+}
+
+const BATCHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("batches_v1");
+
+/// Changes one row value inside batch `seq` of `feed` in a stopped hub's
+/// store, keeping the department's signature: what a middle hub that
+/// "corrects" data before forwarding would do. Returns the altered value.
+fn alter_stored_batch(hub: &HubProcess, feed: &str, seq: u64) -> Result<String> {
+    let db = redb::Database::open(hub.dir.join("data").join("hub.redb"))?;
+    let tx = db.begin_write()?;
+    let altered;
+    {
+        let mut table = tx.open_table(BATCHES)?;
+        let mut signed: SignedBatch = decode(
+            table
+                .get((feed, seq))?
+                .with_context(|| format!("batch {seq} of {feed}"))?
+                .value(),
+        )?;
+        let mut body: BatchBody = decode(&signed.body)?;
+        let row = body
+            .entries
+            .iter_mut()
+            .find_map(|e| match e {
+                Entry::Change(c) => c.row.as_mut(),
+                _ => None,
+            })
+            .context("a row change in the batch")?;
+        let text = row
+            .iter_mut()
+            .find(|v| matches!(v, Value::Text(_)))
+            .context("a text value")?;
+        altered = format!("{text:?}");
+        *text = Value::Text("由中间平台修改".into());
+        signed.body = encode(&body)?;
+        table.insert((feed, seq), encode(&signed)?.as_slice())?;
+    }
+    tx.commit()?;
+    Ok(altered)
+}
+
+#[test]
+fn a_middle_hub_that_alters_a_batch_is_caught_at_the_top() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let mut middle = sb.extra_hub("middle")?;
+    let (mut agent, conn) = department(&sb, &middle, "dept", "GA-M", 0, "无条件共享", 1)?;
+    // The middle hub first runs on its own: the department's batches are
+    // verified and stored there.
+    middle.start()?;
+    agent.start()?;
+    let mut rng = Rng::new(5);
+    for _ in 0..8 {
+        let tx = immediate(&conn)?;
+        for _ in 0..30 {
+            data::insert_household(&tx, &mut rng)?;
+        }
+        tx.commit()?;
+        agent.wait_drained(Duration::from_secs(60))?;
+    }
+    let feed = format!("GA-M:{HOUSEHOLD}");
+    let head = feed_seq(&middle, &feed)?;
+    assert!(head >= 8, "only {head} batches");
+    agent.stop()?;
+    middle.stop()?;
+    // Then someone at the middle alters batch 5 and links it upward.
+    let before = alter_stored_batch(&middle, &feed, 5)?;
+    assert!(!before.is_empty());
+    sb.hub.enroll_hub("330900", "middle", &middle.key)?;
+    middle.set_upstream(&sb.hub, SHARED)?;
+    sb.hub.start()?;
+    middle.start()?;
+    let timeout = Duration::from_secs(60);
+    let refusal =
+        wait_for("the top to refuse the altered batch", timeout, || {
+            Ok(sb.hub.audit()?.into_iter().find(|a| {
+                a["kind"] == "batch_rejected" && a["feed"] == feed.as_str() && a["seq"] == 5
+            }))
+        })?;
+    assert_eq!(refusal["reason"], 2, "bad signature: {refusal}");
+    let detail = refusal["detail"].as_str().unwrap_or_default();
+    for words in [
+        "batch 5 of GA-M:101001/00001",
+        "GA-M",
+        &middle.key,
+        "altered",
+    ] {
+        assert!(detail.contains(words), "{words:?} missing from {detail:?}");
+    }
+    // The top keeps what came before, and nothing after the gap.
+    let top = sb.hub.feed_status(&feed)?.context("the feed at the top")?;
+    assert_eq!(top["last_seq"], 4, "{top}");
+    assert_eq!(top["last_rejection"]["seq"], 5, "{top}");
+    let rows = sb.hub.export_jsonl(&feed)?;
+    assert!(
+        rows.iter()
+            .all(|r| r.to_string().find("由中间平台修改").is_none()),
+        "the altered row reached the top"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(feed_seq(&sb.hub, &feed)?, 4, "still refused on resend");
+    // The middle hub sees its refusal too.
+    let up = middle.status()?;
+    assert!(up["upstream"]["rejections"].as_u64() > Some(0), "{up}");
+    let text = sb.hub.status_text()?;
+    assert!(text.contains("REJECTED"), "{text}");
+    Ok(())
+}
+
+#[test]
+fn parent_and_child_restart_mid_stream_and_nothing_is_lost_or_doubled() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let mut middle = sb.extra_hub("middle")?;
+    sb.hub.enroll_hub("330900", "middle", &middle.key)?;
+    middle.set_upstream(&sb.hub, SHARED)?;
+    let (mut agent, conn) = department(&sb, &middle, "dept", "GA-R", 100, "无条件共享", 3)?;
+    drop(conn);
+    sb.hub.start()?;
+    middle.start()?;
+    agent.start()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let db = agent.db.clone();
+        std::thread::spawn(move || -> Result<u64> {
+            let conn = rusqlite::Connection::open(&db)?;
+            conn.busy_timeout(Duration::from_secs(10))?;
+            let mut rng = Rng::new(11);
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                churn(&conn, &mut rng, 10)?;
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(rounds)
+        })
+    };
+    let feed = format!("GA-R:{HOUSEHOLD}");
+    let moving = |hub: &HubProcess, above: u64| {
+        wait_for("the feed to move on", Duration::from_secs(60), || {
+            let s = feed_seq(hub, &feed)?;
+            Ok((s > above).then_some(s))
+        })
+    };
+    let s = moving(&sb.hub, 5)?;
+    // The parent dies mid-stream and comes back.
+    sb.hub.kill()?;
+    std::thread::sleep(Duration::from_millis(700));
+    sb.hub.start()?;
+    let s = moving(&sb.hub, s + 5)?;
+    // The child dies mid-stream (its departments buffer) and comes back.
+    middle.kill()?;
+    std::thread::sleep(Duration::from_millis(700));
+    middle.start()?;
+    moving(&sb.hub, s + 5)?;
+    // Both at once, in the other order.
+    middle.stop()?;
+    sb.hub.stop()?;
+    std::thread::sleep(Duration::from_millis(300));
+    sb.hub.start()?;
+    middle.start()?;
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    assert!(rounds > 20, "only {rounds} rounds of writes");
+    let timeout = Duration::from_secs(120);
+    for r in resources() {
+        for hub in [&middle, &sb.hub] {
+            assert_reached(hub, &agent, &r, timeout)?;
+        }
+        // Every batch applied once at the top: as many as the feed is long.
+        let top = sb
+            .hub
+            .feed_status(&format!("GA-R:{}", r.code))?
+            .context("feed at the top")?;
+        assert_eq!(top["batches_applied"], top["last_seq"], "{top}");
+    }
+    no_rejections(&sb.hub)?;
+    agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_resource_that_is_not_shared_stays_but_its_catalog_entry_goes_up() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let mut county = sb.extra_hub("county")?;
+    sb.hub.enroll_hub("330902", "county", &county.key)?;
+    county.set_upstream(&sb.hub, SHARED)?;
+    let (mut agent, conn) = department(&sb, &county, "dept", "GA-N", 50, "不予共享", 4)?;
+    sb.hub.start()?;
+    county.start()?;
+    agent.start()?;
+    let mut rng = Rng::new(8);
+    churn(&conn, &mut rng, 30)?;
+    let timeout = Duration::from_secs(60);
+    let [household, licence] =
+        <[ResourceSpec; 2]>::try_from(resources()).map_err(|_| anyhow::anyhow!("two resources"))?;
+    // The shared table reaches the top; the other one only the county.
+    assert_reached(&sb.hub, &agent, &household, timeout)?;
+    assert_reached(&county, &agent, &licence, timeout)?;
+    let secret = format!("GA-N:{LICENCE}");
+    assert_eq!(sb.hub.feed_status(&secret)?, None, "the top holds {secret}");
+    assert!(
+        sb.hub.export_jsonl(&secret).is_err(),
+        "the top exports {secret}"
+    );
+    // Its catalog entry does go up, saying why.
+    let entry = wait_for("the not-shared entry at the top", timeout, || {
+        catalog_entry(&sb.hub, "GA-N", LICENCE)
+    })?;
+    assert_eq!(entry["entry"]["share_type"], "not-shared");
+    let up = county.status()?;
+    let held = up["upstream"]["feeds"]
+        .as_array()
+        .and_then(|fs| fs.iter().find(|f| f["feed"] == secret.as_str()).cloned())
+        .context("the county's forwarding state")?;
+    assert!(
+        held["held"]
+            .as_str()
+            .is_some_and(|h| h.contains("不予共享")),
+        "{held}"
+    );
+    // Later changes of it stay too, while the shared table moves on.
+    churn(&conn, &mut rng, 30)?;
+    assert_reached(&sb.hub, &agent, &household, timeout)?;
+    assert_reached(&county, &agent, &licence, timeout)?;
+    assert_eq!(sb.hub.feed_status(&secret)?, None);
+    Ok(())
+}
+
+#[test]
+fn hubs_that_would_form_a_loop_are_refused() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let mut other = sb.extra_hub("other")?;
+    // Each enrolls the other as its child and names it as its parent.
+    sb.hub.enroll_hub("A", "other", &other.key)?;
+    other.enroll_hub("B", "first", &sb.hub.key)?;
+    sb.hub.set_upstream(&other, SHARED)?;
+    other.set_upstream(&sb.hub, SHARED)?;
+    sb.hub.start()?;
+    other.start()?;
+    for hub in [&sb.hub, &other] {
+        let refusal = wait_for("a loop refusal", Duration::from_secs(30), || {
+            Ok(hub.audit()?.into_iter().find(|a| {
+                a["kind"] == "connection_refused"
+                    && a["detail"].as_str().is_some_and(|d| d.contains("loop"))
+            }))
+        })?;
+        assert_eq!(refusal["reason"], 11, "protocol violation: {refusal}");
+    }
+    let status = sb.hub.status()?;
+    assert_ne!(status["upstream"]["link"], "connected", "{status}");
     Ok(())
 }
