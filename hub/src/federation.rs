@@ -105,6 +105,7 @@ pub fn check_registration(
                 NodeKind::Below {
                     via,
                     registration: r,
+                    ..
                 },
             ..
         }) if via == *child => {
@@ -149,10 +150,9 @@ pub fn check_registration(
             }
             let clash = match &e.kind {
                 NodeKind::Agent => Some("enrolled directly at this hub".to_string()),
-                NodeKind::Below {
-                    via,
-                    registration: r,
-                } if *via != *child => Some(format!("served below child hub {via}")),
+                NodeKind::Below { via, .. } if *via != *child => {
+                    Some(format!("served below child hub {via}"))
+                }
                 NodeKind::Below {
                     registration: r, ..
                 } if r.signer != registration.signer => {
@@ -178,6 +178,7 @@ pub fn check_registration(
             name: body.name,
             kind: NodeKind::Below {
                 via: *child,
+                hub,
                 registration,
             },
             enrolled_at: body.enrolled_at,

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use shuyuan_protocol::federation::{Registered, Registration};
+use shuyuan_protocol::federation::Registration;
 use shuyuan_protocol::message::{Ack, Reject, VerifyOutcome, VerifyRefusal};
 use shuyuan_protocol::{
     BatchBody, BatchHash, DepartmentCode, FeedCursor, FeedId, NodeId, RejectReason, SignedBatch,
@@ -63,9 +63,11 @@ pub enum NodeKind {
     Hub,
     /// A key enrolled at a hub further down, known from its signed
     /// registration; it never connects here. `via` is the child hub whose
-    /// subtree it belongs to.
+    /// subtree it belongs to; `hub` says whether the key is a hub's (as the
+    /// registration says, checked when it was recorded).
     Below {
         via: NodeId,
+        hub: bool,
         registration: Registration,
     },
 }
@@ -97,9 +99,7 @@ impl Enrollment {
         match &self.kind {
             NodeKind::Agent => false,
             NodeKind::Hub => true,
-            NodeKind::Below { registration, .. } => registration
-                .open()
-                .is_ok_and(|b| matches!(b.what, Registered::Hub { .. })),
+            NodeKind::Below { hub, .. } => *hub,
         }
     }
 

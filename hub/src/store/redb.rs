@@ -1230,7 +1230,9 @@ impl Backend for RedbBackend {
                                         enrollment.department,
                                         enrollment.name,
                                         match &enrollment.kind {
-                                            NodeKind::Below { via, registration } => format!(
+                                            NodeKind::Below {
+                                                via, registration, ..
+                                            } => format!(
                                                 ", registered by hub {} and forwarded by child hub {via}",
                                                 registration.signer
                                             ),
