@@ -1,5 +1,6 @@
-//! The README's first command works: the demo starts a hub and three
-//! agents, shows zero-updates, stops cleanly and ends in sync.
+//! The README's first command works: the demo starts a district hub that
+//! forwards to a city hub, and three agents; shows zero-updates, stops
+//! cleanly and ends in sync at both levels.
 
 use std::process::Command;
 
@@ -22,6 +23,13 @@ fn the_demo_runs_and_ends_in_sync() -> Result<()> {
     );
     assert_eq!(
         stdout.matches("the hub's copy equals the source").count(),
+        3,
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .matches("the city hub's copy equals the source too")
+            .count(),
         3,
         "{stdout}"
     );

@@ -1,6 +1,8 @@
-//! `shuyuan-demo`: a hub and three department agents on this machine, each
-//! next to its own SQLite database of made-up records, with changes flowing
-//! and one resource left quiet so that zero-updates (零更新) show.
+//! `shuyuan-demo`: a district hub and three department agents on this
+//! machine, each next to its own SQLite database of made-up records, with
+//! changes flowing and one resource left quiet so that zero-updates (零更新)
+//! show; the district hub forwards the shared resources to a city hub
+//! (级联), which verifies the departments' own signatures.
 //!
 //! Run it with `./demo.sh` from the repository root; stop it with Ctrl-C.
 
@@ -100,9 +102,20 @@ async fn main() -> Result<()> {
     let dir = std::fs::canonicalize(&args.dir)?;
     println!("shuyuan demo in {}", dir.display());
 
+    // The city platform, and the district platform that forwards to it.
+    let mut city = HubProcess::init(&dir.join("city"))?;
+    city.rename("舟山市公共数据平台 city platform")?;
     let mut hub = HubProcess::init(&dir.join("hub"))?;
+    hub.rename("定海区公共数据平台 district platform")?;
+    city.enroll_hub("330902", "定海区公共数据平台", &hub.key)?;
+    hub.set_upstream(&city, "")?;
+    city.start()?;
     hub.start()?;
     println!("hub listening on {} (key {})", hub.addr, hub.key);
+    println!(
+        "city hub listening on {} (key {}); the district hub forwards its shared resources there",
+        city.addr, city.key
+    );
 
     let mut rng = Rng::new(2026);
     let mut agents = Vec::new();
@@ -207,6 +220,11 @@ async fn main() -> Result<()> {
             a.config.display()
         );
     }
+    println!(
+        "  {} --config {} status      (the city hub: the district below it, the lag of each level)",
+        bins.join("shuyuan-hub").display(),
+        city.config.display()
+    );
     println!("  {hub_cmd} export 101001/00001 --format csv | head");
     println!("  {hub_cmd} catalog list");
     println!("  {hub_cmd} catalog deadlines");
@@ -250,7 +268,7 @@ async fn main() -> Result<()> {
     println!("\nstopping: waiting for the agents to deliver the last changes...");
     let mut all_equal = true;
     for (a, (_, d)) in agents.iter_mut().zip(&dbs) {
-        a.wait_drained(Duration::from_secs(60))?;
+        let status = a.wait_drained(Duration::from_secs(60))?;
         match assert_in_sync(&hub, a, &d.resources) {
             Ok(rows) => println!(
                 "{} {}: the hub's copy equals the source ({rows} rows compared)",
@@ -261,9 +279,33 @@ async fn main() -> Result<()> {
                 println!("{} {}: DIFFERS: {e:#}", d.code, d.name);
             }
         }
+        // The city holds what the district forwarded: every batch, verified
+        // against the department's own signature.
+        for r in status["resources"].as_array().into_iter().flatten() {
+            let feed = format!("{}:{}", d.code, r["code"].as_str().unwrap_or_default());
+            let head = r["head_seq"].as_u64().unwrap_or(0);
+            shuyuan_tests::wait_for("the city hub to catch up", Duration::from_secs(60), || {
+                let at = city
+                    .feed_status(&feed)?
+                    .and_then(|f| f["last_seq"].as_u64())
+                    .unwrap_or(0);
+                Ok((at >= head).then_some(()))
+            })?;
+        }
+        match assert_in_sync(&city, a, &d.resources) {
+            Ok(rows) => println!(
+                "{} {}: the city hub's copy equals the source too ({rows} rows compared)",
+                d.code, d.name
+            ),
+            Err(e) => {
+                all_equal = false;
+                println!("{} {}: DIFFERS at the city: {e:#}", d.code, d.name);
+            }
+        }
         a.stop()?;
     }
     hub.stop()?;
+    city.stop()?;
     println!("stopped cleanly. files are in {}", dir.display());
     anyhow::ensure!(all_equal, "a shared copy differs from its source");
     Ok(())
