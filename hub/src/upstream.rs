@@ -117,6 +117,9 @@ pub struct Upstream {
     pub board: UpstreamBoard,
 }
 
+/// Each catalog entry's share type, by department and resource code.
+type Shares = BTreeMap<(String, String), Option<shuyuan_protocol::catalog::ShareType>>;
+
 /// Which feeds leave, and which stay (with why).
 #[derive(Debug, Default)]
 struct Plan {
@@ -240,13 +243,16 @@ impl Upstream {
         }
     }
 
+    /// The catalog's share types (read again when a catalog changes).
+    async fn shares(&self) -> Result<Shares, LinkError> {
+        Ok(federation::share_types(&self.catalog.city().await?))
+    }
+
     /// Which feeds leave now, from the catalog's share types.
-    async fn plan(&self) -> Result<Plan, LinkError> {
-        let city = self.catalog.city().await?;
-        let shares = federation::share_types(&city);
+    fn plan(&self, shares: &Shares) -> Result<Plan, LinkError> {
         let mut plan = Plan::default();
         for (feed, rec) in self.store.backend().feeds()? {
-            let held = federation::held(&feed, &shares, &self.config);
+            let held = federation::held(&feed, shares, &self.config);
             if held.is_none() {
                 plan.forward.insert(feed.clone(), rec.cursor.last_seq);
             }
@@ -368,7 +374,8 @@ impl Upstream {
                     DialError::Setup(s) => LinkError::Setup(s),
                     other => LinkError::Lost(other.to_string()),
                 })?;
-        let mut plan = self.plan().await?;
+        let mut shares = self.shares().await?;
+        let mut plan = self.plan(&shares)?;
         let hello = HubHello {
             software: shuyuan_protocol::SOFTWARE.to_string(),
             name: self.name.clone(),
@@ -460,6 +467,7 @@ impl Upstream {
                 .next_wakeup()
                 .map(|t| tokio::time::Instant::now() + t.since(UnixMillis::now()));
             let mut replan = false;
+            let mut catalog_changed = false;
             tokio::select! {
                 _ = cancel.cancelled() => {
                     let _ = send.finish();
@@ -497,6 +505,7 @@ impl Upstream {
                     }
                     // A share type may have changed.
                     replan = true;
+                    catalog_changed = true;
                 }
                 _ = async { if let Some(w) = wake { tokio::time::sleep_until(w).await } }, if wake.is_some() => {}
                 _ = tick.tick() => {
@@ -516,7 +525,10 @@ impl Upstream {
                     }
                 }
             }
-            plan = self.plan().await?;
+            if catalog_changed {
+                shares = self.shares().await?;
+            }
+            plan = self.plan(&shares)?;
             let fresh: Vec<FeedId> = plan
                 .forward
                 .keys()
