@@ -5,11 +5,15 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use shuyuan_protocol::batch::SignedBatch;
+use shuyuan_protocol::batch::{BatchBody, BatchHash, Entry, SignedBatch};
 use shuyuan_protocol::catalog::doc::{CatalogDoc, Sender};
+use shuyuan_protocol::federation::HubHello;
 use shuyuan_protocol::message::{CatalogRefusal, CatalogSync, Hello, Welcome};
 use shuyuan_protocol::quic;
-use shuyuan_protocol::{Message, MessageV1, NodeId, NodeKey};
+use shuyuan_protocol::{
+    Column, FeedId, Message, MessageV1, NodeId, NodeKey, Op, RejectReason, RowChange, TableSchema,
+    UnixMillis, Value,
+};
 
 use std::net::SocketAddr;
 
@@ -147,6 +151,38 @@ impl FeedPeer {
         department: &str,
         resources: &[&str],
     ) -> Result<(FeedPeer, Welcome)> {
+        let hello = MessageV1::Hello(Hello {
+            software: "test-peer".into(),
+            department: department.parse()?,
+            resources: resources
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<_, _>>()?,
+        });
+        FeedPeer::open(hub, key, hello).await
+    }
+
+    /// Connects to `hub` with `key` as a child hub and says `HubHello`
+    /// with `feeds`.
+    pub async fn connect_hub(
+        hub: &HubProcess,
+        key: &NodeKey,
+        feeds: &[&str],
+    ) -> Result<(FeedPeer, Welcome)> {
+        let feeds: Vec<FeedId> = feeds.iter().map(|f| f.parse()).collect::<Result<_, _>>()?;
+        let hello = MessageV1::HubHello(HubHello {
+            software: "test-peer".into(),
+            name: "test child hub".into(),
+            feeds,
+        });
+        FeedPeer::open(hub, key, hello).await
+    }
+
+    async fn open(
+        hub: &HubProcess,
+        key: &NodeKey,
+        hello: MessageV1,
+    ) -> Result<(FeedPeer, Welcome)> {
         let hub_key: NodeId = hub.key.parse()?;
         let endpoint = quic::client_endpoint(hub.addr)?;
         let conn = endpoint
@@ -161,15 +197,7 @@ impl FeedPeer {
             .open_bi()
             .await
             .map_err(|e| anyhow!(quic::explain(&e)))?;
-        let hello = Hello {
-            software: "test-peer".into(),
-            department: department.parse()?,
-            resources: resources
-                .iter()
-                .map(|r| r.parse())
-                .collect::<Result<_, _>>()?,
-        };
-        quic::write_message(&mut send, &MessageV1::Hello(hello).into()).await?;
+        quic::write_message(&mut send, &hello.into()).await?;
         let welcome = match quic::read_message(&mut recv).await {
             Ok(Some(Message::V1(MessageV1::Welcome(w)))) => w,
             Ok(other) => return Err(anyhow!("expected Welcome, got {other:?}")),
@@ -189,6 +217,12 @@ impl FeedPeer {
         ))
     }
 
+    /// Sends a message without waiting for an answer.
+    pub async fn say(&mut self, message: MessageV1) -> Result<()> {
+        quic::write_message(&mut self.send, &message.into()).await?;
+        Ok(())
+    }
+
     /// Sends one batch and returns the hub's answer to it (skipping the
     /// hub's catalog sync messages, which this peer does not take part in).
     pub async fn send(&mut self, batch: &SignedBatch) -> Result<MessageV1> {
@@ -204,5 +238,75 @@ impl FeedPeer {
                 None => return Err(anyhow!("the hub closed the stream")),
             }
         }
+    }
+}
+
+/// The table of [`batch`]: certificate number and names, keyed by number.
+pub fn schema() -> TableSchema {
+    TableSchema {
+        version: 1,
+        table: "marriage".into(),
+        columns: vec![
+            Column {
+                name: "cert_no".into(),
+                sql_type: "TEXT".into(),
+                nullable: false,
+            },
+            Column {
+                name: "names".into(),
+                sql_type: "TEXT".into(),
+                nullable: true,
+            },
+        ],
+        key: vec![0],
+    }
+}
+
+/// Batch `seq` of `feed` signed by `key`: one inserted row keyed `cert`
+/// (after the table's schema in batch 1).
+pub fn batch(
+    key: &NodeKey,
+    feed: &str,
+    seq: u64,
+    prev: BatchHash,
+    cert: &str,
+) -> Result<SignedBatch> {
+    let mut entries = Vec::new();
+    if seq == 1 {
+        entries.push(Entry::Schema(schema()));
+    }
+    entries.push(Entry::Change(RowChange {
+        op: Op::Insert,
+        key: vec![Value::Text(cert.into())],
+        row: Some(vec![Value::Text(cert.into()), Value::Text("abc".into())]),
+        schema_version: 1,
+    }));
+    let body = BatchBody {
+        feed: feed.parse()?,
+        seq,
+        prev,
+        created_at: UnixMillis::now(),
+        entries,
+    };
+    Ok(SignedBatch::seal(key, &body)?)
+}
+
+/// Fails unless `reply` refuses with `reason` and asks to resend from
+/// `resend_from`.
+pub fn expect_reject(reply: MessageV1, reason: RejectReason, resend_from: u64) {
+    match reply {
+        MessageV1::Reject(r) => {
+            assert_eq!(r.reason, reason, "{r:?}");
+            assert_eq!(r.resend_from, resend_from, "{r:?}");
+        }
+        other => panic!("expected a {reason} rejection, got {other:?}"),
+    }
+}
+
+/// Fails unless `reply` acknowledges `seq`.
+pub fn expect_ack(reply: MessageV1, seq: u64) {
+    match reply {
+        MessageV1::Ack(a) => assert_eq!(a.seq, seq),
+        other => panic!("expected ack {seq}, got {other:?}"),
     }
 }

@@ -9,9 +9,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use redb::{ReadableTable, TableDefinition};
 use serde_json::Value as Json;
+use shuyuan_protocol::batch::BatchHash;
 use shuyuan_protocol::encoding::{decode, encode};
-use shuyuan_protocol::{BatchBody, Entry, SignedBatch, Value};
+use shuyuan_protocol::federation::{Registered, Registration, RegistrationBody};
+use shuyuan_protocol::{
+    BatchBody, Entry, MessageV1, NodeKey, RejectReason, SignedBatch, UnixMillis, Value,
+};
 use shuyuan_tests::data::{self, Rng};
+use shuyuan_tests::peer::{FeedPeer, batch, expect_ack, expect_reject};
 use shuyuan_tests::{
     AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_same_rows, immediate, source_rows,
     wait_for,
@@ -507,5 +512,82 @@ fn hubs_that_would_form_a_loop_are_refused() -> Result<()> {
     }
     let status = sb.hub.status()?;
     assert_ne!(status["upstream"]["link"], "connected", "{status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_hub_cannot_drop_reorder_or_invent_a_departments_batches() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let child = NodeKey::generate()?;
+    let department = NodeKey::generate()?;
+    sb.hub
+        .enroll_hub("330999", "hostile county", &child.id().to_string())?;
+    sb.hub.start()?;
+    let feed = "MZ:M01/0001";
+    let (mut peer, welcome) = FeedPeer::connect_hub(&sb.hub, &child, &[feed]).await?;
+    assert_eq!(welcome.feeds[0].cursor.last_seq, 0);
+    // The child vouches for the department's key, as it may.
+    let registration = Registration::sign(
+        &child,
+        &RegistrationBody {
+            key: department.id(),
+            what: Registered::Agent {
+                department: "MZ".parse()?,
+            },
+            name: "民政局".into(),
+            enrolled_at: UnixMillis::now(),
+        },
+    )?;
+    peer.say(MessageV1::Registration(registration)).await?;
+    let b1 = batch(&department, feed, 1, BatchHash::GENESIS, "J-000001")?;
+    let b2 = batch(&department, feed, 2, b1.hash(), "J-000002")?;
+    let b3 = batch(&department, feed, 3, b2.hash(), "J-000003")?;
+    // Dropped: batch 2 before batch 1.
+    expect_reject(peer.send(&b2).await?, RejectReason::Gap, 1);
+    expect_ack(peer.send(&b1).await?, 1);
+    // Reordered: 3 before 2.
+    expect_reject(peer.send(&b3).await?, RejectReason::Gap, 2);
+    // Invented: a batch 2 the child signed itself, then one it altered.
+    let invented = batch(&child, feed, 2, b1.hash(), "J-FAKE")?;
+    expect_reject(peer.send(&invented).await?, RejectReason::UnknownSigner, 2);
+    let mut altered = b2.clone();
+    let last = altered.body.len() - 1;
+    altered.body[last] ^= 0x01;
+    expect_reject(peer.send(&altered).await?, RejectReason::BadSignature, 2);
+    // A department key used for a feed of another department.
+    let foreign = batch(&department, "GA:A01/0001", 1, BatchHash::GENESIS, "x")?;
+    expect_reject(peer.send(&foreign).await?, RejectReason::WrongDepartment, 1);
+    // The honest chain still goes through.
+    expect_ack(peer.send(&b2).await?, 2);
+    expect_ack(peer.send(&b3).await?, 3);
+    peer.conn.close(0u32.into(), b"done");
+    let rows = sb.hub.export_jsonl(feed)?;
+    let certs: Vec<&str> = rows.iter().filter_map(|r| r["cert_no"].as_str()).collect();
+    assert_eq!(certs, ["J-000001", "J-000002", "J-000003"]);
+    let refused: Vec<(String, u64, u64)> = sb
+        .hub
+        .audit()?
+        .iter()
+        .filter(|a| a["kind"] == "batch_rejected")
+        .map(|a| {
+            (
+                a["feed"].as_str().unwrap_or_default().to_string(),
+                a["seq"].as_u64().unwrap_or(0),
+                a["reason"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    for expected in [
+        (feed.to_string(), 2, 5),
+        (feed.to_string(), 3, 5),
+        (feed.to_string(), 2, 3),
+        (feed.to_string(), 2, 2),
+        ("GA:A01/0001".to_string(), 1, 4),
+    ] {
+        assert!(
+            refused.contains(&expected),
+            "{expected:?} not in {refused:?}"
+        );
+    }
     Ok(())
 }

@@ -5,71 +5,11 @@
 use std::time::Duration;
 
 use anyhow::{Result, anyhow};
-use shuyuan_protocol::batch::{BatchBody, BatchHash, Entry, SignedBatch};
-use shuyuan_protocol::{
-    Column, MessageV1, NodeKey, Op, RejectReason, RowChange, TableSchema, UnixMillis, Value,
-};
+use shuyuan_protocol::batch::BatchHash;
+use shuyuan_protocol::{NodeKey, RejectReason};
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::peer::FeedPeer;
+use shuyuan_tests::peer::{FeedPeer, batch, expect_ack, expect_reject};
 use shuyuan_tests::{AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_in_sync, wait_for};
-
-fn schema() -> TableSchema {
-    TableSchema {
-        version: 1,
-        table: "marriage".into(),
-        columns: vec![
-            Column {
-                name: "cert_no".into(),
-                sql_type: "TEXT".into(),
-                nullable: false,
-            },
-            Column {
-                name: "names".into(),
-                sql_type: "TEXT".into(),
-                nullable: true,
-            },
-        ],
-        key: vec![0],
-    }
-}
-
-fn batch(key: &NodeKey, feed: &str, seq: u64, prev: BatchHash, cert: &str) -> Result<SignedBatch> {
-    let mut entries = Vec::new();
-    if seq == 1 {
-        entries.push(Entry::Schema(schema()));
-    }
-    entries.push(Entry::Change(RowChange {
-        op: Op::Insert,
-        key: vec![Value::Text(cert.into())],
-        row: Some(vec![Value::Text(cert.into()), Value::Text("abc".into())]),
-        schema_version: 1,
-    }));
-    let body = BatchBody {
-        feed: feed.parse()?,
-        seq,
-        prev,
-        created_at: UnixMillis::now(),
-        entries,
-    };
-    Ok(SignedBatch::seal(key, &body)?)
-}
-
-fn expect_reject(reply: MessageV1, reason: RejectReason, resend_from: u64) {
-    match reply {
-        MessageV1::Reject(r) => {
-            assert_eq!(r.reason, reason, "{r:?}");
-            assert_eq!(r.resend_from, resend_from, "{r:?}");
-        }
-        other => panic!("expected a {reason} rejection, got {other:?}"),
-    }
-}
-
-fn expect_ack(reply: MessageV1, seq: u64) {
-    match reply {
-        MessageV1::Ack(a) => assert_eq!(a.seq, seq),
-        other => panic!("expected ack {seq}, got {other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Result<()> {
