@@ -537,7 +537,28 @@ async fn answer(
                     .collect(),
             };
             let mut started = Vec::new();
+            let below: std::collections::BTreeMap<DepartmentCode, NodeId> = shared
+                .peers
+                .all()
+                .into_iter()
+                .filter(|(_, e)| !e.is_hub())
+                .filter_map(|(k, e)| {
+                    let via = e.via(&k)?;
+                    Some((e.department, via))
+                })
+                .collect();
             for feed in feeds {
+                if let Some(via) = below.get(&feed.department) {
+                    // Only the hub the agent connects to can ask it.
+                    started.push(VerifyStarted {
+                        feed: feed.to_string(),
+                        run: Err(format!(
+                            "department {} is served below child hub {via}: run the comparison there (this hub compares the checkpoints in the forwarded batches)",
+                            feed.department
+                        )),
+                    });
+                    continue;
+                }
                 let run = shared
                     .store
                     .start_verify(

@@ -438,6 +438,10 @@ fn parent_and_child_restart_mid_stream_and_nothing_is_lost_or_doubled() -> Resul
         assert_eq!(top["batches_applied"], top["last_seq"], "{top}");
     }
     no_rejections(&sb.hub)?;
+    // Comparisons with the source run where the agent connects.
+    let err = sb.hub.start_verify(&feed).unwrap_err().to_string();
+    assert!(err.contains("served below child hub"), "{err}");
+    assert!(middle.start_verify(&feed).is_ok());
     agent.stop()?;
     Ok(())
 }
