@@ -944,3 +944,111 @@ mod browser {
         Ok(())
     }
 }
+
+#[test]
+fn federation_page_shows_the_tree() -> Result<()> {
+    let mut sb = Sandbox::new()?;
+    let mut county = sb.extra_hub("county")?;
+    sb.hub.enroll_hub("330902", "county", &county.key)?;
+    county.set_upstream(&sb.hub, "undeclared = \"forward\"\n")?;
+    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
+    let mut agent = sb.agent_at(&county, "dept", "GA-1", &db, &household(), "")?;
+    sb.hub.start()?;
+    county.start()?;
+    agent.start()?;
+    let mut rng = data::Rng::new(11);
+    for _ in 0..5 {
+        data::insert_household(&conn, &mut rng)?;
+    }
+    let feed = format!("GA-1:{HOUSEHOLD}");
+    let http = client()?;
+    // GET a path of a hub's console with that hub's local token.
+    let get = |hub: &shuyuan_tests::HubProcess, path: &str| -> Result<String> {
+        let r = http
+            .get(format!("{}{path}", hub.admin_url()?))
+            .bearer_auth(hub.admin_token()?)
+            .send()?;
+        let status = r.status();
+        let body = r.text()?;
+        if status != StatusCode::OK {
+            bail!("{path}: {status}: {body}");
+        }
+        Ok(body)
+    };
+
+    // The parent sees the county connected, and the feed at the county
+    // with nothing the parent lacks.
+    let view = wait_for(
+        "the county connected and its feed level with the parent",
+        Duration::from_secs(60),
+        || {
+            let v: Json = serde_json::from_str(&get(&sb.hub, "/api/v1/federation")?)?;
+            let connected = v["children"].as_array().is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["code"] == "330902" && c["connected"] == true)
+            });
+            let level = v["tree"].as_array().is_some_and(|rows| {
+                rows.iter().any(|r| {
+                    r["feed"] == feed.as_str()
+                        && r["depth"] == 1
+                        && r["lag"] == 0
+                        && r["seq"].as_u64() > Some(0)
+                })
+            });
+            Ok((connected && level).then_some(v))
+        },
+    )
+    .map_err(|e| {
+        e.context(format!(
+            "parent log:\n{}\ncounty log:\n{}",
+            sb.hub.log(),
+            county.log()
+        ))
+    })?;
+    assert!(view["upstream"].is_null(), "{view}");
+    let child = &view["children"][0];
+    assert_eq!(child["key"], county.key.as_str());
+    assert_eq!(child["name"], "county");
+    assert_eq!(child["departments"][0], "GA-1");
+    let row = view["tree"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["feed"] == feed.as_str()))
+        .context("the feed's tree row")?;
+    assert_eq!(row["hub"], "county");
+    assert_eq!(row["hub_key"], county.key.as_str());
+    assert_eq!(row["above"], row["seq"]);
+    assert!(row["held"].is_null(), "{row}");
+
+    // The page, in both languages.
+    let html = get(&sb.hub, "/federation?lang=en")?;
+    for words in [
+        "<h1>Federation</h1>",
+        "<h2>Child hubs</h2>",
+        "<code>330902</code>",
+        ">county</span>",
+        &format!("data-feed=\"{feed}\""),
+        &format!(">{feed}</a>"),
+        "data-lag=\"0\"",
+    ] {
+        assert!(html.contains(words), "{words:?} missing from:\n{html}");
+    }
+    let html = get(&sb.hub, "/federation?lang=zh")?;
+    assert!(
+        html.contains("<h2>级联树</h2>") && html.contains(">county</span>"),
+        "{html}"
+    );
+
+    // The county reports its link up.
+    let metrics = get(&county, "/metrics")?;
+    assert!(
+        metrics.lines().any(|l| l == "shuyuan_upstream_connected 1"),
+        "{metrics}"
+    );
+    let series = metric_values(&metrics);
+    assert_eq!(series.get("shuyuan_upstream_rejections_total"), Some(&0.0));
+    let up: Json = serde_json::from_str(&get(&county, "/api/v1/federation")?)?;
+    assert_eq!(up["upstream"]["link"], "connected", "{up}");
+    assert_eq!(up["upstream"]["parent"], sb.hub.key.as_str());
+    assert_eq!(up["children"].as_array().map(Vec::len), Some(0));
+    Ok(())
+}

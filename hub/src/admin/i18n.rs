@@ -159,6 +159,44 @@ impl Lang {
         }
     }
 
+    /// The state of the link to the parent hub (`connecting`, `connected`,
+    /// `disconnected`, `refused`); `None` for another word.
+    pub fn link(self, link: &str) -> Option<&'static str> {
+        Some(match link {
+            "connecting" => self.pick("连接中", "connecting"),
+            "connected" => self.pick("已连接", "connected"),
+            "disconnected" => self.pick("已断开", "disconnected"),
+            "refused" => self.pick("被上级拒绝", "refused by the parent"),
+            _ => return None,
+        })
+    }
+
+    /// A feed whose data stays at a hub, and why: at this hub (`here`) or
+    /// at the hub of a tree row. `reason` is inserted as given (the caller
+    /// escapes it).
+    pub fn held(self, here: bool, reason: &str) -> String {
+        match (self, here) {
+            (Lang::Zh, true) => format!("留存本级：{reason}"),
+            (Lang::Zh, false) => format!("留存该级：{reason}"),
+            (Lang::En, true) => format!("held here: {reason}"),
+            (Lang::En, false) => format!("held there: {reason}"),
+        }
+    }
+
+    /// How to federate hubs, for a hub with neither a parent nor a child.
+    /// `upstream` and `enroll` (the config section and the command) are
+    /// inserted as given (the caller escapes them; they may be markup).
+    pub fn federation_setup(self, upstream: &str, enroll: &str) -> String {
+        match self {
+            Lang::Zh => format!(
+                "本平台尚未级联。在下级平台的 hub.toml 中加入 {upstream} 段（上级平台的地址和密钥），并在上级平台用 {enroll} 登记下级平台的密钥。"
+            ),
+            Lang::En => format!(
+                "This hub is not federated. On the child hub, add an {upstream} section (the parent's address and key) to hub.toml; on the parent, enroll the child's key with {enroll}."
+            ),
+        }
+    }
+
     /// "showing N of TOTAL".
     pub fn showing(self, shown: usize, total: u64) -> String {
         match self {
@@ -348,6 +386,31 @@ texts! {
     ReviewerRequired => ("审核人（必填）", "Reviewer (required)"),
     Actions => ("操作", "Actions"),
     RemarksRequired => ("审核意见（退回时必填）", "Remarks (required to return)"),
+    // Federation.
+    Federation => ("级联", "Federation"),
+    Upstream => ("上级平台", "Upstream"),
+    ChildHubs => ("下级平台", "Child hubs"),
+    FederationTree => ("级联树", "Tree"),
+    ParentKey => ("上级平台密钥", "Parent key"),
+    Address => ("地址", "Address"),
+    Link => ("连接状态", "Link"),
+    LastError => ("最近错误", "Last error"),
+    ParentSoftware => ("上级平台软件版本", "Parent software"),
+    RefusedByParent => ("被上级拒收批次", "Batches refused by the parent"),
+    CatalogError => ("目录同步错误", "Catalog sync error"),
+    HeadHere => ("本级最新序号", "Head here"),
+    ParentHolds => ("上级已确认序号", "Parent holds"),
+    ForwardBacklog => ("待转发批次", "Backlog (batches)"),
+    PlatformCode => ("平台代码", "Platform code"),
+    Hub => ("平台", "Hub"),
+    HeadThere => ("该级最新序号", "Head there"),
+    HeadAbove => ("上一级最新序号", "Head one level up"),
+    DepartmentsBelow => ("下辖部门", "Departments below"),
+    NoChildHubs => ("尚未登记下级平台", "No child hub is enrolled here"),
+    NoTreeReport => (
+        "下级平台尚未报告其数据流",
+        "The child hubs have not reported their feeds yet",
+    ),
     // Login and messages.
     Login => ("登录", "Log in"),
     Password => ("密码", "Password"),
@@ -406,6 +469,17 @@ mod tests {
             .map(|k| Lang::Zh.audit_kind(*k))
             .collect();
         assert_eq!(zh.len(), AUDIT_KINDS.len());
+    }
+
+    #[test]
+    fn link_states_are_translated() {
+        for link in ["connecting", "connected", "disconnected", "refused"] {
+            let (zh, en) = (Lang::Zh.link(link), Lang::En.link(link));
+            assert!(zh.is_some() && en.is_some() && zh != en, "{link}");
+        }
+        assert_eq!(Lang::En.link("sideways"), None);
+        assert_eq!(Lang::Zh.held(true, "x"), "留存本级：x");
+        assert_eq!(Lang::En.held(false, "x"), "held there: x");
     }
 
     #[test]

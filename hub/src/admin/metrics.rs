@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 
 use shuyuan_protocol::UnixMillis;
 
-use super::view::{Overview, ResourceState};
+use super::view::{FederationView, Overview, ResourceState};
 use super::webhook::Deliveries;
 use crate::store::AuditCounts;
 
@@ -56,7 +56,7 @@ fn escape(v: &str) -> String {
 }
 
 /// Renders every metric.
-pub fn render(o: &Overview, p: &ProcessFacts<'_>) -> String {
+pub fn render(o: &Overview, fed: &FederationView, p: &ProcessFacts<'_>) -> String {
     let mut out = String::with_capacity(256 + o.departments.len() * 4096);
     let mut f = Family { out: &mut out };
     f.header("shuyuan_hub_info", "gauge", "The hub's software and key.");
@@ -262,6 +262,7 @@ pub fn render(o: &Overview, p: &ProcessFacts<'_>) -> String {
     for (state, n) in &o.states {
         f.sample("shuyuan_feeds", &[("state", state.as_str())], n);
     }
+    federation(&mut f, fed);
 
     f.header(
         "shuyuan_rejections_total",
@@ -345,6 +346,79 @@ pub fn render(o: &Overview, p: &ProcessFacts<'_>) -> String {
     out
 }
 
+/// The link to the parent hub, the child hubs and the tree below (级联).
+fn federation(f: &mut Family<'_>, fed: &FederationView) {
+    f.header(
+        "shuyuan_upstream_connected",
+        "gauge",
+        "1 when the link to the parent hub is up (only with [upstream] configured).",
+    );
+    if let Some(u) = &fed.upstream {
+        f.sample(
+            "shuyuan_upstream_connected",
+            &[],
+            u8::from(u.link == "connected"),
+        );
+    }
+    f.header(
+        "shuyuan_upstream_backlog_batches",
+        "gauge",
+        "Batches of a forwarded feed stored here that the parent hub has not acknowledged.",
+    );
+    for s in fed.upstream.iter().flat_map(|u| &u.feeds) {
+        if let (None, Some(acked)) = (&s.held, s.acked) {
+            f.sample(
+                "shuyuan_upstream_backlog_batches",
+                &[("feed", &s.feed)],
+                s.head.saturating_sub(acked),
+            );
+        }
+    }
+    f.header(
+        "shuyuan_upstream_rejections_total",
+        "counter",
+        "Batches the parent hub refused since start.",
+    );
+    if let Some(u) = &fed.upstream {
+        f.sample("shuyuan_upstream_rejections_total", &[], u.rejections);
+    }
+    f.header(
+        "shuyuan_child_hub_connected",
+        "gauge",
+        "1 when the enrolled child hub (by key and platform code) is connected.",
+    );
+    for c in &fed.children {
+        f.sample(
+            "shuyuan_child_hub_connected",
+            &[("hub", &c.key), ("code", &c.code)],
+            u8::from(c.connected),
+        );
+    }
+    f.header(
+        "shuyuan_federation_lag_batches",
+        "gauge",
+        "Batches of a feed held at a hub below (by key, at depth 1 for a child) that the level above it lacks.",
+    );
+    for r in &fed.tree {
+        if let Some(lag) = r.lag {
+            let hub = if r.hub_key.is_empty() {
+                &r.hub
+            } else {
+                &r.hub_key
+            };
+            f.sample(
+                "shuyuan_federation_lag_batches",
+                &[
+                    ("hub", hub),
+                    ("feed", &r.feed),
+                    ("depth", &r.depth.to_string()),
+                ],
+                lag,
+            );
+        }
+    }
+}
+
 fn age(now: UnixMillis, t: UnixMillis) -> u64 {
     (now.0.saturating_sub(t.0).max(0) / 1000) as u64
 }
@@ -370,6 +444,7 @@ mod tests {
         };
         let text = render(
             &o,
+            &FederationView::default(),
             &ProcessFacts {
                 audit_counts: &AuditCounts::new(),
                 handshakes_refused: 0,
@@ -393,6 +468,67 @@ mod tests {
             );
         }
         assert!(text.contains("name=\"h\""));
+    }
+
+    #[test]
+    fn federation_metrics() {
+        use crate::admin::view::example;
+
+        let status = example::status();
+        let o = Overview::of(
+            &status,
+            std::time::Duration::from_secs(1),
+            example::NOW,
+            Vec::new(),
+        );
+        let fed = FederationView::of(&status);
+        let counts = AuditCounts::new();
+        let deliveries = Deliveries::default();
+        let facts = ProcessFacts {
+            audit_counts: &counts,
+            handshakes_refused: 0,
+            deliveries: &deliveries,
+            logins_ok: 0,
+            logins_failed: 0,
+        };
+        let text = render(&o, &fed, &facts);
+        let (county, town, other) = (example::key(2), example::key(3), example::key(4));
+        for line in [
+            "# TYPE shuyuan_upstream_connected gauge".to_string(),
+            "shuyuan_upstream_connected 1".to_string(),
+            format!(
+                "shuyuan_upstream_backlog_batches{{feed=\"{}\"}} 2",
+                example::FEED
+            ),
+            "# TYPE shuyuan_upstream_rejections_total counter".to_string(),
+            "shuyuan_upstream_rejections_total 2".to_string(),
+            format!("shuyuan_child_hub_connected{{hub=\"{county}\",code=\"330902\"}} 1"),
+            format!("shuyuan_child_hub_connected{{hub=\"{other}\",code=\"330903\"}} 0"),
+            format!(
+                "shuyuan_federation_lag_batches{{hub=\"{county}\",feed=\"{}\",depth=\"1\"}} 2",
+                example::FEED
+            ),
+            format!(
+                "shuyuan_federation_lag_batches{{hub=\"{town}\",feed=\"{}\",depth=\"2\"}} 1",
+                example::FEED
+            ),
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        // Held feeds have neither a backlog nor a lag.
+        assert!(!text.contains("D1:101001/00008"), "{text}");
+        assert!(
+            !text.contains(&format!("feed=\"{}\"", example::SECRET)),
+            "{text}"
+        );
+
+        // Without [upstream] the link's series are absent, their
+        // declarations not.
+        let alone = FederationView::default();
+        let text = render(&o, &alone, &facts);
+        assert!(text.contains("# TYPE shuyuan_upstream_connected gauge"));
+        assert!(!text.lines().any(|l| l.starts_with("shuyuan_upstream_")));
+        assert!(!text.lines().any(|l| l.starts_with("shuyuan_child_hub_")));
     }
 
     #[test]

@@ -5,17 +5,20 @@
 //! server announces an update). No external assets; every interpolated
 //! value is escaped with [`esc`].
 
+use std::collections::BTreeSet;
+
 use shuyuan_protocol::catalog::{CatalogEntry, EntryState, ResourceClass, ShareType};
 use shuyuan_protocol::{UnixMillis, UpdateCycle};
 
 use crate::admin::i18n::{AUDIT_KINDS, Lang, Text};
 use crate::admin::view::{
-    AuditQuery, DepartmentView, Overview, ResourceRow, ResourceState, ResourceView,
+    AuditQuery, DepartmentView, FederationView, Overview, ResourceRow, ResourceState, ResourceView,
 };
 use crate::catalog::{CityEntry, Filter};
-use crate::status::ResourceEntry;
+use crate::status::{ChildStatus, ResourceEntry, TreeRow};
 use crate::store::AuditEntry;
 use crate::store::verify::{Verdict, VerifyRecord, VerifyRun};
+use crate::upstream::{ForwardState, UpstreamStatus};
 
 /// What every page needs to know about the request.
 #[derive(Debug, Clone, Copy)]
@@ -93,6 +96,8 @@ dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:.25rem 1rem;marg
 dl.facts dt{color:var(--muted)}
 dl.facts dd{margin:0}
 .scroll{overflow-x:auto}
+.lagging{color:#c2610c;font-weight:600}
+td.held{color:var(--muted)}
 "#;
 
 const SCRIPT: &str = "if (window.EventSource) { const es = new EventSource('/events'); es.addEventListener('update', () => { if (document.querySelector('main form :focus')) return; fetch(location.href, {headers: {'X-Shuyuan-Fragment': '1'}}).then(r => r.ok ? r.text() : null).then(t => { if (t !== null) document.getElementById('content').innerHTML = t; }); }); }";
@@ -312,6 +317,7 @@ pub fn layout(page: &Page, title: &str, body: &str) -> String {
         ("/", Text::Overview),
         ("/audit", Text::Audit),
         ("/catalog", Text::Catalog),
+        ("/federation", Text::Federation),
     ]
     .iter()
     .map(|(href, key)| {
@@ -1097,6 +1103,241 @@ pub fn audit(page: &Page, entries: &[AuditEntry], total: u64, q: &AuditQuery) ->
     s
 }
 
+/// The federation (级联) page: the link to the parent hub, the child hubs
+/// enrolled here, and the tree of feeds below with each level's lag; for a
+/// hub with neither, how to set it up.
+pub fn federation(page: &Page, f: &FederationView) -> String {
+    let mut s = format!("<h1>{}</h1>", page.l(Text::Federation));
+    if f.is_empty() {
+        s.push_str(&format!(
+            "<p class=\"muted\" id=\"federation-setup\">{}</p>",
+            page.lang.federation_setup(
+                "<code>[upstream]</code>",
+                "<code>shuyuan-hub enroll --hub CODE --name NAME KEY</code>"
+            )
+        ));
+        return s;
+    }
+    if let Some(u) = &f.upstream {
+        s.push_str(&upstream(page, u, &f.here));
+    }
+    s.push_str(&format!("<h2>{}</h2>", page.l(Text::ChildHubs)));
+    if f.children.is_empty() {
+        s.push_str(&format!(
+            "<p class=\"muted\" id=\"no-child-hubs\">{}</p>",
+            page.l(Text::NoChildHubs)
+        ));
+        return s;
+    }
+    let rows: String = f.children.iter().map(|c| child_hub(page, c)).collect();
+    s.push_str(&table(
+        page,
+        "child-hubs",
+        &[
+            Text::PlatformCode,
+            Text::Name,
+            Text::HubKey,
+            Text::Connected,
+            Text::Software,
+            Text::DepartmentsBelow,
+        ],
+        &rows,
+    ));
+    s.push_str(&format!("<h2>{}</h2>", page.l(Text::FederationTree)));
+    if f.tree.is_empty() {
+        s.push_str(&format!(
+            "<p class=\"muted\" id=\"no-tree\">{}</p>",
+            page.l(Text::NoTreeReport)
+        ));
+        return s;
+    }
+    let rows: String = f.tree.iter().map(|r| tree_row(page, r, &f.here)).collect();
+    s.push_str(&table(
+        page,
+        "federation-tree",
+        &[
+            Text::Hub,
+            Text::Feed,
+            Text::HeadThere,
+            Text::HeadAbove,
+            Text::Lag,
+            Text::LastBatch,
+        ],
+        &rows,
+    ));
+    s
+}
+
+/// A feed (`DEPT:RES`): a link to its page when this hub holds it.
+fn feed_link(feed: &str, here: &BTreeSet<String>) -> String {
+    match feed.split_once(':') {
+        Some((dept, res)) if here.contains(feed) => format!(
+            "<a href=\"{}\">{}</a>",
+            esc(&resource_href(dept, res)),
+            esc(feed)
+        ),
+        _ => format!("<code>{}</code>", esc(feed)),
+    }
+}
+
+/// The link to the parent hub and each feed's forwarding.
+fn upstream(page: &Page, u: &UpstreamStatus, here: &BTreeSet<String>) -> String {
+    let lang = page.lang;
+    let class = match u.link.as_str() {
+        "connected" => ResourceState::OnTime,
+        "connecting" => ResourceState::Unknown,
+        "refused" => ResourceState::Rejected,
+        _ => ResourceState::Overdue,
+    };
+    let link = format!(
+        "<span class=\"state state-{}\" id=\"upstream-link\" data-link=\"{}\">{}</span>{}",
+        class.as_str(),
+        esc(&u.link),
+        esc(lang.link(&u.link).unwrap_or(u.link.as_str())),
+        u.since
+            .map(|t| format!(" · {} {}", page.l(Text::Since), time(page, t)))
+            .unwrap_or_default()
+    );
+    let mut items = vec![
+        (page.l(Text::ParentKey), short(&u.parent, 16)),
+        (
+            page.l(Text::Address),
+            format!("<code>{}</code>", esc(&u.address)),
+        ),
+        (page.l(Text::Link), link),
+    ];
+    if let Some(d) = &u.detail {
+        items.push((
+            page.l(Text::LastError),
+            format!("<span id=\"upstream-error\">{}</span>", esc(d)),
+        ));
+    }
+    items.push((
+        page.l(Text::ParentSoftware),
+        opt(u.parent_software.as_deref()),
+    ));
+    items.push((
+        page.l(Text::RefusedByParent),
+        format!("<span id=\"upstream-rejections\">{}</span>", u.rejections),
+    ));
+    if let Some(r) = &u.last_rejection {
+        items.push((page.l(Text::LastRejection), esc(r)));
+    }
+    if let Some(e) = &u.catalog_error {
+        items.push((
+            page.l(Text::CatalogError),
+            format!("<span id=\"upstream-catalog-error\">{}</span>", esc(e)),
+        ));
+    }
+    let mut s = format!(
+        "<h2>{}</h2><div id=\"upstream\">{}</div>",
+        page.l(Text::Upstream),
+        facts(&items)
+    );
+    if u.feeds.is_empty() {
+        s.push_str(&format!(
+            "<p class=\"muted\">{}</p>",
+            page.l(Text::NoResources)
+        ));
+        return s;
+    }
+    let rows: String = u.feeds.iter().map(|f| forward_row(page, f, here)).collect();
+    s.push_str(&table(
+        page,
+        "upstream-feeds",
+        &[
+            Text::Feed,
+            Text::HeadHere,
+            Text::ParentHolds,
+            Text::ForwardBacklog,
+        ],
+        &rows,
+    ));
+    s
+}
+
+/// One feed's forwarding: the parent's head and the backlog, or why it
+/// stays here.
+fn forward_row(page: &Page, f: &ForwardState, here: &BTreeSet<String>) -> String {
+    let rest = match (&f.held, f.acked) {
+        (Some(why), _) => format!(
+            "<td class=\"held\" colspan=\"2\">{}</td>",
+            page.lang.held(true, &esc(why))
+        ),
+        (None, Some(acked)) => {
+            let backlog = f.head.saturating_sub(acked);
+            format!(
+                "<td class=\"num\">{acked}</td><td class=\"num{}\" data-backlog=\"{backlog}\">{backlog}</td>",
+                if backlog > 0 { " lagging" } else { "" }
+            )
+        }
+        (None, None) => "<td class=\"num\">?</td><td class=\"num\">?</td>".to_string(),
+    };
+    format!(
+        "<tr class=\"forward\" data-feed=\"{}\" data-held=\"{}\"><td>{}</td><td class=\"num\">{}</td>{rest}</tr>",
+        esc(&f.feed),
+        f.held.is_some(),
+        feed_link(&f.feed, here),
+        f.head,
+    )
+}
+
+/// A child hub: code, name, key, connection and the departments below.
+fn child_hub(page: &Page, c: &ChildStatus) -> String {
+    let mut connected = yes_no(page, c.connected);
+    if let Some(t) = c.connected_since {
+        connected.push_str(&format!(" · {}", time(page, t)));
+    }
+    if let Some(r) = &c.remote {
+        connected.push_str(&format!(" · <code>{}</code>", esc(r)));
+    }
+    let departments = if c.departments.is_empty() {
+        "-".to_string()
+    } else {
+        c.departments
+            .iter()
+            .map(|d| format!("<a href=\"{}\">{}</a>", esc(&department_href(d)), esc(d)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "<tr class=\"child-hub\" data-code=\"{code}\" data-connected=\"{}\"><td><code>{code}</code></td><td>{}</td><td>{}</td><td>{connected}</td><td>{}</td><td>{departments}</td></tr>",
+        c.connected,
+        esc(&c.name),
+        short(&c.key, 16),
+        opt(c.software.as_deref()),
+        code = esc(&c.code),
+    )
+}
+
+/// One feed at one hub of the tree, indented by its depth.
+fn tree_row(page: &Page, r: &TreeRow, here: &BTreeSet<String>) -> String {
+    let lag = match (&r.held, r.lag) {
+        (Some(why), _) => format!(
+            "<td class=\"held\">{}</td>",
+            page.lang.held(false, &esc(why))
+        ),
+        (None, Some(lag)) => format!(
+            "<td class=\"num{}\" data-lag=\"{lag}\">{lag}</td>",
+            if lag > 0 { " lagging" } else { "" }
+        ),
+        (None, None) => "<td class=\"num\">-</td>".to_string(),
+    };
+    let indent = 0.5 + 1.5 * r.depth.saturating_sub(1) as f64;
+    format!(
+        "<tr class=\"tree-row\" data-depth=\"{depth}\" data-feed=\"{feed}\"><td style=\"padding-left:{indent:.1}rem\">{mark}<span title=\"{key}\">{hub}</span></td><td>{link}</td><td class=\"num\">{seq}</td><td class=\"num\">{above}</td>{lag}<td>{received}</td></tr>",
+        depth = r.depth,
+        feed = esc(&r.feed),
+        mark = if r.depth > 1 { "└ " } else { "" },
+        key = esc(&r.hub_key),
+        hub = esc(&r.hub),
+        link = feed_link(&r.feed, here),
+        seq = r.seq,
+        above = opt(r.above),
+        received = opt_time(page, r.received_at),
+    )
+}
+
 /// A `<select>` of fixed choices; `current` is the chosen value's English
 /// name, if any.
 fn select(
@@ -1661,6 +1902,107 @@ mod tests {
         assert!(zh.contains("自序号 #5 起 3 行不同，正在修复"), "{zh}");
         assert!(zh.contains("&lt;1&gt;"), "{zh}");
         assert_eq!(verdict(&page(Lang::En), &Verdict::Unverified), "unverified");
+    }
+
+    #[test]
+    fn the_federation_page_shows_the_link_the_children_and_the_tree() {
+        use crate::admin::view::example;
+
+        let f = FederationView::of(&example::status());
+        let zh_page = Page {
+            path: "/federation",
+            ..page(Lang::Zh)
+        };
+        let en_page = Page {
+            lang: Lang::En,
+            ..zh_page
+        };
+        let zh = federation(&zh_page, &f);
+        for words in [
+            "<h1>级联</h1>",
+            "<h2>上级平台</h2>",
+            "<h2>下级平台</h2>",
+            "<h2>级联树</h2>",
+            "上级平台密钥",
+            "已连接",
+            "上级已确认序号",
+            "待转发批次",
+            "下辖部门",
+            "留存本级：excluded by upstream.exclude",
+            "留存该级：not shared (不予共享)",
+            "普陀区",
+        ] {
+            assert!(zh.contains(words), "{words}: {zh}");
+        }
+        let en = federation(&en_page, &f);
+        for words in [
+            "<h1>Federation</h1>",
+            "<h2>Upstream</h2>",
+            "<h2>Child hubs</h2>",
+            "<h2>Tree</h2>",
+            "<th>Parent holds</th>",
+            "<th>Head one level up</th>",
+            "data-link=\"connected\">connected</span>",
+            "<code>10.0.0.1:7700</code>",
+            "id=\"upstream-rejections\">2<",
+            "id=\"upstream-catalog-error\">catalog of D1 refused<",
+            "held here: excluded by upstream.exclude",
+            "held there: not shared (不予共享)",
+            "<code>330902</code>",
+            "<code>10.0.0.2:51000</code>",
+        ] {
+            assert!(en.contains(words), "{words}: {en}");
+        }
+        // The parent holds #5 of the 7 here; the county holds #9 (two
+        // ahead of this hub), the town #10 (one ahead of the county).
+        assert!(
+            en.contains(
+                "<td class=\"num\">5</td><td class=\"num lagging\" data-backlog=\"2\">2</td>"
+            ),
+            "{en}"
+        );
+        assert!(
+            en.contains("class=\"num lagging\" data-lag=\"2\">2<"),
+            "{en}"
+        );
+        assert!(
+            en.contains("class=\"num lagging\" data-lag=\"1\">1<"),
+            "{en}"
+        );
+        assert_eq!(en.matches("data-depth=\"2\"").count(), 2, "{en}");
+        assert!(en.contains(&format!("title=\"{}\">乡镇平台</span>", example::key(3))));
+        assert!(en.contains(&format!("<code title=\"{}\">", example::key(2))));
+        // Links only to the feeds this hub holds.
+        assert!(en.contains("<a href=\"/resources/D1/101001%2F00003\">D1:101001/00003</a>"));
+        assert!(!en.contains("/resources/D1/101001%2F00009"));
+        assert!(en.contains("<code>D1:101001/00009</code>"));
+        // A hostile hub name and rejection stay text.
+        assert!(!en.contains("<script>") && !zh.contains("<script>"), "{en}");
+        assert!(en.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(en.contains("#6 bad signature &lt;forged&gt;"));
+        // The navigation leads here.
+        let doc = layout(&zh_page, "级联", &zh);
+        assert!(doc.contains("<a href=\"/federation\" aria-current=\"page\">级联</a>"));
+        let doc = layout(&en_page, "Federation", &en);
+        assert!(doc.contains("<a href=\"/federation\" aria-current=\"page\">Federation</a>"));
+
+        // A hub neither above nor below another: how to set it up.
+        let alone = FederationView::default();
+        let en = federation(&en_page, &alone);
+        assert!(en.contains("id=\"federation-setup\""), "{en}");
+        assert!(en.contains("<code>[upstream]</code>"));
+        assert!(en.contains("<code>shuyuan-hub enroll --hub CODE --name NAME KEY</code>"));
+        assert!(!en.contains("child-hubs"));
+        let zh = federation(&zh_page, &alone);
+        assert!(zh.contains("本平台尚未级联") && zh.contains("<code>[upstream]</code>"));
+        // Only a parent: no child hub yet.
+        let up_only = FederationView {
+            children: Vec::new(),
+            tree: Vec::new(),
+            ..f
+        };
+        let en = federation(&en_page, &up_only);
+        assert!(en.contains("id=\"no-child-hubs\"") && en.contains("upstream-feeds"));
     }
 
     #[test]

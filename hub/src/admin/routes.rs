@@ -23,7 +23,8 @@ use super::i18n::Lang;
 use super::metrics::{self, ProcessFacts};
 use super::pages::{self, Page};
 use super::view::{
-    AuditQuery, BatchSummary, DepartmentView, Overview, ResourceRow, ResourceView, RowSample,
+    AuditQuery, BatchSummary, DepartmentView, FederationView, Overview, ResourceRow, ResourceView,
+    RowSample,
 };
 use crate::catalog::{CityEntry, Filter};
 use crate::status::HubStatus;
@@ -47,6 +48,7 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .route("/audit", get(audit_page))
         .route("/catalog", get(catalog_page))
         .route("/catalog/review", post(review_form))
+        .route("/federation", get(federation_page))
         .route("/logout", post(logout))
         .route("/events", get(events))
         .route("/metrics", get(metrics_text))
@@ -60,6 +62,7 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .route("/api/v1/audit", get(api_audit))
         .route("/api/v1/catalog", get(api_catalog))
         .route("/api/v1/catalog/review", post(api_review))
+        .route("/api/v1/federation", get(api_federation))
         .layer(middleware::from_fn_with_state(state.clone(), authorise))
         // Reachable without a login.
         .route("/login", get(login_page).post(login_form))
@@ -247,12 +250,20 @@ async fn status(shared: &Shared) -> Result<HubStatus, ApiError> {
 
 async fn overview(s: &AdminState) -> Result<Overview, ApiError> {
     let status = status(&s.shared).await?;
-    Ok(Overview::of(
-        &status,
+    Ok(overview_of(s, &status))
+}
+
+fn overview_of(s: &AdminState, status: &HubStatus) -> Overview {
+    Overview::of(
+        status,
         s.shared.config.freshness_grace,
         UnixMillis::now(),
         s.monitor.history(),
-    ))
+    )
+}
+
+async fn federation(s: &AdminState) -> Result<FederationView, ApiError> {
+    Ok(FederationView::of(&status(&s.shared).await?))
 }
 
 async fn department(s: &AdminState, code: &str) -> Result<DepartmentView, ApiError> {
@@ -445,6 +456,17 @@ async fn audit_page(
     }
 }
 
+async fn federation_page(State(s): S, ctx: Ctx) -> Response {
+    match federation(&s).await {
+        Ok(f) => {
+            let body = pages::federation(&ctx.page(&s), &f);
+            let title = ctx.lang.t(super::i18n::Text::Federation);
+            ctx.render(&s, StatusCode::OK, title, body)
+        }
+        Err(e) => ctx.error(&s, e),
+    }
+}
+
 async fn catalog_page(
     State(s): S,
     ctx: Ctx,
@@ -607,10 +629,12 @@ async fn events(State(s): S) -> Sse<impl futures_util::Stream<Item = Result<Even
 }
 
 async fn metrics_text(State(s): S) -> Result<Response, ApiError> {
-    let o = overview(&s).await?;
+    let status = status(&s.shared).await?;
+    let o = overview_of(&s, &status);
     let counts = s.shared.store.backend().audit_counts();
     let text = metrics::render(
         &o,
+        &FederationView::of(&status),
         &ProcessFacts {
             audit_counts: &counts,
             handshakes_refused: s.shared.peers.refused(),
@@ -671,6 +695,10 @@ async fn api_audit(
     let Query(q) = q?;
     let (entries, total) = audit(&s, &q).await?;
     Ok(Json(AuditPage { total, entries }))
+}
+
+async fn api_federation(State(s): S) -> Result<Json<FederationView>, ApiError> {
+    Ok(Json(federation(&s).await?))
 }
 
 async fn api_catalog(
@@ -764,6 +792,55 @@ mod tests {
             let name = kind.name();
             assert!(line.contains(&name), "{name} undocumented");
         }
+    }
+
+    /// The text of one schema under `components/schemas`.
+    fn schema(name: &str) -> &'static str {
+        let start = OPENAPI
+            .find(&format!("\n    {name}:\n"))
+            .unwrap_or_else(|| panic!("no schema {name}"))
+            + 1;
+        let rest = &OPENAPI[start..];
+        let end = rest
+            .match_indices("\n    ")
+            .find(|(i, _)| rest[i + 5..].starts_with(|c: char| c != ' '))
+            .map_or(rest.len(), |(i, _)| i);
+        &rest[..end]
+    }
+
+    #[test]
+    fn the_api_documents_the_federation_view() {
+        assert!(OPENAPI.contains("\n  /api/v1/federation:\n"));
+        let view = FederationView::of(&crate::admin::view::example::status());
+        let json = serde_json::to_value(&view).unwrap();
+        let fields = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        };
+        let child = &json["children"][0];
+        for (name, value) in [
+            ("FederationView", &json),
+            ("UpstreamStatus", &json["upstream"]),
+            ("ForwardState", &json["upstream"]["feeds"][0]),
+            ("ChildStatus", child),
+            ("HubReport", &child["tree"]),
+            ("HubReport", &child["tree"]["feeds"][0]),
+            ("TreeRow", &json["tree"][0]),
+        ] {
+            let text = schema(name);
+            for field in fields(value) {
+                assert!(
+                    text.contains(&format!("\n        {field}:"))
+                        || text.contains(&format!("\n              {field}:")),
+                    "{name}.{field} undocumented:\n{text}"
+                );
+            }
+        }
+        assert_eq!(fields(&json), ["children", "tree", "upstream"]);
+        for link in ["connecting", "connected", "disconnected", "refused"] {
+            assert!(schema("UpstreamStatus").contains(link), "{link}");
+        }
+        let status = schema("HubStatus");
+        assert!(status.contains("\n        upstream:") && status.contains("\n        children:"));
     }
 
     #[test]

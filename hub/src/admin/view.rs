@@ -2,14 +2,16 @@
 //! show: one resource state per feed, derived from the status the CLI
 //! prints, so every view agrees.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::UnixMillis;
 
 use crate::catalog::CityEntry;
-use crate::status::{DepartmentStatus, HubStatus, ResourceEntry};
+use crate::status::{ChildStatus, DepartmentStatus, HubStatus, ResourceEntry, TreeRow};
 use crate::store::verify::Verdict;
+use crate::upstream::UpstreamStatus;
 
 /// The one state a resource is shown in, most urgent first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -275,6 +277,41 @@ pub struct ResourceView {
     pub grace_secs: u64,
 }
 
+/// The federation (级联) view: the link to the parent hub, the child hubs
+/// enrolled here, and every feed at every hub below with its lag.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FederationView {
+    /// The link to the parent hub, when `[upstream]` is configured.
+    pub upstream: Option<UpstreamStatus>,
+    pub children: Vec<ChildStatus>,
+    /// [`HubStatus::tree_rows`]: depth first, each feed with its lag
+    /// against the level above.
+    pub tree: Vec<TreeRow>,
+    /// The feeds this hub holds (`DEPT:RES`), whose pages can be linked.
+    #[serde(skip)]
+    pub here: BTreeSet<String>,
+}
+
+impl FederationView {
+    pub fn of(status: &HubStatus) -> FederationView {
+        FederationView {
+            upstream: status.upstream.clone(),
+            children: status.children.clone(),
+            tree: status.tree_rows(),
+            here: status
+                .departments
+                .iter()
+                .flat_map(|d| d.resources.iter().map(|r| r.feed.clone()))
+                .collect(),
+        }
+    }
+
+    /// Neither a parent nor a child hub: this hub is not federated.
+    pub fn is_empty(&self) -> bool {
+        self.upstream.is_none() && self.children.is_empty()
+    }
+}
+
 /// The audit log's filters (query string of `/audit` and `/api/v1/audit`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditQuery {
@@ -336,5 +373,154 @@ impl AuditQuery {
             .as_deref()
             .is_none_or(|q| q.is_empty() || e.detail.contains(q));
         kind_ok && feed_ok && q_ok
+    }
+}
+
+/// A federated hub's status built by hand, for the page and metrics tests.
+#[cfg(test)]
+pub(crate) mod example {
+    use shuyuan_protocol::federation::{FeedReport, HubReport};
+    use shuyuan_protocol::{NodeKey, UnixMillis};
+
+    use crate::status::{ChildStatus, DepartmentStatus, HubStatus, ResourceEntry};
+    use crate::store::verify::Verdict;
+    use crate::upstream::{ForwardState, UpstreamStatus};
+
+    pub const NOW: UnixMillis = UnixMillis(1_800_000_000_000);
+    /// The feed this hub and both hubs below hold.
+    pub const FEED: &str = "D1:101001/00003";
+    /// The feed the child hub keeps (不予共享).
+    pub const SECRET: &str = "D1:101001/00009";
+
+    pub fn key(seed: u8) -> String {
+        NodeKey::from_seed([seed; 32]).id().to_string()
+    }
+
+    fn report(seed: u8, name: &str, seq: u64, children: Vec<HubReport>) -> HubReport {
+        let feed = |f: &str| f.parse().unwrap();
+        HubReport {
+            hub: Some(NodeKey::from_seed([seed; 32]).id()),
+            name: name.to_string(),
+            at: NOW,
+            feeds: vec![
+                FeedReport {
+                    feed: feed(FEED),
+                    last_seq: seq,
+                    last_batch_received_at: Some(UnixMillis(NOW.0 - 3_000)),
+                    forwarded: true,
+                    held: String::new(),
+                },
+                FeedReport {
+                    feed: feed(SECRET),
+                    last_seq: 4,
+                    last_batch_received_at: None,
+                    forwarded: false,
+                    held: "not shared (不予共享)".to_string(),
+                },
+            ],
+            agents_online: Vec::new(),
+            children,
+        }
+    }
+
+    /// A city hub holding `FEED` at #7, connected to its parent (which
+    /// holds #5 of it), with a county below holding #9 and a town below
+    /// the county holding #10; a second county never connected.
+    pub fn status() -> HubStatus {
+        let town = report(3, "乡镇平台", 10, Vec::new());
+        let county = report(2, "<script>alert(1)</script>", 9, vec![town]);
+        let resource = ResourceEntry {
+            resource: "101001/00003".to_string(),
+            feed: FEED.to_string(),
+            table: Some("people".to_string()),
+            schema_version: 1,
+            connected: true,
+            update_cycle: None,
+            freshness: "unknown".to_string(),
+            fresh_until: None,
+            last_seq: 7,
+            rows: 12,
+            batches_applied: 7,
+            changes_applied: 30,
+            last_batch_received_at: Some(UnixMillis(NOW.0 - 7_000)),
+            last_change_at: None,
+            last_zero_update: None,
+            rejected: 0,
+            last_rejection: None,
+            signer: None,
+            resync: None,
+            verdict: Verdict::Unverified,
+            verification: None,
+        };
+        HubStatus {
+            running: true,
+            software: "shuyuan 0.1".to_string(),
+            name: "市平台".to_string(),
+            node: key(1),
+            listen: None,
+            started_at: None,
+            departments: vec![DepartmentStatus {
+                code: "D1".to_string(),
+                name: "民政局".to_string(),
+                agents: Vec::new(),
+                resources: vec![resource],
+            }],
+            handshakes_refused: 0,
+            audit_entries: 0,
+            recent_audit: Vec::new(),
+            upstream: Some(UpstreamStatus {
+                parent: key(9),
+                address: "10.0.0.1:7700".to_string(),
+                link: "connected".to_string(),
+                since: Some(UnixMillis(NOW.0 - 60_000)),
+                detail: None,
+                parent_software: Some("shuyuan 0.1".to_string()),
+                feeds: vec![
+                    ForwardState {
+                        feed: FEED.to_string(),
+                        head: 7,
+                        acked: Some(5),
+                        held: None,
+                    },
+                    ForwardState {
+                        feed: "D1:101001/00008".to_string(),
+                        head: 3,
+                        acked: None,
+                        held: Some("excluded by upstream.exclude".to_string()),
+                    },
+                ],
+                rejections: 2,
+                last_rejection: Some("#6 bad signature <forged>".to_string()),
+                catalog_error: Some("catalog of D1 refused".to_string()),
+            }),
+            children: vec![
+                ChildStatus {
+                    key: key(2),
+                    code: "330902".to_string(),
+                    name: "<script>alert(1)</script>".to_string(),
+                    enrolled_at: UnixMillis(NOW.0 - 86_400_000),
+                    connected: true,
+                    connected_since: Some(UnixMillis(NOW.0 - 30_000)),
+                    remote: Some("10.0.0.2:51000".to_string()),
+                    software: Some("shuyuan 0.1".to_string()),
+                    departments: vec!["D1".to_string()],
+                    feeds: vec![FEED.to_string()],
+                    tree: Some(county),
+                },
+                ChildStatus {
+                    key: key(4),
+                    code: "330903".to_string(),
+                    name: "普陀区".to_string(),
+                    enrolled_at: UnixMillis(NOW.0 - 86_400_000),
+                    connected: false,
+                    connected_since: None,
+                    remote: None,
+                    software: None,
+                    departments: Vec::new(),
+                    feeds: Vec::new(),
+                    tree: None,
+                },
+            ],
+        }
     }
 }
