@@ -108,11 +108,13 @@ pub fn check_registration(
                     ..
                 },
             ..
-        }) if via == *child => {
-            if r == registration {
-                return Ok(None);
-            }
-        }
+        }) if via == *child && r == registration => return Ok(None),
+        // A newer registration of the same key (renamed): checked and
+        // recorded again below.
+        Some(Enrollment {
+            kind: NodeKind::Below { via, .. },
+            ..
+        }) if via == *child => {}
         Some(Enrollment {
             kind: NodeKind::Below { via, .. },
             ..

@@ -144,6 +144,32 @@ enum SessionError {
     Stopping,
 }
 
+/// Accepts the connection's stream and reads its first message, each
+/// within [`HELLO_TIMEOUT`].
+async fn greeting(
+    conn: &Connection,
+) -> Result<(SendStream, RecvStream, Option<Message>), SessionError> {
+    let opened = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await;
+    let (send, mut recv) = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(QuicError::Connection(e).into()),
+        Err(_) => return Err(SessionError::Refused("no stream opened".into())),
+    };
+    match tokio::time::timeout(HELLO_TIMEOUT, quic::read_message(&mut recv)).await {
+        Ok(Ok(first)) => Ok((send, recv, first)),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(SessionError::Refused("no greeting".into())),
+    }
+}
+
+/// The name of a connection's first message, for a refusal.
+fn first_name(m: &Option<Message>) -> &'static str {
+    match m {
+        Some(Message::V1(m)) => m.name(),
+        None => "the end of the stream",
+    }
+}
+
 async fn session(
     ingest: &Ingest,
     conn: &Connection,
@@ -152,26 +178,19 @@ async fn session(
     remote: std::net::SocketAddr,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let opened = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await;
-    let (mut send, mut recv) = match opened {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(QuicError::Connection(e).into()),
-        Err(_) => return Err(SessionError::Refused("no stream opened".into())),
-    };
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, quic::read_message(&mut recv)).await {
-        Ok(Ok(Some(Message::V1(MessageV1::Hello(h))))) => h,
-        Ok(Ok(other)) => {
+    let (mut send, recv, first) = greeting(conn).await?;
+    let hello = match first {
+        Some(Message::V1(MessageV1::Hello(h))) => h,
+        other => {
             return Err(refuse_connection(
                 ingest,
                 conn,
                 &mut send,
                 peer,
-                format!("expected Hello, got {other:?}"),
+                format!("expected Hello, got {}", first_name(&other)),
             )
             .await);
         }
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Err(SessionError::Refused("no Hello".into())),
     };
     if hello.department != enrollment.department {
         let detail = format!(
@@ -224,32 +243,22 @@ async fn child_session(
     remote: std::net::SocketAddr,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let opened = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await;
-    let (mut send, mut recv) = match opened {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(QuicError::Connection(e).into()),
-        Err(_) => return Err(SessionError::Refused("no stream opened".into())),
-    };
-    let hello = match tokio::time::timeout(HELLO_TIMEOUT, quic::read_message(&mut recv)).await {
-        Ok(Ok(Some(Message::V1(MessageV1::HubHello(h))))) => h,
-        Ok(Ok(other)) => {
-            let what = match &other {
-                Some(Message::V1(m)) => m.name(),
-                None => "the end of the stream",
-            };
+    let (mut send, recv, first) = greeting(conn).await?;
+    let hello = match first {
+        Some(Message::V1(MessageV1::HubHello(h))) => h,
+        other => {
             return Err(refuse_connection(
                 ingest,
                 conn,
                 &mut send,
                 peer,
                 format!(
-                    "key {peer} is enrolled as a child hub, but it sent {what} instead of HubHello"
+                    "key {peer} is enrolled as a child hub, but it sent {} instead of HubHello",
+                    first_name(&other)
                 ),
             )
             .await);
         }
-        Ok(Err(e)) => return Err(e.into()),
-        Err(_) => return Err(SessionError::Refused("no HubHello".into())),
     };
     ingest
         .store
