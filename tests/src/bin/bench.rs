@@ -15,9 +15,13 @@
 //! The admin console, API and metrics scrape with 200 departments and
 //! 2,000 feeds in the store (`console`).
 //!
+//! Federation (`federation`): the latency from a change at the source to
+//! each level of a district -> city -> province chain of hubs, and rows per
+//! second through a middle hub against straight into one.
+//!
 //! Run with `./bench.sh` (builds release binaries first; `./bench.sh feeds`,
-//! `./bench.sh catalog`, `./bench.sh pg`, `./bench.sh digest` or
-//! `./bench.sh console` runs one
+//! `./bench.sh catalog`, `./bench.sh pg`, `./bench.sh digest`,
+//! `./bench.sh console` or `./bench.sh federation` runs one
 //! part). Prints Markdown tables for BENCHMARKS.md.
 
 use std::path::{Path, PathBuf};
@@ -74,12 +78,17 @@ enum What {
     Digest(digest::DigestArgs),
     /// The admin console, JSON API and metrics scrape with 200 departments and 2,000 feeds in the store
     Console(console::ConsoleArgs),
+    /// Federation: latency from a source change to the top hub through one,
+    /// two and three levels; throughput through a middle hub.
+    Federation(federation::FederationArgs),
 }
 
 #[path = "../bench/console.rs"]
 mod console;
 #[path = "../bench/digest.rs"]
 mod digest;
+#[path = "../bench/federation.rs"]
+mod federation;
 
 #[derive(Debug, clap::Args)]
 struct PgArgs {
@@ -147,6 +156,7 @@ fn main() -> Result<()> {
         Some(What::Pg(args)) => postgres(&dir, &args),
         Some(What::Digest(args)) => digest::run(&dir, &args),
         Some(What::Console(args)) => console::run(&dir, &args),
+        Some(What::Federation(args)) => federation::run(&dir, &args),
         None => {
             feeds(
                 &dir,
