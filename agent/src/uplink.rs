@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use quinn::{ConnectionError, Endpoint, ReadError, WriteError};
+use quinn::{ConnectionError, Endpoint};
+use shuyuan_protocol::link::{self, WelcomeError};
 use shuyuan_protocol::message::{
     AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, VerifyRefusal,
 };
@@ -32,9 +33,6 @@ use crate::status::{LinkState, StatusBoard};
 
 /// Batches per feed sent ahead of the hub's acks.
 pub const MAX_IN_FLIGHT: u64 = 32;
-/// First reconnect delay; doubles up to [`BACKOFF_MAX`].
-pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How often the agent reports its backlog to the hub.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the hub may take to answer `Hello` or the handshake.
@@ -74,10 +72,45 @@ pub struct Uplink {
     pub catalog: Catalog,
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// One uplink connection attempt after another (see [`link::keep_connected`]).
+struct Link<'a> {
+    uplink: &'a Uplink,
+    client: quinn::ClientConfig,
+    cancel: &'a CancellationToken,
+}
+
+impl link::Session for Link<'_> {
+    type Error = SessionError;
+
+    async fn session(
+        &self,
+        endpoint: &mut Option<quinn::Endpoint>,
+        established: &mut bool,
+    ) -> Result<(), SessionError> {
+        self.uplink.set_link(LinkState::Connecting, None);
+        self.uplink
+            .session(&self.client, endpoint, self.cancel, established)
+            .await
+    }
+
+    fn failed(&self, e: &SessionError, news: bool) {
+        let text = e.to_string();
+        let auth = matches!(e, SessionError::Auth(_));
+        self.uplink.set_link(
+            if auth {
+                LinkState::AuthenticationFailed
+            } else {
+                LinkState::Disconnected
+            },
+            Some(text.clone()),
+        );
+        if news {
+            if auth || matches!(e, SessionError::Chain(_)) {
+                tracing::error!(error = %text, "hub connection failed");
+            } else {
+                tracing::warn!(error = %text, "hub connection lost; reconnecting with backoff");
+            }
+        }
     }
 }
 
@@ -92,51 +125,12 @@ impl Uplink {
                 return;
             }
         };
-        let mut endpoint: Option<Endpoint> = None;
-        let mut backoff = BACKOFF_MIN;
-        let mut last_error = String::new();
-        while !cancel.is_cancelled() {
-            self.set_link(LinkState::Connecting, None);
-            let mut established = false;
-            let result = self
-                .session(&client, &mut endpoint, &cancel, &mut established)
-                .await;
-            if established {
-                backoff = BACKOFF_MIN;
-            }
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    let text = e.to_string();
-                    let auth = matches!(e, SessionError::Auth(_));
-                    self.set_link(
-                        if auth {
-                            LinkState::AuthenticationFailed
-                        } else {
-                            LinkState::Disconnected
-                        },
-                        Some(text.clone()),
-                    );
-                    if text != last_error || established {
-                        if auth || matches!(e, SessionError::Chain(_)) {
-                            tracing::error!(error = %text, "hub connection failed");
-                        } else {
-                            tracing::warn!(error = %text, "hub connection lost; reconnecting with backoff");
-                        }
-                    }
-                    last_error = text;
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-        if let Some(ep) = endpoint {
-            ep.close(0u32.into(), b"agent stopping");
-            ep.wait_idle().await;
-        }
+        let link = Link {
+            uplink: &self,
+            client,
+            cancel: &cancel,
+        };
+        link::keep_connected(&link, &cancel).await;
     }
 
     /// Records the link state. `since` is when the link last went up or
@@ -183,10 +177,10 @@ impl Uplink {
     }
 
     fn quic_error(&self, e: QuicError) -> SessionError {
+        if let Some(c) = link::lost_connection(&e) {
+            return self.connection_error(c);
+        }
         match e {
-            QuicError::Connection(c)
-            | QuicError::Read(ReadError::ConnectionLost(c))
-            | QuicError::Write(WriteError::ConnectionLost(c)) => self.connection_error(&c),
             QuicError::Frame(f) => SessionError::Protocol(f.to_string()),
             other => SessionError::Lost(other.to_string()),
         }
@@ -226,32 +220,16 @@ impl Uplink {
         quic::write_message(&mut send, &MessageV1::Hello(hello).into())
             .await
             .map_err(|e| self.quic_error(e))?;
-        let welcome =
-            match tokio::time::timeout(ANSWER_TIMEOUT, quic::read_message(&mut recv)).await {
-                Err(_) => {
-                    return Err(SessionError::Protocol(
-                        "the hub did not answer Hello".into(),
-                    ));
-                }
-                Ok(Err(e)) => return Err(self.quic_error(e)),
-                Ok(Ok(None)) => {
-                    return Err(SessionError::Protocol(
-                        "the hub closed the stream after Hello".into(),
-                    ));
-                }
-                Ok(Ok(Some(Message::V1(MessageV1::Welcome(w))))) => w,
-                Ok(Ok(Some(Message::V1(MessageV1::Reject(r))))) => {
-                    return Err(SessionError::Auth(format!(
-                        "the hub refused this agent: {} ({})",
-                        r.detail, r.reason
-                    )));
-                }
-                Ok(Ok(Some(other))) => {
-                    return Err(SessionError::Protocol(format!(
-                        "expected Welcome, got {other:?}"
-                    )));
-                }
-            };
+        let welcome = link::read_welcome(&mut recv, ANSWER_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                WelcomeError::Quic(e) => self.quic_error(e),
+                WelcomeError::Refused(r) => SessionError::Auth(format!(
+                    "the hub refused this agent: {} ({})",
+                    r.detail, r.reason
+                )),
+                other => SessionError::Protocol(format!("answering Hello: {other}")),
+            })?;
         self.check_chains(&welcome.feeds)?;
         let local = self.outbox.feeds()?;
         let (mut window, prune) = SendWindow::start(
@@ -278,18 +256,7 @@ impl Uplink {
         let (refusals_tx, mut refusals_rx) = mpsc::unbounded_channel::<VerifyRefusal>();
         self.send_catalog(&mut send).await?;
 
-        // The reader only ever holds acks and rejections for batches the
-        // window let out, so its queue is bounded by the window.
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let _reader = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let m = quic::read_message(&mut recv).await;
-                let end = !matches!(m, Ok(Some(_)));
-                if tx.send(m).is_err() || end {
-                    break;
-                }
-            }
-        }));
+        let (_reader, mut rx) = link::spawn_reader(recv);
         let mut report = tokio::time::interval(REPORT_INTERVAL);
         loop {
             let now = UnixMillis::now();

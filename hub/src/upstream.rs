@@ -1,6 +1,7 @@
 //! The upstream link: this hub as a client of its parent hub (区县平台向上级联).
 //!
-//! It dials the parent with its own key ([`quic::dial`], as an agent does),
+//! It dials the parent with its own key ([`quic::dial`]) and stays connected
+//! ([`link::keep_connected`]) as an agent's uplink does,
 //! says `HubHello` with the feeds its share policy lets leave, learns the
 //! parent's durable head of each (`Welcome`), checks that the parent's chain
 //! is the one stored here, and then streams the stored batches, exactly as
@@ -20,15 +21,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use quinn::{ConnectionError, ReadError, WriteError};
+use quinn::ConnectionError;
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::catalog::doc::{CatalogError, Sender};
 use shuyuan_protocol::federation::{FeedReport, HubHello, HubReport};
+use shuyuan_protocol::link::{self, WelcomeError};
 use shuyuan_protocol::message::{CatalogSync, FeedPosition, Reject};
 use shuyuan_protocol::quic::{self, DialError, QuicError};
 use shuyuan_protocol::window::{SendWindow, WindowError};
 use shuyuan_protocol::{DepartmentCode, FeedId, Message, MessageV1, NodeKey, UnixMillis};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{HubCatalog, HubCatalogError};
@@ -40,9 +42,6 @@ use crate::store::{Store, StoreError};
 
 /// Batches per feed sent ahead of the parent's acks.
 pub const MAX_IN_FLIGHT: u64 = 64;
-/// First reconnect delay; doubles up to [`BACKOFF_MAX`].
-pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long the parent may take to answer the handshake or `HubHello`.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the subtree report goes up.
@@ -129,10 +128,41 @@ struct Plan {
     report: Vec<FeedReport>,
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// One connection attempt to the parent after another (see
+/// [`link::keep_connected`]).
+struct Link<'a> {
+    upstream: &'a Upstream,
+    client: quinn::ClientConfig,
+    cancel: &'a CancellationToken,
+}
+
+impl link::Session for Link<'_> {
+    type Error = LinkError;
+
+    async fn session(
+        &self,
+        endpoint: &mut Option<quinn::Endpoint>,
+        established: &mut bool,
+    ) -> Result<(), LinkError> {
+        self.upstream
+            .session(&self.client, endpoint, self.cancel, established)
+            .await
+    }
+
+    fn failed(&self, e: &LinkError, news: bool) {
+        let text = e.to_string();
+        let auth = matches!(e, LinkError::Auth(_));
+        self.upstream.set_link(
+            if auth { "refused" } else { "disconnected" },
+            Some(text.clone()),
+        );
+        if news {
+            if auth || matches!(e, LinkError::Chain(_)) {
+                tracing::error!(error = %text, "upstream link failed");
+            } else {
+                tracing::warn!(error = %text, "upstream link lost; reconnecting with backoff");
+            }
+        }
     }
 }
 
@@ -148,46 +178,12 @@ impl Upstream {
                 return;
             }
         };
-        let mut endpoint = None;
-        let mut backoff = BACKOFF_MIN;
-        let mut last_error = String::new();
-        while !cancel.is_cancelled() {
-            let mut established = false;
-            let result = self
-                .session(&client, &mut endpoint, &cancel, &mut established)
-                .await;
-            if established {
-                backoff = BACKOFF_MIN;
-            }
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    let text = e.to_string();
-                    let auth = matches!(e, LinkError::Auth(_));
-                    self.set_link(
-                        if auth { "refused" } else { "disconnected" },
-                        Some(text.clone()),
-                    );
-                    if text != last_error || established {
-                        if auth || matches!(e, LinkError::Chain(_)) {
-                            tracing::error!(error = %text, "upstream link failed");
-                        } else {
-                            tracing::warn!(error = %text, "upstream link lost; reconnecting with backoff");
-                        }
-                    }
-                    last_error = text;
-                }
-            }
-            tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-        if let Some(ep) = endpoint {
-            ep.close(0u32.into(), b"hub stopping");
-            let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
-        }
+        let link = Link {
+            upstream: &self,
+            client,
+            cancel: &cancel,
+        };
+        link::keep_connected(&link, &cancel).await;
     }
 
     fn board(&self) -> std::sync::MutexGuard<'_, UpstreamStatus> {
@@ -234,10 +230,10 @@ impl Upstream {
     }
 
     fn quic_error(&self, e: QuicError) -> LinkError {
+        if let Some(c) = link::lost_connection(&e) {
+            return self.connection_error(c);
+        }
         match e {
-            QuicError::Connection(c)
-            | QuicError::Read(ReadError::ConnectionLost(c))
-            | QuicError::Write(WriteError::ConnectionLost(c)) => self.connection_error(&c),
             QuicError::Frame(f) => LinkError::Protocol(f.to_string()),
             other => LinkError::Lost(other.to_string()),
         }
@@ -382,33 +378,16 @@ impl Upstream {
             feeds: plan.forward.keys().cloned().collect(),
         };
         self.send(&mut send, MessageV1::HubHello(hello)).await?;
-        let welcome =
-            match tokio::time::timeout(ANSWER_TIMEOUT, quic::read_message(&mut recv)).await {
-                Err(_) => {
-                    return Err(LinkError::Protocol(
-                        "the parent did not answer HubHello".into(),
-                    ));
-                }
-                Ok(Err(e)) => return Err(self.quic_error(e)),
-                Ok(Ok(Some(Message::V1(MessageV1::Welcome(w))))) => w,
-                Ok(Ok(Some(Message::V1(MessageV1::Reject(r))))) => {
-                    return Err(LinkError::Auth(format!(
-                        "the parent hub refused this hub: {} ({})",
-                        r.detail, r.reason
-                    )));
-                }
-                Ok(Ok(Some(Message::V1(other)))) => {
-                    return Err(LinkError::Protocol(format!(
-                        "expected Welcome, got {}",
-                        other.name()
-                    )));
-                }
-                Ok(Ok(None)) => {
-                    return Err(LinkError::Protocol(
-                        "the parent closed the stream after HubHello".into(),
-                    ));
-                }
-            };
+        let welcome = link::read_welcome(&mut recv, ANSWER_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                WelcomeError::Quic(e) => self.quic_error(e),
+                WelcomeError::Refused(r) => LinkError::Auth(format!(
+                    "the parent hub refused this hub: {} ({})",
+                    r.detail, r.reason
+                )),
+                other => LinkError::Protocol(format!("answering HubHello: {other}")),
+            })?;
         self.check_chains(&welcome.feeds)?;
         let heads = plan.forward.clone();
         let (mut window, _) = SendWindow::start(
@@ -439,16 +418,7 @@ impl Upstream {
             .await?;
         self.show(&plan, Some(&window));
 
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let _reader = AbortOnDrop(tokio::spawn(async move {
-            loop {
-                let m = quic::read_message(&mut recv).await;
-                let end = !matches!(m, Ok(Some(_)));
-                if tx.send(m).is_err() || end {
-                    break;
-                }
-            }
-        }));
+        let (_reader, mut rx) = link::spawn_reader(recv);
         let mut commits = self.store.commits();
         let mut announced: BTreeSet<FeedId> = BTreeSet::new();
         let mut tick = tokio::time::interval(REPORT_INTERVAL);

@@ -22,6 +22,8 @@ pub mod federation;
 pub mod feed;
 pub mod frame;
 pub mod identity;
+#[cfg(feature = "quic")]
+pub mod link;
 pub mod message;
 #[cfg(feature = "quic")]
 pub mod quic;
