@@ -40,9 +40,11 @@ impl FeedCursor {
         last_hash: BatchHash::GENESIS,
     };
 
-    /// The sequence number the next batch must have.
+    /// The sequence number the next batch must have. A head at `u64::MAX`
+    /// has none: this saturates (so "resend from" stays a number) and
+    /// [`Self::check`] refuses every batch at such a head.
     pub fn next_seq(&self) -> u64 {
-        self.last_seq + 1
+        self.last_seq.saturating_add(1)
     }
 
     /// Decides whether a batch with `seq`, linking to `prev` and hashing to
@@ -56,17 +58,15 @@ impl FeedCursor {
         hash: BatchHash,
         accepted: impl FnOnce(u64) -> Option<BatchHash>,
     ) -> Result<(), ChainError> {
-        if seq == self.next_seq() {
+        let next = self.last_seq.checked_add(1);
+        if Some(seq) == next {
             if prev == self.last_hash {
                 Ok(())
             } else {
                 Err(ChainError::Fork { seq })
             }
-        } else if seq > self.next_seq() {
-            Err(ChainError::Gap {
-                expected: self.next_seq(),
-                got: seq,
-            })
+        } else if let Some(expected) = next.filter(|&n| seq > n) {
+            Err(ChainError::Gap { expected, got: seq })
         } else if accepted(seq) == Some(hash) {
             Err(ChainError::Replay { seq })
         } else {
@@ -111,6 +111,31 @@ mod tests {
         assert_eq!(
             c.check(1, BatchHash::GENESIS, h2, |_| Some(h1)),
             Err(ChainError::Fork { seq: 1 })
+        );
+    }
+
+    /// Found by the `batch_verify` fuzz target: a head at the last sequence
+    /// number overflowed computing the next one (a panic with overflow
+    /// checks, a wrap to 0 without). Nothing extends such a head.
+    #[test]
+    fn a_head_at_the_last_sequence_number_is_not_extended() {
+        let h = BatchHash([1; 32]);
+        let head = FeedCursor {
+            last_seq: u64::MAX,
+            last_hash: h,
+        };
+        assert_eq!(head.next_seq(), u64::MAX);
+        assert_eq!(
+            head.check(u64::MAX, h, h, |_| Some(h)),
+            Err(ChainError::Replay { seq: u64::MAX })
+        );
+        assert_eq!(
+            head.check(u64::MAX, h, h, |_| None),
+            Err(ChainError::Fork { seq: u64::MAX })
+        );
+        assert_eq!(
+            head.check(5, h, h, |_| None),
+            Err(ChainError::Fork { seq: 5 })
         );
     }
 }

@@ -33,6 +33,11 @@ pub enum IdentityError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "key file {path} has mode {mode:04o}: other users can read or change it; \
+         run `chmod 600 {path}` (the key must be readable by its owner only)"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
     #[error("key file {path} is not an ed25519 PKCS#8 PEM private key: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("cannot encode the key: {0}")]
@@ -83,6 +88,12 @@ impl NodeKey {
         self.0.sign(&buf)
     }
 
+    /// A 32-byte secret for `context`, derived from this key: stable across
+    /// restarts, and revealing nothing about the key itself.
+    pub fn derive_secret(&self, context: &str) -> [u8; 32] {
+        blake3::derive_key(context, self.0.as_bytes())
+    }
+
     /// The private key as PKCS#8 DER (what rustls and rcgen take).
     pub fn to_pkcs8_der(&self) -> Result<Vec<u8>, IdentityError> {
         let doc = self
@@ -92,8 +103,10 @@ impl NodeKey {
         Ok(doc.as_bytes().to_vec())
     }
 
-    /// Reads a PKCS#8 PEM key file.
+    /// Reads a PKCS#8 PEM key file, refusing one that users other than its
+    /// owner could read or replace: a leaked key lets anyone sign as the node.
     pub fn load(path: &Path) -> Result<Self, IdentityError> {
+        refuse_exposed(path)?;
         let pem = fs::read_to_string(path).map_err(|source| IdentityError::Read {
             path: path.to_owned(),
             source,
@@ -141,6 +154,28 @@ impl NodeKey {
         key.save_new(path)?;
         Ok((key, true))
     }
+}
+
+#[cfg(unix)]
+fn refuse_exposed(path: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).map_err(|source| IdentityError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn refuse_exposed(_path: &Path) -> Result<(), IdentityError> {
+    Ok(())
 }
 
 /// A node's public key, which is its identity. Binary encodings carry the
@@ -307,7 +342,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.key");
         fs::write(&path, "not a key").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        }
         let err = NodeKey::load(&path).unwrap_err().to_string();
         assert!(err.contains("bad.key") && err.contains("PKCS#8"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        NodeKey::from_seed([3; 32]).save_new(&path).unwrap();
+        for mode in [0o640, 0o604, 0o660, 0o666] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            let err = NodeKey::load(&path).unwrap_err().to_string();
+            assert!(
+                err.contains("node.key")
+                    && err.contains(&format!("{mode:04o}"))
+                    && err.contains("chmod 600"),
+                "{err}"
+            );
+        }
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
+        assert_eq!(
+            NodeKey::load(&path).unwrap().id(),
+            NodeKey::from_seed([3; 32]).id()
+        );
     }
 }

@@ -27,6 +27,7 @@ pub mod link;
 pub mod message;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod rotation;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod time;

@@ -32,6 +32,7 @@ use crate::chain::FeedCursor;
 use crate::digest::KeyRange;
 use crate::federation::{HubHello, HubReport, Registration};
 use crate::feed::{DepartmentCode, FeedId, ResourceCode};
+use crate::rotation::{KeyRotated, KeyRotation};
 use crate::time::UnixMillis;
 
 /// The TLS application protocol of this generation of the feed protocol.
@@ -65,6 +66,10 @@ pub enum MessageV1 {
     Registration(Registration),
     /// A child hub's subtree, for the parent's console and loop check.
     Tree(HubReport),
+    /// An agent announces its next key, signed by both keys.
+    KeyRotation(KeyRotation),
+    /// The hub recorded the rotation.
+    KeyRotated(KeyRotated),
 }
 
 /// The agent cannot answer a verification request (the connector cannot
@@ -156,6 +161,8 @@ impl MessageV1 {
             MessageV1::Feeds(_) => "Feeds",
             MessageV1::Registration(_) => "Registration",
             MessageV1::Tree(_) => "Tree",
+            MessageV1::KeyRotation(_) => "KeyRotation",
+            MessageV1::KeyRotated(_) => "KeyRotated",
         }
     }
 }

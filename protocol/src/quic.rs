@@ -112,7 +112,39 @@ pub fn peer_id(connection: &quinn::Connection) -> Option<NodeId> {
     certificate_key(certs.first()?).ok()
 }
 
+/// The hub's flow-control window per feed stream and per connection: how
+/// much a peer may send before the hub has read it. One window bounds what
+/// a connection can make the hub buffer in QUIC, whatever the peer does, so
+/// `max_connections` times this is the transport's share of the hub's
+/// memory. A 16 MiB batch still passes; it just takes several window
+/// updates.
+pub const SERVER_RECEIVE_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// Streams a client may open on one connection: the feed stream. Further
+/// streams are refused by QUIC flow control, so a peer cannot make the hub
+/// hold state for streams nobody reads.
+pub const SERVER_MAX_STREAMS: u32 = 1;
+
+/// Connection attempts the hub's endpoint holds before the accept loop has
+/// seen them; beyond it quinn refuses at once.
+pub const SERVER_MAX_INCOMING: usize = 4096;
+
 fn transport() -> Arc<TransportConfig> {
+    Arc::new(base_transport())
+}
+
+/// The hub side: smaller windows (many connections share one process) and
+/// only the one bidirectional stream the protocol uses.
+fn server_transport() -> Arc<TransportConfig> {
+    let mut t = base_transport();
+    t.stream_receive_window(VarInt::from_u32(SERVER_RECEIVE_WINDOW));
+    t.receive_window(VarInt::from_u32(SERVER_RECEIVE_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(SERVER_MAX_STREAMS));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    Arc::new(t)
+}
+
+fn base_transport() -> TransportConfig {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(quinn::IdleTimeout::from(VarInt::from_u32(
@@ -122,7 +154,7 @@ fn transport() -> Arc<TransportConfig> {
     t.stream_receive_window(VarInt::from_u32(8 * 1024 * 1024));
     t.receive_window(VarInt::from_u32(16 * 1024 * 1024));
     t.send_window(16 * 1024 * 1024);
-    Arc::new(t)
+    t
 }
 
 /// Server configuration: presents `key`'s certificate, requires a client
@@ -142,11 +174,97 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![cert], private)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No session resumption: a resumed session skips the client
+    // certificate, and with it `policy`, so a key revoked or withdrawn
+    // since its last connection could come back in.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| QuicError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    config.transport_config(transport());
+    config.transport_config(server_transport());
+    config.max_incoming(SERVER_MAX_INCOMING);
     Ok(config)
+}
+
+/// The key QUIC's stateless resets are made with, derived from the node
+/// key. A restarted hub then answers packets of connections it no longer
+/// knows with a reset the peer accepts, and agents reconnect at once
+/// instead of waiting out the idle timeout.
+struct ResetKey([u8; 32]);
+
+impl quinn::crypto::HmacKey for ResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        let n = signature_out.len().min(32);
+        signature_out[..n].copy_from_slice(&mac.as_bytes()[..n]);
+    }
+
+    fn signature_len(&self) -> usize {
+        32
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let given: [u8; 32] = signature
+            .try_into()
+            .map_err(|_| quinn::crypto::CryptoError)?;
+        // `blake3::Hash` compares in constant time.
+        if blake3::keyed_hash(&self.0, data) == blake3::Hash::from(given) {
+            Ok(())
+        } else {
+            Err(quinn::crypto::CryptoError)
+        }
+    }
+}
+
+/// Random 8-byte connection ids that any instance of the hub takes for
+/// its own. quinn's default ids carry a check keyed per process, so a
+/// restarted hub would drop its old connections' packets as invalid
+/// instead of resetting them.
+struct RandomIds;
+
+impl quinn::ConnectionIdGenerator for RandomIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; 8];
+        if getrandom::fill(&mut id).is_err() {
+            // Ids need only be unpredictable enough not to collide.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            id = blake3::hash(&t.as_nanos().to_le_bytes()).as_bytes()[..8]
+                .try_into()
+                .unwrap_or_default();
+        }
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// A server endpoint on `addr` whose stateless resets survive restarts
+/// (the reset key is derived from the node key).
+pub fn server_endpoint(
+    key: &NodeKey,
+    config: quinn::ServerConfig,
+    addr: SocketAddr,
+) -> std::io::Result<quinn::Endpoint> {
+    let reset = ResetKey(key.derive_secret("shuyuan 2026 quic stateless reset v1"));
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    let mut endpoint = quinn::EndpointConfig::new(Arc::new(reset));
+    endpoint.cid_generator(|| Box::new(RandomIds));
+    quinn::Endpoint::new(
+        endpoint,
+        Some(config),
+        std::net::UdpSocket::bind(addr)?,
+        runtime,
+    )
 }
 
 /// Client configuration: presents `key`'s certificate and accepts only a
@@ -381,6 +499,17 @@ pub async fn write_message(send: &mut SendStream, message: &Message) -> Result<(
 /// cleanly between frames. The length is checked before the payload buffer
 /// is allocated.
 pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, QuicError> {
+    match read_prefix(recv).await? {
+        Some(len) => Ok(Some(read_payload(recv, len).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Reads a frame's length prefix, refusing lengths over the limit;
+/// `Ok(None)` when the peer finished the stream cleanly between frames.
+/// A reader that accounts for memory reserves the length before it reads
+/// the payload with [`read_payload`].
+pub async fn read_prefix(recv: &mut RecvStream) -> Result<Option<usize>, QuicError> {
     let mut prefix = [0u8; LENGTH_PREFIX];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -388,14 +517,18 @@ pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>, Quic
         Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(QuicError::Truncated),
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    let len = frame::payload_len(prefix)?;
+    Ok(Some(frame::payload_len(prefix)?))
+}
+
+/// Reads and decodes the `len`-byte payload that follows a prefix.
+pub async fn read_payload(recv: &mut RecvStream, len: usize) -> Result<Message, QuicError> {
     let mut payload = vec![0u8; len];
     match recv.read_exact(&mut payload).await {
         Ok(()) => {}
         Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(QuicError::Truncated),
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    Ok(Some(frame::decode_payload(&payload)?))
+    Ok(frame::decode_payload(&payload)?)
 }
 
 /// What went wrong with a connection, in words for an operator. TLS alerts

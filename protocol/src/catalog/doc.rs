@@ -504,10 +504,12 @@ impl CatalogDoc {
         let actor = self.doc.get_actor().clone();
         let mut trial = self.doc.fork();
         let mut trial_state = state.clone();
-        trial
-            .sync()
-            .receive_sync_message(&mut trial_state, message)?;
-        let violations = violations(&mut trial, &before, self.genesis, sender)?;
+        let violations = contained(|| {
+            trial
+                .sync()
+                .receive_sync_message(&mut trial_state, message)?;
+            violations(&mut trial, &before, self.genesis, sender)
+        })?;
         if !violations.is_empty() {
             return Err(CatalogError::NotOwner(violations));
         }
@@ -516,6 +518,19 @@ impl CatalogDoc {
         *state = trial_state;
         Ok(())
     }
+}
+
+/// Runs `apply` (which works on a trial copy) and turns a panic inside
+/// automerge into a refusal. automerge 0.12 panics on some hostile changes
+/// (found by the `catalog_change` fuzz target: incrementing a counter past
+/// `i64::MAX` overflows with overflow checks on); the trial copy is dropped,
+/// so the document and the sync state stay as they were.
+fn contained<T>(apply: impl FnOnce() -> Result<T, CatalogError>) -> Result<T, CatalogError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(apply)).unwrap_or_else(|_| {
+        Err(CatalogError::Message(
+            "automerge failed applying the changes".into(),
+        ))
+    })
 }
 
 /// What the changes of `doc` that are not in `before` write, that `sender`
@@ -738,6 +753,42 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("root"), "{err}");
+    }
+
+    /// Found by the `catalog_change` fuzz target: a department's counter
+    /// incremented past `i64::MAX` panicked inside automerge (with overflow
+    /// checks on) while the hub applied the message.
+    #[test]
+    fn a_counter_overflow_is_refused_not_a_panic() {
+        use automerge::transaction::Transactable;
+        let agent = NodeKey::from_seed([1; 32]).id();
+        let hub = NodeKey::from_seed([2; 32]).id();
+        let mut plat = CatalogDoc::new(&dept(), &hub).unwrap();
+        let mut rogue = CatalogDoc::new(&dept(), &agent).unwrap();
+        let entries = rogue.ensure_map(&ROOT, "entries").unwrap();
+        rogue
+            .doc
+            .put(&entries, "x\u{1f}n", ScalarValue::counter(i64::MAX))
+            .unwrap();
+        rogue.doc.commit();
+        sync_pair(&mut rogue, &mut plat, Sender::Platform, Sender::Department).unwrap();
+        rogue.doc.increment(&entries, "x\u{1f}n", 1).unwrap();
+        rogue.doc.commit();
+        let before = plat.heads();
+        let outcome = sync_pair(&mut rogue, &mut plat, Sender::Platform, Sender::Department);
+        if cfg!(debug_assertions) {
+            assert!(
+                matches!(&outcome, Err(CatalogError::Message(m)) if m.contains("automerge failed")),
+                "{outcome:?}"
+            );
+        }
+        if outcome.is_err() {
+            assert_eq!(
+                plat.heads(),
+                before,
+                "nothing of the refused message was applied"
+            );
+        }
     }
 
     #[test]
