@@ -18,6 +18,7 @@ pub mod live;
 pub mod peers;
 pub mod status;
 pub mod store;
+pub mod throttle;
 pub mod upstream;
 
 use std::io::Write;
@@ -89,6 +90,16 @@ pub enum ControlRequest {
     },
     Audit {
         limit: usize,
+    },
+    /// Revokes a key: the [`store::Revocation`].
+    Revoke {
+        key: String,
+        reason: String,
+    },
+    /// Checks the audit log's hash chain: a [`store::audit_chain::ChainReport`].
+    AuditVerify {
+        /// A head recorded earlier, as 64 hex digits.
+        head: Option<String>,
     },
     /// The city catalog, filtered: a list of [`CityEntry`].
     CatalogList {
@@ -267,7 +278,7 @@ impl Hub {
         let (store, writer) = Store::start(backend)?;
         let peers = Arc::new(Peers::load(store.clone())?);
         let server = quic::server_config(&key, peers.clone())?;
-        let endpoint = quinn::Endpoint::server(server, config.listen).map_err(|source| {
+        let endpoint = quic::server_endpoint(&key, server, config.listen).map_err(|source| {
             StartError::Listen {
                 addr: config.listen,
                 source,
@@ -470,6 +481,20 @@ async fn answer(
                 .write_all(format!("{}\n", serde_json::json!({ "new": new })).as_bytes())
                 .await;
         }
+        ControlRequest::Revoke { key, reason } => {
+            let key: NodeId = key.parse().map_err(|e: IdentityError| e.to_string())?;
+            let revocation = shared
+                .peers
+                .revoke(key, reason)
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::warn!(%key, reason = %revocation.reason, "key revoked");
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out
+                .write_all(&serde_json::to_vec(&revocation).unwrap_or_default())
+                .await;
+            let _ = out.write_all(b"\n").await;
+        }
         ControlRequest::Audit { limit } => {
             let entries = shared
                 .store
@@ -479,6 +504,22 @@ async fn answer(
             control::write_ok(out).await.map_err(|e| e.to_string())?;
             let _ = out
                 .write_all(&serde_json::to_vec(&entries).unwrap_or_default())
+                .await;
+            let _ = out.write_all(b"\n").await;
+        }
+        ControlRequest::AuditVerify { head } => {
+            let head = head
+                .as_deref()
+                .map(store::audit_chain::parse_head)
+                .transpose()?;
+            let report = shared
+                .store
+                .backend()
+                .audit_verify(head)
+                .map_err(|e| e.to_string())?;
+            control::write_ok(out).await.map_err(|e| e.to_string())?;
+            let _ = out
+                .write_all(&serde_json::to_vec(&report).unwrap_or_default())
                 .await;
             let _ = out.write_all(b"\n").await;
         }
@@ -608,26 +649,46 @@ async fn answer(
 }
 
 pub(crate) async fn live_status(shared: &Shared) -> Result<HubStatus, String> {
-    let city = shared.catalog.city().await.map_err(|e| e.to_string())?;
+    let store = shared.store.health();
+    let facts = || LiveFacts {
+        listen: Some(shared.local_addr.to_string()),
+        started_at: Some(shared.started_at),
+        connections: shared.live.connections(),
+        disconnected: shared.live.disconnected(),
+        children: shared.live.children(),
+        upstream: shared.upstream.as_ref().map(|b| {
+            b.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        }),
+        handshakes_refused: shared.peers.refused(),
+        store: store.clone(),
+        ..LiveFacts::default()
+    };
+    // A failed write can leave the store unreadable until it is reopened:
+    // then say so instead of failing the status.
+    let unreadable = |e: String| {
+        if store.writable() {
+            Err(e)
+        } else {
+            Ok(status::unreadable(
+                &shared.config.name,
+                shared.node.to_string(),
+                facts(),
+                e,
+            ))
+        }
+    };
+    let city = match shared.catalog.city().await {
+        Ok(city) => city,
+        Err(e) => return unreadable(e.to_string()),
+    };
     status::collect(
         shared.store.backend(),
         &shared.config.name,
         shared.node.to_string(),
         true,
-        LiveFacts {
-            listen: Some(shared.local_addr.to_string()),
-            started_at: Some(shared.started_at),
-            connections: shared.live.connections(),
-            children: shared.live.children(),
-            upstream: shared.upstream.as_ref().map(|b| {
-                b.lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone()
-            }),
-            handshakes_refused: shared.peers.refused(),
-            ..LiveFacts::default()
-        }
-        .with_catalog(&city, shared.config.freshness_grace),
+        facts().with_catalog(&city, shared.config.freshness_grace),
     )
-    .map_err(|e| e.to_string())
+    .or_else(|e| unreadable(e.to_string()))
 }

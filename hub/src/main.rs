@@ -11,14 +11,15 @@ use shuyuan_hub::catalog::{CityEntry, Filter, Finding, FindingKind, HubCatalog, 
 use shuyuan_hub::config::Config;
 use shuyuan_hub::export::{self, Format};
 use shuyuan_hub::status::{self, HubStatus, LiveFacts, render_audit};
+use shuyuan_hub::store::audit_chain::{self, ChainReport};
 use shuyuan_hub::store::redb::RedbBackend;
-use shuyuan_hub::store::{AuditEntry, Backend, Store, StoreError};
+use shuyuan_hub::store::{AuditEntry, Backend, Revocation, Store, StoreError};
 use shuyuan_hub::{ControlRequest, Hub, ReviewRequest, VerifyStarted, enrollment};
-use shuyuan_protocol::NodeKey;
 use shuyuan_protocol::UnixMillis;
 use shuyuan_protocol::catalog::form;
 use shuyuan_protocol::control::{self, ControlError};
 use shuyuan_protocol::service::{shutdown_signal, write_template_if_missing};
+use shuyuan_protocol::{NodeId, NodeKey};
 
 /// The example configuration written by `init` when none exists.
 const CONFIG_TEMPLATE: &str = include_str!("../../deploy/hub.toml");
@@ -69,6 +70,15 @@ enum Command {
         /// The public key, as printed by `shuyuan-agent init` or `shuyuan-hub init`.
         key: String,
     },
+    /// Withdraw a key (吊销密钥): its open connections are closed, it can no longer connect, and
+    /// batches it signed are refused; its data stays. A revoked key is never enrolled again.
+    Revoke {
+        /// The public key to revoke.
+        key: String,
+        /// Why, for the audit log.
+        #[arg(long)]
+        reason: String,
+    },
     /// Show each department's agents and resources: last sequence, last change, last zero-update (零更新), connection, rejections.
     Status {
         /// Print JSON instead of text.
@@ -88,8 +98,12 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
-    /// Show the audit log (rejections, refused keys, enrollments, reviews), newest first.
+    /// Show the audit log (rejections, refused keys, enrollments, reviews), newest first;
+    /// `audit verify` proves it unaltered.
+    #[command(args_conflicts_with_subcommands = true)]
     Audit {
+        #[command(subcommand)]
+        check: Option<AuditCheck>,
         #[arg(long, default_value_t = 50)]
         limit: usize,
         /// Print JSON instead of text.
@@ -117,6 +131,21 @@ enum Command {
     Catalog {
         #[command(subcommand)]
         action: CatalogAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCheck {
+    /// Prove the audit log unaltered (审计日志完整性): check every entry against its hash
+    /// chain link and name the first broken one; exits non-zero unless intact.
+    Verify {
+        /// A head printed by an earlier `audit verify`: also prove the log still contains it
+        /// (catches a rewritten or cut tail).
+        #[arg(long)]
+        head: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -222,6 +251,7 @@ async fn run(cli: Cli) -> Result<()> {
             hub.shutdown().await;
             Ok(())
         }
+        Command::Revoke { key, reason } => revoke(&config()?, key, reason).await,
         Command::Enroll {
             department,
             hub,
@@ -340,7 +370,15 @@ async fn run(cli: Cli) -> Result<()> {
             )
             .await
         }
-        Command::Audit { limit, json } => {
+        Command::Audit {
+            check: Some(AuditCheck::Verify { head, json }),
+            ..
+        } => audit_verify(&config()?, head, json).await,
+        Command::Audit {
+            check: None,
+            limit,
+            json,
+        } => {
             let config = config()?;
             let mut out = Vec::new();
             let entries: Vec<AuditEntry> = match control::call(
@@ -364,6 +402,70 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Revokes a key at the running hub (closing its connections), or in the
+/// store file when the hub is stopped.
+async fn revoke(config: &Config, key: String, reason: String) -> Result<()> {
+    let request = ControlRequest::Revoke {
+        key: key.clone(),
+        reason: reason.clone(),
+    };
+    let mut out = Vec::new();
+    let revocation: Revocation =
+        match control::call(&config.control_socket(), &request, &mut out).await {
+            Ok(()) => serde_json::from_slice(&out).context("bad answer from the hub")?,
+            Err(ControlError::NotRunning { .. }) => {
+                let id: NodeId = key.parse()?;
+                let (store, writer) = Store::start(open_offline(config)?)?;
+                let result = store.revoke(id, reason).await;
+                store.close().await;
+                tokio::task::spawn_blocking(move || writer.join()).await?;
+                result?
+            }
+            Err(e) => return Err(e.into()),
+        };
+    let e = &revocation.enrollment;
+    println!(
+        "revoked {key} of {} {} ({}): it can no longer connect, and batches it signed are refused",
+        if e.is_hub() { "platform" } else { "department" },
+        e.department,
+        e.name
+    );
+    Ok(())
+}
+
+/// Checks the audit log's hash chain at the running hub, or in the store
+/// file when the hub is stopped; fails unless it is intact.
+async fn audit_verify(config: &Config, head: Option<String>, json: bool) -> Result<()> {
+    let mut out = Vec::new();
+    let report: ChainReport = match control::call(
+        &config.control_socket(),
+        &ControlRequest::AuditVerify { head: head.clone() },
+        &mut out,
+    )
+    .await
+    {
+        Ok(()) => serde_json::from_slice(&out).context("bad audit chain report from the hub")?,
+        Err(ControlError::NotRunning { .. }) => {
+            let head = head
+                .as_deref()
+                .map(audit_chain::parse_head)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            open_offline(config)?.audit_verify(head)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.render());
+    }
+    if !report.ok() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Starts verification runs at the running hub and waits for them to end.

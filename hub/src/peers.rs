@@ -6,22 +6,33 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::sync::{PoisonError, RwLock};
 
 use shuyuan_protocol::quic::PeerPolicy;
 use shuyuan_protocol::{NodeId, UnixMillis};
 
-use crate::store::{AuditEntry, AuditKind, Enrollment, NodeKind, Store, StoreError};
+use tokio::sync::watch;
 
-/// How often one refused key is audited.
-pub const REFUSAL_AUDIT_INTERVAL: Duration = Duration::from_secs(60);
+use crate::store::{
+    AuditEntry, AuditKind, Enrollment, NodeKind, Revocation, Rotation, RotationChange, Store,
+    StoreError,
+};
+use crate::throttle::AuditThrottle;
+
+/// How many rotations back a batch's signer may be from the key that sends it.
+const MAX_LINEAGE: usize = 16;
 
 /// The enrolled keys, shared with the TLS verifier.
 #[derive(Debug)]
 pub struct Peers {
     enrolled: RwLock<BTreeMap<NodeId, Enrollment>>,
-    last_audited: Mutex<BTreeMap<NodeId, UnixMillis>>,
+    revoked: RwLock<BTreeMap<NodeId, Revocation>>,
+    /// Old agent key -> its successor.
+    rotations: RwLock<BTreeMap<NodeId, Rotation>>,
+    /// Counts revocations, so that open connections learn of them.
+    revocations: watch::Sender<u64>,
+    /// Handshake refusals audited at most once per interval per key.
+    throttle: AuditThrottle<NodeId>,
     refused: AtomicU64,
     generation: AtomicU64,
     store: Store,
@@ -31,9 +42,14 @@ impl Peers {
     /// Loads the enrollments from the store.
     pub fn load(store: Store) -> Result<Self, StoreError> {
         let enrolled = store.backend().enrollments()?.into_iter().collect();
+        let revoked = store.backend().revocations()?.into_iter().collect();
+        let rotations = store.backend().rotations()?.into_iter().collect();
         Ok(Peers {
             enrolled: RwLock::new(enrolled),
-            last_audited: Mutex::new(BTreeMap::new()),
+            revoked: RwLock::new(revoked),
+            rotations: RwLock::new(rotations),
+            revocations: watch::Sender::new(0),
+            throttle: AuditThrottle::new(),
             refused: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             store,
@@ -70,6 +86,136 @@ impl Peers {
         Ok(new)
     }
 
+    /// The revocation of a key, if it was revoked.
+    pub fn revocation(&self, key: &NodeId) -> Option<Revocation> {
+        self.revoked
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key)
+            .cloned()
+    }
+
+    /// Revokes a key durably, then refuses it: the verifier and the batch
+    /// check stop admitting it, and its open connections are told (see
+    /// [`Peers::revoked`]).
+    pub async fn revoke(&self, key: NodeId, reason: String) -> Result<Revocation, StoreError> {
+        let revocation = self.store.revoke(key, reason).await?;
+        self.enrolled
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&key);
+        self.revoked
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, revocation.clone());
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        self.revocations.send_modify(|n| *n += 1);
+        Ok(revocation)
+    }
+
+    /// The rotation that replaced `old`, if any.
+    pub fn rotation(&self, old: &NodeId) -> Option<Rotation> {
+        self.rotations
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(old)
+            .cloned()
+    }
+
+    /// Records a verified rotation `old -> new` durably, enrolling the new
+    /// key as the old one was; whether it is new (a repeated announcement
+    /// is not).
+    pub async fn rotate(
+        &self,
+        old: NodeId,
+        new: NodeId,
+        department: shuyuan_protocol::DepartmentCode,
+    ) -> Result<bool, StoreError> {
+        let change = RotationChange::Record {
+            old,
+            new,
+            department,
+        };
+        let recorded = self.store.rotate(change).await?;
+        if let Some(successor) = self.get(&old) {
+            self.enrolled
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(new)
+                .or_insert(Enrollment {
+                    enrolled_at: UnixMillis::now(),
+                    ..successor
+                });
+        }
+        self.reload_rotations()?;
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        Ok(recorded)
+    }
+
+    /// A key connected: a predecessor not yet retired is retired now, so
+    /// that only the newest key of an agent may connect.
+    pub async fn connected(&self, key: NodeId) -> Result<(), StoreError> {
+        let waiting: Vec<NodeId> = self
+            .rotations
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, r)| r.new == key && r.retired.is_none())
+            .map(|(old, _)| *old)
+            .collect();
+        if waiting.is_empty() {
+            return Ok(()); // the common case: no store read per connection
+        }
+        for old in waiting {
+            self.store.rotate(RotationChange::Retire { old }).await?;
+        }
+        self.reload_rotations()
+    }
+
+    fn reload_rotations(&self) -> Result<(), StoreError> {
+        let all = self.store.backend().rotations()?.into_iter().collect();
+        *self
+            .rotations
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = all;
+        Ok(())
+    }
+
+    /// Whether `signer` is `key` or one of its predecessors or successors:
+    /// an agent's batches signed before or after a rotation are its own.
+    pub fn same_agent(&self, signer: &NodeId, key: &NodeId) -> bool {
+        let rotations = self
+            .rotations
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let descends = |from: &NodeId, to: &NodeId| {
+            let mut at = *from;
+            for _ in 0..MAX_LINEAGE {
+                if at == *to {
+                    return true;
+                }
+                match rotations.get(&at) {
+                    Some(r) => at = r.new,
+                    None => return false,
+                }
+            }
+            false
+        };
+        descends(signer, key) || descends(key, signer)
+    }
+
+    /// Resolves once `key` is revoked (at once if it already is).
+    pub async fn revoked(&self, key: NodeId) -> Revocation {
+        let mut changes = self.revocations.subscribe();
+        loop {
+            if let Some(r) = self.revocation(&key) {
+                return r;
+            }
+            // The sender lives as long as `self`.
+            let _ = changes.changed().await;
+        }
+    }
+
     /// Changes with every enrollment recorded since the hub started.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Relaxed)
@@ -82,28 +228,43 @@ impl Peers {
 
     fn audit_refusal(&self, key: Option<NodeId>, detail: String) {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        let now = UnixMillis::now();
-        if let Some(k) = key {
-            let mut last = self
-                .last_audited
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if last
-                .get(&k)
-                .is_some_and(|t| now.since(*t) < REFUSAL_AUDIT_INTERVAL)
-            {
-                return;
-            }
-            last.insert(k, now);
+        let text = match key {
+            Some(k) => self.throttle.admit(k, detail),
+            None => Some(detail),
+        };
+        if let Some(text) = text {
+            self.audit(key, text);
         }
+    }
+
+    fn audit(&self, key: Option<NodeId>, detail: String) {
         let mut entry = AuditEntry::new(AuditKind::HandshakeRefused, detail);
         entry.peer = key;
         self.store.audit(entry);
+    }
+
+    /// Audits the handshake refusals held back for longer than the
+    /// interval (call it at [`crate::throttle::AUDIT_INTERVAL`]).
+    pub fn flush_refusals(&self) {
+        for (key, text) in self.throttle.due() {
+            self.audit(Some(key), text);
+        }
     }
 }
 
 impl PeerPolicy for Peers {
     fn admit(&self, peer: &NodeId) -> bool {
+        if let Some(r) = self.rotation(peer).filter(|r| r.retired.is_some()) {
+            tracing::warn!(key = %peer, successor = %r.new, "refused a retired key (handshake)");
+            self.audit_refusal(
+                Some(*peer),
+                format!(
+                    "key {peer} was replaced by {} (key rotation) and is retired",
+                    r.new
+                ),
+            );
+            return false;
+        }
         match self.get(peer).map(|e| e.kind) {
             Some(NodeKind::Agent | NodeKind::Hub) => return true,
             Some(NodeKind::Below { via, .. }) => {
@@ -115,6 +276,14 @@ impl PeerPolicy for Peers {
                 return false;
             }
             None => {}
+        }
+        if let Some(r) = self.revocation(peer) {
+            tracing::warn!(key = %peer, reason = %r.reason, "refused a revoked key (handshake)");
+            self.audit_refusal(
+                Some(*peer),
+                format!("key {peer} was revoked at {}: {}", r.at, r.reason),
+            );
+            return false;
         }
         tracing::warn!(key = %peer, "refused a key that is not enrolled (handshake)");
         self.audit_refusal(Some(*peer), format!("key {peer} is not enrolled"));

@@ -14,7 +14,7 @@ use crate::live::{ChildInfo, ConnectionInfo};
 use crate::store::verify::{Verdict, VerifyRecord};
 use crate::store::{
     AuditEntry, Backend, Enrollment, FeedRecord, NodeKind, RejectionRecord, ResyncRecord,
-    StoreError, ZeroUpdateRecord,
+    StoreError, StoreHealth, ZeroUpdateRecord,
 };
 use crate::upstream::UpstreamStatus;
 use shuyuan_protocol::UpdateCycle;
@@ -41,6 +41,13 @@ pub struct HubStatus {
     /// The child hubs enrolled here, with their subtrees while connected.
     #[serde(default)]
     pub children: Vec<ChildStatus>,
+    /// Whether the store can write (a full disk stops it).
+    #[serde(default)]
+    pub store: StoreHealth,
+    /// Why the store cannot be read, when it cannot: the departments,
+    /// feeds and audit entries are then missing from this status.
+    #[serde(default)]
+    pub unreadable: Option<String>,
 }
 
 /// A child hub enrolled here.
@@ -150,10 +157,17 @@ pub struct AgentEntry {
     pub enrolled_at: UnixMillis,
     pub connected: bool,
     pub connected_since: Option<UnixMillis>,
+    /// When its last connection ended, if that was since the hub started
+    /// and it is not connected now.
+    #[serde(default)]
+    pub disconnected_at: Option<UnixMillis>,
     pub remote: Option<String>,
     pub software: Option<String>,
     /// The agent's last backlog report.
     pub report: Option<AgentReport>,
+    /// How far the agent's clock is ahead of the hub's (negative: behind).
+    #[serde(default)]
+    pub clock_skew_ms: Option<i64>,
     /// For an agent registered below a child hub: that child hub's key.
     #[serde(default)]
     pub via: Option<String>,
@@ -206,6 +220,8 @@ pub struct LiveFacts {
     pub listen: Option<String>,
     pub started_at: Option<UnixMillis>,
     pub connections: Vec<ConnectionInfo>,
+    /// When each agent's last connection ended.
+    pub disconnected: BTreeMap<shuyuan_protocol::NodeId, UnixMillis>,
     pub handshakes_refused: u64,
     /// Feed (`DEPT:RES`) -> the catalog's update cycle.
     pub cycles: BTreeMap<String, UpdateCycle>,
@@ -213,6 +229,7 @@ pub struct LiveFacts {
     pub now: UnixMillis,
     pub children: Vec<ChildInfo>,
     pub upstream: Option<UpstreamStatus>,
+    pub store: StoreHealth,
 }
 
 impl LiveFacts {
@@ -311,9 +328,14 @@ pub fn collect(
             enrolled_at: e.enrolled_at,
             connected: conn.is_some(),
             connected_since: conn.map(|c| c.since),
+            disconnected_at: conn
+                .is_none()
+                .then(|| live.disconnected.get(key).copied())
+                .flatten(),
             remote: conn.map(|c| c.remote.to_string()),
             software: conn.map(|c| c.software.clone()),
             report: conn.and_then(|c| c.report.clone()),
+            clock_skew_ms: conn.and_then(|c| c.clock_skew_ms),
             via: e.via(key).map(|v| v.to_string()),
         });
     }
@@ -393,7 +415,30 @@ pub fn collect(
         recent_audit: backend.audit(10)?,
         upstream: live.upstream,
         children,
+        store: live.store,
+        unreadable: None,
     })
+}
+
+/// What a running hub can say when its store cannot be read (after a
+/// failed write, until it is reopened): its live facts and why.
+pub fn unreadable(name: &str, node: String, live: LiveFacts, error: String) -> HubStatus {
+    HubStatus {
+        running: true,
+        software: shuyuan_protocol::SOFTWARE.to_string(),
+        name: name.to_string(),
+        node,
+        listen: live.listen,
+        started_at: live.started_at,
+        departments: Vec::new(),
+        handshakes_refused: live.handshakes_refused,
+        audit_entries: 0,
+        recent_audit: Vec::new(),
+        upstream: live.upstream,
+        children: Vec::new(),
+        store: live.store,
+        unreadable: Some(error),
+    }
 }
 
 fn department<'a>(
@@ -435,7 +480,25 @@ impl HubStatus {
                 .map(|l| format!(", listening on {l}"))
                 .unwrap_or_default()
         );
-        if self.departments.is_empty() {
+        if let Some(since) = self.store.failing_since {
+            let _ = writeln!(
+                s,
+                "STORE CANNOT WRITE since {since}: {}\n  batches are refused as unavailable and none is acknowledged; agents keep them, and the hub reopens the store until it writes again (free space in its data directory)",
+                self.store.error.as_deref().unwrap_or("?")
+            );
+        } else if self.store.recoveries > 0 {
+            let _ = writeln!(
+                s,
+                "the store failed to write and recovered {} time(s) since start (audit kind store_failed)",
+                self.store.recoveries
+            );
+        }
+        if let Some(e) = &self.unreadable {
+            let _ = writeln!(
+                s,
+                "STORE CANNOT BE READ: {e}\n  departments and feeds are not shown until it is reopened"
+            );
+        } else if self.departments.is_empty() {
             let _ = writeln!(
                 s,
                 "no departments enrolled yet (shuyuan-hub enroll --department CODE --name NAME KEY)"
@@ -454,6 +517,16 @@ impl HubStatus {
                     "not connected".to_string()
                 };
                 let _ = writeln!(s, "  agent {}  {}", a.key, link);
+                if let Some(ms) = a.clock_skew_ms.filter(|ms| {
+                    ms.unsigned_abs() > crate::ingest::CLOCK_SKEW_LIMIT.as_millis() as u64
+                }) {
+                    let _ = writeln!(
+                        s,
+                        "        CLOCK its clock is {}s {} the hub's (freshness goes by the hub's clock)",
+                        ms.unsigned_abs() / 1000,
+                        if ms > 0 { "ahead of" } else { "behind" }
+                    );
+                }
                 if let Some(r) = &a.report {
                     let _ = writeln!(
                         s,

@@ -102,6 +102,10 @@ impl Lang {
             AuditKind::CatalogRejected => self.pick("拒收目录同步", "Catalog sync rejected"),
             AuditKind::CatalogReviewed => self.pick("目录审核", "Catalog entry reviewed"),
             AuditKind::Enrolled => self.pick("登记密钥", "Key enrolled"),
+            AuditKind::Revoked => self.pick("吊销密钥", "Key revoked"),
+            AuditKind::KeyRotated => self.pick("密钥轮换", "Key rotated"),
+            AuditKind::ClockSkew => self.pick("时钟偏差", "Clock skew"),
+            AuditKind::StoreFailed => self.pick("存储写入失败", "Store could not write"),
             AuditKind::ConnectionRefused => self.pick("拒绝连接", "Connection refused"),
             AuditKind::ResyncStarted => self.pick("开始重新读取", "Re-read started"),
             AuditKind::ResyncFinished => self.pick("重新读取完成", "Re-read finished"),
@@ -209,10 +213,14 @@ impl Lang {
 /// Every audit kind, in the order the audit filter lists them. A new
 /// [`AuditKind`] must be added here too ([`Lang::audit_kind`] forces its
 /// translation).
-pub const AUDIT_KINDS: [AuditKind; 11] = [
+pub const AUDIT_KINDS: [AuditKind; 15] = [
     AuditKind::HandshakeRefused,
     AuditKind::ConnectionRefused,
     AuditKind::Enrolled,
+    AuditKind::KeyRotated,
+    AuditKind::Revoked,
+    AuditKind::ClockSkew,
+    AuditKind::StoreFailed,
     AuditKind::BatchRejected,
     AuditKind::ResyncStarted,
     AuditKind::ResyncFinished,
@@ -262,6 +270,13 @@ texts! {
     MaxLag => ("最大滞后", "Max lag"),
     Latest => ("最新", "latest"),
     NoHistory => ("暂无历史数据", "no history yet"),
+    StoreCannotWrite => ("存储无法写入", "The store cannot write"),
+    StoreCannotWriteDetail => (
+        "所有批次均以“暂不可用”拒收，未确认任何批次；各部门代理保留并重发。平台会反复重新打开存储，腾出数据目录空间后自动恢复。",
+        "every batch is refused as unavailable and none is acknowledged; agents keep and resend them. The hub reopens the store until it writes again: free space in its data directory."
+    ),
+    FailingSince => ("起始于", "since"),
+    StoreCannotRead => ("存储无法读取，部门与信息资源暂不显示", "The store cannot be read: departments and resources are not shown"),
     Departments => ("部门", "Departments"),
     NoDepartments => ("尚未登记任何部门", "No department is enrolled yet"),
     WorstState => ("最紧急状态", "Worst state"),

@@ -70,6 +70,28 @@ pub fn render(o: &Overview, fed: &FederationView, p: &ProcessFacts<'_>) -> Strin
         1,
     );
     f.header(
+        "shuyuan_store_writable",
+        "gauge",
+        "1 while the hub's store can write; 0 while writes fail (a full disk): batches are then refused as unavailable, none acknowledged.",
+    );
+    f.sample("shuyuan_store_writable", &[], u8::from(o.store.writable()));
+    f.header(
+        "shuyuan_store_failed_writes_total",
+        "counter",
+        "Write groups refused because the store could not write, since start.",
+    );
+    f.sample(
+        "shuyuan_store_failed_writes_total",
+        &[],
+        o.store.failed_writes,
+    );
+    f.header(
+        "shuyuan_store_recoveries_total",
+        "counter",
+        "Times the store was reopened and wrote again after failing, since start.",
+    );
+    f.sample("shuyuan_store_recoveries_total", &[], o.store.recoveries);
+    f.header(
         "shuyuan_agents_connected",
         "gauge",
         "Enrolled agents connected now.",
@@ -112,6 +134,22 @@ pub fn render(o: &Overview, fed: &FederationView, p: &ProcessFacts<'_>) -> Strin
             &[("department", &d.code), ("agent", &a.key)],
             r.outbox_batches,
         );
+    }
+    f.header(
+        "shuyuan_agent_clock_skew_seconds",
+        "gauge",
+        "How far the agent's clock is ahead of the hub's (negative: behind), from its last report.",
+    );
+    for d in &o.departments {
+        for a in d.agents.iter().filter(|a| a.connected) {
+            if let Some(ms) = a.clock_skew_ms {
+                f.sample(
+                    "shuyuan_agent_clock_skew_seconds",
+                    &[("department", &d.code), ("agent", &a.key)],
+                    ms as f64 / 1000.0,
+                );
+            }
+        }
     }
     f.header(
         "shuyuan_agent_outbox_bytes",
@@ -312,6 +350,18 @@ pub fn render(o: &Overview, fed: &FederationView, p: &ProcessFacts<'_>) -> Strin
         p.handshakes_refused,
     );
     f.header(
+        "shuyuan_connections_refused_total",
+        "counter",
+        "Feed connections refused or ended by the hub since start, by reason (limit, handshake_limit, unenrolled, handshake_failed, handshake_timeout, bad_frame, truncated, protocol).",
+    );
+    for (reason, n) in crate::ingest::connection_refusals() {
+        f.sample(
+            "shuyuan_connections_refused_total",
+            &[("reason", reason)],
+            n,
+        );
+    }
+    f.header(
         "shuyuan_webhook_deliveries_total",
         "counter",
         "Alert deliveries since start, by result.",
@@ -426,9 +476,15 @@ fn age(now: UnixMillis, t: UnixMillis) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::StoreHealth;
 
-    #[test]
-    fn the_example_alert_rules_use_declared_metrics() {
+    /// The metrics of a hub with nothing enrolled and nothing counted.
+    fn empty_render() -> String {
+        render_with_store(StoreHealth::default())
+    }
+
+    /// [`empty_render`] with the store in `store`'s state.
+    fn render_with_store(store: StoreHealth) -> String {
         let o = Overview {
             hub: "h".into(),
             node: "n".into(),
@@ -441,8 +497,10 @@ mod tests {
             departments: Vec::new(),
             history: Vec::new(),
             grace_secs: 0,
+            store,
+            unreadable: None,
         };
-        let text = render(
+        render(
             &o,
             &FederationView::default(),
             &ProcessFacts {
@@ -452,7 +510,12 @@ mod tests {
                 logins_ok: 0,
                 logins_failed: 0,
             },
-        );
+        )
+    }
+
+    #[test]
+    fn the_example_alert_rules_use_declared_metrics() {
+        let text = empty_render();
         let rules = include_str!("../../../deploy/prometheus/shuyuan-alerts.yml");
         let mut names: Vec<&str> = rules
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -468,6 +531,28 @@ mod tests {
             );
         }
         assert!(text.contains("name=\"h\""));
+    }
+
+    #[test]
+    fn store_health_is_exported() {
+        let text = empty_render();
+        assert!(
+            text.lines().any(|l| l == "shuyuan_store_writable 1"),
+            "{text}"
+        );
+        let text = render_with_store(StoreHealth {
+            failing_since: Some(UnixMillis(5)),
+            error: Some("No space left on device (os error 28)".into()),
+            failed_writes: 7,
+            recoveries: 2,
+        });
+        for line in [
+            "shuyuan_store_writable 0",
+            "shuyuan_store_failed_writes_total 7",
+            "shuyuan_store_recoveries_total 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
     }
 
     #[test]
@@ -529,6 +614,19 @@ mod tests {
         assert!(text.contains("# TYPE shuyuan_upstream_connected gauge"));
         assert!(!text.lines().any(|l| l.starts_with("shuyuan_upstream_")));
         assert!(!text.lines().any(|l| l.starts_with("shuyuan_child_hub_")));
+    }
+
+    #[test]
+    fn every_connection_refusal_reason_is_exported() {
+        let text = empty_render();
+        assert!(text.contains("# TYPE shuyuan_connections_refused_total counter"));
+        for r in crate::ingest::Refusal::ALL {
+            let series = format!(
+                "shuyuan_connections_refused_total{{reason=\"{}\"}} ",
+                r.label()
+            );
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
     }
 
     #[test]

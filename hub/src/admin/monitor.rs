@@ -29,7 +29,8 @@ pub const HISTORY: usize = 600;
 /// One alert, as posted to the webhook.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
-    /// `overdue`, `disconnected`, `diverged`, `rejected_batch` or `enrolled`.
+    /// `overdue`, `disconnected`, `diverged`, `rejected_batch`, `enrolled`,
+    /// or for the hub itself `store_failing` and `store_recovered`.
     pub event: String,
     pub hub: String,
     pub hub_key: String,
@@ -61,6 +62,7 @@ struct Seen {
     changes: u64,
     at: Option<UnixMillis>,
     fingerprint: u64,
+    store_failing: bool,
 }
 
 /// The watcher's shared state.
@@ -95,6 +97,22 @@ impl Monitor {
     /// Looks at the state once: records a sample, notifies consoles of a
     /// change, and returns the alerts since the previous look.
     pub fn observe(&self, status: &HubStatus, grace: Duration, now: UnixMillis) -> Vec<Alert> {
+        if status.unreadable.is_some() {
+            // Nothing but the store's state is known: keep what the last
+            // full look saw, so that feeds coming back raise nothing.
+            let mut seen_slot = lock(&self.seen);
+            let alerts = match seen_slot.as_mut() {
+                Some(prev) => {
+                    let alert = store_alert(status, prev.store_failing, now);
+                    prev.store_failing = !status.store.writable();
+                    alert.into_iter().collect()
+                }
+                None => Vec::new(),
+            };
+            drop(seen_slot);
+            self.changed.send_modify(|v| *v += 1);
+            return alerts;
+        }
         let overview = Overview::of(status, grace, now, Vec::new());
         let mut states = BTreeMap::new();
         let mut rejected = BTreeMap::new();
@@ -140,6 +158,7 @@ impl Monitor {
             }
         }
         status.audit_entries.hash(&mut hasher);
+        (status.store.failing_since, &status.store.error).hash(&mut hasher);
         let fingerprint = hasher.finish();
 
         let mut seen_slot = lock(&self.seen);
@@ -167,6 +186,7 @@ impl Monitor {
             changes,
             at: Some(now),
             fingerprint,
+            store_failing: !status.store.writable(),
         });
         drop(seen_slot);
         {
@@ -214,6 +234,60 @@ pub(crate) async fn run(
     }
 }
 
+/// An alert about the hub itself (no department).
+fn hub_alert(status: &HubStatus, event: &str, detail: String, now: UnixMillis) -> Alert {
+    Alert {
+        event: event.into(),
+        hub: status.name.clone(),
+        hub_key: status.node.clone(),
+        at: now.to_string(),
+        at_ms: now.0,
+        department: String::new(),
+        department_name: String::new(),
+        feed: None,
+        resource: None,
+        agent: None,
+        state: None,
+        detail,
+        facts: BTreeMap::new(),
+    }
+}
+
+/// `store_failing` when the store stopped writing since the last look,
+/// `store_recovered` when it writes again.
+fn store_alert(status: &HubStatus, was_failing: bool, now: UnixMillis) -> Option<Alert> {
+    let store = &status.store;
+    match (store.failing_since, was_failing) {
+        (Some(since), false) => {
+            let error = store.error.clone().unwrap_or_default();
+            let mut alert = hub_alert(
+                status,
+                "store_failing",
+                format!(
+                    "the hub's store cannot write since {since} ({error}): batches are refused as unavailable, none acknowledged, until space returns"
+                ),
+                now,
+            );
+            alert.facts.insert("since_ms".into(), since.0.into());
+            alert.facts.insert("error".into(), error.into());
+            Some(alert)
+        }
+        (None, true) => {
+            let mut alert = hub_alert(
+                status,
+                "store_recovered",
+                "the hub's store writes again; agents resend what was refused".to_string(),
+                now,
+            );
+            alert
+                .facts
+                .insert("recoveries".into(), store.recoveries.into());
+            Some(alert)
+        }
+        _ => None,
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -229,21 +303,13 @@ fn alerts(
     now: UnixMillis,
 ) -> Vec<Alert> {
     let base = |event: &str, department: &str, name: &str, detail: String| Alert {
-        event: event.into(),
-        hub: status.name.clone(),
-        hub_key: status.node.clone(),
-        at: now.to_string(),
-        at_ms: now.0,
         department: department.into(),
         department_name: name.into(),
-        feed: None,
-        resource: None,
-        agent: None,
-        state: None,
-        detail,
-        facts: BTreeMap::new(),
+        ..hub_alert(status, event, detail, now)
     };
-    let mut out = Vec::new();
+    let mut out: Vec<Alert> = store_alert(status, prev.store_failing, now)
+        .into_iter()
+        .collect();
     for d in &overview.departments {
         for a in &d.agents {
             if !prev.enrolled.contains(&a.key) {
@@ -256,7 +322,11 @@ fn alerts(
                 alert.agent = Some(a.key.clone());
                 out.push(alert);
             }
-            if prev.connected.contains(&a.key) && !connected.contains(&a.key) {
+            // Connected at the last tick, or for a moment between ticks.
+            let left = a
+                .disconnected_at
+                .is_some_and(|t| prev.at.is_some_and(|p| t.0 > p.0));
+            if !connected.contains(&a.key) && (prev.connected.contains(&a.key) || left) {
                 let mut alert = base(
                     "disconnected",
                     &d.code,

@@ -368,6 +368,23 @@ pub fn overview(page: &Page, o: &Overview) -> String {
         page.l(Text::Software),
         esc(&o.software),
     ));
+    if let Some(since) = o.store.failing_since {
+        s.push_str(&format!(
+            "<p class=\"error\" id=\"store-failing\" role=\"alert\"><b>{}</b> ({} {}): {}<br>{}</p>",
+            page.l(Text::StoreCannotWrite),
+            page.l(Text::FailingSince),
+            time(page, since),
+            esc(o.store.error.as_deref().unwrap_or("?")),
+            page.l(Text::StoreCannotWriteDetail),
+        ));
+    }
+    if let Some(e) = &o.unreadable {
+        s.push_str(&format!(
+            "<p class=\"error\" id=\"store-unreadable\">{}: {}</p>",
+            page.l(Text::StoreCannotRead),
+            esc(e)
+        ));
+    }
     let states: String = o
         .states
         .iter()
@@ -1614,6 +1631,7 @@ pub fn sparkline(values: &[f64], width: u32, height: u32) -> String {
 mod tests {
     use super::*;
     use crate::admin::view::Lag;
+    use crate::store::StoreHealth;
     use crate::store::verify::Verdict;
 
     const NOW: UnixMillis = UnixMillis(1_800_000_000_000);
@@ -1778,8 +1796,27 @@ mod tests {
                 max_lag_secs: 4,
             }],
             grace_secs: 1,
+            store: StoreHealth::default(),
+            unreadable: None,
         };
         let html = overview(&p, &o);
+        assert!(!html.contains("store-failing"), "{html}");
+        let failing = Overview {
+            store: StoreHealth {
+                failing_since: Some(NOW),
+                error: Some("No space left on device (os error 28)".into()),
+                failed_writes: 3,
+                recoveries: 0,
+            },
+            ..o.clone()
+        };
+        let banner = overview(&p, &failing);
+        assert!(
+            banner.contains("id=\"store-failing\"")
+                && banner.contains("存储无法写入")
+                && banner.contains("No space left on device"),
+            "{banner}"
+        );
         for id in [
             "id=\"agents-online\">2<",
             "id=\"agents-offline\">1<",

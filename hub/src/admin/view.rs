@@ -10,6 +10,7 @@ use shuyuan_protocol::UnixMillis;
 
 use crate::catalog::CityEntry;
 use crate::status::{ChildStatus, DepartmentStatus, HubStatus, ResourceEntry, TreeRow};
+use crate::store::StoreHealth;
 use crate::store::verify::Verdict;
 use crate::upstream::UpstreamStatus;
 
@@ -199,6 +200,12 @@ pub struct Overview {
     pub departments: Vec<DepartmentView>,
     pub history: Vec<Sample>,
     pub grace_secs: u64,
+    /// Whether the store can write.
+    #[serde(default)]
+    pub store: StoreHealth,
+    /// Why the store cannot be read, when it cannot.
+    #[serde(default)]
+    pub unreadable: Option<String>,
 }
 
 impl Overview {
@@ -234,6 +241,8 @@ impl Overview {
             departments,
             history,
             grace_secs: grace.as_secs(),
+            store: status.store.clone(),
+            unreadable: status.unreadable.clone(),
         }
     }
 }
@@ -468,6 +477,8 @@ pub(crate) mod example {
             handshakes_refused: 0,
             audit_entries: 0,
             recent_audit: Vec::new(),
+            store: crate::store::StoreHealth::default(),
+            unreadable: None,
             upstream: Some(UpstreamStatus {
                 parent: key(9),
                 address: "10.0.0.1:7700".to_string(),

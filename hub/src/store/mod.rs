@@ -12,11 +12,13 @@
 //! successors on the same connection are discarded quietly instead of each
 //! producing another rejection.
 
+pub mod audit_chain;
 pub mod redb;
 pub mod verify;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::federation::Registration;
@@ -49,8 +51,52 @@ pub enum StoreError {
         was: &'static str,
         now: &'static str,
     },
+    #[error("key {key} was revoked at {at}: {reason}; a revoked key is never enrolled again")]
+    Revoked {
+        key: NodeId,
+        at: UnixMillis,
+        reason: String,
+    },
+    #[error("key {0} is not enrolled")]
+    NotEnrolled(NodeId),
+    #[error("key {old} was already replaced by {new}")]
+    AlreadyRotated { old: NodeId, new: NodeId },
     #[error("the hub store is shutting down")]
     Closed,
+}
+
+/// An agent key replaced by its successor (密钥轮换), announced signed by
+/// both keys. Batches the old key signed stay valid; once the new key has
+/// connected the old one is retired and may no longer connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rotation {
+    pub new: NodeId,
+    pub department: DepartmentCode,
+    pub at: UnixMillis,
+    pub retired: Option<UnixMillis>,
+}
+
+/// A change to the rotation records.
+#[derive(Debug, Clone)]
+pub enum RotationChange {
+    /// Record `old -> new` (a verified announcement): the new key is
+    /// enrolled as the old one was.
+    Record {
+        old: NodeId,
+        new: NodeId,
+        department: DepartmentCode,
+    },
+    /// The new key connected: retire its predecessor.
+    Retire { old: NodeId },
+}
+
+/// A key withdrawn by an administrator: it may no longer connect, and
+/// batches it signed are refused. The enrollment is kept to say whose it was.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub at: UnixMillis,
+    pub reason: String,
+    pub enrollment: Enrollment,
 }
 
 /// What kind of node a key belongs to.
@@ -212,6 +258,15 @@ pub enum AuditKind {
     Repaired,
     /// The agent cannot compare a resource with its source (why).
     VerifyRefused,
+    /// An administrator revoked a key.
+    Revoked,
+    /// An agent announced its next key; or the old key was retired.
+    KeyRotated,
+    /// An agent's clock is off by more than the hub tolerates.
+    ClockSkew,
+    /// The store could not write for a while (a full disk, an I/O error);
+    /// recorded when it writes again, with how long and why.
+    StoreFailed,
 }
 
 impl AuditKind {
@@ -302,6 +357,17 @@ pub enum WriteOp {
         enrollment: Enrollment,
         outcome: Option<Result<bool, StoreError>>,
     },
+    /// Records a key rotation: whether it is new, or why not.
+    Rotate {
+        change: RotationChange,
+        outcome: Option<Result<bool, StoreError>>,
+    },
+    /// Revokes an enrolled key: the revocation, or why not.
+    Revoke {
+        key: NodeId,
+        reason: String,
+        outcome: Option<Result<Revocation, StoreError>>,
+    },
     /// Stores a department's catalog document, with the sync state of the
     /// peer whose message changed it, in one transaction.
     SaveCatalog(CatalogSave),
@@ -347,8 +413,35 @@ pub struct CatalogSave {
     pub sync: Option<(NodeId, Vec<u8>)>,
 }
 
+/// How the store's writes are going: what status, metrics, the console
+/// and alerts report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreHealth {
+    /// Since when writes fail (a full disk, an I/O error), while they do.
+    /// Meanwhile every batch is refused as unavailable and none is
+    /// acknowledged; agents keep them and resend.
+    pub failing_since: Option<UnixMillis>,
+    /// Why the last write or reopen failed, while failing.
+    pub error: Option<String>,
+    /// Write groups refused because the store could not write, since start.
+    pub failed_writes: u64,
+    /// How often the store recovered by itself, since start.
+    pub recoveries: u64,
+}
+
+impl StoreHealth {
+    pub fn writable(&self) -> bool {
+        self.failing_since.is_none()
+    }
+}
+
 /// A storage engine for the hub.
 pub trait Backend: Send + Sync + 'static {
+    /// Closes the storage and opens it again, after a failed write left it
+    /// refusing further writes (redb does until reopened).
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Performs a group of operations in one durable transaction, in order,
     /// filling in each operation's outcome; batches that `discards` marks as
     /// pipelined successors of a rejection are answered `Discarded` without
@@ -364,6 +457,9 @@ pub trait Backend: Send + Sync + 'static {
     /// The feed's verification state.
     fn verification(&self, feed: &FeedId) -> Result<Option<verify::VerifyRecord>, StoreError>;
     fn enrollments(&self) -> Result<Vec<(NodeId, Enrollment)>, StoreError>;
+    fn revocations(&self) -> Result<Vec<(NodeId, Revocation)>, StoreError>;
+    /// Every rotation, by old key.
+    fn rotations(&self) -> Result<Vec<(NodeId, Rotation)>, StoreError>;
     fn feeds(&self) -> Result<Vec<(FeedId, FeedRecord)>, StoreError>;
     fn feed(&self, feed: &FeedId) -> Result<Option<FeedRecord>, StoreError>;
     fn schema(&self, feed: &FeedId, version: u32) -> Result<Option<TableSchema>, StoreError>;
@@ -397,6 +493,12 @@ pub trait Backend: Send + Sync + 'static {
     fn recent_batches(&self, feed: &FeedId, limit: usize) -> Result<Vec<SignedBatch>, StoreError>;
     /// How many audit entries exist.
     fn audit_count(&self) -> Result<u64, StoreError>;
+    /// Checks the audit log's hash chain from the first entry, against a
+    /// head recorded earlier if one is given.
+    fn audit_verify(
+        &self,
+        expect_head: Option<audit_chain::Link>,
+    ) -> Result<audit_chain::ChainReport, StoreError>;
     /// A department's stored catalog document.
     fn catalog(&self, department: &DepartmentCode) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every stored catalog document.
@@ -460,6 +562,15 @@ enum Command {
         enrollment: Enrollment,
         reply: oneshot::Sender<Result<bool, StoreError>>,
     },
+    Revoke {
+        key: NodeId,
+        reason: String,
+        reply: oneshot::Sender<Result<Revocation, StoreError>>,
+    },
+    Rotate {
+        change: RotationChange,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     Closed {
         conn: u64,
     },
@@ -493,6 +604,7 @@ pub struct Store {
     tx: mpsc::Sender<Command>,
     events: broadcast::Sender<VerifyEvent>,
     committed: watch::Receiver<u64>,
+    health: watch::Receiver<StoreHealth>,
 }
 
 impl std::fmt::Debug for Store {
@@ -520,9 +632,23 @@ impl Store {
         let writer_backend = backend.clone();
         let writer_events = events.clone();
         let (commits, committed) = watch::channel(0);
+        let (health_tx, health) = watch::channel(StoreHealth::default());
+        let heads = backend
+            .feeds()?
+            .into_iter()
+            .map(|(f, r)| (f, r.cursor.next_seq()))
+            .collect();
+        let writer = WriteLoop {
+            backend: writer_backend,
+            events: writer_events,
+            commits,
+            health: health_tx,
+            heads,
+            failing: None,
+        };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || write_loop(writer_backend, rx, writer_events, commits))
+            .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Storage(format!("cannot start the writer thread: {e}")))?;
         Ok((
             Store {
@@ -530,6 +656,7 @@ impl Store {
                 tx,
                 events,
                 committed,
+                health,
             },
             Writer(handle),
         ))
@@ -539,6 +666,11 @@ impl Store {
     /// committed something (batches, enrollments, catalogs).
     pub fn commits(&self) -> watch::Receiver<u64> {
         self.committed.clone()
+    }
+
+    /// Whether the store can write, and since when it cannot.
+    pub fn health(&self) -> StoreHealth {
+        self.health.borrow().clone()
     }
 
     /// Verification events of committed transactions.
@@ -613,6 +745,26 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Records a rotation change durably, with its audit entry.
+    pub async fn rotate(&self, change: RotationChange) -> Result<bool, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Rotate { change, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Records a revocation durably, with its audit entry.
+    pub async fn revoke(&self, key: NodeId, reason: String) -> Result<Revocation, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Revoke { key, reason, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// Waits until every request queued before this call has been decided
     /// (committed or refused), so that reads after it see them.
     pub async fn barrier(&self) -> Result<(), StoreError> {
@@ -652,112 +804,235 @@ impl Store {
     }
 }
 
-fn write_loop(
+/// After a failed write the store is reopened this soon, then at growing
+/// intervals up to [`RECOVERY_MAX`] while writes keep failing.
+const RECOVERY_MIN: Duration = Duration::from_millis(500);
+const RECOVERY_MAX: Duration = Duration::from_secs(5);
+/// A reopened store is proven by the next write group (agents resend
+/// refused batches within 30 s); when none comes for this long, a lone
+/// audit entry proves it instead. Longer than agents' resend backoff, so
+/// that a disk with room for a small entry but not for batches does not
+/// count as recovered.
+const IDLE_PROOF: Duration = Duration::from_secs(60);
+
+/// The writer thread's state.
+struct WriteLoop {
     backend: Arc<dyn Backend>,
-    mut rx: mpsc::Receiver<Command>,
     events: broadcast::Sender<VerifyEvent>,
     commits: watch::Sender<u64>,
-) {
-    let mut discards = Discards::default();
-    let mut stopping = false;
-    while !stopping {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
-        let mut commands = vec![first];
-        while commands.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(c) => commands.push(c),
-                Err(_) => break,
+    health: watch::Sender<StoreHealth>,
+    /// Each feed's next expected sequence number as committed: what a
+    /// refusal tells the agent to resend from while the store cannot be
+    /// read either.
+    heads: HashMap<FeedId, u64>,
+    failing: Option<Failing>,
+}
+
+/// A spell of failed writes. It ends when a write commits after the store
+/// was reopened; the spell's audit entry is part of that write.
+struct Failing {
+    since: UnixMillis,
+    error: String,
+    /// Write groups refused during this spell.
+    refused: u64,
+    /// Reopened since the last failed write: the next write may succeed.
+    reopened: bool,
+    wait: Duration,
+    retry_at: Instant,
+}
+
+/// Every [`Store`] handle is gone.
+struct Closed;
+
+impl WriteLoop {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut discards = Discards::default();
+        let mut stopping = false;
+        while !stopping {
+            if self
+                .failing
+                .as_ref()
+                .is_some_and(|f| Instant::now() >= f.retry_at)
+            {
+                self.retry();
             }
-        }
-        let mut ops = Vec::with_capacity(commands.len());
-        let mut replies: Vec<Reply> = Vec::with_capacity(commands.len());
-        let mut barriers = Vec::new();
-        for c in commands {
-            match c {
-                Command::Apply {
-                    conn,
-                    peer,
-                    incoming,
-                    reply,
-                } => {
-                    let (feed, seq) = match &incoming {
-                        Incoming::Verified(v) => (Some(v.body.feed.clone()), v.body.seq),
-                        Incoming::Refused { feed, seq, .. } => (feed.clone(), *seq),
-                    };
-                    ops.push(WriteOp::Apply {
-                        conn,
-                        peer,
-                        incoming,
-                        outcome: None,
-                    });
-                    replies.push(Reply::Apply { feed, seq, reply });
+            let first = match self.failing.as_ref().map(|f| f.retry_at) {
+                None => rx.blocking_recv().ok_or(Closed),
+                Some(until) => match recv_until(&mut rx, until) {
+                    Ok(Some(c)) => Ok(c),
+                    // Time to reopen, or to prove the store idle.
+                    Ok(None) => continue,
+                    Err(closed) => Err(closed),
+                },
+            };
+            let Ok(first) = first else {
+                break;
+            };
+            let mut commands = vec![first];
+            while commands.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(c) => commands.push(c),
+                    Err(_) => break,
                 }
-                Command::Audit(e) => {
-                    ops.push(WriteOp::Audit(e));
+            }
+            let (mut ops, mut replies, barriers) = group(commands, &mut discards, &mut stopping);
+            if !ops.is_empty() {
+                if let Some(entry) = self.spell_entry() {
+                    ops.push(WriteOp::Audit(entry));
                     replies.push(Reply::None);
                 }
-                Command::Enroll {
-                    key,
-                    enrollment,
-                    reply,
-                } => {
-                    ops.push(WriteOp::Enroll {
-                        key,
-                        enrollment,
-                        outcome: None,
-                    });
-                    replies.push(Reply::Enroll(reply));
-                }
-                Command::SaveCatalog { save, reply } => {
-                    ops.push(WriteOp::SaveCatalog(save));
-                    replies.push(Reply::Saved(reply));
-                }
-                Command::RefuseVerify { peer, refusal } => {
-                    ops.push(WriteOp::RefuseVerify { peer, refusal });
-                    replies.push(Reply::None);
-                }
-                Command::StartVerify {
-                    feed,
-                    reason,
-                    reply,
-                } => {
-                    ops.push(WriteOp::StartVerify {
-                        feed,
-                        reason,
-                        outcome: None,
-                    });
-                    replies.push(Reply::Verify(reply));
-                }
-                Command::Closed { conn } => discards.forget(conn),
-                Command::Barrier(reply) => barriers.push(reply),
-                Command::Shutdown => stopping = true,
+                let result = self.write(&mut ops, &mut discards);
+                self.answer(ops, replies, &result);
             }
-        }
-        if ops.is_empty() {
             for b in barriers {
                 let _ = b.send(());
             }
-            continue;
+        }
+    }
+
+    /// The audit entry that ends the current spell, when the store was
+    /// reopened and the next write may succeed.
+    fn spell_entry(&self) -> Option<AuditEntry> {
+        let f = self.failing.as_ref().filter(|f| f.reopened)?;
+        Some(AuditEntry::new(
+            AuditKind::StoreFailed,
+            format!(
+                "the store could not write from {} to {} ({}); {} write groups were refused as unavailable and nothing was acknowledged; reopened, it writes again",
+                f.since,
+                UnixMillis::now(),
+                f.error,
+                f.refused
+            ),
+        ))
+    }
+
+    /// Writes one group. While failing, a group is refused without touching
+    /// the file until the file was reopened.
+    fn write(&mut self, ops: &mut [WriteOp], discards: &mut Discards) -> Result<(), StoreError> {
+        if let Some(f) = self.failing.as_mut().filter(|f| !f.reopened) {
+            f.refused += 1;
+            self.health.send_modify(|h| h.failed_writes += 1);
+            return Err(StoreError::Storage(f.error.clone()));
         }
         let before = discards.clone();
         let mut new_events = Vec::new();
-        let result = backend.write(&mut ops, &mut discards, &mut new_events);
+        let result = self.backend.write(ops, discards, &mut new_events);
         match &result {
             Ok(()) => {
-                commits.send_modify(|n| *n += 1);
+                if let Some(f) = self.failing.take() {
+                    self.recovered(&f);
+                }
+                self.commits.send_modify(|n| *n += 1);
                 for e in new_events {
                     // Nobody listening is fine: connections read what is
                     // pending when they start.
-                    let _ = events.send(e);
+                    let _ = self.events.send(e);
+                }
+                for op in ops.iter() {
+                    if let WriteOp::Apply {
+                        outcome: Some(Outcome::Ack(a)),
+                        ..
+                    } = op
+                    {
+                        let next = a.seq.saturating_add(1);
+                        let head = self.heads.entry(a.feed.clone()).or_insert(next);
+                        *head = (*head).max(next);
+                    }
                 }
             }
+            Err(StoreError::Storage(reason)) => {
+                *discards = before;
+                self.failed(reason.clone());
+            }
             Err(e) => {
-                discards = before;
+                *discards = before;
                 tracing::error!(error = %e, "store write failed; the affected batches are refused as unavailable and will be resent");
             }
         }
+        result
+    }
+
+    /// A write failed in the storage engine: start a spell, or go on with
+    /// the current one and reopen again later.
+    fn failed(&mut self, error: String) {
+        match self.failing.as_mut() {
+            Some(f) => {
+                f.refused += 1;
+                f.reopened = false;
+                f.wait = (f.wait * 2).min(RECOVERY_MAX);
+                f.retry_at = Instant::now() + f.wait;
+                f.error = error.clone();
+            }
+            None => {
+                tracing::error!(%error, "the store cannot write: batches are refused as unavailable (never acknowledged) and agents keep them; reopening the store until it writes again");
+                let now = UnixMillis::now();
+                self.failing = Some(Failing {
+                    since: now,
+                    error: error.clone(),
+                    refused: 1,
+                    reopened: false,
+                    wait: RECOVERY_MIN,
+                    retry_at: Instant::now() + RECOVERY_MIN,
+                });
+                self.health.send_modify(|h| h.failing_since = Some(now));
+            }
+        }
+        self.health.send_modify(|h| {
+            h.failed_writes += 1;
+            h.error = Some(error);
+        });
+    }
+
+    /// Reopens the store when due; or, reopened and idle for
+    /// [`IDLE_PROOF`], proves it with the spell's audit entry alone.
+    fn retry(&mut self) {
+        let Some(f) = self.failing.as_mut() else {
+            return;
+        };
+        if f.reopened {
+            if let Some(entry) = self.spell_entry() {
+                let mut proof = [WriteOp::Audit(entry)];
+                let _ = self.write(&mut proof, &mut Discards::default());
+            }
+            return;
+        }
+        match self.backend.reopen() {
+            Ok(()) => {
+                f.reopened = true;
+                f.retry_at = Instant::now() + IDLE_PROOF;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "the store cannot be reopened yet");
+                f.error = match e {
+                    StoreError::Storage(reason) => reason,
+                    other => other.to_string(),
+                };
+                f.wait = (f.wait * 2).min(RECOVERY_MAX);
+                f.retry_at = Instant::now() + f.wait;
+                let error = f.error.clone();
+                self.health.send_modify(|h| h.error = Some(error));
+            }
+        }
+    }
+
+    /// The spell `f` ended: a write committed after reopening.
+    fn recovered(&mut self, f: &Failing) {
+        tracing::info!(since = %f.since, refused = f.refused, "the store writes again");
+        if let Ok(feeds) = self.backend.feeds() {
+            self.heads = feeds
+                .into_iter()
+                .map(|(f, r)| (f, r.cursor.next_seq()))
+                .collect();
+        }
+        self.health.send_modify(|h| {
+            h.failing_since = None;
+            h.error = None;
+            h.recoveries += 1;
+        });
+    }
+
+    /// Sends every operation's outcome once its group has ended.
+    fn answer(&self, ops: Vec<WriteOp>, replies: Vec<Reply>, result: &Result<(), StoreError>) {
         for (op, reply) in ops.into_iter().zip(replies) {
             match (reply, op) {
                 (Reply::Apply { feed, seq, reply }, WriteOp::Apply { outcome, .. }) => {
@@ -771,39 +1046,159 @@ fn write_loop(
                                 .as_ref()
                                 .err()
                                 .map_or_else(|| "no outcome".to_string(), ToString::to_string),
-                            resend_from: feed
-                                .as_ref()
-                                .and_then(|f| backend.feed(f).ok().flatten())
-                                .map_or(1, |r| r.cursor.next_seq()),
+                            resend_from: feed.as_ref().map_or(1, |f| self.head(f)),
                         }),
                     };
                     let _ = reply.send(outcome);
                 }
                 (Reply::Verify(reply), WriteOp::StartVerify { outcome, .. }) => {
-                    let r = match (&result, outcome) {
-                        (Ok(()), Some(o)) => Ok(o),
-                        (Err(e), _) => Err(e.clone()),
-                        (Ok(()), None) => Err(StoreError::Storage("no outcome".into())),
-                    };
-                    let _ = reply.send(r);
+                    let _ = reply.send(decided(result, outcome.map(Ok)));
                 }
                 (Reply::Saved(reply), WriteOp::SaveCatalog(_)) => {
                     let _ = reply.send(result.clone());
                 }
                 (Reply::Enroll(reply), WriteOp::Enroll { outcome, .. }) => {
-                    let r = match (&result, outcome) {
-                        (Ok(()), Some(o)) => o,
-                        (Err(e), _) => Err(e.clone()),
-                        (Ok(()), None) => Err(StoreError::Storage("no outcome".into())),
-                    };
-                    let _ = reply.send(r);
+                    let _ = reply.send(decided(result, outcome));
+                }
+                (Reply::Enroll(reply), WriteOp::Rotate { outcome, .. }) => {
+                    let _ = reply.send(decided(result, outcome));
+                }
+                (Reply::Revoke(reply), WriteOp::Revoke { outcome, .. }) => {
+                    let _ = reply.send(decided(result, outcome));
                 }
                 _ => {}
             }
         }
-        for b in barriers {
-            let _ = b.send(());
+    }
+
+    /// The feed's next expected sequence number as committed: from the
+    /// store while it can be read, else as the writer last committed it.
+    fn head(&self, feed: &FeedId) -> u64 {
+        let stored = match self.failing {
+            None => self.backend.feed(feed).ok(),
+            Some(_) => None,
+        };
+        match stored {
+            Some(record) => record.map_or(1, |r| r.cursor.next_seq()),
+            None => self.heads.get(feed).copied().unwrap_or(1),
         }
+    }
+}
+
+/// Waits for a command until `until` (None if none came).
+fn recv_until(rx: &mut mpsc::Receiver<Command>, until: Instant) -> Result<Option<Command>, Closed> {
+    loop {
+        match rx.try_recv() {
+            Ok(c) => return Ok(Some(c)),
+            Err(mpsc::error::TryRecvError::Disconnected) => return Err(Closed),
+            Err(mpsc::error::TryRecvError::Empty) => {}
+        }
+        let now = Instant::now();
+        if now >= until {
+            return Ok(None);
+        }
+        std::thread::sleep((until - now).min(Duration::from_millis(20)));
+    }
+}
+
+/// Turns queued commands into one write group: the operations, who waits
+/// for each, and the barriers to answer after it.
+fn group(
+    commands: Vec<Command>,
+    discards: &mut Discards,
+    stopping: &mut bool,
+) -> (Vec<WriteOp>, Vec<Reply>, Vec<oneshot::Sender<()>>) {
+    let mut ops = Vec::with_capacity(commands.len());
+    let mut replies: Vec<Reply> = Vec::with_capacity(commands.len());
+    let mut barriers = Vec::new();
+    for c in commands {
+        match c {
+            Command::Apply {
+                conn,
+                peer,
+                incoming,
+                reply,
+            } => {
+                let (feed, seq) = match &incoming {
+                    Incoming::Verified(v) => (Some(v.body.feed.clone()), v.body.seq),
+                    Incoming::Refused { feed, seq, .. } => (feed.clone(), *seq),
+                };
+                ops.push(WriteOp::Apply {
+                    conn,
+                    peer,
+                    incoming,
+                    outcome: None,
+                });
+                replies.push(Reply::Apply { feed, seq, reply });
+            }
+            Command::Audit(e) => {
+                ops.push(WriteOp::Audit(e));
+                replies.push(Reply::None);
+            }
+            Command::Enroll {
+                key,
+                enrollment,
+                reply,
+            } => {
+                ops.push(WriteOp::Enroll {
+                    key,
+                    enrollment,
+                    outcome: None,
+                });
+                replies.push(Reply::Enroll(reply));
+            }
+            Command::Rotate { change, reply } => {
+                ops.push(WriteOp::Rotate {
+                    change,
+                    outcome: None,
+                });
+                replies.push(Reply::Enroll(reply));
+            }
+            Command::Revoke { key, reason, reply } => {
+                ops.push(WriteOp::Revoke {
+                    key,
+                    reason,
+                    outcome: None,
+                });
+                replies.push(Reply::Revoke(reply));
+            }
+            Command::SaveCatalog { save, reply } => {
+                ops.push(WriteOp::SaveCatalog(save));
+                replies.push(Reply::Saved(reply));
+            }
+            Command::RefuseVerify { peer, refusal } => {
+                ops.push(WriteOp::RefuseVerify { peer, refusal });
+                replies.push(Reply::None);
+            }
+            Command::StartVerify {
+                feed,
+                reason,
+                reply,
+            } => {
+                ops.push(WriteOp::StartVerify {
+                    feed,
+                    reason,
+                    outcome: None,
+                });
+                replies.push(Reply::Verify(reply));
+            }
+            Command::Closed { conn } => discards.forget(conn),
+            Command::Barrier(reply) => barriers.push(reply),
+            Command::Shutdown => *stopping = true,
+        }
+    }
+    (ops, replies, barriers)
+}
+
+/// An operation's outcome once its group's transaction has ended.
+fn decided<T>(
+    group: &Result<(), StoreError>,
+    outcome: Option<Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match (group, outcome) {
+        (Ok(()), Some(o)) => o,
+        (Err(e), _) => Err(e.clone()),
+        (Ok(()), None) => Err(StoreError::Storage("no outcome".into())),
     }
 }
 
@@ -815,6 +1210,7 @@ enum Reply {
         reply: oneshot::Sender<Outcome>,
     },
     Enroll(oneshot::Sender<Result<bool, StoreError>>),
+    Revoke(oneshot::Sender<Result<Revocation, StoreError>>),
     Saved(oneshot::Sender<Result<(), StoreError>>),
     Verify(oneshot::Sender<Result<Result<u64, String>, StoreError>>),
 }

@@ -7,6 +7,8 @@
 //! - `batches_v1`: (feed text, seq) -> the `SignedBatch` as received
 //! - `rows_v1`: (feed text, order-preserving key encoding) -> [`StoredRow`]
 //! - `audit_v1`: id -> [`AuditEntry`]
+//! - `audit_chain_v1`: id -> the entry's 32-byte chain link
+//!   ([`audit_chain::link`] of the previous link, the id and the stored entry)
 //! - `catalogs_v1`: department code -> the department's catalog (automerge)
 //! - `catalog_sync_v1`: (department code, peer key) -> automerge sync state
 //! - `resync_v1`: feed text -> the feed's latest [`ResyncRecord`]
@@ -15,35 +17,37 @@
 //! - `digests_v1`: feed text -> the feed digest of the shared copy as
 //!   stored ([`Digest::to_bytes`]), updated with every row written
 //! - `verify_v1`: feed text -> [`VerifyRecord`]
+//! - `revocations_v1`: node key (32 bytes) -> [`Revocation`]; the key is
+//!   removed from `enrollments_v1` in the same transaction
+//! - `rotations_v1`: old agent key (32 bytes) -> [`Rotation`] (its successor)
 //! - `migrations_v1`: migration name -> unix millis applied
 
 use std::path::Path;
 use std::sync::PoisonError;
 
-use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, TableDefinition,
-    WriteTransaction,
-};
+use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use shuyuan_protocol::batch::{Entry, RangeDigest, RangeRepair, Resync};
 use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::message::{Ack, Reject};
 use shuyuan_protocol::message::{VerifyMode, VerifyRefusal};
-use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
+use shuyuan_protocol::service::{Migration, OpenError, RedbFile};
 use shuyuan_protocol::value::{decode_key, describe_key, encode_key};
 use shuyuan_protocol::{
     BatchHash, ChainError, DepartmentCode, Digest, DigestSummary, FeedId, KeyRange, NodeId,
     RejectReason, RowSeed, SignedBatch, TableSchema, UnixMillis, Value,
 };
 
+use super::audit_chain::{self, ChainCheck, ChainReport};
 use super::verify::{
     CheckpointResult, LEAF_ROWS, RunOrigin, SCAN_CHUNK_ROWS, SPLIT_PARTS, VerifyRecord, VerifyRun,
 };
 use super::{
     AuditCounts, AuditEntry, AuditKind, Backend, Discards, Enrollment, FeedRecord, Incoming,
-    NodeKind, Outcome, RejectionRecord, ResyncFinish, ResyncRecord, StoreError, StoredRow,
-    VerifiedBatch, VerifyEvent, WriteOp, ZeroUpdateRecord, column_mapping,
+    NodeKind, Outcome, RejectionRecord, ResyncFinish, ResyncRecord, Revocation, Rotation,
+    RotationChange, StoreError, StoredRow, VerifiedBatch, VerifyEvent, WriteOp, ZeroUpdateRecord,
+    column_mapping,
 };
 
 const ENROLLMENTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("enrollments_v1");
@@ -52,6 +56,9 @@ const SCHEMAS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("schem
 const BATCHES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("batches_v1");
 const ROWS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("rows_v1");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_v1");
+const REVOCATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("revocations_v1");
+const ROTATIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rotations_v1");
+const AUDIT_CHAIN: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_chain_v1");
 const CATALOGS: TableDefinition<&str, &[u8]> = TableDefinition::new("catalogs_v1");
 const CATALOG_SYNC: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("catalog_sync_v1");
 const RESYNC: TableDefinition<&str, &[u8]> = TableDefinition::new("resync_v1");
@@ -107,6 +114,23 @@ const MIGRATIONS: &[Migration] = &[
         }
         Ok(())
     }),
+    ("0005-audit-chain", |tx| {
+        // Links for the entries written before the log was chained.
+        let audit = tx.open_table(AUDIT)?;
+        let mut chain = tx.open_table(AUDIT_CHAIN)?;
+        let mut prev = audit_chain::GENESIS;
+        for item in audit.iter()? {
+            let (id, bytes) = item?;
+            prev = audit_chain::link(&prev, id.value(), bytes.value());
+            chain.insert(id.value(), prev.as_slice())?;
+        }
+        Ok(())
+    }),
+    ("0006-revocations", |tx| {
+        tx.open_table(REVOCATIONS)?;
+        tx.open_table(ROTATIONS)?;
+        Ok(())
+    }),
 ];
 
 /// What a stored row contributes to its feed's digest: the key as the row
@@ -135,7 +159,7 @@ fn dec<T: DeserializeOwned>(what: impl FnOnce() -> String, bytes: &[u8]) -> Resu
 /// The redb storage engine.
 #[derive(Debug)]
 pub struct RedbBackend {
-    db: Database,
+    file: RedbFile,
     /// Audit entries written since the store opened, by kind and reason.
     counts: std::sync::Mutex<AuditCounts>,
 }
@@ -143,20 +167,44 @@ pub struct RedbBackend {
 impl RedbBackend {
     /// Opens or creates the store file and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = open_redb(path).map_err(|e| match e {
+        let file = RedbFile::open(path, MIGRATIONS).map_err(|e| match e {
             OpenError::AlreadyOpen(p) => StoreError::AlreadyOpen(p.display().to_string()),
             other => StoreError::Storage(other.to_string()),
         })?;
-        let backend = RedbBackend {
-            db,
+        Ok(RedbBackend {
+            file,
             counts: Default::default(),
-        };
-        migrate(&backend.db, MIGRATIONS).map_err(storage)?;
-        Ok(backend)
+        })
     }
 }
 
 impl RedbBackend {
+    /// Every record of a table keyed by node key (`what` names the record
+    /// in a corruption error).
+    fn keyed<T: DeserializeOwned>(
+        &self,
+        definition: TableDefinition<&[u8], &[u8]>,
+        what: &str,
+    ) -> Result<Vec<(NodeId, T)>, StoreError> {
+        let tx = self.file.begin_read().map_err(storage)?;
+        let table = tx.open_table(definition).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let corrupt = |reason: String| StoreError::Corrupt {
+                what: format!("{what} key"),
+                reason,
+            };
+            let bytes: [u8; 32] = k
+                .value()
+                .try_into()
+                .map_err(|_| corrupt("not 32 bytes".into()))?;
+            let id = NodeId::from_bytes(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            out.push((id, dec(|| format!("{what} {id}"), v.value())?));
+        }
+        Ok(out)
+    }
+
     /// One feed's record in a table keyed by feed text (`what` names it in
     /// a corruption error).
     fn feed_record<T: DeserializeOwned>(
@@ -165,7 +213,7 @@ impl RedbBackend {
         feed: &FeedId,
         what: &str,
     ) -> Result<Option<T>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(definition).map_err(storage)?;
         let key = feed.to_string();
         match table.get(key.as_str()).map_err(storage)? {
@@ -175,9 +223,24 @@ impl RedbBackend {
     }
 }
 
+/// The record filed under a node key in a table keyed by node key (`what`
+/// names it in a corruption error).
+fn by_key<T: DeserializeOwned>(
+    table: &Table<'_, &'static [u8], &'static [u8]>,
+    key: &NodeId,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    match table.get(key.as_bytes().as_slice()).map_err(storage)? {
+        Some(v) => Ok(Some(dec(|| format!("{what} {key}"), v.value())?)),
+        None => Ok(None),
+    }
+}
+
 /// The tables one write transaction works on.
 struct Tables<'t> {
     enrollments: Table<'t, &'static [u8], &'static [u8]>,
+    revocations: Table<'t, &'static [u8], &'static [u8]>,
+    rotations: Table<'t, &'static [u8], &'static [u8]>,
     feeds: Table<'t, &'static str, &'static [u8]>,
     schemas: Table<'t, (&'static str, u32), &'static [u8]>,
     batches: Table<'t, (&'static str, u64), &'static [u8]>,
@@ -187,7 +250,10 @@ struct Tables<'t> {
     digests: Table<'t, &'static str, &'static [u8]>,
     verify: Table<'t, &'static str, &'static [u8]>,
     audit: Table<'t, u64, &'static [u8]>,
+    audit_chain: Table<'t, u64, &'static [u8]>,
     next_audit: u64,
+    /// The link of the newest audit entry.
+    audit_head: audit_chain::Link,
     /// What this transaction audited, by kind and reason.
     counted: AuditCounts,
     now: UnixMillis,
@@ -200,8 +266,18 @@ impl<'t> Tables<'t> {
             Some((k, _)) => k.value() + 1,
             None => 1,
         };
+        let audit_chain = tx.open_table(AUDIT_CHAIN).map_err(storage)?;
+        let audit_head = match audit_chain.last().map_err(storage)? {
+            Some((_, v)) => v.value().try_into().map_err(|_| StoreError::Corrupt {
+                what: "the audit chain's last link".into(),
+                reason: format!("{} bytes instead of 32", v.value().len()),
+            })?,
+            None => audit_chain::GENESIS,
+        };
         Ok(Tables {
             enrollments: tx.open_table(ENROLLMENTS).map_err(storage)?,
+            revocations: tx.open_table(REVOCATIONS).map_err(storage)?,
+            rotations: tx.open_table(ROTATIONS).map_err(storage)?,
             feeds: tx.open_table(FEEDS).map_err(storage)?,
             schemas: tx.open_table(SCHEMAS).map_err(storage)?,
             batches: tx.open_table(BATCHES).map_err(storage)?,
@@ -211,7 +287,9 @@ impl<'t> Tables<'t> {
             digests: tx.open_table(DIGESTS).map_err(storage)?,
             verify: tx.open_table(VERIFY).map_err(storage)?,
             audit,
+            audit_chain,
             next_audit,
+            audit_head,
             counted: AuditCounts::new(),
             now: UnixMillis::now(),
         })
@@ -221,8 +299,13 @@ impl<'t> Tables<'t> {
         entry.id = self.next_audit;
         self.next_audit += 1;
         *self.counted.entry((entry.kind, entry.reason)).or_default() += 1;
+        let bytes = enc(&entry)?;
+        self.audit_head = audit_chain::link(&self.audit_head, entry.id, &bytes);
         self.audit
-            .insert(entry.id, enc(&entry)?.as_slice())
+            .insert(entry.id, bytes.as_slice())
+            .map_err(storage)?;
+        self.audit_chain
+            .insert(entry.id, self.audit_head.as_slice())
             .map_err(storage)?;
         Ok(())
     }
@@ -256,14 +339,139 @@ impl<'t> Tables<'t> {
     }
 
     fn enrollment(&self, key: &NodeId) -> Result<Option<Enrollment>, StoreError> {
-        match self
-            .enrollments
-            .get(key.as_bytes().as_slice())
-            .map_err(storage)?
-        {
-            Some(v) => Ok(Some(dec(|| format!("enrollment {key}"), v.value())?)),
-            None => Ok(None),
+        by_key(&self.enrollments, key, "enrollment")
+    }
+
+    fn revocation(&self, key: &NodeId) -> Result<Option<Revocation>, StoreError> {
+        by_key(&self.revocations, key, "revocation")
+    }
+
+    fn rotation(&self, old: &NodeId) -> Result<Option<Rotation>, StoreError> {
+        by_key(&self.rotations, old, "rotation of")
+    }
+
+    fn put_rotation(&mut self, old: &NodeId, r: &Rotation) -> Result<(), StoreError> {
+        self.rotations
+            .insert(old.as_bytes().as_slice(), enc(r)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    /// Records a verified rotation (the new key enrolled as the old one
+    /// was) or retires an old key; whether anything changed.
+    fn rotate(&mut self, change: &RotationChange) -> Result<bool, StoreError> {
+        let (old, detail) = match change {
+            RotationChange::Record {
+                old,
+                new,
+                department,
+            } => {
+                if let Some(r) = self.rotation(old)? {
+                    if r.new == *new {
+                        return Ok(false);
+                    }
+                    return Err(StoreError::AlreadyRotated {
+                        old: *old,
+                        new: r.new,
+                    });
+                }
+                let enrollment = self.enrollment(old)?.ok_or(StoreError::NotEnrolled(*old))?;
+                if enrollment.department != *department || enrollment.kind != NodeKind::Agent {
+                    return Err(StoreError::NotEnrolled(*old));
+                }
+                if let Some(r) = self.revocation(new)? {
+                    return Err(StoreError::Revoked {
+                        key: *new,
+                        at: r.at,
+                        reason: r.reason,
+                    });
+                }
+                if let Some(e) = self.enrollment(new)? {
+                    return Err(StoreError::EnrolledElsewhere {
+                        key: *new,
+                        department: e.department,
+                    });
+                }
+                let successor = Enrollment {
+                    enrolled_at: self.now,
+                    ..enrollment
+                };
+                self.enrollments
+                    .insert(new.as_bytes().as_slice(), enc(&successor)?.as_slice())
+                    .map_err(storage)?;
+                let rotation = Rotation {
+                    new: *new,
+                    department: department.clone(),
+                    at: self.now,
+                    retired: None,
+                };
+                self.put_rotation(old, &rotation)?;
+                (
+                    old,
+                    format!(
+                        "key {old} of department {department} rotated to {new}, announced signed by both keys"
+                    ),
+                )
+            }
+            RotationChange::Retire { old } => {
+                let Some(mut r) = self.rotation(old)?.filter(|r| r.retired.is_none()) else {
+                    return Ok(false);
+                };
+                r.retired = Some(self.now);
+                self.put_rotation(old, &r)?;
+                (
+                    old,
+                    format!(
+                        "key {old} of department {} retired: its successor {} connected",
+                        r.department, r.new
+                    ),
+                )
+            }
+        };
+        let mut entry = AuditEntry::new(AuditKind::KeyRotated, detail);
+        entry.at = self.now;
+        entry.peer = Some(*old);
+        self.audit(entry)?;
+        Ok(true)
+    }
+
+    /// Withdraws an enrolled key: moved from the enrollments to the
+    /// revocations, and audited.
+    fn revoke(&mut self, key: &NodeId, reason: &str) -> Result<Revocation, StoreError> {
+        if let Some(r) = self.revocation(key)? {
+            return Err(StoreError::Revoked {
+                key: *key,
+                at: r.at,
+                reason: r.reason,
+            });
         }
+        let enrollment = self.enrollment(key)?.ok_or(StoreError::NotEnrolled(*key))?;
+        let revocation = Revocation {
+            at: self.now,
+            reason: reason.to_string(),
+            enrollment,
+        };
+        self.enrollments
+            .remove(key.as_bytes().as_slice())
+            .map_err(storage)?;
+        self.revocations
+            .insert(key.as_bytes().as_slice(), enc(&revocation)?.as_slice())
+            .map_err(storage)?;
+        let e = &revocation.enrollment;
+        let mut entry = AuditEntry::new(
+            AuditKind::Revoked,
+            format!(
+                "revoked {} {key} of {} {} ({}): {reason}",
+                if e.is_hub() { "hub key" } else { "key" },
+                if e.is_hub() { "platform" } else { "department" },
+                e.department,
+                e.name
+            ),
+        );
+        entry.at = self.now;
+        entry.peer = Some(*key);
+        self.audit(entry)?;
+        Ok(revocation)
     }
 
     /// Whether the child hub `hub` forwards the department's feeds (an
@@ -1121,13 +1329,19 @@ fn check_content(current: Option<&TableSchema>, entries: &[Entry]) -> Result<(),
 }
 
 impl Backend for RedbBackend {
+    fn reopen(&self) -> Result<(), StoreError> {
+        self.file
+            .reopen()
+            .map_err(|e| StoreError::Storage(e.to_string()))
+    }
+
     fn write(
         &self,
         group: &mut [WriteOp],
         discards: &mut Discards,
         events: &mut Vec<VerifyEvent>,
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(storage)?;
+        let tx = self.file.begin_write().map_err(storage)?;
         let counted = {
             let mut t = Tables::open(&tx)?;
             for op in group.iter_mut() {
@@ -1163,6 +1377,31 @@ impl Backend for RedbBackend {
                         *outcome = Some(result);
                     }
                     WriteOp::Audit(entry) => t.audit(entry.clone())?,
+                    WriteOp::Rotate { change, outcome } => {
+                        *outcome = Some(match t.rotate(change) {
+                            Err(
+                                e @ (StoreError::AlreadyRotated { .. }
+                                | StoreError::NotEnrolled(_)
+                                | StoreError::Revoked { .. }
+                                | StoreError::EnrolledElsewhere { .. }),
+                            ) => Err(e),
+                            other => Ok(other?),
+                        });
+                    }
+                    WriteOp::Revoke {
+                        key,
+                        reason,
+                        outcome,
+                    } => {
+                        // Refusals are the operation's answer; a storage
+                        // error fails the whole group.
+                        *outcome = Some(match t.revoke(key, reason) {
+                            Err(e @ (StoreError::Revoked { .. } | StoreError::NotEnrolled(_))) => {
+                                Err(e)
+                            }
+                            other => Ok(other?),
+                        });
+                    }
                     WriteOp::StartVerify {
                         feed,
                         reason,
@@ -1191,7 +1430,13 @@ impl Backend for RedbBackend {
                         enrollment,
                         outcome,
                     } => {
+                        let revoked = t.revocation(key)?;
                         *outcome = Some(match t.enrollment(key)? {
+                            _ if let Some(r) = revoked => Err(StoreError::Revoked {
+                                key: *key,
+                                at: r.at,
+                                reason: r.reason,
+                            }),
                             Some(old) if old.department != enrollment.department => {
                                 Err(StoreError::EnrolledElsewhere {
                                     key: *key,
@@ -1266,7 +1511,7 @@ impl Backend for RedbBackend {
     }
 
     fn batch(&self, feed: &FeedId, seq: u64) -> Result<Option<SignedBatch>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(BATCHES).map_err(storage)?;
         let key = feed.to_string();
         match table.get((key.as_str(), seq)).map_err(storage)? {
@@ -1276,7 +1521,7 @@ impl Backend for RedbBackend {
     }
 
     fn recent_batches(&self, feed: &FeedId, limit: usize) -> Result<Vec<SignedBatch>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(BATCHES).map_err(storage)?;
         let key = feed.to_string();
         let mut out = Vec::new();
@@ -1293,26 +1538,19 @@ impl Backend for RedbBackend {
     }
 
     fn enrollments(&self) -> Result<Vec<(NodeId, Enrollment)>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
-        let table = tx.open_table(ENROLLMENTS).map_err(storage)?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(storage)? {
-            let (k, v) = item.map_err(storage)?;
-            let bytes: [u8; 32] = k.value().try_into().map_err(|_| StoreError::Corrupt {
-                what: "enrollment key".into(),
-                reason: "not 32 bytes".into(),
-            })?;
-            let id = NodeId::from_bytes(&bytes).map_err(|e| StoreError::Corrupt {
-                what: "enrollment key".into(),
-                reason: e.to_string(),
-            })?;
-            out.push((id, dec(|| format!("enrollment {id}"), v.value())?));
-        }
-        Ok(out)
+        self.keyed(ENROLLMENTS, "enrollment")
+    }
+
+    fn revocations(&self) -> Result<Vec<(NodeId, Revocation)>, StoreError> {
+        self.keyed(REVOCATIONS, "revocation")
+    }
+
+    fn rotations(&self) -> Result<Vec<(NodeId, Rotation)>, StoreError> {
+        self.keyed(ROTATIONS, "rotation")
     }
 
     fn feeds(&self) -> Result<Vec<(FeedId, FeedRecord)>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(FEEDS).map_err(storage)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
@@ -1334,7 +1572,7 @@ impl Backend for RedbBackend {
     }
 
     fn schema(&self, feed: &FeedId, version: u32) -> Result<Option<TableSchema>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(SCHEMAS).map_err(storage)?;
         let key = feed.to_string();
         match table.get((key.as_str(), version)).map_err(storage)? {
@@ -1356,7 +1594,7 @@ impl Backend for RedbBackend {
         feed: &FeedId,
         visit: &mut dyn FnMut(StoredRow) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(ROWS).map_err(storage)?;
         let key = feed.to_string();
         let lo: (&str, &[u8]) = (key.as_str(), &[]);
@@ -1371,7 +1609,7 @@ impl Backend for RedbBackend {
     }
 
     fn audit_scan(&self, visit: &mut dyn FnMut(AuditEntry) -> bool) -> Result<(), StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(AUDIT).map_err(storage)?;
         for item in table.iter().map_err(storage)?.rev() {
             let (k, v) = item.map_err(storage)?;
@@ -1383,7 +1621,7 @@ impl Backend for RedbBackend {
     }
 
     fn catalog(&self, department: &DepartmentCode) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(CATALOGS).map_err(storage)?;
         Ok(table
             .get(department.as_str())
@@ -1392,7 +1630,7 @@ impl Backend for RedbBackend {
     }
 
     fn catalogs(&self) -> Result<Vec<(DepartmentCode, Vec<u8>)>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(CATALOGS).map_err(storage)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
@@ -1411,7 +1649,7 @@ impl Backend for RedbBackend {
         department: &DepartmentCode,
         peer: &NodeId,
     ) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(CATALOG_SYNC).map_err(storage)?;
         Ok(table
             .get((department.as_str(), peer.as_bytes().as_slice()))
@@ -1420,9 +1658,38 @@ impl Backend for RedbBackend {
     }
 
     fn audit_count(&self) -> Result<u64, StoreError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.file.begin_read().map_err(storage)?;
         let table = tx.open_table(AUDIT).map_err(storage)?;
         table.len().map_err(storage)
+    }
+
+    fn audit_verify(
+        &self,
+        expect_head: Option<audit_chain::Link>,
+    ) -> Result<ChainReport, StoreError> {
+        let tx = self.file.begin_read().map_err(storage)?;
+        let audit = tx.open_table(AUDIT).map_err(storage)?;
+        let chain = tx.open_table(AUDIT_CHAIN).map_err(storage)?;
+        let mut check = ChainCheck::new(expect_head);
+        for item in audit.iter().map_err(storage)? {
+            let (id, bytes) = item.map_err(storage)?;
+            let (id, bytes) = (id.value(), bytes.value());
+            let stored = chain.get(id).map_err(storage)?;
+            let readable = decode::<AuditEntry>(bytes).is_ok_and(|e| e.id == id);
+            if !check.entry(id, bytes, stored.as_ref().map(|v| v.value()), readable) {
+                break;
+            }
+        }
+        let mut orphan = Ok(None);
+        let report = check.finish(|from| {
+            orphan = chain
+                .range(from..)
+                .and_then(|mut r| r.next().transpose())
+                .map(|l| l.map(|(k, _)| k.value()));
+            orphan.as_ref().ok().copied().flatten()
+        });
+        orphan.map_err(storage)?;
+        Ok(report)
     }
 }
 
