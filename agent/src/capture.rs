@@ -7,7 +7,9 @@
 //! zero-update is sealed only from a read that saw every pending change, so
 //! it never claims "no changes" while changes wait; when the outbox is full,
 //! capture stops reading (changes wait in the source, nothing is dropped)
-//! until acks make room.
+//! until acks make room; when a commit fails (a full disk), nothing it would
+//! change is adopted, and the same commit is written again before the
+//! source is read any further.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -91,6 +93,56 @@ pub struct CaptureLoop {
     last_run: u64,
     /// When each resource is next compared with the hub on schedule.
     next_scan: Vec<Option<UnixMillis>>,
+    /// A commit that failed, to be written again before anything else.
+    unsaved: Option<Unsaved>,
+}
+
+/// A commit built from a source read that did not reach the outbox (a
+/// full disk). The source has already moved past that read (reported its
+/// table shapes, answered probes, streamed the log), so reading it again
+/// would not give the same entries: the commit is kept and written again
+/// as it is, and what it makes current is adopted only once it is durable.
+#[derive(Debug)]
+struct Unsaved {
+    commit: Commit,
+    /// Every feed's state after the commit.
+    feeds: Vec<(FeedId, FeedState)>,
+    /// Every feed's digest after the commit, and the feeds that carried a
+    /// checkpoint.
+    digests: Option<(Vec<FeedDigest>, Vec<usize>)>,
+    /// More changes were waiting after the read.
+    more: bool,
+}
+
+/// Applies acks to feed states; returns what they let the outbox prune.
+fn apply_acks(feeds: &mut [(FeedId, FeedState)], acks: &[AckNote]) -> Vec<(FeedId, u64)> {
+    let mut prune: BTreeMap<usize, u64> = BTreeMap::new();
+    for note in acks {
+        if let Some(i) = feeds.iter().position(|(f, _)| *f == note.feed) {
+            let state = &mut feeds[i].1;
+            if note.seq > state.acked {
+                state.acked = note.seq;
+                state.last_ack_at = Some(note.at);
+                prune.insert(i, note.seq);
+            }
+        }
+    }
+    prune
+        .iter()
+        .map(|(&i, &seq)| (feeds[i].0.clone(), seq))
+        .collect()
+}
+
+/// The feed states of `new` that differ from `old`.
+fn changed_feeds(
+    new: &[(FeedId, FeedState)],
+    old: &[(FeedId, FeedState)],
+) -> Vec<(FeedId, FeedState)> {
+    new.iter()
+        .zip(old)
+        .filter(|(new, old)| new.1 != old.1)
+        .map(|(new, _)| new.clone())
+        .collect()
 }
 
 impl std::fmt::Debug for CaptureLoop {
@@ -212,6 +264,7 @@ impl CaptureLoop {
             probes_pending: false,
             last_run: 0,
             next_scan: Vec::new(),
+            unsaved: None,
         })
     }
 
@@ -276,9 +329,11 @@ impl CaptureLoop {
             (self.position.clone(), self.totals, self.skipped_null_keys);
         let catalog = &self.catalog;
         let report = self.source.report(&position);
+        let write_failure = self.outbox.write_failure();
         self.status.update(|s| {
             s.apply_feeds(&config, feeds, Some(catalog));
             s.apply_totals(totals);
+            s.outbox.write_failure = write_failure;
             s.source.position = report.position;
             s.source.backlog_unit = report.backlog_unit.to_string();
             s.source.alarm = report.alarm;
@@ -404,23 +459,16 @@ impl CaptureLoop {
             }
         }
 
-        let mut feeds = self.feeds.clone();
-        let mut commit = Commit::default();
-        let mut prune: BTreeMap<usize, u64> = BTreeMap::new();
-        for note in self.pending_acks.drain(..) {
-            if let Some(i) = feeds.iter().position(|(f, _)| *f == note.feed) {
-                let state = &mut feeds[i].1;
-                if note.seq > state.acked {
-                    state.acked = note.seq;
-                    state.last_ack_at = Some(note.at);
-                    prune.insert(i, note.seq);
-                }
-            }
+        if let Some(unsaved) = self.unsaved.take() {
+            return self.save_again(unsaved, now);
         }
-        commit.prune = prune
-            .iter()
-            .map(|(&i, &seq)| (feeds[i].0.clone(), seq))
-            .collect();
+
+        // The acks stay pending until a commit that holds them is built.
+        let mut feeds = self.feeds.clone();
+        let mut commit = Commit {
+            prune: apply_acks(&mut feeds, &self.pending_acks),
+            ..Commit::default()
+        };
 
         let paused = self.totals.bytes >= self.config.outbox.max_bytes;
         let mut more = false;
@@ -444,9 +492,15 @@ impl CaptureLoop {
                     // Keep the acks even when the source is unreadable, so
                     // the outbox still drains.
                     if !commit.prune.is_empty() {
-                        commit.feeds = feeds.clone();
-                        self.totals = self.outbox.commit(&commit)?;
-                        self.feeds = feeds;
+                        commit.feeds = changed_feeds(&feeds, &self.feeds);
+                        self.pending_acks.clear();
+                        let unsaved = Unsaved {
+                            commit,
+                            feeds,
+                            digests: None,
+                            more: false,
+                        };
+                        self.save(unsaved, now)?;
                     }
                     return Err(e.into());
                 }
@@ -587,24 +641,50 @@ impl CaptureLoop {
                     commit.appended.push((feed.clone(), seq, bytes));
                 }
             }
+            // No read transaction may outlive the read: a failed commit
+            // reopens the file.
+            drop(seeds);
             if read.position != self.position {
                 new_position = Some(read.position);
             }
             new_digests = Some((digests, checkpointed));
         }
-        commit.position = new_position.clone();
+        commit.position = new_position;
+        // Acks that prune nothing are old news; the others are in `commit`.
+        self.pending_acks.clear();
         if commit.is_empty() {
             return Ok(more);
         }
-        commit.feeds = feeds
-            .iter()
-            .zip(&self.feeds)
-            .filter(|(new, old)| new.1 != old.1)
-            .map(|(new, _)| new.clone())
-            .collect();
-        self.totals = self.outbox.commit(&commit)?;
+        commit.feeds = changed_feeds(&feeds, &self.feeds);
+        self.save(
+            Unsaved {
+                commit,
+                feeds,
+                digests: new_digests,
+                more,
+            },
+            now,
+        )
+    }
+
+    /// Writes a commit and makes what it holds current; if the write fails,
+    /// keeps it to be written again and changes nothing else.
+    fn save(&mut self, unsaved: Unsaved, now: UnixMillis) -> Result<bool, CaptureError> {
+        match self.outbox.commit(&unsaved.commit) {
+            Ok(totals) => self.totals = totals,
+            Err(e) => {
+                self.unsaved = Some(unsaved);
+                return Err(e.into());
+            }
+        }
+        let Unsaved {
+            commit,
+            feeds,
+            digests,
+            more,
+        } = unsaved;
         self.feeds = feeds;
-        if let Some((digests, checkpointed)) = new_digests {
+        if let Some((digests, checkpointed)) = digests {
             self.digests = digests;
             for i in checkpointed {
                 self.last_checkpoint[i] = Some(now);
@@ -613,10 +693,229 @@ impl CaptureLoop {
         if !commit.appended.is_empty() {
             self.sealed.notify_one();
         }
-        if let Some(p) = new_position {
+        if let Some(p) = commit.position {
             self.position = p;
             self.try_release(now);
         }
         Ok(more)
+    }
+
+    /// Writes a commit that failed before. Acks that came meanwhile are
+    /// committed first, on their own: on a full disk, the pages they free
+    /// may be just what the waiting batches need.
+    fn save_again(&mut self, mut unsaved: Unsaved, now: UnixMillis) -> Result<bool, CaptureError> {
+        let mut feeds = self.feeds.clone();
+        let prune = apply_acks(&mut feeds, &self.pending_acks);
+        if !prune.is_empty() {
+            let acks = Commit {
+                prune,
+                feeds: changed_feeds(&feeds, &self.feeds),
+                ..Commit::default()
+            };
+            match self.outbox.commit(&acks) {
+                Ok(totals) => self.totals = totals,
+                Err(e) => {
+                    self.unsaved = Some(unsaved);
+                    return Err(e.into());
+                }
+            }
+            apply_acks(&mut unsaved.feeds, &self.pending_acks);
+            self.feeds = feeds;
+            unsaved.commit.feeds = changed_feeds(&unsaved.feeds, &self.feeds);
+        }
+        self.pending_acks.clear();
+        self.save(unsaved, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::Sender;
+
+    use shuyuan_protocol::{Entry, SignedBatch};
+
+    use super::*;
+    use crate::outbox::testing;
+    use crate::status::AgentStatus;
+
+    /// A capture loop over a SQLite table with three rows waiting, whose
+    /// outbox is on a disk that fills while the flag is set.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        db: rusqlite::Connection,
+        full: Arc<AtomicBool>,
+        outbox: Outbox,
+        inbox: Sender<CaptureInput>,
+        status: StatusBoard,
+        capture: CaptureLoop,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = NodeKey::from_seed([1; 32]).id();
+        let text = format!(
+            "[agent]\ndepartment = \"GA\"\n[hub]\naddress = \"127.0.0.1:1\"\nkey = \"{hub}\"\n\
+             [source]\nkind = \"sqlite\"\npath = \"dept.db\"\n\
+             [[resource]]\ncode = \"101001/00001\"\nname = \"常住人口\"\ntable = \"household\"\nkey = [\"id\"]\nupdate_cycle = \"daily\"\n"
+        );
+        let config = Arc::new(Config::parse(&dir.path().join("agent.toml"), &text).unwrap());
+        let db = rusqlite::Connection::open(dir.path().join("dept.db")).unwrap();
+        db.execute_batch(
+            "CREATE TABLE household (id TEXT PRIMARY KEY, name TEXT);
+             INSERT INTO household VALUES ('1', '甲'), ('2', '乙'), ('3', '丙');",
+        )
+        .unwrap();
+        crate::source::sqlite::install_triggers(
+            &dir.path().join("dept.db"),
+            Duration::from_secs(1),
+            &config.resources,
+        )
+        .unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let outbox =
+            Outbox::open_with(&config.outbox_path(), testing::opener(full.clone())).unwrap();
+        outbox.set_reopen_interval(Duration::ZERO);
+        let node = NodeKey::from_seed([2; 32]);
+        let catalog = Catalog::open(&config, node.id()).unwrap();
+        let status = StatusBoard::new(AgentStatus::initial(&config, node.id().to_string(), true));
+        let (inbox, inbox_rx) = std::sync::mpsc::channel();
+        let capture = CaptureLoop::new(
+            config.clone(),
+            node,
+            outbox.clone(),
+            source::open(&config).unwrap(),
+            CaptureLinks {
+                inbox: inbox_rx,
+                sealed: Arc::new(Notify::new()),
+                status: status.clone(),
+                catalog,
+            },
+        )
+        .unwrap();
+        Rig {
+            _dir: dir,
+            db,
+            full,
+            outbox,
+            inbox,
+            status,
+            capture,
+        }
+    }
+
+    fn entries(outbox: &Outbox, seq: u64) -> Vec<Entry> {
+        let feed = "GA:101001/00001".parse().unwrap();
+        let batch: SignedBatch = outbox.batch(&feed, seq).unwrap().unwrap();
+        batch.open().unwrap().entries
+    }
+
+    fn changes(entries: &[Entry]) -> usize {
+        entries
+            .iter()
+            .filter(|e| matches!(e, Entry::Change(_)))
+            .count()
+    }
+
+    #[test]
+    fn a_commit_that_failed_is_written_again_as_it_was() {
+        let mut r = rig();
+        r.full.store(true, Ordering::SeqCst);
+        let now = UnixMillis::now();
+        // The first read reports the table's shape and the three rows; the
+        // source will not report that shape again.
+        let e = r.capture.step(now).unwrap_err();
+        assert!(
+            matches!(e, CaptureError::Outbox(OutboxError::Io { .. })),
+            "{e}"
+        );
+        for _ in 0..3 {
+            assert!(r.capture.step(now).is_err(), "the disk is still full");
+        }
+        // Nothing of the failed commit is current: not the position, not the
+        // feed (no schema, no batch), not the digest.
+        assert_eq!(r.capture.position, "0");
+        assert_eq!(r.capture.feeds[0].1, FeedState::default());
+        assert_eq!(r.capture.digests[0], FeedDigest::default());
+        assert_eq!(r.capture.totals, Totals::default());
+        r.capture.publish(Some(e.to_string()), None);
+        let s = r.status.snapshot();
+        let failure = s.outbox.write_failure.clone().expect("status reports it");
+        assert!(failure.error.contains("No space left"), "{failure:?}");
+        assert_eq!(s.source.backlog, 3, "the changes wait in the source");
+        let text = s.render();
+        assert!(
+            text.contains("OUTBOX CANNOT WRITE since")
+                && text.contains("capture paused, source changes wait in the source"),
+            "{text}"
+        );
+
+        // The department writes on while the disk is full.
+        r.db.execute("INSERT INTO household VALUES ('4', '丁')", [])
+            .unwrap();
+        r.full.store(false, Ordering::SeqCst);
+        r.capture.step(now).unwrap();
+        assert_eq!(r.capture.position, "3");
+        let state = r.capture.feeds[0].1.clone();
+        assert_eq!(state.head.last_seq, 1);
+        assert_eq!(state.schema.as_ref().map(|s| s.version), Some(1));
+        assert_eq!(r.outbox.feeds().unwrap().values().next(), Some(&state));
+        assert_eq!(r.outbox.position().unwrap().as_deref(), Some("3"));
+        let first = entries(&r.outbox, 1);
+        assert!(
+            matches!(first.first(), Some(Entry::Schema(_))),
+            "the shape read before the failure is in the first batch: {first:?}"
+        );
+        assert_eq!(changes(&first), 3);
+        assert_eq!(r.outbox.write_failure(), None);
+        r.capture.publish(None, Some(now));
+        assert_eq!(r.status.snapshot().outbox.write_failure, None);
+        assert!(!r.status.snapshot().render().contains("OUTBOX CANNOT WRITE"));
+
+        r.capture.step(now).unwrap();
+        assert_eq!(r.capture.position, "4");
+        assert_eq!(changes(&entries(&r.outbox, 2)), 1);
+        assert_eq!(r.capture.feeds[0].1.head.last_seq, 2);
+    }
+
+    #[test]
+    fn acks_that_arrive_while_a_commit_waits_are_kept() {
+        let mut r = rig();
+        let now = UnixMillis::now();
+        r.capture.step(now).unwrap();
+        let feed: FeedId = "GA:101001/00001".parse().unwrap();
+        assert_eq!(r.capture.feeds[0].1.head.last_seq, 1);
+
+        r.db.execute("INSERT INTO household VALUES ('4', '丁')", [])
+            .unwrap();
+        r.full.store(true, Ordering::SeqCst);
+        assert!(r.capture.step(now).is_err());
+        let ack = |seq| {
+            CaptureInput::Ack(AckNote {
+                feed: feed.clone(),
+                seq,
+                at: now,
+            })
+        };
+        r.inbox.send(ack(1)).unwrap();
+        assert!(
+            r.capture.step(now).is_err(),
+            "the acks cannot be written either"
+        );
+        assert_eq!(r.capture.feeds[0].1.acked, 0);
+
+        r.full.store(false, Ordering::SeqCst);
+        r.capture.step(now).unwrap();
+        let state = r.capture.feeds[0].1.clone();
+        assert_eq!((state.head.last_seq, state.acked), (2, 1));
+        assert_eq!(r.outbox.feeds().unwrap()[&feed], state);
+        assert_eq!(
+            r.outbox.first_seq(&feed).unwrap(),
+            Some(2),
+            "batch 1 pruned"
+        );
+        assert_eq!(r.outbox.totals().unwrap().batches, 1);
+        assert_eq!(r.capture.position, "4");
+        assert_eq!(changes(&entries(&r.outbox, 2)), 1);
     }
 }

@@ -16,15 +16,15 @@
 //! `catalog_sync_v1`: peer key (text) -> automerge sync state.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use automerge::sync;
-use redb::{Database, ReadableDatabase, TableDefinition};
+use redb::TableDefinition;
 use shuyuan_protocol::catalog::doc::{CatalogDoc, CatalogError, Sender, submit};
 use shuyuan_protocol::catalog::form::{self, FormError, FormErrors, set_field};
 use shuyuan_protocol::catalog::{CatalogEntry, DataItem, EntryState, Lifecycle, Problem, Review};
-use shuyuan_protocol::service::{Migration, OpenError, migrate, open_redb};
+use shuyuan_protocol::service::{Migration, OpenError, RedbFile, needs_reopen};
 use shuyuan_protocol::{
     DepartmentCode, NodeId, ResourceCode, TableSchema, UnixMillis, UpdateCycle,
 };
@@ -61,8 +61,48 @@ fn storage(e: impl Into<redb::Error>) -> CatalogStoreError {
     CatalogStoreError::Storage(e.into().to_string())
 }
 
+/// The catalog's file. An I/O error (a full disk) makes redb refuse every
+/// later operation on the handle, so the next operation opens the file
+/// again first: the catalog works again by itself once space returns.
+struct Db {
+    file: RedbFile,
+    reopen: AtomicBool,
+}
+
+impl Db {
+    fn ready(&self) -> Result<&RedbFile, CatalogStoreError> {
+        if self.reopen.load(Ordering::Acquire) {
+            self.file.reopen().map_err(|e| {
+                CatalogStoreError::Storage(format!(
+                    "cannot open the catalog again after an I/O error: {e}"
+                ))
+            })?;
+            self.reopen.store(false, Ordering::Release);
+            tracing::info!(path = %self.file.path().display(), "catalog file opened again after an I/O error");
+        }
+        Ok(&self.file)
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, CatalogStoreError> {
+        self.ready()?.begin_read().map_err(|e| self.err(e))
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, CatalogStoreError> {
+        self.ready()?.begin_write().map_err(|e| self.err(e))
+    }
+
+    /// A storage error; one that closed the handle asks for a reopen.
+    fn err(&self, e: impl Into<redb::Error>) -> CatalogStoreError {
+        let e = e.into();
+        if needs_reopen(&e) {
+            self.reopen.store(true, Ordering::Release);
+        }
+        storage(e)
+    }
+}
+
 struct Inner {
-    db: Database,
+    db: Db,
     doc: CatalogDoc,
     department: DepartmentCode,
     resources: Vec<ResourceConfig>,
@@ -135,17 +175,20 @@ impl Catalog {
     /// draft entry for every shared table that has none.
     pub fn open(config: &Config, node: NodeId) -> Result<Catalog, CatalogStoreError> {
         let path = config.data_dir.join("catalog.redb");
-        let db = open_db(&path)?;
+        Catalog::open_on(config, node, open_db(RedbFile::open(&path, MIGRATIONS))?)
+    }
+
+    fn open_on(config: &Config, node: NodeId, db: Db) -> Result<Catalog, CatalogStoreError> {
         let department = config.department.clone();
         let stored = {
-            let tx = db.begin_read().map_err(storage)?;
+            let tx = db.begin_read()?;
             match tx.open_table(DOC) {
                 Ok(t) => t
                     .get(department.as_str())
-                    .map_err(storage)?
+                    .map_err(|e| db.err(e))?
                     .map(|v| v.value().to_vec()),
                 Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(storage(e)),
+                Err(e) => return Err(db.err(e)),
             }
         };
         let doc = match stored {
@@ -195,12 +238,13 @@ impl Catalog {
         if result.changed() {
             let bytes = inner.doc.save();
             let department = inner.department.clone();
-            let tx = inner.db.begin_write().map_err(storage)?;
+            let db = &inner.db;
+            let tx = db.begin_write()?;
             tx.open_table(DOC)
-                .map_err(storage)?
+                .map_err(|e| db.err(e))?
                 .insert(department.as_str(), bytes.as_slice())
-                .map_err(storage)?;
-            tx.commit().map_err(storage)?;
+                .map_err(|e| db.err(e))?;
+            tx.commit().map_err(|e| db.err(e))?;
             drop(inner);
             self.changed.notify_one();
         }
@@ -406,14 +450,15 @@ impl Catalog {
     pub fn begin_sync(&self, peer: &NodeId) -> Result<(), CatalogStoreError> {
         let mut inner = self.lock();
         let stored = {
-            let tx = inner.db.begin_read().map_err(storage)?;
+            let db = &inner.db;
+            let tx = db.begin_read()?;
             match tx.open_table(SYNC) {
                 Ok(t) => t
                     .get(peer.to_string().as_str())
-                    .map_err(storage)?
+                    .map_err(|e| db.err(e))?
                     .map(|v| v.value().to_vec()),
                 Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(storage(e)),
+                Err(e) => return Err(db.err(e)),
             }
         };
         let state = stored
@@ -447,18 +492,18 @@ impl Catalog {
         let before = doc.heads();
         doc.receive_checked(state, message, Sender::Platform)?;
         let after = doc.heads();
-        let tx = db.begin_write().map_err(storage)?;
+        let tx = db.begin_write()?;
         if before != after {
             tx.open_table(DOC)
-                .map_err(storage)?
+                .map_err(|e| db.err(e))?
                 .insert(department.as_str(), doc.save().as_slice())
-                .map_err(storage)?;
+                .map_err(|e| db.err(e))?;
         }
         tx.open_table(SYNC)
-            .map_err(storage)?
+            .map_err(|e| db.err(e))?
             .insert(peer.to_string().as_str(), state.encode().as_slice())
-            .map_err(storage)?;
-        tx.commit().map_err(storage)?;
+            .map_err(|e| db.err(e))?;
+        tx.commit().map_err(|e| db.err(e))?;
         Ok(())
     }
 }
@@ -681,13 +726,15 @@ const MIGRATIONS: &[Migration] = &[("0001-create-tables", |tx| {
     Ok(())
 })];
 
-fn open_db(path: &Path) -> Result<Database, CatalogStoreError> {
-    let db = open_redb(path).map_err(|e| match e {
+fn open_db(file: Result<RedbFile, OpenError>) -> Result<Db, CatalogStoreError> {
+    let file = file.map_err(|e| match e {
         OpenError::AlreadyOpen(p) => CatalogStoreError::AlreadyOpen(p.display().to_string()),
         other => CatalogStoreError::Storage(other.to_string()),
     })?;
-    migrate(&db, MIGRATIONS).map_err(storage)?;
-    Ok(db)
+    Ok(Db {
+        file,
+        reopen: AtomicBool::new(false),
+    })
 }
 
 #[cfg(test)]
@@ -695,6 +742,7 @@ mod tests {
     use super::*;
     use shuyuan_protocol::Column;
     use shuyuan_protocol::catalog::{ResourceClass, ShareMethod};
+    use std::path::Path;
 
     fn config(dir: &Path) -> Config {
         let hub = shuyuan_protocol::NodeKey::from_seed([1; 32]).id();
@@ -719,6 +767,43 @@ mod tests {
                 .collect(),
             key: vec![0],
         }
+    }
+
+    #[test]
+    fn a_full_disk_fails_an_edit_and_the_next_one_reopens_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let node = shuyuan_protocol::NodeKey::from_seed([2; 32]).id();
+        let full = Arc::new(AtomicBool::new(false));
+        let path = config.data_dir.join("catalog.redb");
+        let file = RedbFile::open_with(
+            &path,
+            MIGRATIONS,
+            crate::outbox::testing::opener(full.clone()),
+        );
+        let catalog = Catalog::open_on(&config, node, open_db(file).unwrap()).unwrap();
+        full.store(true, Ordering::SeqCst);
+        let err = catalog
+            .set("101001/00001", "summary", "户籍登记", UnixMillis(1))
+            .unwrap_err();
+        assert!(err.to_string().contains("No space left"), "{err}");
+        // Still full: the reopen or the write fails again, and says why.
+        let err = catalog
+            .set("101001/00001", "provider", "公安分局", UnixMillis(2))
+            .unwrap_err();
+        assert!(matches!(err, CatalogStoreError::Storage(_)), "{err}");
+        full.store(false, Ordering::SeqCst);
+        catalog
+            .set("101001/00001", "provider", "公安分局", UnixMillis(3))
+            .unwrap();
+        catalog.begin_sync(&node).unwrap();
+        drop(catalog);
+        let catalog = Catalog::open(&config, node).unwrap();
+        let (entry, _) = catalog.entry("101001/00001").unwrap();
+        // The edit made while full stayed in memory and was stored with the
+        // next one.
+        assert_eq!(entry.summary, "户籍登记");
+        assert_eq!(entry.provider, "公安分局");
     }
 
     #[test]

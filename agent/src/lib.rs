@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod config;
 pub mod digest;
 pub mod outbox;
+pub mod rotation;
 pub mod seal;
 pub mod source;
 pub mod status;
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use shuyuan_protocol::catalog::CatalogEntry;
 use shuyuan_protocol::control;
 use shuyuan_protocol::identity::IdentityError;
-use shuyuan_protocol::{NodeId, NodeKey, UnixMillis};
+use shuyuan_protocol::{NodeId, UnixMillis};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +44,8 @@ use crate::uplink::Uplink;
 pub enum StartError {
     #[error("{0} (create the key with `shuyuan-agent init`)")]
     Key(IdentityError),
+    #[error(transparent)]
+    Keys(rotation::KeysError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error(transparent)]
@@ -103,7 +106,14 @@ impl Agent {
     /// the control socket.
     pub async fn start(config: Config) -> Result<Agent, StartError> {
         let config = Arc::new(config);
-        let key = NodeKey::load(&config.key_file).map_err(StartError::Key)?;
+        let keys = rotation::load(&config).map_err(|e| match e {
+            rotation::KeysError::Key(e) => StartError::Key(e),
+            other => StartError::Keys(other),
+        })?;
+        if let Some(p) = keys.pending.as_ref().and_then(|p| p.open().ok()) {
+            tracing::info!(old = %p.old, new = %p.new, "a key rotation (密钥轮换) is pending: signing with the new key, announcing it to the hub");
+        }
+        let key = keys.identity.clone();
         let outbox = Outbox::open(&config.outbox_path())?;
         let catalog = Catalog::open(&config, key.id())?;
         for r in &config.resources {
@@ -125,7 +135,7 @@ impl Agent {
         let (inbox_tx, inbox_rx) = std::sync::mpsc::channel();
         let capture = CaptureLoop::new(
             config.clone(),
-            key.clone(),
+            keys.signing.clone(),
             outbox.clone(),
             source,
             CaptureLinks {
@@ -154,7 +164,7 @@ impl Agent {
         let node = key.id();
         let uplink = Uplink {
             config: config.clone(),
-            key,
+            keys: std::sync::Mutex::new((key, keys.pending)),
             outbox,
             capture: inbox_tx.clone(),
             sealed,

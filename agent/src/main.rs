@@ -51,6 +51,9 @@ enum Command {
     },
     /// Run the agent: capture, seal, buffer and push changes until SIGTERM or Ctrl-C.
     Run,
+    /// Replace the agent's key (密钥轮换): create the next key and announce it signed by the
+    /// current one; the agent announces it when it (re)starts and switches once the hub confirms.
+    RotateKey,
     /// Show the live state: hub link, outbox depth, last ack, next zero-update (零更新) per resource.
     Status {
         /// Print JSON instead of text.
@@ -172,6 +175,16 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { key_only } => init(&cli.config, key_only),
+        Command::RotateKey => {
+            let config = Config::load(&cli.config)?;
+            let body = shuyuan_agent::rotation::begin(&config)?;
+            println!(
+                "next key {} created to replace {} (密钥轮换); restart the agent to announce it: \
+                 it signs new batches with the next key from then on and switches to it once the hub confirms",
+                body.new, body.old
+            );
+            Ok(())
+        }
         Command::Run => {
             let config = Config::load(&cli.config)?;
             tokio::runtime::Runtime::new()?.block_on(serve(config))

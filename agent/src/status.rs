@@ -10,7 +10,7 @@ use shuyuan_protocol::{FeedId, UnixMillis};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::outbox::{FeedState, Outbox, OutboxError, Totals};
+use crate::outbox::{FeedState, Outbox, OutboxError, Totals, WriteFailure};
 use shuyuan_protocol::catalog::EntryState;
 
 /// The state of the link to the hub.
@@ -87,6 +87,10 @@ pub struct OutboxStatus {
     pub batches: u64,
     pub bytes: u64,
     pub limit_bytes: u64,
+    /// Set while the outbox file cannot be written (a full disk): capture
+    /// is paused and changes wait in the source.
+    #[serde(default)]
+    pub write_failure: Option<WriteFailure>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +165,7 @@ impl AgentStatus {
                 batches: 0,
                 bytes: 0,
                 limit_bytes: config.outbox.max_bytes,
+                write_failure: None,
             },
             resources: config
                 .resources
@@ -316,6 +321,17 @@ impl AgentStatus {
             self.outbox.limit_bytes,
             100.0 * self.outbox.bytes as f64 / self.outbox.limit_bytes.max(1) as f64
         );
+        if let Some(f) = &self.outbox.write_failure {
+            let _ = writeln!(
+                s,
+                "         OUTBOX CANNOT WRITE since {}: {}; capture paused, source changes wait in the source ({} failed writes, file reopened {} times; retried every {}s)",
+                f.since,
+                f.error,
+                f.failed_writes,
+                f.reopens,
+                crate::outbox::REOPEN_INTERVAL.as_secs()
+            );
+        }
         let _ = writeln!(s, "resources");
         for r in &self.resources {
             let _ = writeln!(

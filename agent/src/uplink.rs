@@ -19,6 +19,7 @@ use shuyuan_protocol::message::{
     AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, VerifyRefusal,
 };
 use shuyuan_protocol::quic::{self, DialError, QuicError};
+use shuyuan_protocol::rotation::{KeyRotated, KeyRotation};
 use shuyuan_protocol::window::{SendWindow, WindowError};
 use shuyuan_protocol::{FeedId, Message, MessageV1, NodeKey, UnixMillis};
 use tokio::sync::{Notify, mpsc};
@@ -28,6 +29,7 @@ use crate::capture::{AckNote, CaptureInput, CaptureRequest};
 use crate::catalog::{Catalog, CatalogStoreError};
 use crate::config::Config;
 use crate::outbox::{Outbox, OutboxError};
+use crate::rotation;
 use crate::source::Probe;
 use crate::status::{LinkState, StatusBoard};
 
@@ -63,7 +65,9 @@ enum SessionError {
 #[derive(Debug)]
 pub struct Uplink {
     pub config: Arc<Config>,
-    pub key: NodeKey,
+    /// The key to connect with, and a key rotation to announce first on
+    /// every connection until the hub confirms it.
+    pub keys: std::sync::Mutex<(NodeKey, Option<KeyRotation>)>,
     pub outbox: Outbox,
     /// Acks, and the hub's comparison requests, go to the capture loop.
     pub capture: Sender<CaptureInput>,
@@ -75,7 +79,6 @@ pub struct Uplink {
 /// One uplink connection attempt after another (see [`link::keep_connected`]).
 struct Link<'a> {
     uplink: &'a Uplink,
-    client: quinn::ClientConfig,
     cancel: &'a CancellationToken,
 }
 
@@ -88,8 +91,12 @@ impl link::Session for Link<'_> {
         established: &mut bool,
     ) -> Result<(), SessionError> {
         self.uplink.set_link(LinkState::Connecting, None);
+        // Built for each attempt: a confirmed key rotation changes the key.
+        let key = self.uplink.identity().0;
+        let client = quic::client_config(&key, self.uplink.config.hub.key)
+            .map_err(|e| SessionError::Setup(e.to_string()))?;
         self.uplink
-            .session(&self.client, endpoint, self.cancel, established)
+            .session(&client, endpoint, self.cancel, established)
             .await
     }
 
@@ -117,20 +124,43 @@ impl link::Session for Link<'_> {
 impl Uplink {
     /// Connects, streams, reconnects; until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
-        let client = match quic::client_config(&self.key, self.config.hub.key) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot configure QUIC; the uplink is not running");
-                self.set_link(LinkState::Disconnected, Some(e.to_string()));
-                return;
-            }
-        };
         let link = Link {
             uplink: &self,
-            client,
             cancel: &cancel,
         };
         link::keep_connected(&link, &cancel).await;
+    }
+
+    /// The key to connect with and the rotation still to announce.
+    fn identity(&self) -> (NodeKey, Option<KeyRotation>) {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The hub recorded the rotation: the next key becomes current.
+    fn rotated(&self, r: &KeyRotated) -> Result<(), SessionError> {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(pending) = keys.1.as_ref().and_then(|p| p.open().ok()) else {
+            return Ok(());
+        };
+        if (pending.old, pending.new) != (r.old, r.new) {
+            return Err(SessionError::Protocol(format!(
+                "the hub confirmed a rotation {} -> {} that this agent did not announce",
+                r.old, r.new
+            )));
+        }
+        let key = rotation::finish(&self.config).map_err(|e| SessionError::Setup(e.to_string()))?;
+        tracing::info!(old = %r.old, new = %r.new, "the hub confirmed the key rotation (密钥轮换); the new key is now the agent's key");
+        let text = key.id().to_string();
+        *keys = (key, None);
+        drop(keys);
+        self.status.update(|s| s.node = text);
+        Ok(())
     }
 
     /// Records the link state. `since` is when the link last went up or
@@ -159,13 +189,11 @@ impl Uplink {
                     self.config.file.display()
                 ))
             } else {
+                let key = self.identity().0.id();
                 SessionError::Auth(format!(
-                    "authentication failed: the hub at {} refused this agent's key {}. \
-                     Ask the hub administrator to run: shuyuan-hub enroll --department {} --name \"<department name>\" {}",
-                    self.config.hub.address,
-                    self.key.id(),
-                    self.config.department,
-                    self.key.id()
+                    "authentication failed: the hub at {} refused this agent's key {key}. \
+                     Ask the hub administrator to run: shuyuan-hub enroll --department {} --name \"<department name>\" {key}",
+                    self.config.hub.address, self.config.department,
                 ))
             }
         } else {
@@ -231,6 +259,13 @@ impl Uplink {
                 other => SessionError::Protocol(format!("answering Hello: {other}")),
             })?;
         self.check_chains(&welcome.feeds)?;
+        // Before any batch: those sealed since the rotation are signed by
+        // the new key, which the hub learns of here.
+        if let Some(rotation) = self.identity().1 {
+            quic::write_message(&mut send, &MessageV1::KeyRotation(rotation).into())
+                .await
+                .map_err(|e| self.quic_error(e))?;
+        }
         let local = self.outbox.feeds()?;
         let (mut window, prune) = SendWindow::start(
             &welcome.feeds,
@@ -306,7 +341,8 @@ impl Uplink {
                         outbox_batches: s.outbox.batches,
                         outbox_bytes: s.outbox.bytes,
                         outbox_limit_bytes: s.outbox.limit_bytes,
-                        capture_paused: s.source.paused_outbox_full,
+                        capture_paused: s.source.paused_outbox_full
+                            || s.outbox.write_failure.is_some(),
                     };
                     quic::write_message(&mut send, &MessageV1::Report(r).into())
                         .await
@@ -334,6 +370,7 @@ impl Uplink {
                 }
                 Ok(())
             }
+            MessageV1::KeyRotated(r) => self.rotated(&r),
             MessageV1::Reject(r) => {
                 self.record_rejection(&r);
                 let Some(feed) = r.feed else {

@@ -1095,6 +1095,15 @@ impl PgSource {
             covered.hi = Some(first_not_kept);
         }
         rows.retain(|k, _| covered.contains(k));
+        tracing::debug!(
+            run = probe.run,
+            range = %covered,
+            rows = rows.len(),
+            high,
+            at = self.pos.lsn,
+            ?snapshot,
+            "probe rows read"
+        );
         self.probe_chunk = Some(ProbeChunk {
             probe,
             snapshot,
@@ -1158,6 +1167,13 @@ impl PgSource {
             self.probes.remove(at);
             return Ok(());
         }
+        tracing::debug!(
+            run = chunk.probe.run,
+            rows = chunk.rows.len(),
+            high = chunk.high,
+            at = self.pos.lsn,
+            "probe answered"
+        );
         let schema = self.tables[i].shape.clone();
         let mut reader = ranges::Rows(&chunk.rows);
         let mut part = Probe {
@@ -1440,6 +1456,12 @@ impl PgSource {
                     }
                     Ok(r) => match r.map_err(wire_err("reading the log"))? {
                         Replication::Keepalive { wal_end, reply } => {
+                            tracing::debug!(
+                                wal_end,
+                                at = self.pos.lsn,
+                                open = self.txn.is_some(),
+                                "keepalive"
+                            );
                             if self.txn.is_none() && wal_end > self.pos.lsn {
                                 self.pos.lsn = wal_end;
                                 self.pos.partial = None;
@@ -1489,6 +1511,7 @@ impl PgSource {
                             _ => 0,
                         }
                     };
+                    tracing::debug!(xid, final_lsn, at = self.pos.lsn, skip, "begin");
                     self.txn = Some(Txn {
                         final_lsn,
                         xid,
@@ -1738,6 +1761,7 @@ impl PgSource {
                 if !chunk.covered.contains(&k) {
                     continue;
                 }
+                tracing::debug!(xid, key = ?c.key, delete = c.row.is_none(), "probe rows patched");
                 match &c.row {
                     Some(row) => {
                         chunk.rows.insert(k, (c.key.clone(), row.clone()));
