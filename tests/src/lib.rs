@@ -8,8 +8,10 @@
 //! nothing running.
 
 pub mod data;
+pub mod faultproxy;
 pub mod peer;
 pub mod pg;
+pub mod tmpfs;
 
 use std::io::Write as _;
 use std::net::{SocketAddr, UdpSocket};
@@ -123,7 +125,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn spawn(bin: &Path, config: &Path, log: &Path) -> Result<Proc> {
+    fn spawn(bin: &Path, config: &Path, log: &Path, env: &[(String, String)]) -> Result<Proc> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -139,6 +141,7 @@ impl Proc {
                 "RUST_LOG",
                 std::env::var("SHUYUAN_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -187,9 +190,10 @@ fn start_service(
     bin_name: &str,
     config: &Path,
     log: &Path,
+    env: &[(String, String)],
     status: impl Fn() -> Result<Json>,
 ) -> Result<Proc> {
-    let mut proc = Proc::spawn(&bin(bin_name), config, log)?;
+    let mut proc = Proc::spawn(&bin(bin_name), config, log, env)?;
     wait_for(
         &format!("the {what} to answer status"),
         Duration::from_secs(30),
@@ -269,6 +273,7 @@ impl HubProcess {
             "shuyuan-hub",
             &self.config,
             &log,
+            &[],
             || self.status(),
         )?);
         Ok(())
@@ -336,6 +341,19 @@ impl HubProcess {
         Ok(())
     }
 
+    /// Listens on another free loopback port from the next start, with the
+    /// same key and store: the hub moved. Returns the new address.
+    pub fn move_port(&mut self) -> Result<SocketAddr> {
+        let moved: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse()?;
+        let text = std::fs::read_to_string(&self.config)?.replace(
+            &format!("listen = \"{}\"", self.addr),
+            &format!("listen = \"{moved}\""),
+        );
+        std::fs::write(&self.config, text)?;
+        self.addr = moved;
+        Ok(moved)
+    }
+
     /// Sets the hub's display name (`[hub] name`).
     pub fn rename(&self, name: &str) -> Result<()> {
         let text = std::fs::read_to_string(&self.config)?
@@ -348,10 +366,21 @@ impl HubProcess {
     /// with `extra` lines (share policy) to the config. Takes effect at the
     /// next start.
     pub fn set_upstream(&self, parent: &HubProcess, extra: &str) -> Result<()> {
+        self.set_upstream_at(parent, parent.addr, extra)
+    }
+
+    /// [`HubProcess::set_upstream`], reaching the parent at `addr` (a
+    /// relay in front of it).
+    pub fn set_upstream_at(
+        &self,
+        parent: &HubProcess,
+        addr: SocketAddr,
+        extra: &str,
+    ) -> Result<()> {
         let mut text = std::fs::read_to_string(&self.config)?;
         text.push_str(&format!(
-            "[upstream]\naddress = \"{}\"\nkey = \"{}\"\n{extra}",
-            parent.addr, parent.key
+            "[upstream]\naddress = \"{addr}\"\nkey = \"{}\"\n{extra}",
+            parent.key
         ));
         std::fs::write(&self.config, text)?;
         Ok(())
@@ -364,9 +393,48 @@ impl HubProcess {
             .args(["enroll", "--hub", code, "--name", name, key]))
     }
 
+    /// The last applied sequence number of `feed` (0 before its first).
+    pub fn feed_seq(&self, feed: &str) -> Result<u64> {
+        Ok(self
+            .feed_status(feed)?
+            .and_then(|f| f["last_seq"].as_u64())
+            .unwrap_or(0))
+    }
+
+    /// Fails if the hub refused any batch or connection.
+    pub fn assert_nothing_refused(&self) -> Result<()> {
+        let refused: Vec<Json> = self
+            .audit()?
+            .into_iter()
+            .filter(|a| a["kind"] == "batch_rejected" || a["kind"] == "connection_refused")
+            .collect();
+        if !refused.is_empty() {
+            bail!("{} refused: {refused:?}", self.dir.display());
+        }
+        Ok(())
+    }
+
+    /// Fails unless every batch of `feed` was applied exactly once and none
+    /// was refused: sequence numbers are gap-free by construction, and a
+    /// replayed or duplicated batch is refused and counted, never applied.
+    /// Returns the feed's status.
+    pub fn assert_applied_once(&self, feed: &str) -> Result<Json> {
+        let f = self
+            .feed_status(feed)?
+            .with_context(|| format!("no feed {feed} at the hub"))?;
+        assert_eq!(f["batches_applied"], f["last_seq"], "{feed}: {f}");
+        assert_eq!(f["rejected"], 0, "{feed}: {f}");
+        Ok(f)
+    }
+
     /// The status text (`status` without `--json`).
     pub fn status_text(&self) -> Result<String> {
         run(self.cmd().arg("status"))
+    }
+
+    /// Runs `shuyuan-hub ARGS` and returns how it ended, failure included.
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(self.cmd().args(args).output()?)
     }
 
     pub fn enroll(&self, department: &str, name: &str, key: &str) -> Result<String> {
@@ -484,6 +552,12 @@ pub struct ResourceSpec {
 }
 
 impl ResourceSpec {
+    /// The household register ([`data::HOUSEHOLD_DDL`]) shared in real
+    /// time as resource `A01/0001`: what most tests sync.
+    pub fn household() -> Self {
+        ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime")
+    }
+
     pub fn new(code: &str, table: &str, key: &[&str], cycle: &str) -> Self {
         ResourceSpec {
             code: code.into(),
@@ -513,6 +587,8 @@ pub struct AgentProcess {
     pub db: PathBuf,
     /// The PostgreSQL connection string (`None` for a SQLite source).
     pub dsn: Option<String>,
+    /// Extra environment for `run` (for example a faked clock).
+    pub env: Vec<(String, String)>,
     proc: Option<Proc>,
 }
 
@@ -638,6 +714,7 @@ impl AgentProcess {
             department: department.into(),
             db,
             dsn,
+            env: Vec::new(),
             proc: None,
         })
     }
@@ -646,6 +723,27 @@ impl AgentProcess {
         let mut c = Command::new(bin("shuyuan-agent"));
         c.arg("--config").arg(&self.config).env("RUST_LOG", "warn");
         c
+    }
+
+    /// Points the agent at `address` instead of its hub (a relay such as
+    /// [`faultproxy::FaultProxy`]); takes effect at the next start.
+    pub fn set_hub_address(&self, address: SocketAddr) -> Result<()> {
+        let text = std::fs::read_to_string(&self.config)?;
+        let (head, rest) = text
+            .split_once("[hub]\naddress = \"")
+            .context("no [hub] address in the agent config")?;
+        let (_, tail) = rest.split_once('"').context("unterminated hub address")?;
+        std::fs::write(
+            &self.config,
+            format!("{head}[hub]\naddress = \"{address}\"{tail}"),
+        )?;
+        Ok(())
+    }
+
+    /// `shuyuan-agent rotate-key`: creates the next key, announced at the
+    /// agent's next start.
+    pub fn rotate_key(&self) -> Result<String> {
+        run(self.cmd().arg("rotate-key"))
     }
 
     /// Runs `shuyuan-agent catalog ARGS`.
@@ -692,6 +790,7 @@ impl AgentProcess {
             "shuyuan-agent",
             &self.config,
             &log,
+            &self.env,
             || self.status(),
         )?);
         Ok(())

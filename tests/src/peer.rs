@@ -9,11 +9,11 @@ use shuyuan_protocol::batch::{BatchBody, BatchHash, Entry, SignedBatch};
 use shuyuan_protocol::catalog::doc::{CatalogDoc, Sender};
 use shuyuan_protocol::federation::HubHello;
 use shuyuan_protocol::message::{CatalogRefusal, CatalogSync, Hello, Welcome};
-use shuyuan_protocol::quic;
 use shuyuan_protocol::{
     Column, FeedId, Message, MessageV1, NodeId, NodeKey, Op, RejectReason, RowChange, TableSchema,
     UnixMillis, Value,
 };
+use shuyuan_protocol::{link, quic};
 
 use std::net::SocketAddr;
 
@@ -151,15 +151,7 @@ impl FeedPeer {
         department: &str,
         resources: &[&str],
     ) -> Result<(FeedPeer, Welcome)> {
-        let hello = MessageV1::Hello(Hello {
-            software: "test-peer".into(),
-            department: department.parse()?,
-            resources: resources
-                .iter()
-                .map(|r| r.parse())
-                .collect::<Result<_, _>>()?,
-        });
-        FeedPeer::open(hub, key, hello).await
+        FeedPeer::connect_at(hub.addr, hub.key.parse()?, key, department, resources).await
     }
 
     /// Connects to `hub` with `key` as a child hub and says `HubHello`
@@ -183,28 +175,51 @@ impl FeedPeer {
         key: &NodeKey,
         hello: MessageV1,
     ) -> Result<(FeedPeer, Welcome)> {
-        let hub_key: NodeId = hub.key.parse()?;
-        let endpoint = quic::client_endpoint(hub.addr)?;
-        let conn = endpoint
-            .connect_with(
-                quic::client_config(key, hub_key)?,
-                hub.addr,
-                quic::SERVER_NAME,
-            )?
-            .await
-            .map_err(|e| anyhow!(quic::explain(&e)))?;
+        FeedPeer::open_at(hub.addr, hub.key.parse()?, key, hello).await
+    }
+
+    /// [`FeedPeer::connect`] to the hub at `addr` with key `hub_key`.
+    pub async fn connect_at(
+        addr: SocketAddr,
+        hub_key: NodeId,
+        key: &NodeKey,
+        department: &str,
+        resources: &[&str],
+    ) -> Result<(FeedPeer, Welcome)> {
+        let hello = MessageV1::Hello(Hello {
+            software: "test-peer".into(),
+            department: department.parse()?,
+            resources: resources
+                .iter()
+                .map(|r| r.parse())
+                .collect::<Result<_, _>>()?,
+        });
+        FeedPeer::open_at(addr, hub_key, key, hello).await
+    }
+
+    async fn open_at(
+        addr: SocketAddr,
+        hub_key: NodeId,
+        key: &NodeKey,
+        hello: MessageV1,
+    ) -> Result<(FeedPeer, Welcome)> {
+        let (endpoint, conn) = dial_at(addr, hub_key, key).await?;
         let (mut send, mut recv) = conn
             .open_bi()
             .await
             .map_err(|e| anyhow!(quic::explain(&e)))?;
-        quic::write_message(&mut send, &hello.into()).await?;
-        let welcome = match quic::read_message(&mut recv).await {
-            Ok(Some(Message::V1(MessageV1::Welcome(w)))) => w,
-            Ok(other) => return Err(anyhow!("expected Welcome, got {other:?}")),
-            Err(quic::QuicError::Read(quinn::ReadError::ConnectionLost(e))) => {
-                return Err(anyhow!(quic::explain(&e)));
-            }
-            Err(e) => return Err(e.into()),
+        // A refused key learns it on its first stream operation, which may
+        // be this write or the read after it (TLS 1.3 client auth).
+        let refused = |e: quic::QuicError| match link::lost_connection(&e) {
+            Some(lost) => anyhow!(quic::explain(lost)),
+            None => e.into(),
+        };
+        quic::write_message(&mut send, &hello.into())
+            .await
+            .map_err(refused)?;
+        let welcome = match quic::read_message(&mut recv).await.map_err(refused)? {
+            Some(Message::V1(MessageV1::Welcome(w))) => w,
+            other => return Err(anyhow!("expected Welcome, got {other:?}")),
         };
         Ok((
             FeedPeer {
@@ -217,21 +232,41 @@ impl FeedPeer {
         ))
     }
 
+    /// Writes bytes as they are onto the feed stream: for frames the hub
+    /// must refuse.
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Ends the feed stream (wherever the last write left it).
+    pub fn finish(&mut self) -> Result<()> {
+        self.send.finish()?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the hub to close the connection, and
+    /// returns why it did, as the operator would read it.
+    pub async fn closed_by_hub(&self, timeout: Duration) -> Result<String> {
+        let e = tokio::time::timeout(timeout, self.conn.closed())
+            .await
+            .context("the hub kept the connection open")?;
+        Ok(quic::explain(&e))
+    }
+
     /// Sends a message without waiting for an answer.
     pub async fn say(&mut self, message: MessageV1) -> Result<()> {
         quic::write_message(&mut self.send, &message.into()).await?;
         Ok(())
     }
 
-    /// Sends one batch and returns the hub's answer to it (skipping the
-    /// hub's catalog sync messages, which this peer does not take part in).
-    pub async fn send(&mut self, batch: &SignedBatch) -> Result<MessageV1> {
-        quic::write_message(&mut self.send, &MessageV1::Batch(batch.clone()).into()).await?;
+    /// The hub's next message other than catalog sync.
+    pub async fn next(&mut self) -> Result<MessageV1> {
         loop {
             let reply =
                 tokio::time::timeout(Duration::from_secs(20), quic::read_message(&mut self.recv))
                     .await
-                    .context("no reply from the hub")??;
+                    .context("no message from the hub")??;
             match reply {
                 Some(Message::V1(MessageV1::Catalog(_))) => continue,
                 Some(Message::V1(m)) => return Ok(m),
@@ -239,6 +274,113 @@ impl FeedPeer {
             }
         }
     }
+
+    /// Sends one batch and returns the hub's answer to it (skipping the
+    /// hub's catalog sync messages, which this peer does not take part in).
+    pub async fn send(&mut self, batch: &SignedBatch) -> Result<MessageV1> {
+        quic::write_message(&mut self.send, &MessageV1::Batch(batch.clone()).into()).await?;
+        self.next().await
+    }
+}
+
+/// Completes a QUIC handshake with `hub` as `key`, nothing more: for peers
+/// that then misbehave on purpose. The hub's refusal of the key shows as an
+/// error on the first stream operation, not here (TLS 1.3).
+pub async fn dial(hub: &HubProcess, key: &NodeKey) -> Result<(quinn::Endpoint, quinn::Connection)> {
+    dial_at(hub.addr, hub.key.parse()?, key).await
+}
+
+async fn dial_at(
+    addr: SocketAddr,
+    hub_key: NodeId,
+    key: &NodeKey,
+) -> Result<(quinn::Endpoint, quinn::Connection)> {
+    let endpoint = quic::client_endpoint(addr)?;
+    let conn = endpoint
+        .connect_with(quic::client_config(key, hub_key)?, addr, quic::SERVER_NAME)?
+        .await
+        .map_err(|e| anyhow!(quic::explain(&e)))?;
+    Ok((endpoint, conn))
+}
+
+/// Enrolls each key for its own department `{prefix}{index:04}`, with a
+/// few `shuyuan-hub enroll` commands at a time.
+pub fn enroll_departments(hub: &HubProcess, prefix: &str, keys: &[NodeKey]) -> Result<()> {
+    const AT_ONCE: usize = 8;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..AT_ONCE)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(key) = keys.get(i) else {
+                            return Ok(());
+                        };
+                        let department = format!("{prefix}{i:04}");
+                        hub.enroll(&department, &department, &key.id().to_string())?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().map_err(|_| anyhow!("enroll worker panicked"))?)
+    })
+}
+
+/// Connects one [`FeedPeer`] per key (department `{prefix}{index:04}`,
+/// as [`enroll_departments`] enrolled it), `at_once` handshakes at a time,
+/// and has each send `batches` batches of feed `M01/0001`, every one
+/// acknowledged. Returns the open connections.
+pub async fn connect_departments(
+    hub: &HubProcess,
+    prefix: &str,
+    keys: &[NodeKey],
+    batches: u64,
+    at_once: usize,
+) -> Result<Vec<FeedPeer>> {
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(at_once));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, key) in keys.iter().enumerate() {
+        let (hub_key, addr, key, gate): (NodeId, _, _, _) =
+            (hub.key.parse()?, hub.addr, key.clone(), gate.clone());
+        let department = format!("{prefix}{i:04}");
+        tasks.spawn(async move {
+            let _turn = gate.acquire_owned().await?;
+            let (mut peer, _) =
+                FeedPeer::connect_at(addr, hub_key, &key, &department, &["M01/0001"]).await?;
+            let feed = format!("{department}:M01/0001");
+            let mut prev = BatchHash::GENESIS;
+            for seq in 1..=batches {
+                let b = batch(&key, &feed, seq, prev, &format!("{department}-{seq:06}"))?;
+                expect_ack(peer.send(&b).await?, seq);
+                prev = b.hash();
+            }
+            Ok::<_, anyhow::Error>((i, peer))
+        });
+    }
+    let mut peers = Vec::with_capacity(keys.len());
+    while let Some(done) = tasks.join_next().await {
+        peers.push(done??);
+    }
+    peers.sort_by_key(|(i, _)| *i);
+    Ok(peers.into_iter().map(|(_, p)| p).collect())
+}
+
+/// A process's resident memory (`VmRSS`) and its peak (`VmHWM`), in KiB,
+/// from `/proc/PID/status`.
+pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// The table of [`batch`]: certificate number and names, keyed by number.

@@ -7,30 +7,11 @@ use anyhow::Result;
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, immediate, wait_for};
 
-fn household() -> Vec<ResourceSpec> {
-    vec![ResourceSpec::new(
-        "A01/0001",
-        "household",
-        &["id_number"],
-        "realtime",
-    )]
-}
-
-/// Every batch of the feed was applied exactly once: the chain is gap-free
-/// by construction, and a replayed or duplicated batch would have been
-/// refused (and audited) rather than applied.
-fn applied_once(sb: &Sandbox, feed: &str) -> Result<()> {
-    let f = sb.hub.feed_status(feed)?.expect("feed at the hub");
-    assert_eq!(f["batches_applied"], f["last_seq"], "{feed}: {f}");
-    assert_eq!(f["rejected"], 0, "{feed}: {f}");
-    Ok(())
-}
-
 #[test]
 fn agent_killed_mid_stream_loses_and_repeats_nothing() -> Result<()> {
     let mut sb = Sandbox::new()?;
     let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = household();
+    let resources = vec![ResourceSpec::household()];
     sb.hub.start()?;
     // Small batches, so that the stream is long enough to interrupt.
     let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 20")?;
@@ -76,7 +57,7 @@ fn agent_killed_mid_stream_loses_and_repeats_nothing() -> Result<()> {
     agent.wait_drained(Duration::from_secs(180))?;
     let rows = assert_in_sync(&sb.hub, &agent, &resources)?;
     assert!(rows >= total, "{rows} rows");
-    applied_once(&sb, "GA:A01/0001")?;
+    sb.hub.assert_applied_once("GA:A01/0001")?;
     sb.assert_no_rejections()?;
     Ok(())
 }
@@ -86,7 +67,7 @@ fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
     let mut sb = Sandbox::new()?;
     let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL, data::PARCEL_DDL])?;
     let resources = vec![
-        ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime"),
+        ResourceSpec::household(),
         ResourceSpec::new(
             "B02/0007",
             "land_parcel",
@@ -131,8 +112,8 @@ fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
     sb.hub.start()?;
     agent.wait_drained(Duration::from_secs(120))?;
     assert_in_sync(&sb.hub, &agent, &resources)?;
-    applied_once(&sb, "ZR:A01/0001")?;
-    applied_once(&sb, "ZR:B02/0007")?;
+    sb.hub.assert_applied_once("ZR:A01/0001")?;
+    sb.hub.assert_applied_once("ZR:B02/0007")?;
     sb.assert_no_rejections()?;
     Ok(())
 }
@@ -141,7 +122,7 @@ fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
 fn full_outbox_pauses_capture_without_losing_changes() -> Result<()> {
     let mut sb = Sandbox::new()?;
     let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = household();
+    let resources = vec![ResourceSpec::household()];
     // The hub is enrolled but not running: nothing is acknowledged.
     let mut agent = sb.agent(
         "ga",
@@ -186,7 +167,7 @@ fn full_outbox_pauses_capture_without_losing_changes() -> Result<()> {
     let s = agent.wait_drained(Duration::from_secs(120))?;
     assert_eq!(s["source"]["paused_outbox_full"], false);
     assert_in_sync(&sb.hub, &agent, &resources)?;
-    applied_once(&sb, "GA:A01/0001")?;
+    sb.hub.assert_applied_once("GA:A01/0001")?;
     sb.assert_no_rejections()?;
     Ok(())
 }

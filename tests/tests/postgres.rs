@@ -473,7 +473,15 @@ fn ledger_writer(
                     .wrapping_add(1_442_695_040_888_963_407);
                 (seed >> 33) % n
             };
+            // At most 100 transactions a second (pgbench's rate in the crash
+            // test): a department writing steadily. Unpaced, the writer
+            // outran capture on a loaded 2-core machine (the agent fell
+            // 100 MB of WAL behind), and each range compared must wait for
+            // capture to reach its snapshot, so a run took over 300 s.
+            let mut pace = tokio::time::interval(std::time::Duration::from_millis(10));
+            pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while !stop.load(Ordering::SeqCst) {
+                pace.tick().await;
                 let a = 1 + next(3990);
                 let (b, c) = (5001 + next(1000), 5001 + next(1000));
                 client

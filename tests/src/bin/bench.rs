@@ -19,9 +19,12 @@
 //! each level of a district -> city -> province chain of hubs, and rows per
 //! second through a middle hub against straight into one.
 //!
+//! Memory (`connections`): the hub's resident memory with 1,000 agent
+//! connections held at once, against none.
+//!
 //! Run with `./bench.sh` (builds release binaries first; `./bench.sh feeds`,
 //! `./bench.sh catalog`, `./bench.sh pg`, `./bench.sh digest`,
-//! `./bench.sh console` or `./bench.sh federation` runs one
+//! `./bench.sh console`, `./bench.sh federation` or `./bench.sh connections` runs one
 //! part). Prints Markdown tables for BENCHMARKS.md.
 
 use std::path::{Path, PathBuf};
@@ -81,8 +84,12 @@ enum What {
     /// Federation: latency from a source change to the top hub through one,
     /// two and three levels; throughput through a middle hub.
     Federation(federation::FederationArgs),
+    /// The hub's memory with 1,000 agent connections held at once.
+    Connections(connections::ConnectionsArgs),
 }
 
+#[path = "../bench/connections.rs"]
+mod connections;
 #[path = "../bench/console.rs"]
 mod console;
 #[path = "../bench/digest.rs"]
@@ -157,6 +164,7 @@ fn main() -> Result<()> {
         Some(What::Digest(args)) => digest::run(&dir, &args),
         Some(What::Console(args)) => console::run(&dir, &args),
         Some(What::Federation(args)) => federation::run(&dir, &args),
+        Some(What::Connections(args)) => connections::run(&dir, &args),
         None => {
             feeds(
                 &dir,
