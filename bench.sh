@@ -9,6 +9,9 @@
 # the latency from a source change to each level of a district -> city ->
 # province chain of hubs, and rows per second through a middle hub against
 # straight into one.
+# `./bench.sh connections [--agents 1000] [--batches 5]` holds that many agent
+# connections to one hub and reports its resident memory (peak and per
+# connection) against none.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [[ "${1:-}" == pg ]] && ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
