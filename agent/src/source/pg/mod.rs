@@ -1808,7 +1808,17 @@ impl Source for PgSource {
             self.pos = Position::parse(after)?.unwrap_or_default();
         }
         let fresh = after.is_empty() && self.last_returned.is_none();
-        let read = self.run(async |s| s.read_async(fresh, limit).await)?;
+        let read = match self.run(async |s| s.read_async(fresh, limit).await) {
+            Ok(read) => read,
+            Err(e) => {
+                // A read that failed part way has consumed messages (and
+                // moved the in-memory position past them) that reach no
+                // commit: the next read starts over from the committed
+                // position, whatever the error.
+                self.last_returned = None;
+                return Err(e);
+            }
+        };
         self.last_returned = Some(read.position.clone());
         Ok(read)
     }
