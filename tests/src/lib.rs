@@ -13,6 +13,7 @@ pub mod peer;
 pub mod pg;
 pub mod tmpfs;
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::process::CommandExt;
@@ -1079,11 +1080,45 @@ pub fn assert_pg_in_sync(
         let order = pg.key_order(&r.table, &r.key)?;
         let source = pg.table_csv(&r.table, &order)?;
         let copy = hub.export_csv(&format!("{}:{}", agent.department, r.code))?;
-        pg::assert_same_csv(&source, &copy)
-            .with_context(|| format!("resource {} (table {})", r.code, r.table))?;
+        pg::assert_same_csv(&source, &copy).with_context(|| {
+            format!(
+                "resource {} (table {})\n{}",
+                r.code,
+                r.table,
+                sync_diagnostics(hub, agent)
+            )
+        })?;
         total += pg::csv_records(&source).len().saturating_sub(1);
     }
     Ok(total)
+}
+
+/// What the hub's audit log and the agent's warnings say, for a failed
+/// comparison: which re-reads, comparisons, repairs and refusals happened.
+fn sync_diagnostics(hub: &HubProcess, agent: &AgentProcess) -> String {
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    match hub.audit() {
+        Ok(entries) => {
+            for e in entries {
+                *kinds
+                    .entry(e["kind"].as_str().unwrap_or("?").to_string())
+                    .or_default() += 1;
+            }
+        }
+        Err(e) => {
+            kinds.insert(format!("(audit unreadable: {e})"), 1);
+        }
+    }
+    let log = agent.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    format!(
+        "hub audit entries by kind: {kinds:?}\nagent warnings and errors ({}), the last ones:\n{}",
+        warnings.len(),
+        warnings[warnings.len().saturating_sub(10)..].join("\n")
+    )
 }
 
 /// Compares every resource of `agent` between its database and the hub.

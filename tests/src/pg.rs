@@ -643,20 +643,48 @@ pub fn assert_same_csv(source: &str, hub: &str) -> Result<()> {
             rows(hub)
         )
     };
-    let (mut s, mut h) = (source.lines(), hub.lines());
-    let mut n = 0;
-    loop {
-        n += 1;
-        match (s.next(), h.next()) {
-            (None, None) => break,
-            (Some(a), Some(b)) if a == b => {}
-            (a, b) => bail!(
-                "line {n} differs ({}):\n source: {}\n hub:    {}",
-                counts(),
-                a.unwrap_or("<end>"),
-                b.unwrap_or("<end>")
-            ),
-        }
+    let (source_lines, hub_lines): (Vec<&str>, Vec<&str>) =
+        (source.lines().collect(), hub.lines().collect());
+    let first = source_lines
+        .iter()
+        .zip(&hub_lines)
+        .position(|(a, b)| a != b)
+        .or_else(|| {
+            (source_lines.len() != hub_lines.len()).then(|| source_lines.len().min(hub_lines.len()))
+        });
+    if let Some(first) = first {
+        // With equal line counts the lines pair up row for row: say how
+        // many differ and show a few, which tells a copy that is behind
+        // (many rows, the latest changes) from a few stale rows.
+        let differing: Vec<usize> = if source_lines.len() == hub_lines.len() {
+            (0..source_lines.len())
+                .filter(|&i| source_lines[i] != hub_lines[i])
+                .collect()
+        } else {
+            vec![first]
+        };
+        let shown: Vec<String> = differing
+            .iter()
+            .take(5)
+            .map(|&i| {
+                format!(
+                    "line {}:\n source: {}\n hub:    {}",
+                    i + 1,
+                    source_lines.get(i).copied().unwrap_or("<end>"),
+                    hub_lines.get(i).copied().unwrap_or("<end>")
+                )
+            })
+            .collect();
+        let many = match differing.len() {
+            1 => "1 line differs".to_string(),
+            n => format!("{n} lines differ"),
+        };
+        bail!(
+            "{many}, the first at line {} ({}):\n{}",
+            first + 1,
+            counts(),
+            shown.join("\n")
+        );
     }
     // Lines agree; a final newline could still differ.
     if source != hub {

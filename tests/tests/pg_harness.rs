@@ -43,7 +43,12 @@ async fn a_throwaway_server_starts_serves_and_stops() -> Result<()> {
     assert_eq!(pg.key_order("t", &[])?, "\"id\" NULLS FIRST");
     let differs = assert_same_csv(expected, &csv.replace("12.50", "12.5"))
         .expect_err("a changed value must be reported");
-    assert!(differs.to_string().contains("line 2 differs"), "{differs}");
+    assert!(
+        differs
+            .to_string()
+            .contains("1 line differs, the first at line 2"),
+        "{differs}"
+    );
 
     // The same server through tokio-postgres.
     let client = pg.client().await?;
