@@ -174,10 +174,21 @@ impl Snapshot {
 
     /// Whether a transaction (32-bit id from the log) had committed, visibly,
     /// when the snapshot was taken.
+    ///
+    /// The log's id is widened to the 64-bit id nearest `xmax`: a live
+    /// transaction is within 2^31 of it on either side. `xmax` is one past
+    /// the latest *completed* transaction, so a transaction still running
+    /// (or committing) when the snapshot was taken can have a larger id in
+    /// the same epoch; such an id is not seen, and must not be mistaken for
+    /// one of the previous epoch.
     fn sees(&self, xid: u32) -> bool {
-        let mut x = (self.xmax & !0xffff_ffff) | u64::from(xid);
-        if x > self.xmax {
-            x = x.saturating_sub(1 << 32);
+        const HALF: u64 = 1 << 31;
+        const EPOCH: u64 = 1 << 32;
+        let mut x = (self.xmax & !(EPOCH - 1)) | u64::from(xid);
+        if x > self.xmax.saturating_add(HALF) && x >= EPOCH {
+            x -= EPOCH;
+        } else if x.saturating_add(HALF) < self.xmax {
+            x += EPOCH;
         }
         x < self.xmin || (x < self.xmax && !self.xip.contains(&x))
     }
@@ -883,6 +894,15 @@ impl PgSource {
             );
             return Ok(());
         }
+        tracing::debug!(
+            resource = i,
+            ?snapshot,
+            high,
+            at = self.pos.lsn,
+            rows = rows.len(),
+            after = ?load.after,
+            "chunk read"
+        );
         self.chunk = Some(Chunk {
             resource: i,
             snapshot,
@@ -911,6 +931,12 @@ impl PgSource {
         let Some(chunk) = self.chunk.take() else {
             return true;
         };
+        tracing::debug!(
+            rows = chunk.rows.len(),
+            high = chunk.high,
+            at = self.pos.lsn,
+            "chunk emitted"
+        );
         let i = chunk.resource;
         let current = &self.tables[i].shape;
         let same =
@@ -1464,7 +1490,12 @@ impl PgSource {
                             );
                             if self.txn.is_none() && wal_end > self.pos.lsn {
                                 self.pos.lsn = wal_end;
-                                self.pos.partial = None;
+                                // A cut transaction whose commit is still
+                                // ahead (after a restart, the server has not
+                                // sent it again yet) keeps its count.
+                                if self.pos.partial.is_some_and(|(f, _)| wal_end > f) {
+                                    self.pos.partial = None;
+                                }
                             }
                             if reply {
                                 repl.status(self.released, false)
@@ -1629,15 +1660,19 @@ impl PgSource {
                 }
                 Message::Other(_) => {}
             }
-            // A very large transaction is cut; the position remembers how
-            // far into it the outbox got.
-            if out.len() >= limit
-                && let Some(t) = &self.txn
-                && t.seen > t.skip
-            {
-                self.pos.partial = Some((t.final_lsn, t.seen));
+            // A very large transaction is cut (the position says how far
+            // into it the outbox got: see below).
+            if out.len() >= limit && self.txn.as_ref().is_some_and(|t| t.seen > t.skip) {
                 break;
             }
+        }
+        // Whatever ended the read inside a transaction (its size, a pause
+        // in the log, a shape change), its first `seen` changes are in this
+        // read or an earlier one: after a restart they are not sent again.
+        if let Some(t) = &self.txn
+            && t.seen > t.skip
+        {
+            self.pos.partial = Some((t.final_lsn, t.seen));
         }
         let shapes = if self.shapes_dirty {
             self.shapes_dirty = false;
@@ -1925,5 +1960,48 @@ impl Source for PgSource {
         }
         self.probes.push(probe);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Snapshot;
+
+    fn snapshot(text: &str) -> Snapshot {
+        Snapshot::parse(text).expect("a snapshot")
+    }
+
+    #[test]
+    fn a_snapshot_sees_what_committed_before_it_and_nothing_else() {
+        // xmax is one past the latest completed transaction: 11827 and
+        // 11826 were running (11826 listed), 11829 had an id but had not
+        // completed (committing, or not yet), 11828 never ran.
+        let s = snapshot("11820:11828:11820,11826");
+        assert!(s.sees(11819), "before xmin");
+        assert!(!s.sees(11820), "running");
+        assert!(s.sees(11821), "completed between xmin and xmax");
+        assert!(!s.sees(11826), "running");
+        assert!(!s.sees(11828), "xmax itself");
+        // The case that once made an initial load emit a row older than a
+        // change already sent: an id above xmax in the same epoch is a
+        // transaction the snapshot cannot see, not one of the last epoch.
+        assert!(!s.sees(11829));
+        assert!(!s.sees(11829 + 1_000_000));
+    }
+
+    #[test]
+    fn ids_from_the_log_are_placed_in_the_nearest_epoch() {
+        // Just after the wraparound: epoch 1, xmax 10.
+        let epoch = 1u64 << 32;
+        let s = snapshot(&format!("{}:{}:{}", epoch + 5, epoch + 10, epoch + 7));
+        assert!(s.sees(u32::MAX - 5), "from the previous epoch: long done");
+        assert!(s.sees(6), "completed in this epoch");
+        assert!(!s.sees(7), "running");
+        assert!(!s.sees(20), "after xmax in this epoch");
+        // Just before the wraparound: a running id that has already wrapped
+        // belongs to the next epoch.
+        let s = snapshot(&format!("{}:{}:", epoch - 100, epoch - 50));
+        assert!(s.sees(u32::try_from(epoch - 60).unwrap()));
+        assert!(!s.sees(3), "next epoch, after xmax");
     }
 }
