@@ -799,14 +799,66 @@ mod browser {
         })
     }
 
-    /// Clicks an element as the DOM does (`element.click()`).
-    async fn click(c: &fantoccini::Client, at: Locator<'_>) -> Result<()> {
-        let element = c.find(at).await?;
-        c.execute(
-            "arguments[0].click();",
-            vec![serde_json::to_value(element)?],
+    // The console's live updates replace the page's content (`#content`)
+    // whenever the hub's state changes, so an element found in one
+    // WebDriver call can be gone ("stale") by the next. Each step below is
+    // therefore one script that finds the element and acts on it at once.
+
+    /// Runs `body` with `e` bound to the element `css` matches now; fails
+    /// if none does.
+    async fn on(c: &fantoccini::Client, css: &str, body: &str, args: Vec<Json>) -> Result<Json> {
+        let script = format!(
+            "const e = document.querySelector(arguments[0]); \
+             if (!e) return {{missing: true}}; \
+             const a = arguments; return {{value: (() => {{ {body} }})()}};"
+        );
+        let mut all = vec![Json::from(css)];
+        all.extend(args);
+        let out = c.execute(&script, all).await?;
+        if out.get("missing").is_some() {
+            bail!("no element matches {css}");
+        }
+        Ok(out.get("value").cloned().unwrap_or(Json::Null))
+    }
+
+    /// The element's rendered text (as WebDriver's Get Element Text).
+    async fn text(c: &fantoccini::Client, css: &str) -> Result<String> {
+        let v = on(c, css, "return e.innerText;", vec![]).await?;
+        v.as_str().map(str::to_string).context("text is a string")
+    }
+
+    async fn attr(c: &fantoccini::Client, css: &str, name: &str) -> Result<Option<String>> {
+        let v = on(
+            c,
+            css,
+            "return e.getAttribute(a[1]);",
+            vec![Json::from(name)],
         )
         .await?;
+        Ok(v.as_str().map(str::to_string))
+    }
+
+    /// Clicks an element as the DOM does (`element.click()`).
+    async fn click(c: &fantoccini::Client, css: &str) -> Result<()> {
+        on(c, css, "e.click(); return true;", vec![]).await?;
+        Ok(())
+    }
+
+    /// Fills one field of a form and clicks its button, in one step.
+    async fn submit(c: &fantoccini::Client, form: &str, field: &str, value: &str) -> Result<()> {
+        on(
+            c,
+            form,
+            "e.elements[a[1]].value = a[2]; e.querySelector('button').click(); return true;",
+            vec![Json::from(field), Json::from(value)],
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until an element matches `css`.
+    async fn present(c: &fantoccini::Client, css: &str) -> Result<()> {
+        c.wait().for_element(Locator::Css(css)).await?;
         Ok(())
     }
 
@@ -814,132 +866,77 @@ mod browser {
         // Not logged in: the login form, in Chinese from the browser.
         c.goto(base).await?;
         assert!(c.current_url().await?.path().starts_with("/login"));
-        let lang = c.find(Locator::Css("html")).await?.attr("lang").await?;
-        assert_eq!(lang.as_deref(), Some("zh-CN"));
+        assert_eq!(attr(c, "html", "lang").await?.as_deref(), Some("zh-CN"));
         // (ChromeDriver's synthetic key and mouse events do not reach the
         // page in this headless Chromium, so fields are filled in and
         // buttons and links clicked through the DOM: the page's own form
         // submission and navigation still run.)
-        c.form(Locator::Id("login"))
-            .await?
-            .set_by_name("password", "wrong password")
-            .await?;
-        click(c, Locator::Id("login-submit")).await?;
-        let error = c
-            .wait()
-            .for_element(Locator::Id("login-error"))
-            .await?
-            .text()
-            .await?;
+        submit(c, "#login", "password", "wrong password").await?;
+        present(c, "#login-error").await?;
+        let error = text(c, "#login-error").await?;
         assert!(error.contains("密码错误"), "{error}");
-        c.form(Locator::Id("login"))
-            .await?
-            .set_by_name("password", PASSWORD)
-            .await?;
-        click(c, Locator::Id("login-submit")).await?;
-        let online = c
-            .wait()
-            .for_element(Locator::Id("agents-online"))
-            .await?
-            .text()
-            .await?;
+        submit(c, "#login", "password", PASSWORD).await?;
+        present(c, "#agents-online").await?;
+        let online = text(c, "#agents-online").await?;
         assert_eq!(c.current_url().await?.path(), "/");
         std::fs::write(
             screenshot_path("console-overview.png"),
             c.screenshot().await?,
         )?;
         assert_eq!(online, "2");
-        let offline = c.find(Locator::Id("agents-offline")).await?.text().await?;
-        assert_eq!(offline, "1");
+        assert_eq!(text(c, "#agents-offline").await?, "1");
 
         // The overdue resource on its department's page.
         c.goto(&format!("{base}/departments/GA")).await?;
-        let row = c
-            .find(Locator::Css(&format!("tr[data-feed=\"GA:{HOUSEHOLD}\"]")))
-            .await?;
-        assert_eq!(row.attr("data-state").await?.as_deref(), Some("overdue"));
-        let text = row.text().await?;
-        assert!(text.contains("逾期"), "{text}");
-        assert!(text.contains("更新周期 2s + 宽限 1s"), "the rule: {text}");
-        c.goto(&format!("{base}/departments/SC")).await?;
-        let row = c
-            .find(Locator::Css(&format!("tr[data-feed=\"SC:{LICENCE}\"]")))
-            .await?;
+        let ga_row = format!("tr[data-feed=\"GA:{HOUSEHOLD}\"]");
         assert_eq!(
-            row.attr("data-state").await?.as_deref(),
+            attr(c, &ga_row, "data-state").await?.as_deref(),
+            Some("overdue")
+        );
+        let row = text(c, &ga_row).await?;
+        assert!(row.contains("逾期"), "{row}");
+        assert!(row.contains("更新周期 2s + 宽限 1s"), "the rule: {row}");
+        c.goto(&format!("{base}/departments/SC")).await?;
+        let sc_row = format!("tr[data-feed=\"SC:{LICENCE}\"]");
+        assert_eq!(
+            attr(c, &sc_row, "data-state").await?.as_deref(),
             Some("zero_updated")
         );
-        assert!(row.text().await?.contains("零更新"));
+        assert!(text(c, &sc_row).await?.contains("零更新"));
 
         // Switch to English; the choice sticks across pages.
-        click(c, Locator::Id("lang-en")).await?;
-        let lang = c
-            .wait()
-            .for_element(Locator::Css("html[lang=\"en\"]"))
-            .await?
-            .attr("lang")
-            .await?;
-        assert_eq!(lang.as_deref(), Some("en"));
-        let row = c
-            .find(Locator::Css(&format!("tr[data-feed=\"SC:{LICENCE}\"]")))
-            .await?;
-        assert!(row.text().await?.contains("Zero-updated"));
+        click(c, "#lang-en").await?;
+        present(c, "html[lang=\"en\"]").await?;
+        assert!(text(c, &sc_row).await?.contains("Zero-updated"));
         c.goto(&format!("{base}/departments/GA")).await?;
-        let row = c
-            .find(Locator::Css(&format!("tr[data-feed=\"GA:{HOUSEHOLD}\"]")))
-            .await?;
-        assert!(row.text().await?.contains("Overdue"));
+        assert!(text(c, &ga_row).await?.contains("Overdue"));
 
         // Review the submitted entry on the catalog page, after filtering
         // with the form's empty fields.
         c.goto(&format!("{base}/catalog")).await?;
-        click(c, Locator::Css("#catalog-filter button")).await?;
+        click(c, "#catalog-filter button").await?;
         let entry = format!("tr[data-department=\"MZ\"][data-code=\"{LICENCE}\"]");
-        c.wait()
-            .for_element(Locator::Css(&format!(
-                "{entry}[data-entry-state=\"submitted\"]"
-            )))
-            .await?;
-        c.form(Locator::Css(&format!("{entry} form.review")))
-            .await?
-            .set_by_name("reviewer", "王审核")
-            .await?;
-        click(c, Locator::Css(&format!("{entry} form.review button"))).await?;
-        let notice = c
-            .wait()
-            .for_element(Locator::Id("notice"))
-            .await?
-            .text()
-            .await?;
+        present(c, &format!("{entry}[data-entry-state=\"submitted\"]")).await?;
+        submit(c, &format!("{entry} form.review"), "reviewer", "王审核").await?;
+        present(c, "#notice").await?;
+        let notice = text(c, "#notice").await?;
         assert!(notice.contains("approved"), "{notice}");
-        let approved = c
-            .find(Locator::Css(&format!(
-                "{entry}[data-entry-state=\"published\"]"
-            )))
-            .await?
-            .text()
-            .await?;
+        let approved = text(c, &format!("{entry}[data-entry-state=\"published\"]")).await?;
         assert!(approved.contains("王审核"), "{approved}");
 
         // Open the zero-updated resource's page from its department.
         c.goto(&format!("{base}/departments/SC")).await?;
-        click(
-            c,
-            Locator::Css(&format!(
-                "tr[data-feed=\"SC:{LICENCE}\"] a[href^=\"/resources/\"]"
-            )),
-        )
-        .await?;
-        let state = c.wait().for_element(Locator::Id("resource-state")).await?;
+        click(c, &format!("{sc_row} a[href^=\"/resources/\"]")).await?;
+        present(c, "#resource-state").await?;
         assert!(c.current_url().await?.path().starts_with("/resources/SC/"));
         assert_eq!(
-            state.attr("data-state").await?.as_deref(),
+            attr(c, "#resource-state", "data-state").await?.as_deref(),
             Some("zero_updated")
         );
-        let batches = c.find(Locator::Id("batches")).await?.text().await?;
+        let batches = text(c, "#batches").await?;
         // The newest batches, each signed by the department's agent.
         assert!(batches.contains(&sc_key[..12]), "{batches}");
-        let sample = c.find(Locator::Id("sample")).await?.text().await?;
+        let sample = text(c, "#sample").await?;
         assert!(sample.contains("credit_code"), "{sample}");
         Ok(())
     }
