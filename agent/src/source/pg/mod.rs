@@ -1840,7 +1840,27 @@ impl Source for PgSource {
             self.pushback = None;
             self.chunk = None;
             self.probe_chunk = None;
-            self.pos = Position::parse(after)?.unwrap_or_default();
+            let committed = Position::parse(after)?.unwrap_or_default();
+            // A re-read started by a read that never reached the outbox
+            // (a request, or a column added with a default) is asked for
+            // again: the request was taken by that read.
+            for lost in self
+                .pos
+                .loads
+                .iter()
+                .filter(|l| !committed.loads.iter().any(|c| c.id == l.id))
+            {
+                if let Some(i) = self
+                    .resources
+                    .iter()
+                    .position(|r| r.code.as_str() == lost.resource)
+                    && !self.requests.iter().any(|(r, _)| *r == i)
+                    && !after.is_empty()
+                {
+                    self.requests.push((i, lost.reason.clone()));
+                }
+            }
+            self.pos = committed;
         }
         let fresh = after.is_empty() && self.last_returned.is_none();
         let read = match self.run(async |s| s.read_async(fresh, limit).await) {
