@@ -645,24 +645,17 @@ pub fn assert_same_csv(source: &str, hub: &str) -> Result<()> {
     };
     let (source_lines, hub_lines): (Vec<&str>, Vec<&str>) =
         (source.lines().collect(), hub.lines().collect());
-    let first = source_lines
-        .iter()
-        .zip(&hub_lines)
-        .position(|(a, b)| a != b)
-        .or_else(|| {
-            (source_lines.len() != hub_lines.len()).then(|| source_lines.len().min(hub_lines.len()))
-        });
-    if let Some(first) = first {
-        // With equal line counts the lines pair up row for row: say how
-        // many differ and show a few, which tells a copy that is behind
-        // (many rows, the latest changes) from a few stale rows.
-        let differing: Vec<usize> = if source_lines.len() == hub_lines.len() {
-            (0..source_lines.len())
-                .filter(|&i| source_lines[i] != hub_lines[i])
-                .collect()
-        } else {
-            vec![first]
-        };
+    // With equal line counts the lines pair up row for row: say how many
+    // differ and show a few, which tells a copy that is behind (many rows,
+    // the latest changes) from a few stale rows. Otherwise only the first
+    // difference means anything.
+    let lines = source_lines.len().max(hub_lines.len());
+    let paired = source_lines.len() == hub_lines.len();
+    let differing: Vec<usize> = (0..lines)
+        .filter(|&i| source_lines.get(i) != hub_lines.get(i))
+        .take(if paired { lines } else { 1 })
+        .collect();
+    if let Some(&first) = differing.first() {
         let shown: Vec<String> = differing
             .iter()
             .take(5)
