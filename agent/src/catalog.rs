@@ -24,10 +24,10 @@ use redb::TableDefinition;
 use shuyuan_protocol::catalog::doc::{CatalogDoc, CatalogError, Sender, submit};
 use shuyuan_protocol::catalog::form::{self, FormError, FormErrors, set_field};
 use shuyuan_protocol::catalog::{CatalogEntry, DataItem, EntryState, Lifecycle, Problem, Review};
-use shuyuan_protocol::service::{Migration, OpenError, RedbFile, needs_reopen};
 use shuyuan_protocol::{
     DepartmentCode, NodeId, ResourceCode, TableSchema, UnixMillis, UpdateCycle,
 };
+use shuyuan_service::{Migration, OpenError, RedbFile, needs_reopen};
 use tokio::sync::Notify;
 
 use crate::config::{Config, ResourceConfig};

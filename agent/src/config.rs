@@ -12,13 +12,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use shuyuan_protocol::cycle::parse_duration;
 use shuyuan_protocol::frame::MAX_BATCH_BODY;
-use shuyuan_protocol::service::{config_dir, parse_toml, read_config};
 use shuyuan_protocol::{DepartmentCode, NodeId, ResourceCode, UpdateCycle};
+use shuyuan_service::config::{config_dir, parse_toml, read_config};
 
 /// The most key columns a resource may have (the change table's width).
 pub const MAX_KEY_COLUMNS: usize = 8;
 
-pub use shuyuan_protocol::service::ConfigError;
+pub use shuyuan_service::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,7 +223,7 @@ impl Config {
             .key
             .parse::<NodeId>()
             .map_err(|e| err("hub.key", e.to_string()))?;
-        if !shuyuan_protocol::service::is_host_port(&raw.hub.address) {
+        if !shuyuan_service::config::is_host_port(&raw.hub.address) {
             return Err(err(
                 "hub.address",
                 format!("{:?} is not HOST:PORT", raw.hub.address),

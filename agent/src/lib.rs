@@ -24,9 +24,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::catalog::CatalogEntry;
-use shuyuan_protocol::control;
 use shuyuan_protocol::identity::IdentityError;
 use shuyuan_protocol::{NodeId, UnixMillis};
+use shuyuan_service::control;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

@@ -15,8 +15,9 @@ use shuyuan_protocol::NodeKey;
 use shuyuan_protocol::UnixMillis;
 use shuyuan_protocol::catalog::CatalogEntry;
 use shuyuan_protocol::catalog::form;
-use shuyuan_protocol::control::{self, ControlError};
-use shuyuan_protocol::service::{shutdown_signal, write_template_if_missing};
+use shuyuan_service::config::write_template_if_missing;
+use shuyuan_service::control::{self, ControlError};
+use shuyuan_service::shutdown_signal;
 
 /// The example configuration written by `init` when none exists.
 const CONFIG_TEMPLATE: &str = include_str!("../../deploy/agent.toml");

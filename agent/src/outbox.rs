@@ -34,10 +34,10 @@ use std::time::{Duration, Instant};
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::encoding::{self, decode, encode};
-use shuyuan_protocol::service::{Migration, OpenError, Opener, RedbFile, needs_reopen};
 use shuyuan_protocol::{
     Digest, FeedCursor, FeedId, KeyRange, RowSeed, SignedBatch, TableSchema, UnixMillis,
 };
+use shuyuan_service::{Migration, OpenError, Opener, RedbFile, needs_reopen};
 
 const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox_v1");
 const FEEDS: TableDefinition<&str, &[u8]> = TableDefinition::new("feeds_v1");
@@ -719,7 +719,7 @@ pub(crate) mod testing {
 
     use redb::StorageBackend;
     use redb::backends::FileBackend;
-    use shuyuan_protocol::service::{OpenError, Opener};
+    use shuyuan_service::{OpenError, Opener};
 
     #[derive(Debug)]
     pub struct FullDisk {

@@ -14,11 +14,11 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use quinn::{ConnectionError, Endpoint};
-use shuyuan_protocol::link::{self, WelcomeError};
+use shuyuan_link::client::{self as link, WelcomeError};
+use shuyuan_link::quic::{self, DialError, QuicError};
 use shuyuan_protocol::message::{
     AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, VerifyRefusal,
 };
-use shuyuan_protocol::quic::{self, DialError, QuicError};
 use shuyuan_protocol::rotation::{KeyRotated, KeyRotation};
 use shuyuan_protocol::window::{SendWindow, WindowError};
 use shuyuan_protocol::{FeedId, Message, MessageV1, NodeKey, UnixMillis};

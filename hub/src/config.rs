@@ -11,12 +11,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use shuyuan_protocol::catalog::ShareType;
 use shuyuan_protocol::cycle::parse_duration;
-use shuyuan_protocol::service::{config_dir, parse_toml, read_config};
 use shuyuan_protocol::{FeedId, NodeId};
+use shuyuan_service::config::{config_dir, parse_toml, read_config};
 
 use crate::catalog::deadline::{Calendar, parse_offset};
 
-pub use shuyuan_protocol::service::ConfigError;
+pub use shuyuan_service::ConfigError;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -344,7 +344,7 @@ fn upstream(
     u: &RawUpstream,
     err: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<UpstreamConfig, ConfigError> {
-    if !shuyuan_protocol::service::is_host_port(&u.address) {
+    if !shuyuan_service::config::is_host_port(&u.address) {
         return Err(err(
             "upstream.address",
             format!(

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use quinn::{Connection, RecvStream, SendStream};
+use shuyuan_link::quic::{self, QuicError};
 use shuyuan_protocol::batch::BatchError;
 use shuyuan_protocol::catalog::doc::{CatalogError, Sender};
 use shuyuan_protocol::encoding::decode;
@@ -39,7 +40,6 @@ use shuyuan_protocol::frame::MAX_FRAME_SIZE;
 use shuyuan_protocol::message::{
     CatalogRefusal, CatalogSync, FeedPosition, Reject, VerifyRequest, Welcome,
 };
-use shuyuan_protocol::quic::{self, QuicError};
 use shuyuan_protocol::rotation::{KeyRotated, KeyRotation};
 use shuyuan_protocol::{
     BatchBody, DepartmentCode, FeedId, Message, MessageV1, NodeId, RejectReason, SignedBatch,

@@ -27,10 +27,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use shuyuan_protocol::control;
+use shuyuan_link::quic;
 use shuyuan_protocol::identity::IdentityError;
-use shuyuan_protocol::quic;
 use shuyuan_protocol::{DepartmentCode, FeedId, NodeId, NodeKey, UnixMillis};
+use shuyuan_service::control;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 

@@ -17,9 +17,10 @@ use shuyuan_hub::store::{AuditEntry, Backend, Revocation, Store, StoreError};
 use shuyuan_hub::{ControlRequest, Hub, ReviewRequest, VerifyStarted, enrollment};
 use shuyuan_protocol::UnixMillis;
 use shuyuan_protocol::catalog::form;
-use shuyuan_protocol::control::{self, ControlError};
-use shuyuan_protocol::service::{shutdown_signal, write_template_if_missing};
 use shuyuan_protocol::{NodeId, NodeKey};
+use shuyuan_service::config::write_template_if_missing;
+use shuyuan_service::control::{self, ControlError};
+use shuyuan_service::shutdown_signal;
 
 /// The example configuration written by `init` when none exists.
 const CONFIG_TEMPLATE: &str = include_str!("../../deploy/hub.toml");

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
-use shuyuan_protocol::quic::PeerPolicy;
+use shuyuan_link::quic::PeerPolicy;
 use shuyuan_protocol::{NodeId, UnixMillis};
 
 use tokio::sync::watch;

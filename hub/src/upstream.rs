@@ -23,11 +23,11 @@ use std::time::Duration;
 
 use quinn::ConnectionError;
 use serde::{Deserialize, Serialize};
+use shuyuan_link::client::{self as link, WelcomeError};
+use shuyuan_link::quic::{self, DialError, QuicError};
 use shuyuan_protocol::catalog::doc::{CatalogError, Sender};
 use shuyuan_protocol::federation::{FeedReport, HubHello, HubReport};
-use shuyuan_protocol::link::{self, WelcomeError};
 use shuyuan_protocol::message::{CatalogSync, FeedPosition, Reject};
-use shuyuan_protocol::quic::{self, DialError, QuicError};
 use shuyuan_protocol::window::{SendWindow, WindowError};
 use shuyuan_protocol::{DepartmentCode, FeedId, Message, MessageV1, NodeKey, UnixMillis};
 use tokio::sync::broadcast;

@@ -1,20 +1,21 @@
-//! shuyuan's wire protocol, with no networking policy in it.
+//! shuyuan's wire protocol: pure types and rules, no I/O, no runtime, no
+//! storage.
 //!
 //! Everything both ends of a feed must agree on lives here: node identities
 //! ([`identity`]), the one wire and storage encoding ([`encoding`]), the row
 //! and value model ([`value`], [`change`]), signed hash-chained batches
-//! ([`batch`], [`chain`]), the versioned message envelope ([`message`]), bounded
-//! framing ([`frame`]) and the sans-IO send/ack bookkeeping ([`window`]). The
-//! QUIC glue that the agent's uplink and the hub share is in [`quic`], behind
-//! the `quic` feature.
+//! ([`batch`], [`chain`]), resource digests ([`digest`]), the versioned
+//! message envelope ([`message`]), bounded framing ([`frame`]) and the sans-IO
+//! send/ack bookkeeping ([`window`]). The QUIC glue that the agent's uplink
+//! and the hub share is the `shuyuan-link` crate; what the two services share
+//! beyond the wire (config errors, redb files, the control socket) is
+//! `shuyuan-service`.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod batch;
 pub mod catalog;
 pub mod chain;
 pub mod change;
-#[cfg(feature = "service")]
-pub mod control;
 pub mod cycle;
 pub mod digest;
 pub mod encoding;
@@ -22,14 +23,8 @@ pub mod federation;
 pub mod feed;
 pub mod frame;
 pub mod identity;
-#[cfg(feature = "quic")]
-pub mod link;
 pub mod message;
-#[cfg(feature = "quic")]
-pub mod quic;
 pub mod rotation;
-#[cfg(feature = "service")]
-pub mod service;
 pub mod time;
 pub mod value;
 pub mod window;

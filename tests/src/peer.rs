@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use shuyuan_link::client as link;
+use shuyuan_link::quic;
 use shuyuan_protocol::batch::{BatchBody, BatchHash, Entry, SignedBatch};
 use shuyuan_protocol::catalog::doc::{CatalogDoc, Sender};
 use shuyuan_protocol::federation::HubHello;
@@ -13,7 +15,6 @@ use shuyuan_protocol::{
     Column, FeedId, Message, MessageV1, NodeId, NodeKey, Op, RejectReason, RowChange, TableSchema,
     UnixMillis, Value,
 };
-use shuyuan_protocol::{link, quic};
 
 use std::net::SocketAddr;
 

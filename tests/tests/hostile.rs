@@ -16,9 +16,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use shuyuan_link::quic;
 use shuyuan_protocol::batch::BatchHash;
 use shuyuan_protocol::frame::{self, MAX_FRAME_SIZE};
-use shuyuan_protocol::{Message, MessageV1, NodeId, NodeKey, RejectReason, quic};
+use shuyuan_protocol::{Message, MessageV1, NodeId, NodeKey, RejectReason};
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::peer::{
     FeedPeer, batch, connect_departments, dial, enroll_departments, expect_ack, expect_reject,

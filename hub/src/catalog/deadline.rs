@@ -22,8 +22,9 @@ use std::str::FromStr;
 
 use serde::Deserialize;
 use shuyuan_protocol::UnixMillis;
-use shuyuan_protocol::service::{ConfigError, parse_toml, read_config};
 use shuyuan_protocol::time::{civil_from_days, days_from_civil};
+use shuyuan_service::ConfigError;
+use shuyuan_service::config::{parse_toml, read_config};
 
 const DAY_MS: i64 = 86_400_000;
 

@@ -32,12 +32,12 @@ use shuyuan_protocol::batch::{Entry, RangeDigest, RangeRepair, Resync};
 use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::message::{Ack, Reject};
 use shuyuan_protocol::message::{VerifyMode, VerifyRefusal};
-use shuyuan_protocol::service::{Migration, OpenError, RedbFile};
 use shuyuan_protocol::value::{decode_key, describe_key, encode_key};
 use shuyuan_protocol::{
     BatchHash, ChainError, DepartmentCode, Digest, DigestSummary, FeedId, KeyRange, NodeId,
     RejectReason, RowSeed, SignedBatch, TableSchema, UnixMillis, Value,
 };
+use shuyuan_service::{Migration, OpenError, RedbFile};
 
 use super::audit_chain::{self, ChainCheck, ChainReport};
 use super::verify::{

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use shuyuan_protocol::service::ConfigError;
+use shuyuan_service::ConfigError;
 
 const FILE: &str = "/nonexistent-shuyuan-fuzz/etc/shuyuan.toml";
 

@@ -3,7 +3,7 @@
 //! peer's `Welcome`, reading replies on their own task, and telling an
 //! operator why a connection failed.
 //!
-//! What is sent, and when it may be pruned, is [`crate::window::SendWindow`];
+//! What is sent, and when it may be pruned, is [`shuyuan_protocol::window::SendWindow`];
 //! dialing is [`crate::quic::dial`]. Each link keeps its own error type and
 //! state board; this module only gives them one behaviour.
 
@@ -15,9 +15,9 @@ use quinn::{ConnectionError, ReadError, RecvStream, WriteError};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::message::{Reject, Welcome};
 use crate::quic::{self, QuicError};
-use crate::{Message, MessageV1};
+use shuyuan_protocol::message::{Reject, Welcome};
+use shuyuan_protocol::{Message, MessageV1};
 
 /// First reconnect delay; doubles up to [`BACKOFF_MAX`].
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);

@@ -1,93 +1,12 @@
-//! What the two service binaries share beyond the wire: configuration
-//! errors that name the file, the key and the reason; writing the example
-//! configuration on `init`; and waiting for SIGTERM or Ctrl-C.
+//! A service's redb file: opened with its named migrations, and reopened
+//! after an I/O error.
+//!
+//! Invariant: each migration runs once, in order, in one transaction with
+//! the record that it ran; after a failed write the file is reopened (redb
+//! repairs it from its last durable commit) before it is written again.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-
-/// A config problem, with where it is.
-#[derive(Debug, thiserror::Error)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    /// The key path (`resource[1].update_cycle`), or a line and column when
-    /// the TOML itself does not parse.
-    pub key: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
-    }
-}
-
-impl ConfigError {
-    /// An error about `key` in `file`.
-    pub fn at(file: &Path, key: &str, reason: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_owned(),
-            key: key.to_string(),
-            reason: reason.into(),
-        }
-    }
-}
-
-/// Reads a config file's text.
-pub fn read_config(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::at(path, "(file)", format!("cannot read: {e}")))
-}
-
-/// Parses config text, turning a TOML error into a [`ConfigError`] that
-/// names the line and column.
-pub fn parse_toml<T: serde::de::DeserializeOwned>(
-    path: &Path,
-    text: &str,
-) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e: toml::de::Error| {
-        let key = match e.span() {
-            Some(span) => {
-                let before = &text[..span.start.min(text.len())];
-                let line = before.matches('\n').count() + 1;
-                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-                format!("line {line}, column {col}")
-            }
-            None => "(document)".to_string(),
-        };
-        ConfigError::at(path, &key, e.message().trim())
-    })
-}
-
-/// Whether `s` reads as `HOST:PORT` (a name or an address, a port 1 to
-/// 65535): how a peer's address is written in a config.
-pub fn is_host_port(s: &str) -> bool {
-    s.parse::<std::net::SocketAddr>().is_ok()
-        || match s.rsplit_once(':') {
-            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
-            None => false,
-        }
-}
-
-/// The directory relative paths in a config file are resolved against.
-pub fn config_dir(path: &Path) -> PathBuf {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// Writes `template` to `path` unless a file is already there. Returns
-/// whether it wrote.
-pub fn write_template_if_missing(path: &Path, template: &str) -> std::io::Result<bool> {
-    if path.exists() {
-        return Ok(false);
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(path, template)?;
-    Ok(true)
-}
 
 /// Why a redb file could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -249,44 +168,9 @@ pub fn migrate(db: &redb::Database, migrations: &[Migration]) -> Result<(), redb
                 continue;
             }
             apply(&tx)?;
-            done.insert(*name, crate::UnixMillis::now().0)?;
+            done.insert(*name, shuyuan_protocol::UnixMillis::now().0)?;
         }
     }
     tx.commit()?;
     Ok(())
-}
-
-/// Waits for SIGTERM or Ctrl-C and says which arrived.
-pub async fn shutdown_signal() -> std::io::Result<&'static str> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => Ok("SIGTERM"),
-        r = tokio::signal::ctrl_c() => r.map(|()| "interrupt"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    #[allow(dead_code)]
-    struct Sample {
-        name: String,
-    }
-
-    #[test]
-    fn toml_errors_name_line_and_column() {
-        let e = parse_toml::<Sample>(Path::new("/etc/x.toml"), "name = \"a\"\ncolour = 1\n")
-            .unwrap_err();
-        assert_eq!(e.key, "line 2, column 1");
-        assert!(
-            e.to_string()
-                .starts_with("/etc/x.toml: line 2, column 1: unknown field `colour`"),
-            "{e}"
-        );
-        assert_eq!(config_dir(Path::new("x.toml")), PathBuf::from("."));
-        assert_eq!(config_dir(Path::new("/etc/x.toml")), PathBuf::from("/etc"));
-    }
 }

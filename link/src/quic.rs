@@ -19,9 +19,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::frame::{self, FrameError, LENGTH_PREFIX};
-use crate::identity::{NodeId, NodeKey};
-use crate::message::{ALPN, Message};
+use shuyuan_protocol::frame::{self, FrameError, LENGTH_PREFIX};
+use shuyuan_protocol::identity::{NodeId, NodeKey};
+use shuyuan_protocol::message::{ALPN, Message};
 
 /// The name every node puts in its certificate; identity is the key, not
 /// the name, so it is the same everywhere.
@@ -575,7 +575,7 @@ fn is_tls_alert(code: quinn::TransportErrorCode) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Ack, MessageV1};
+    use shuyuan_protocol::message::{Ack, MessageV1};
     use std::sync::Mutex;
 
     #[derive(Debug, Default)]
