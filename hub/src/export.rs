@@ -18,7 +18,8 @@ use std::io::Write;
 use shuyuan_protocol::value::hex;
 use shuyuan_protocol::{FeedId, TableSchema, Value};
 
-use crate::store::{Backend, StoreError, column_mapping};
+use crate::apply::feed::column_mapping;
+use crate::store::{ReadTxn, StoreError};
 
 /// Export formats.
 #[derive(
@@ -43,11 +44,11 @@ pub enum ExportError {
 
 /// Finds the feed meant by `selector` (`RESOURCE` or `DEPARTMENT:RESOURCE`).
 pub fn resolve(
-    backend: &dyn Backend,
+    txn: &dyn ReadTxn,
     selector: &str,
     department: Option<&str>,
 ) -> Result<FeedId, ExportError> {
-    let feeds = backend.feeds()?;
+    let feeds = txn.feeds()?;
     if selector.contains(':') {
         let feed: FeedId = selector
             .parse()
@@ -81,12 +82,12 @@ pub fn resolve(
 
 /// Writes the shared copy of `feed` to `out`; returns the number of rows.
 pub fn export(
-    backend: &dyn Backend,
+    txn: &dyn ReadTxn,
     feed: &FeedId,
     format: Format,
     out: &mut dyn Write,
 ) -> Result<u64, ExportError> {
-    let record = backend
+    let record = txn
         .feed(feed)?
         .ok_or_else(|| ExportError::NotFound(format!("no feed {feed} at this hub")))?;
     let Some(schema) = record.schema else {
@@ -101,7 +102,7 @@ pub fn export(
     }
     let mut n = 0u64;
     let mut io_error = None;
-    each_row(backend, feed, &schema, &mut |values| {
+    each_row(txn, feed, &schema, &mut |values| {
         line.clear();
         match format {
             Format::Csv => csv_row(values, &mut line),
@@ -109,16 +110,16 @@ pub fn export(
         }
         line.push('\n');
         if let Err(e) = out.write_all(line.as_bytes()) {
+            // The reader went away: stop here.
             io_error = Some(e);
-            return Err(StoreError::Storage("export stopped: output closed".into()));
+            return Ok(false);
         }
         n += 1;
         Ok(true)
-    })
-    .map_err(|e| match io_error.take() {
-        Some(io) => ExportError::Write(io),
-        None => ExportError::Store(e),
     })?;
+    if let Some(e) = io_error {
+        return Err(ExportError::Write(e));
+    }
     out.flush()?;
     Ok(n)
 }
@@ -126,16 +127,16 @@ pub fn export(
 /// The column names and the first `limit` rows of the shared copy, each
 /// value as CSV text.
 pub fn sample(
-    backend: &dyn Backend,
+    txn: &dyn ReadTxn,
     feed: &FeedId,
     limit: usize,
 ) -> Result<(Vec<String>, Vec<Vec<String>>), StoreError> {
-    let Some(schema) = backend.feed(feed)?.and_then(|r| r.schema) else {
+    let Some(schema) = txn.feed(feed)?.and_then(|r| r.schema) else {
         return Ok((Vec::new(), Vec::new()));
     };
     let mut rows = Vec::new();
     if limit > 0 {
-        each_row(backend, feed, &schema, &mut |values| {
+        each_row(txn, feed, &schema, &mut |values| {
             let mut cells = Vec::with_capacity(values.len());
             for v in values {
                 let mut cell = String::new();
@@ -154,20 +155,20 @@ pub fn sample(
 /// schema's columns (columns a row's older schema lacks are null), until
 /// `visit` returns `false`.
 fn each_row(
-    backend: &dyn Backend,
+    txn: &dyn ReadTxn,
     feed: &FeedId,
     schema: &TableSchema,
     visit: &mut dyn FnMut(&[&Value]) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
     let mut older: BTreeMap<u32, Option<Vec<Option<usize>>>> = BTreeMap::new();
-    backend.rows(feed, &mut |row| {
+    txn.rows(feed, &[], None, &mut |_, row| {
         let values: Vec<&Value> = if row.schema_version == schema.version {
             row.values.iter().collect()
         } else {
             let mapping = match older.get(&row.schema_version) {
                 Some(m) => m.clone(),
                 None => {
-                    let m = backend
+                    let m = txn
                         .schema(feed, row.schema_version)?
                         .map(|old| column_mapping(&old, schema));
                     older.insert(row.schema_version, m.clone());

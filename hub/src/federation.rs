@@ -12,18 +12,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use shuyuan_protocol::batch::BatchError;
 use shuyuan_protocol::catalog::ShareType;
-use shuyuan_protocol::encoding::decode;
 use shuyuan_protocol::federation::{Registered, Registration, RegistrationBody};
-use shuyuan_protocol::{
-    BatchBody, DepartmentCode, FeedId, NodeId, NodeKey, RejectReason, SignedBatch,
-};
+use shuyuan_protocol::{DepartmentCode, FeedId, NodeId, NodeKey, RejectReason};
 
+use crate::apply::keys::{Enrollment, NodeKind};
 use crate::catalog::CityEntry;
 use crate::config::UpstreamConfig;
 use crate::peers::Peers;
-use crate::store::{Enrollment, Incoming, NodeKind, VerifiedBatch};
 
 /// The departments whose agents are registered below the child hub `hub`.
 pub fn carried(peers: &Peers, hub: &NodeId) -> BTreeSet<DepartmentCode> {
@@ -186,72 +182,6 @@ pub fn check_registration(
             enrolled_at: body.enrolled_at,
         },
     )))
-}
-
-/// Checks a batch a child hub forwarded: signed by a department key that a
-/// hub below the child registered, for a feed of that department, and the
-/// signature holds over the bytes as received.
-pub fn verify_forwarded(peers: &Peers, child: NodeId, batch: SignedBatch) -> Incoming {
-    let claimed: Option<BatchBody> = decode(&batch.body).ok();
-    let (feed, seq) = claimed.map_or((None, 0), |b| (Some(b.feed), b.seq));
-    let named = feed
-        .as_ref()
-        .map_or_else(|| "an unreadable feed".to_string(), FeedId::to_string);
-    let refused = |reason, detail: String| Incoming::Refused {
-        feed: feed.clone(),
-        seq,
-        reason,
-        detail,
-    };
-    let signer = peers.get(&batch.signer);
-    let department = match &signer {
-        Some(e) if !e.is_hub() && e.via(&batch.signer) == Some(child) => e.department.clone(),
-        Some(e) if !e.is_hub() => {
-            return refused(
-                RejectReason::UnknownSigner,
-                format!(
-                    "batch {seq} of {named} forwarded by child hub {child} is signed by {}, a key that does not reach this hub through it ({})",
-                    batch.signer,
-                    match e.via(&batch.signer) {
-                        Some(v) => format!("it is registered below child hub {v}"),
-                        None => "it is enrolled directly here".into(),
-                    }
-                ),
-            );
-        }
-        _ => {
-            return refused(
-                RejectReason::UnknownSigner,
-                format!(
-                    "batch {seq} of {named} forwarded by child hub {child} is signed by {}, which no hub below it registered",
-                    batch.signer
-                ),
-            );
-        }
-    };
-    let hash = batch.hash();
-    match batch.open() {
-        Ok(body) if body.feed.department != department => refused(
-            RejectReason::WrongDepartment,
-            format!(
-                "batch {} of {} forwarded by child hub {child} is signed by a key of department {department}",
-                body.seq, body.feed
-            ),
-        ),
-        Ok(body) => Incoming::Verified(Box::new(VerifiedBatch {
-            signed: batch,
-            body,
-            hash,
-        })),
-        Err(e @ BatchError::BadSignature { .. }) => refused(
-            RejectReason::BadSignature,
-            format!(
-                "batch {seq} of {named} forwarded by child hub {child} was altered after department {department} signed it: {e}"
-            ),
-        ),
-        Err(e @ BatchError::Malformed(_)) => refused(RejectReason::Malformed, e.to_string()),
-        Err(e @ BatchError::Invalid { .. }) => refused(RejectReason::InvalidContent, e.to_string()),
-    }
 }
 
 /// The registrations this hub sends its parent, parents before children:
@@ -422,12 +352,12 @@ mod tests {
 
     #[tokio::test]
     async fn registration_chains_are_checked_from_the_child_down() {
-        use crate::store::Store;
-        use crate::store::redb::RedbBackend;
+        use crate::store::memory::MemoryEngine;
+        use crate::verify::{Incoming, forwarded_batch as verify_forwarded};
+        use crate::writer::Store;
+        use shuyuan_protocol::{BatchBody, SignedBatch};
         use std::sync::Arc;
-        let dir = tempfile::tempdir().unwrap();
-        let backend = Arc::new(RedbBackend::open(&dir.path().join("hub.redb")).unwrap());
-        let (store, _writer) = Store::start(backend).unwrap();
+        let (store, _writer) = Store::start(Arc::new(MemoryEngine::new())).unwrap();
         let peers = Peers::load(store.clone()).unwrap();
         let [top, city, district, agent1, agent2, rogue] =
             [1u8, 2, 3, 4, 5, 6].map(|s| NodeKey::from_seed([s; 32]));

@@ -1,16 +1,33 @@
 //! shuyuan hub: accepts departments' signed change feeds over QUIC,
 //! verifies and applies them to a durable shared copy, acknowledges only
-//! after commit, and keeps per-feed state (last sequence, last change, last
-//! zero-update, connection, rejections) and an audit log.
+//! after commit, and keeps per-feed state, verification runs, key records,
+//! catalogs and a hash-chained audit log.
 //!
-//! The data path, one module each: [`ingest`] (verify) -> [`store`]
-//! (apply, ack); [`peers`] decides who may connect; [`status`] and
-//! [`export`] read what the store holds.
+//! The data path, one module each, in order:
+//! - [`ingest`]: the listener and its limits; one connection handler for
+//!   agents and child hubs; catalog sync, key rotation and comparison
+//!   requests over the same connection.
+//! - [`verify`]: a batch's signature and signer, checked before anything of
+//!   it is trusted.
+//! - [`writer`]: one thread groups what the connections hand over into one
+//!   transaction and answers (acks) only after its durable commit.
+//! - [`apply`]: every rule, written once against the store's transaction
+//!   traits: the chain, the content, the rows and digests, re-reads,
+//!   verification runs, key records, the audit chain.
+//! - [`store`]: the engines, nothing but tables and encoding: redb, and one
+//!   in memory for tests.
+//!
+//! Beside it, reading the store: [`status`], [`export`], the admin console
+//! ([`admin`]), the catalog ([`catalog`]), the control socket ([`control`]),
+//! and the upstream link to a parent hub ([`upstream`], [`federation`]);
+//! [`peers`] decides who may connect.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod apply;
 pub mod catalog;
 pub mod config;
+pub mod control;
 pub mod export;
 pub mod federation;
 pub mod ingest;
@@ -20,30 +37,28 @@ pub mod status;
 pub mod store;
 pub mod throttle;
 pub mod upstream;
+pub mod verify;
+pub mod writer;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use shuyuan_link::quic;
 use shuyuan_protocol::identity::IdentityError;
-use shuyuan_protocol::{DepartmentCode, FeedId, NodeId, NodeKey, UnixMillis};
-use shuyuan_service::control;
-use tokio::io::AsyncWriteExt;
+use shuyuan_protocol::{NodeId, NodeKey, UnixMillis};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{CityEntry, Filter, HubCatalog};
+use crate::catalog::HubCatalog;
 use crate::config::Config;
-use crate::export::Format;
 use crate::ingest::Ingest;
 use crate::live::Live;
 use crate::peers::Peers;
-use crate::status::{HubStatus, LiveFacts};
-use crate::store::redb::RedbBackend;
-use crate::store::{AuditEntry, AuditKind, Enrollment, NodeKind, Store, StoreError, Writer};
-use shuyuan_protocol::catalog::{EntryState, Review, ReviewStatus};
+use crate::store::StoreError;
+use crate::store::redb::RedbEngine;
+use crate::writer::{Store, Writer};
+
+pub use control::{ControlRequest, ReviewRequest, VerifyStarted, enrollment, review};
 
 /// Why the hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,169 +83,6 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
-}
-
-/// A request on the hub's control socket.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
-pub enum ControlRequest {
-    Status,
-    Enroll {
-        department: String,
-        name: String,
-        key: String,
-        /// A child hub; `department` is its platform code.
-        #[serde(default)]
-        hub: bool,
-    },
-    Export {
-        resource: String,
-        department: Option<String>,
-        format: Format,
-    },
-    Audit {
-        limit: usize,
-    },
-    /// Revokes a key: the [`store::Revocation`].
-    Revoke {
-        key: String,
-        reason: String,
-    },
-    /// Checks the audit log's hash chain: a [`store::audit_chain::ChainReport`].
-    AuditVerify {
-        /// A head recorded earlier, as 64 hex digits.
-        head: Option<String>,
-    },
-    /// The city catalog, filtered: a list of [`CityEntry`].
-    CatalogList {
-        filter: Filter,
-    },
-    /// Approves or returns an entry.
-    CatalogReview(ReviewRequest),
-    /// The publication-deadline and yearly-review report: a list of [`catalog::Finding`].
-    CatalogDeadlines,
-    /// Starts a comparison with the source of one resource (or of every
-    /// resource): a list of [`VerifyStarted`].
-    Verify {
-        resource: Option<String>,
-        department: Option<String>,
-    },
-}
-
-/// A verification run started by `shuyuan-hub verify`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct VerifyStarted {
-    pub feed: String,
-    /// The run's id, or why none started.
-    pub run: Result<u64, String>,
-}
-
-/// An administrator's verdict on a catalog entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReviewRequest {
-    /// The department, when several use the code.
-    pub department: Option<String>,
-    pub code: String,
-    /// Approve (审核通过), or return for changes (退回修改).
-    pub approve: bool,
-    pub reviewer: String,
-    pub remarks: String,
-}
-
-/// Checks and records a review (used online and offline).
-pub async fn review(
-    catalog: &HubCatalog,
-    store: &Store,
-    city: &[CityEntry],
-    request: &ReviewRequest,
-) -> Result<Review, String> {
-    let ReviewRequest {
-        department,
-        code,
-        approve,
-        reviewer,
-        remarks,
-    } = request;
-    let (code, approve) = (code.as_str(), *approve);
-    let entry = catalog::pick(city, code, department.as_deref()).map_err(|e| e.to_string())?;
-    if reviewer.trim().is_empty() {
-        return Err("name the reviewer (--reviewer)".into());
-    }
-    if !approve && remarks.trim().is_empty() {
-        return Err(
-            "an entry returned for changes needs remarks saying what to change (--remarks)".into(),
-        );
-    }
-    match entry.state {
-        EntryState::Draft => {
-            return Err(format!(
-                "entry {code} of {} is a draft: the department has not submitted it",
-                entry.department
-            ));
-        }
-        EntryState::Withdrawn => {
-            return Err(format!("entry {code} of {} is withdrawn", entry.department));
-        }
-        _ => {}
-    }
-    let department: DepartmentCode = entry
-        .department
-        .parse()
-        .map_err(|e: shuyuan_protocol::feed::CodeError| e.to_string())?;
-    let review = Review {
-        status: if approve {
-            ReviewStatus::Approved
-        } else {
-            ReviewStatus::Returned
-        },
-        reviewer: reviewer.trim().to_string(),
-        remarks: remarks.trim().to_string(),
-        reviewed_at: UnixMillis::now(),
-    };
-    catalog
-        .review(&department, code, &review)
-        .await
-        .map_err(|e| e.to_string())?;
-    let audit = AuditEntry::new(
-        AuditKind::CatalogReviewed,
-        format!(
-            "{} entry {code} of {department} by {}{}",
-            if approve { "approved" } else { "returned" },
-            review.reviewer,
-            if review.remarks.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", review.remarks)
-            }
-        ),
-    );
-    store.audit(audit);
-    Ok(review)
-}
-
-/// Validates the arguments of `enroll` (`hub`: a child hub, and
-/// `department` is its platform code).
-pub fn enrollment(
-    department: &str,
-    name: &str,
-    key: &str,
-    hub: bool,
-) -> Result<(NodeId, Enrollment), String> {
-    let department = DepartmentCode::new(department).map_err(|e| e.to_string())?;
-    let key: NodeId = key.parse().map_err(|e: IdentityError| e.to_string())?;
-    let name = name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err("the department name must be 1 to 200 characters".into());
-    }
-    Ok((
-        key,
-        Enrollment {
-            department,
-            name: name.to_string(),
-            kind: if hub { NodeKind::Hub } else { NodeKind::Agent },
-            enrolled_at: UnixMillis::now(),
-        },
-    ))
 }
 
 /// A running hub.
@@ -274,8 +126,8 @@ impl Hub {
         if config.upstream.as_ref().is_some_and(|u| u.key == key.id()) {
             return Err(StartError::OwnParent(config.file.clone()));
         }
-        let backend = Arc::new(RedbBackend::open(&config.store_path())?);
-        let (store, writer) = Store::start(backend)?;
+        let engine = Arc::new(RedbEngine::open(&config.store_path())?);
+        let (store, writer) = Store::start(engine)?;
         let peers = Arc::new(Peers::load(store.clone())?);
         let server = quic::server_config(&key, peers.clone())?;
         let endpoint = quic::server_endpoint(&key, server, config.listen).map_err(|source| {
@@ -289,10 +141,11 @@ impl Hub {
             source,
         })?;
         let socket = config.control_socket();
-        let listener = control::bind(&socket).map_err(|source| StartError::Control {
-            path: socket.clone(),
-            source,
-        })?;
+        let listener =
+            shuyuan_service::control::bind(&socket).map_err(|source| StartError::Control {
+                path: socket.clone(),
+                source,
+            })?;
         let live = Arc::new(Live::default());
         let catalog = Arc::new(HubCatalog::new(key.id(), store.clone()));
         let cancel = CancellationToken::new();
@@ -350,10 +203,10 @@ impl Hub {
             Some(c) => Some(admin::start(shared.clone(), c, watcher, cancel.clone()).await?),
             None => None,
         };
-        let control = tokio::spawn(control::serve(
+        let control = tokio::spawn(shuyuan_service::control::serve(
             listener,
             cancel.clone().cancelled_owned(),
-            move |request, stream| serve_request(shared.clone(), request, stream),
+            move |request, stream| control::serve_request(shared.clone(), request, stream),
         ));
         tracing::info!(listen = %local_addr, key = %key.id(), "hub listening");
         Ok(Hub {
@@ -411,284 +264,4 @@ impl Hub {
         let _ = std::fs::remove_file(&self.socket);
         tracing::info!("hub stopped");
     }
-}
-
-/// Sends what a blocking export writes to the control connection.
-struct ChannelWriter(tokio::sync::mpsc::Sender<Vec<u8>>);
-
-impl Write for ChannelWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.blocking_send(buf.to_vec()).map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "control client went away")
-        })?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Answers one control request; a refusal is written as the header.
-async fn serve_request(
-    shared: Arc<Shared>,
-    request: ControlRequest,
-    mut stream: tokio::net::UnixStream,
-) {
-    if let Err(e) = answer(&shared, request, &mut stream).await {
-        let _ = control::write_error(&mut stream, &e).await;
-    }
-}
-
-/// The city catalog, filtered.
-pub(crate) async fn city(shared: &Shared, filter: &Filter) -> Result<Vec<CityEntry>, String> {
-    filter.validate()?;
-    let all = shared.catalog.city().await.map_err(|e| e.to_string())?;
-    Ok(all.into_iter().filter(|e| filter.matches(e)).collect())
-}
-
-async fn answer(
-    shared: &Arc<Shared>,
-    request: ControlRequest,
-    out: &mut tokio::net::UnixStream,
-) -> Result<(), String> {
-    match request {
-        ControlRequest::Status => {
-            let status = live_status(shared).await?;
-            let body = serde_json::to_vec(&status).map_err(|e| e.to_string())?;
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out.write_all(&body).await;
-            let _ = out.write_all(b"\n").await;
-        }
-        ControlRequest::Enroll {
-            department,
-            name,
-            key,
-            hub,
-        } => {
-            if hub && key.parse::<NodeId>().is_ok_and(|k| k == shared.node) {
-                return Err("that is this hub's own key".into());
-            }
-            let (key, enrollment) = enrollment(&department, &name, &key, hub)?;
-            let new = shared
-                .peers
-                .enroll(key, enrollment)
-                .await
-                .map_err(|e| e.to_string())?;
-            tracing::info!(%key, %department, new, "enrolled");
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out
-                .write_all(format!("{}\n", serde_json::json!({ "new": new })).as_bytes())
-                .await;
-        }
-        ControlRequest::Revoke { key, reason } => {
-            let key: NodeId = key.parse().map_err(|e: IdentityError| e.to_string())?;
-            let revocation = shared
-                .peers
-                .revoke(key, reason)
-                .await
-                .map_err(|e| e.to_string())?;
-            tracing::warn!(%key, reason = %revocation.reason, "key revoked");
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out
-                .write_all(&serde_json::to_vec(&revocation).unwrap_or_default())
-                .await;
-            let _ = out.write_all(b"\n").await;
-        }
-        ControlRequest::Audit { limit } => {
-            let entries = shared
-                .store
-                .backend()
-                .audit(limit)
-                .map_err(|e| e.to_string())?;
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out
-                .write_all(&serde_json::to_vec(&entries).unwrap_or_default())
-                .await;
-            let _ = out.write_all(b"\n").await;
-        }
-        ControlRequest::AuditVerify { head } => {
-            let head = head
-                .as_deref()
-                .map(store::audit_chain::parse_head)
-                .transpose()?;
-            let report = shared
-                .store
-                .backend()
-                .audit_verify(head)
-                .map_err(|e| e.to_string())?;
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out
-                .write_all(&serde_json::to_vec(&report).unwrap_or_default())
-                .await;
-            let _ = out.write_all(b"\n").await;
-        }
-        ControlRequest::CatalogList { filter } => {
-            let list = city(shared, &filter).await?;
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out
-                .write_all(&serde_json::to_vec(&list).unwrap_or_default())
-                .await;
-            let _ = out.write_all(b"\n").await;
-        }
-        ControlRequest::CatalogReview(request) => {
-            let all = shared.catalog.city().await.map_err(|e| e.to_string())?;
-            let review = review(&shared.catalog, &shared.store, &all, &request).await?;
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out
-                .write_all(&serde_json::to_vec(&review).unwrap_or_default())
-                .await;
-            let _ = out.write_all(b"\n").await;
-        }
-        ControlRequest::CatalogDeadlines => {
-            let all = shared.catalog.city().await.map_err(|e| e.to_string())?;
-            let list = catalog::findings(
-                &all,
-                UnixMillis::now(),
-                shared.config.publication_deadline_days,
-                &shared.config.calendar,
-            );
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out
-                .write_all(&serde_json::to_vec(&list).unwrap_or_default())
-                .await;
-            let _ = out.write_all(b"\n").await;
-        }
-        ControlRequest::Verify {
-            resource,
-            department,
-        } => {
-            let feeds: Vec<FeedId> = match &resource {
-                Some(r) => vec![
-                    export::resolve(shared.store.backend(), r, department.as_deref())
-                        .map_err(|e| e.to_string())?,
-                ],
-                None => shared
-                    .store
-                    .backend()
-                    .feeds()
-                    .map_err(|e| e.to_string())?
-                    .into_iter()
-                    .map(|(f, _)| f)
-                    .filter(|f| {
-                        department
-                            .as_deref()
-                            .is_none_or(|d| f.department.as_str() == d)
-                    })
-                    .collect(),
-            };
-            let mut started = Vec::new();
-            let below: std::collections::BTreeMap<DepartmentCode, NodeId> = shared
-                .peers
-                .all()
-                .into_iter()
-                .filter(|(_, e)| !e.is_hub())
-                .filter_map(|(k, e)| {
-                    let via = e.via(&k)?;
-                    Some((e.department, via))
-                })
-                .collect();
-            for feed in feeds {
-                if let Some(via) = below.get(&feed.department) {
-                    // Only the hub the agent connects to can ask it.
-                    started.push(VerifyStarted {
-                        feed: feed.to_string(),
-                        run: Err(format!(
-                            "department {} is served below child hub {via}: run the comparison there (this hub compares the checkpoints in the forwarded batches)",
-                            feed.department
-                        )),
-                    });
-                    continue;
-                }
-                let run = shared
-                    .store
-                    .start_verify(
-                        feed.clone(),
-                        "requested at the hub (shuyuan-hub verify)".into(),
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tracing::info!(%feed, ?run, "verification requested");
-                started.push(VerifyStarted {
-                    feed: feed.to_string(),
-                    run,
-                });
-            }
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let _ = out
-                .write_all(&serde_json::to_vec(&started).unwrap_or_default())
-                .await;
-            let _ = out.write_all(b"\n").await;
-        }
-        ControlRequest::Export {
-            resource,
-            department,
-            format,
-        } => {
-            let feed = export::resolve(shared.store.backend(), &resource, department.as_deref())
-                .map_err(|e| e.to_string())?;
-            control::write_ok(out).await.map_err(|e| e.to_string())?;
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-            let store = shared.store.clone();
-            let task = tokio::task::spawn_blocking(move || {
-                let mut w = std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter(tx));
-                export::export(store.backend(), &feed, format, &mut w)
-            });
-            while let Some(chunk) = rx.recv().await {
-                if out.write_all(&chunk).await.is_err() {
-                    break;
-                }
-            }
-            drop(rx);
-            if let Ok(Err(e)) = task.await {
-                tracing::warn!(error = %e, "export failed");
-            }
-        }
-    }
-    Ok(())
-}
-
-pub(crate) async fn live_status(shared: &Shared) -> Result<HubStatus, String> {
-    let store = shared.store.health();
-    let facts = || LiveFacts {
-        listen: Some(shared.local_addr.to_string()),
-        started_at: Some(shared.started_at),
-        connections: shared.live.connections(),
-        disconnected: shared.live.disconnected(),
-        children: shared.live.children(),
-        upstream: shared.upstream.as_ref().map(|b| {
-            b.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
-        }),
-        handshakes_refused: shared.peers.refused(),
-        store: store.clone(),
-        ..LiveFacts::default()
-    };
-    // A failed write can leave the store unreadable until it is reopened:
-    // then say so instead of failing the status.
-    let unreadable = |e: String| {
-        if store.writable() {
-            Err(e)
-        } else {
-            Ok(status::unreadable(
-                &shared.config.name,
-                shared.node.to_string(),
-                facts(),
-                e,
-            ))
-        }
-    };
-    let city = match shared.catalog.city().await {
-        Ok(city) => city,
-        Err(e) => return unreadable(e.to_string()),
-    };
-    status::collect(
-        shared.store.backend(),
-        &shared.config.name,
-        shared.node.to_string(),
-        true,
-        facts().with_catalog(&city, shared.config.freshness_grace),
-    )
-    .or_else(|e| unreadable(e.to_string()))
 }

@@ -7,13 +7,16 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
+use shuyuan_hub::apply::audit::AuditEntry;
+use shuyuan_hub::apply::audit::{self, ChainReport};
+use shuyuan_hub::apply::keys::Revocation;
 use shuyuan_hub::catalog::{CityEntry, Filter, Finding, FindingKind, HubCatalog, WaitingFor};
 use shuyuan_hub::config::Config;
 use shuyuan_hub::export::{self, Format};
 use shuyuan_hub::status::{self, HubStatus, LiveFacts, render_audit};
-use shuyuan_hub::store::audit_chain::{self, ChainReport};
-use shuyuan_hub::store::redb::RedbBackend;
-use shuyuan_hub::store::{AuditEntry, Backend, Revocation, Store, StoreError};
+use shuyuan_hub::store::redb::RedbEngine;
+use shuyuan_hub::store::{Engine, StoreError};
+use shuyuan_hub::writer::Store;
 use shuyuan_hub::{ControlRequest, Hub, ReviewRequest, VerifyStarted, enrollment};
 use shuyuan_protocol::UnixMillis;
 use shuyuan_protocol::catalog::form;
@@ -277,8 +280,8 @@ async fn run(cli: Cli) -> Result<()> {
                 Err(ControlError::NotRunning { .. }) => {
                     let (key, enrollment) =
                         enrollment(&department, &name, &key, is_hub).map_err(|e| anyhow!(e))?;
-                    let backend = open_offline(&config)?;
-                    let (store, writer) = Store::start(backend)?;
+                    let engine = open_offline(&config)?;
+                    let (store, writer) = Store::start(engine)?;
                     let result = store.enroll(key, enrollment).await;
                     store.close().await;
                     tokio::task::spawn_blocking(move || writer.join()).await?;
@@ -303,17 +306,17 @@ async fn run(cli: Cli) -> Result<()> {
             let status = match running_status(&config).await? {
                 Some(status) => status,
                 None => {
-                    let backend = open_offline(&config)?;
+                    let engine = open_offline(&config)?;
                     let node = NodeKey::load(&config.key_file)
                         .map(|k| k.id().to_string())
                         .unwrap_or_else(|_| "(no key)".into());
                     let key = NodeKey::load(&config.key_file).map(|k| k.id()).ok();
                     let city = match key {
-                        Some(k) => shuyuan_hub::catalog::city_from_store(&*backend, &k)?,
+                        Some(k) => shuyuan_hub::catalog::city_from_store(&*engine, &k)?,
                         None => Vec::new(),
                     };
                     let facts = LiveFacts::default().with_catalog(&city, config.freshness_grace);
-                    status::collect(&*backend, &config.name, node, false, facts)?
+                    engine.read(|t| status::collect(t, &config.name, node, false, facts))?
                 }
             };
             if json {
@@ -345,9 +348,10 @@ async fn run(cli: Cli) -> Result<()> {
             match control::call(&config.control_socket(), &request, &mut *sink).await {
                 Ok(()) => {}
                 Err(ControlError::NotRunning { .. }) => {
-                    let backend = open_offline(&config)?;
-                    let feed = export::resolve(&*backend, &resource, department.as_deref())?;
-                    export::export(&*backend, &feed, format, &mut *sink)?;
+                    open_offline(&config)?.read(|t| {
+                        let feed = export::resolve(t, &resource, department.as_deref())?;
+                        export::export(t, &feed, format, &mut *sink)
+                    })?;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -390,7 +394,9 @@ async fn run(cli: Cli) -> Result<()> {
             .await
             {
                 Ok(()) => serde_json::from_slice(&out).context("bad audit log from the hub")?,
-                Err(ControlError::NotRunning { .. }) => open_offline(&config)?.audit(limit)?,
+                Err(ControlError::NotRunning { .. }) => {
+                    open_offline(&config)?.read(|t| audit::recent(t, limit))?
+                }
                 Err(e) => return Err(e.into()),
             };
             if json {
@@ -451,10 +457,10 @@ async fn audit_verify(config: &Config, head: Option<String>, json: bool) -> Resu
         Err(ControlError::NotRunning { .. }) => {
             let head = head
                 .as_deref()
-                .map(audit_chain::parse_head)
+                .map(audit::chain::parse_head)
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
-            open_offline(config)?.audit_verify(head)?
+            open_offline(config)?.read(|t| audit::verify(t, head))?
         }
         Err(e) => return Err(e.into()),
     };
@@ -784,11 +790,11 @@ async fn catalog(config: &Config, action: CatalogAction) -> Result<()> {
 }
 
 async fn offline_catalog(config: &Config, request: ControlRequest) -> Result<serde_json::Value> {
-    let backend = open_offline(config)?;
+    let engine = open_offline(config)?;
     let node = NodeKey::load(&config.key_file)
         .context("the catalog is written under the hub's key")?
         .id();
-    let city = shuyuan_hub::catalog::city_from_store(&*backend, &node)?;
+    let city = shuyuan_hub::catalog::city_from_store(&*engine, &node)?;
     Ok(match request {
         ControlRequest::CatalogList { filter } => {
             filter.validate().map_err(|e| anyhow!(e))?;
@@ -799,7 +805,7 @@ async fn offline_catalog(config: &Config, request: ControlRequest) -> Result<ser
             )?
         }
         ControlRequest::CatalogReview(request) => {
-            let (store, writer) = Store::start(backend)?;
+            let (store, writer) = Store::start(engine)?;
             let catalog = HubCatalog::new(node, store.clone());
             let result = shuyuan_hub::review(&catalog, &store, &city, &request).await;
             store.close().await;
@@ -876,11 +882,15 @@ async fn running_status(config: &Config) -> Result<Option<HubStatus>> {
     ))
 }
 
-fn open_offline(config: &Config) -> Result<Arc<RedbBackend>> {
-    match RedbBackend::open(&config.store_path()) {
-        Ok(b) => Ok(Arc::new(b)),
+/// The store of a hub that is not running.
+fn open_offline(config: &Config) -> Result<Arc<dyn Engine>> {
+    match RedbEngine::open(&config.store_path()) {
+        Ok(e) => Ok(Arc::new(e)),
         Err(StoreError::AlreadyOpen(p)) => {
-            bail!("{p} is held by a running hub whose control socket does not answer")
+            bail!(
+                "{} is held by a running hub whose control socket does not answer",
+                p.display()
+            )
         }
         Err(e) => Err(e.into()),
     }

@@ -13,11 +13,11 @@ use shuyuan_protocol::{NodeId, UnixMillis};
 
 use tokio::sync::watch;
 
-use crate::store::{
-    AuditEntry, AuditKind, Enrollment, NodeKind, Revocation, Rotation, RotationChange, Store,
-    StoreError,
-};
+use crate::apply::audit::{AuditEntry, AuditKind};
+use crate::apply::keys::{Enrollment, NodeKind, Revocation, Rotation, RotationChange};
+use crate::store::StoreError;
 use crate::throttle::AuditThrottle;
+use crate::writer::Store;
 
 /// How many rotations back a batch's signer may be from the key that sends it.
 const MAX_LINEAGE: usize = 16;
@@ -41,9 +41,13 @@ pub struct Peers {
 impl Peers {
     /// Loads the enrollments from the store.
     pub fn load(store: Store) -> Result<Self, StoreError> {
-        let enrolled = store.backend().enrollments()?.into_iter().collect();
-        let revoked = store.backend().revocations()?.into_iter().collect();
-        let rotations = store.backend().rotations()?.into_iter().collect();
+        let (enrolled, revoked, rotations) = store.read(|t| {
+            Ok::<_, StoreError>((
+                t.enrollments()?.into_iter().collect(),
+                t.revocations()?.into_iter().collect(),
+                t.rotations()?.into_iter().collect(),
+            ))
+        })?;
         Ok(Peers {
             enrolled: RwLock::new(enrolled),
             revoked: RwLock::new(revoked),
@@ -173,7 +177,7 @@ impl Peers {
     }
 
     fn reload_rotations(&self) -> Result<(), StoreError> {
-        let all = self.store.backend().rotations()?.into_iter().collect();
+        let all = self.store.read(|t| t.rotations())?.into_iter().collect();
         *self
             .rotations
             .write()

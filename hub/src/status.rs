@@ -9,14 +9,15 @@ use serde::{Deserialize, Serialize};
 use shuyuan_protocol::message::AgentReport;
 use shuyuan_protocol::{FeedId, UnixMillis};
 
+use crate::apply::audit::AuditEntry;
+use crate::apply::feed::{FeedRecord, RejectionRecord, ResyncRecord, ZeroUpdateRecord};
+use crate::apply::keys::{Enrollment, NodeKind};
+use crate::apply::verification::{Verdict, VerifyRecord};
 use crate::catalog::CityEntry;
 use crate::live::{ChildInfo, ConnectionInfo};
-use crate::store::verify::{Verdict, VerifyRecord};
-use crate::store::{
-    AuditEntry, Backend, Enrollment, FeedRecord, NodeKind, RejectionRecord, ResyncRecord,
-    StoreError, StoreHealth, ZeroUpdateRecord,
-};
+use crate::store::{ReadTxn, StoreError};
 use crate::upstream::UpstreamStatus;
+use crate::writer::StoreHealth;
 use shuyuan_protocol::UpdateCycle;
 use shuyuan_protocol::federation::HubReport;
 use std::time::Duration;
@@ -278,14 +279,14 @@ pub fn freshness(
 
 /// Builds the status from the store and, for a running hub, its live state.
 pub fn collect(
-    backend: &dyn Backend,
+    txn: &dyn ReadTxn,
     name: &str,
     node: String,
     running: bool,
     live: LiveFacts,
 ) -> Result<HubStatus, StoreError> {
-    let enrollments: Vec<(shuyuan_protocol::NodeId, Enrollment)> = backend.enrollments()?;
-    let feeds: Vec<(FeedId, FeedRecord)> = backend.feeds()?;
+    let enrollments: Vec<(shuyuan_protocol::NodeId, Enrollment)> = txn.enrollments()?;
+    let feeds: Vec<(FeedId, FeedRecord)> = txn.feeds()?;
     let mut departments: BTreeMap<String, DepartmentStatus> = BTreeMap::new();
     let mut children = Vec::new();
     for (key, e) in &enrollments {
@@ -346,11 +347,11 @@ pub fn collect(
             || live.children.iter().any(|c| c.feeds.contains(f))
     };
     let entry = |feed: &FeedId, r: &FeedRecord| {
-        let resync = backend.resync(feed).unwrap_or_else(|e| {
+        let resync = txn.resync(feed).unwrap_or_else(|e| {
             tracing::warn!(%feed, error = %e, "cannot read the feed's resync state");
             None
         });
-        let verification = backend.verification(feed).unwrap_or_else(|e| {
+        let verification = txn.verification(feed).unwrap_or_else(|e| {
             tracing::warn!(%feed, error = %e, "cannot read the feed's verification state");
             None
         });
@@ -411,8 +412,8 @@ pub fn collect(
         started_at: live.started_at,
         departments: departments.into_values().collect(),
         handshakes_refused: live.handshakes_refused,
-        audit_entries: backend.audit_count()?,
-        recent_audit: backend.audit(10)?,
+        audit_entries: txn.audit_count()?,
+        recent_audit: crate::apply::audit::recent(txn, 10)?,
         upstream: live.upstream,
         children,
         store: live.store,

@@ -38,7 +38,8 @@ use crate::config::UpstreamConfig;
 use crate::federation;
 use crate::live::Live;
 use crate::peers::Peers;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
+use crate::writer::Store;
 
 /// Batches per feed sent ahead of the parent's acks.
 pub const MAX_IN_FLIGHT: u64 = 64;
@@ -247,7 +248,7 @@ impl Upstream {
     /// Which feeds leave now, from the catalog's share types.
     fn plan(&self, shares: &Shares) -> Result<Plan, LinkError> {
         let mut plan = Plan::default();
-        for (feed, rec) in self.store.backend().feeds()? {
+        for (feed, rec) in self.store.read(|t| t.feeds())? {
             let held = federation::held(&feed, shares, &self.config);
             if held.is_none() {
                 plan.forward.insert(feed.clone(), rec.cursor.last_seq);
@@ -314,7 +315,7 @@ impl Upstream {
             if p.cursor.last_seq == 0 {
                 continue;
             }
-            let Some(ours) = self.store.backend().batch(&p.feed, p.cursor.last_seq)? else {
+            let Some(ours) = self.store.read(|t| t.batch(&p.feed, p.cursor.last_seq))? else {
                 continue; // the window reports "parent ahead"
             };
             if ours.hash() != p.cursor.last_hash {
@@ -426,7 +427,7 @@ impl Upstream {
         loop {
             let now = UnixMillis::now();
             while let Some((feed, seq)) = window.poll_send(now) {
-                let batch = self.store.backend().batch(&feed, seq)?.ok_or_else(|| {
+                let batch = self.store.read(|t| t.batch(&feed, seq))?.ok_or_else(|| {
                     LinkError::Chain(format!(
                         "batch {seq} of {feed} is missing from this hub's store"
                     ))

@@ -5,8 +5,8 @@
 //! [`Lang::t`].
 
 use crate::admin::view::ResourceState;
-use crate::store::AuditKind;
-use crate::store::verify::RunOrigin;
+use crate::apply::audit::AuditKind;
+use crate::apply::verification::RunOrigin;
 
 /// A console language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

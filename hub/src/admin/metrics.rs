@@ -11,7 +11,7 @@ use shuyuan_protocol::UnixMillis;
 
 use super::view::{FederationView, Overview, ResourceState};
 use super::webhook::Deliveries;
-use crate::store::AuditCounts;
+use crate::apply::audit::AuditCounts;
 
 /// The process facts beyond the status.
 #[derive(Debug)]
@@ -311,9 +311,9 @@ pub fn render(o: &Overview, fed: &FederationView, p: &ProcessFacts<'_>) -> Strin
         if reason.is_none()
             && !matches!(
                 kind,
-                crate::store::AuditKind::HandshakeRefused
-                    | crate::store::AuditKind::ConnectionRefused
-                    | crate::store::AuditKind::CatalogRejected
+                crate::apply::audit::AuditKind::HandshakeRefused
+                    | crate::apply::audit::AuditKind::ConnectionRefused
+                    | crate::apply::audit::AuditKind::CatalogRejected
             )
         {
             continue;
@@ -476,7 +476,7 @@ fn age(now: UnixMillis, t: UnixMillis) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreHealth;
+    use crate::writer::StoreHealth;
 
     /// The metrics of a hub with nothing enrolled and nothing counted.
     fn empty_render() -> String {

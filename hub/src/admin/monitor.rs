@@ -222,7 +222,7 @@ pub(crate) async fn run(
             _ = tick.tick() => {}
             () = cancel.cancelled() => return,
         }
-        match crate::live_status(&shared).await {
+        match crate::control::live_status(&shared).await {
             Ok(status) => {
                 let grace = shared.config.freshness_grace;
                 for alert in monitor.observe(&status, grace, UnixMillis::now()) {

@@ -14,10 +14,10 @@ use crate::admin::i18n::{AUDIT_KINDS, Lang, Text};
 use crate::admin::view::{
     AuditQuery, DepartmentView, FederationView, Overview, ResourceRow, ResourceState, ResourceView,
 };
+use crate::apply::audit::AuditEntry;
+use crate::apply::verification::{Verdict, VerifyRecord, VerifyRun};
 use crate::catalog::{CityEntry, Filter};
 use crate::status::{ChildStatus, ResourceEntry, TreeRow};
-use crate::store::AuditEntry;
-use crate::store::verify::{Verdict, VerifyRecord, VerifyRun};
 use crate::upstream::{ForwardState, UpstreamStatus};
 
 /// What every page needs to know about the request.
@@ -1631,8 +1631,8 @@ pub fn sparkline(values: &[f64], width: u32, height: u32) -> String {
 mod tests {
     use super::*;
     use crate::admin::view::Lag;
-    use crate::store::StoreHealth;
-    use crate::store::verify::Verdict;
+    use crate::apply::verification::Verdict;
+    use crate::writer::StoreHealth;
 
     const NOW: UnixMillis = UnixMillis(1_800_000_000_000);
 
@@ -1895,7 +1895,7 @@ mod tests {
         let html = catalog(&p, &[published], &Filter::default(), None);
         assert!(!html.contains("/catalog/review") && html.contains("审核通过"));
 
-        let mut e = AuditEntry::new(crate::store::AuditKind::BatchRejected, "bad <sig>");
+        let mut e = AuditEntry::new(crate::apply::audit::AuditKind::BatchRejected, "bad <sig>");
         e.at = NOW;
         let q = AuditQuery {
             kind: Some("batch_rejected".to_string()),

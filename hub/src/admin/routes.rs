@@ -26,9 +26,9 @@ use super::view::{
     AuditQuery, BatchSummary, DepartmentView, FederationView, Overview, ResourceRow, ResourceView,
     RowSample,
 };
+use crate::apply::audit::AuditEntry;
 use crate::catalog::{CityEntry, Filter};
 use crate::status::HubStatus;
-use crate::store::AuditEntry;
 use crate::{ReviewRequest, Shared};
 
 /// The OpenAPI description of the JSON API.
@@ -245,7 +245,9 @@ impl Ctx {
 // ---- the data, shared by pages and API ----
 
 async fn status(shared: &Shared) -> Result<HubStatus, ApiError> {
-    crate::live_status(shared).await.map_err(ApiError::internal)
+    crate::control::live_status(shared)
+        .await
+        .map_err(ApiError::internal)
 }
 
 async fn overview(s: &AdminState) -> Result<Overview, ApiError> {
@@ -307,14 +309,15 @@ async fn resource(
         .map_err(|e: shuyuan_protocol::feed::CodeError| ApiError::internal(e))?;
     let store = s.shared.store.clone();
     let (batches, sample) = tokio::task::spawn_blocking(move || {
-        let backend = store.backend();
-        let batches = backend
-            .recent_batches(&feed, RECENT_BATCHES)?
-            .iter()
-            .map(batch_summary)
-            .collect::<Vec<_>>();
-        let (columns, rows) = crate::export::sample(backend, &feed, SAMPLE_ROWS)?;
-        Ok::<_, crate::store::StoreError>((batches, RowSample { columns, rows }))
+        store.read(|t| {
+            let batches = t
+                .recent_batches(&feed, RECENT_BATCHES)?
+                .iter()
+                .map(batch_summary)
+                .collect::<Vec<_>>();
+            let (columns, rows) = crate::export::sample(t, &feed, SAMPLE_ROWS)?;
+            Ok::<_, crate::store::StoreError>((batches, RowSample { columns, rows }))
+        })
     })
     .await
     .map_err(ApiError::internal)?
@@ -364,16 +367,17 @@ async fn audit(s: &AdminState, q: &AuditQuery) -> Result<(Vec<AuditEntry>, u64),
     let store = s.shared.store.clone();
     let q = q.clone();
     tokio::task::spawn_blocking(move || {
-        let backend = store.backend();
-        let limit = q.limit();
-        let mut out = Vec::new();
-        backend.audit_scan(&mut |e| {
-            if q.matches(&e) {
-                out.push(e);
-            }
-            out.len() < limit
-        })?;
-        Ok((out, backend.audit_count()?))
+        store.read(|t| {
+            let limit = q.limit();
+            let mut out = Vec::new();
+            crate::apply::audit::scan(t, &mut |e| {
+                if q.matches(&e) {
+                    out.push(e);
+                }
+                out.len() < limit
+            })?;
+            Ok((out, t.audit_count()?))
+        })
     })
     .await
     .map_err(ApiError::internal)?
@@ -397,7 +401,7 @@ fn filled(mut f: Filter) -> Filter {
 }
 
 async fn catalog(s: &AdminState, filter: &Filter) -> Result<Vec<CityEntry>, ApiError> {
-    crate::city(&s.shared, &filled(filter.clone()))
+    crate::control::city(&s.shared, &filled(filter.clone()))
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
 }
@@ -536,7 +540,7 @@ async fn review(
     request: &ReviewRequest,
 ) -> Result<shuyuan_protocol::catalog::Review, ApiError> {
     let all = s.shared.catalog.city().await.map_err(ApiError::internal)?;
-    crate::review(&s.shared.catalog, &s.shared.store, &all, request)
+    crate::control::review(&s.shared.catalog, &s.shared.store, &all, request)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
 }
@@ -631,7 +635,7 @@ async fn events(State(s): S) -> Sse<impl futures_util::Stream<Item = Result<Even
 async fn metrics_text(State(s): S) -> Result<Response, ApiError> {
     let status = status(&s.shared).await?;
     let o = overview_of(&s, &status);
-    let counts = s.shared.store.backend().audit_counts();
+    let counts = s.shared.store.audit_counts();
     let text = metrics::render(
         &o,
         &FederationView::of(&status),

@@ -8,11 +8,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::UnixMillis;
 
+use crate::apply::verification::Verdict;
 use crate::catalog::CityEntry;
 use crate::status::{ChildStatus, DepartmentStatus, HubStatus, ResourceEntry, TreeRow};
-use crate::store::StoreHealth;
-use crate::store::verify::Verdict;
 use crate::upstream::UpstreamStatus;
+use crate::writer::StoreHealth;
 
 /// The one state a resource is shown in, most urgent first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -365,7 +365,7 @@ impl AuditQuery {
     }
 
     /// Whether an entry passes the filters.
-    pub fn matches(&self, e: &crate::store::AuditEntry) -> bool {
+    pub fn matches(&self, e: &crate::apply::audit::AuditEntry) -> bool {
         let kind_ok = self
             .kind
             .as_deref()
@@ -391,8 +391,8 @@ pub(crate) mod example {
     use shuyuan_protocol::federation::{FeedReport, HubReport};
     use shuyuan_protocol::{NodeKey, UnixMillis};
 
+    use crate::apply::verification::Verdict;
     use crate::status::{ChildStatus, DepartmentStatus, HubStatus, ResourceEntry};
-    use crate::store::verify::Verdict;
     use crate::upstream::{ForwardState, UpstreamStatus};
 
     pub const NOW: UnixMillis = UnixMillis(1_800_000_000_000);
@@ -477,7 +477,7 @@ pub(crate) mod example {
             handshakes_refused: 0,
             audit_entries: 0,
             recent_audit: Vec::new(),
-            store: crate::store::StoreHealth::default(),
+            store: crate::writer::StoreHealth::default(),
             unreadable: None,
             upstream: Some(UpstreamStatus {
                 parent: key(9),

@@ -20,7 +20,9 @@ use shuyuan_protocol::catalog::{CatalogEntry, EntryState, Problem, Review, Revie
 use shuyuan_protocol::{DepartmentCode, NodeId, UnixMillis};
 use tokio::sync::{Mutex, broadcast};
 
-use crate::store::{Backend, CatalogSave, Store, StoreError};
+use crate::apply::CatalogSave;
+use crate::store::{Engine, StoreError};
+use crate::writer::Store;
 use deadline::Calendar;
 
 /// Errors of the hub's catalog.
@@ -59,11 +61,11 @@ impl std::fmt::Debug for HubCatalog {
 }
 
 fn load(
-    backend: &dyn Backend,
+    stored: Option<Vec<u8>>,
     node: &NodeId,
     department: &DepartmentCode,
 ) -> Result<CatalogDoc, HubCatalogError> {
-    Ok(match backend.catalog(department)? {
+    Ok(match stored {
         Some(bytes) => CatalogDoc::load(&bytes, node)?,
         None => CatalogDoc::new(department, node)?,
     })
@@ -94,7 +96,8 @@ impl HubCatalog {
         let mut guard = self.state.lock().await;
         let State { docs, sessions, .. } = &mut *guard;
         if !docs.contains_key(department) {
-            let doc = load(self.store.backend(), &self.node, department)?;
+            let stored = self.store.read(|t| t.catalog(department))?;
+            let doc = load(stored, &self.node, department)?;
             docs.insert(department.clone(), doc);
         }
         let doc = docs
@@ -109,7 +112,7 @@ impl HubCatalog {
         department: &DepartmentCode,
         peer: &NodeId,
     ) -> Result<(), HubCatalogError> {
-        let stored = self.store.backend().catalog_sync(department, peer)?;
+        let stored = self.store.read(|t| t.catalog_sync(department, peer))?;
         let state = stored
             .and_then(|b| sync::State::decode(&b).ok())
             .unwrap_or_default();
@@ -184,8 +187,7 @@ impl HubCatalog {
     pub fn departments(&self) -> Result<Vec<DepartmentCode>, HubCatalogError> {
         Ok(self
             .store
-            .backend()
-            .catalogs()?
+            .read(|t| t.catalogs())?
             .into_iter()
             .map(|(d, _)| d)
             .collect())
@@ -231,7 +233,7 @@ impl HubCatalog {
     pub async fn city(&self) -> Result<Vec<CityEntry>, HubCatalogError> {
         let mut state = self.state.lock().await;
         if !state.all_loaded {
-            for (department, bytes) in self.store.backend().catalogs()? {
+            for (department, bytes) in self.store.read(|t| t.catalogs())? {
                 if let std::collections::btree_map::Entry::Vacant(slot) =
                     state.docs.entry(department)
                 {
@@ -251,11 +253,11 @@ impl HubCatalog {
 /// The city catalog read straight from a store (for commands run while the
 /// hub is not running).
 pub fn city_from_store(
-    backend: &dyn Backend,
+    engine: &dyn Engine,
     node: &NodeId,
 ) -> Result<Vec<CityEntry>, HubCatalogError> {
     let mut out = Vec::new();
-    for (department, bytes) in backend.catalogs()? {
+    for (department, bytes) in engine.read(|t| t.catalogs())? {
         out.extend(city_entries(&department, &CatalogDoc::load(&bytes, node)?));
     }
     Ok(out)

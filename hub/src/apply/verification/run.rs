@@ -1,21 +1,10 @@
-//! Consistency proofs at the hub: what the feed's checkpoints and the
-//! range comparisons with the source found, and the localisation in
-//! progress.
-//!
-//! A verification run compares the shared copy with the source range by
-//! range. Each answer from the agent ([`RangeDigest`](shuyuan_protocol::RangeDigest)
-//! or [`RangeRepair`](shuyuan_protocol::RangeRepair)) is read at its own point
-//! of the feed and compared when the hub applies the batch that carries it,
-//! so changes flowing meanwhile never cause false alarms. A range whose
-//! digests differ is split into [`SPLIT_PARTS`] parts and compared again,
-//! until a part is small enough to be sent as rows ([`LEAF_ROWS`]); such a
-//! repaired part is then compared once more to confirm it. The cost grows
-//! with the number of differing rows, not with the size of the table.
+//! What verification knows of one feed: the latest checkpoint comparison,
+//! the run in progress with its pending ranges, and the last finished run.
 //!
 //! Invariants: the requests of a run cover disjoint key ranges; an answer is
 //! taken only for the start of a pending range (a late or repeated answer is
 //! ignored); a run ends when no range is pending, verified only if every
-//! differing range was resolved.
+//! differing range was resolved; run ids only grow.
 
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::encoding::encode;
