@@ -211,7 +211,7 @@ pub struct FileHealth {
 
 /// How a [`RedbFile`] opens its file, the first time and at each reopen:
 /// [`open_redb`], or in tests a database on a backend that fails on
-/// purpose ([`testing`]).
+/// purpose (`testing`, behind the cargo feature of that name).
 pub type Opener = Box<dyn Fn(&Path) -> Result<redb::Database, OpenError> + Send + Sync>;
 
 /// Opens (or creates) a service's redb file, creating its directory. A
