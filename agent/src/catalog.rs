@@ -16,7 +16,7 @@
 //! `catalog_sync_v1`: peer key (text) -> automerge sync state.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use automerge::sync;
@@ -27,21 +27,35 @@ use shuyuan_protocol::catalog::{CatalogEntry, DataItem, EntryState, Lifecycle, P
 use shuyuan_protocol::{
     DepartmentCode, NodeId, ResourceCode, TableSchema, UnixMillis, UpdateCycle,
 };
-use shuyuan_service::{Migration, OpenError, RedbFile, needs_reopen};
+use shuyuan_service::{Migration, OpenError, OperationError, RedbFile, Unavailable};
 use tokio::sync::Notify;
 
 use crate::config::{Config, ResourceConfig};
 
-const DOC: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog_doc_v1");
-const SYNC: TableDefinition<&str, &[u8]> = TableDefinition::new("catalog_sync_v1");
+const DOC_TABLE: &str = "catalog_doc_v1";
+const SYNC_TABLE: &str = "catalog_sync_v1";
+const DOC: TableDefinition<&str, &[u8]> = TableDefinition::new(DOC_TABLE);
+const SYNC: TableDefinition<&str, &[u8]> = TableDefinition::new(SYNC_TABLE);
 
 /// Errors of the catalog.
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogStoreError {
     #[error("{0} is in use by another shuyuan-agent process")]
-    AlreadyOpen(String),
+    AlreadyOpen(PathBuf),
     #[error("catalog storage error: {0}")]
-    Storage(String),
+    Open(#[source] OpenError),
+    /// redb failed on the catalog file; an I/O error has it opened again
+    /// before a later operation.
+    #[error("catalog storage error {at}: {source}")]
+    Storage {
+        at: CatalogPlace,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// The file waits to be opened again after an I/O error, or could not
+    /// be opened again: the edit was not stored. Says what went wrong.
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
     #[error(transparent)]
     Doc(#[from] CatalogError),
     #[error("no catalog entry {0}; `catalog show` lists the entries")]
@@ -57,52 +71,71 @@ pub enum CatalogStoreError {
     Form(#[from] FormErrors),
 }
 
-fn storage(e: impl Into<redb::Error>) -> CatalogStoreError {
-    CatalogStoreError::Storage(e.into().to_string())
+/// Where in the catalog file an operation was when redb failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogPlace {
+    Begin,
+    Commit,
+    /// The department's document in `catalog_doc_v1`.
+    Document(DepartmentCode),
+    /// A peer's sync state in `catalog_sync_v1`.
+    SyncState(NodeId),
 }
 
-/// The catalog's file. An I/O error (a full disk) makes redb refuse every
-/// later operation on the handle, so the next operation opens the file
-/// again first: the catalog works again by itself once space returns.
-struct Db {
-    file: RedbFile,
-    reopen: AtomicBool,
+impl std::fmt::Display for CatalogPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CatalogPlace::Begin => write!(f, "beginning a transaction"),
+            CatalogPlace::Commit => write!(f, "committing"),
+            CatalogPlace::Document(department) => write!(f, "in {DOC_TABLE} at {department}"),
+            CatalogPlace::SyncState(peer) => write!(f, "in {SYNC_TABLE} at {peer}"),
+        }
+    }
 }
 
-impl Db {
-    fn ready(&self) -> Result<&RedbFile, CatalogStoreError> {
-        if self.reopen.load(Ordering::Acquire) {
-            self.file.reopen().map_err(|e| {
-                CatalogStoreError::Storage(format!(
-                    "cannot open the catalog again after an I/O error: {e}"
-                ))
-            })?;
-            self.reopen.store(false, Ordering::Release);
-            tracing::info!(path = %self.file.path().display(), "catalog file opened again after an I/O error");
+/// The error of a redb operation at `at`.
+fn at<E: Into<redb::Error>>(at: CatalogPlace) -> impl FnOnce(E) -> CatalogStoreError {
+    move |e| CatalogStoreError::Storage {
+        at,
+        source: Box::new(e.into()),
+    }
+}
+
+impl OperationError for CatalogStoreError {
+    fn redb_error(&self) -> Option<&redb::Error> {
+        match self {
+            CatalogStoreError::Storage { source, .. } => Some(source),
+            _ => None,
         }
-        Ok(&self.file)
     }
+}
 
-    fn begin_read(&self) -> Result<redb::ReadTransaction, CatalogStoreError> {
-        self.ready()?.begin_read().map_err(|e| self.err(e))
-    }
-
-    fn begin_write(&self) -> Result<redb::WriteTransaction, CatalogStoreError> {
-        self.ready()?.begin_write().map_err(|e| self.err(e))
-    }
-
-    /// A storage error; one that closed the handle asks for a reopen.
-    fn err(&self, e: impl Into<redb::Error>) -> CatalogStoreError {
-        let e = e.into();
-        if needs_reopen(&e) {
-            self.reopen.store(true, Ordering::Release);
+/// A record of the catalog file, if stored.
+fn stored(
+    file: &RedbFile,
+    table: TableDefinition<&str, &[u8]>,
+    key: &str,
+    place: CatalogPlace,
+) -> Result<Option<Vec<u8>>, CatalogStoreError> {
+    file.read(|file| {
+        let tx = file.begin_read().map_err(at(CatalogPlace::Begin))?;
+        match tx.open_table(table) {
+            Ok(t) => Ok(t
+                .get(key)
+                .map_err(at(place.clone()))?
+                .map(|v| v.value().to_vec())),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(at(place.clone())(e)),
         }
-        storage(e)
-    }
+    })
 }
 
 struct Inner {
-    db: Db,
+    /// The catalog's file. An I/O error (a full disk) makes redb refuse
+    /// every later operation on the handle; the file's reopen policy opens
+    /// it again before a later operation, so the catalog works again by
+    /// itself once space returns.
+    db: RedbFile,
     doc: CatalogDoc,
     department: DepartmentCode,
     resources: Vec<ResourceConfig>,
@@ -178,19 +211,14 @@ impl Catalog {
         Catalog::open_on(config, node, open_db(RedbFile::open(&path, MIGRATIONS))?)
     }
 
-    fn open_on(config: &Config, node: NodeId, db: Db) -> Result<Catalog, CatalogStoreError> {
+    fn open_on(config: &Config, node: NodeId, db: RedbFile) -> Result<Catalog, CatalogStoreError> {
         let department = config.department.clone();
-        let stored = {
-            let tx = db.begin_read()?;
-            match tx.open_table(DOC) {
-                Ok(t) => t
-                    .get(department.as_str())
-                    .map_err(|e| db.err(e))?
-                    .map(|v| v.value().to_vec()),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(db.err(e)),
-            }
-        };
+        let stored = stored(
+            &db,
+            DOC,
+            department.as_str(),
+            CatalogPlace::Document(department.clone()),
+        )?;
         let doc = match stored {
             Some(bytes) => CatalogDoc::load(&bytes, &node)?,
             None => CatalogDoc::new(&department, &node)?,
@@ -237,14 +265,16 @@ impl Catalog {
         let result = f(&mut inner)?;
         if result.changed() {
             let bytes = inner.doc.save();
-            let department = inner.department.clone();
-            let db = &inner.db;
-            let tx = db.begin_write()?;
-            tx.open_table(DOC)
-                .map_err(|e| db.err(e))?
-                .insert(department.as_str(), bytes.as_slice())
-                .map_err(|e| db.err(e))?;
-            tx.commit().map_err(|e| db.err(e))?;
+            let department = &inner.department;
+            inner.db.write(|file| {
+                let tx = file.begin_write().map_err(at(CatalogPlace::Begin))?;
+                let document = || CatalogPlace::Document(department.clone());
+                tx.open_table(DOC)
+                    .map_err(|e| at(document())(e))?
+                    .insert(department.as_str(), bytes.as_slice())
+                    .map_err(|e| at(document())(e))?;
+                tx.commit().map_err(at(CatalogPlace::Commit))
+            })?;
             drop(inner);
             self.changed.notify_one();
         }
@@ -449,18 +479,12 @@ impl Catalog {
     /// for it: what both had in common, nothing in flight.
     pub fn begin_sync(&self, peer: &NodeId) -> Result<(), CatalogStoreError> {
         let mut inner = self.lock();
-        let stored = {
-            let db = &inner.db;
-            let tx = db.begin_read()?;
-            match tx.open_table(SYNC) {
-                Ok(t) => t
-                    .get(peer.to_string().as_str())
-                    .map_err(|e| db.err(e))?
-                    .map(|v| v.value().to_vec()),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(db.err(e)),
-            }
-        };
+        let stored = stored(
+            &inner.db,
+            SYNC,
+            peer.to_string().as_str(),
+            CatalogPlace::SyncState(*peer),
+        )?;
         let state = stored
             .and_then(|b| sync::State::decode(&b).ok())
             .unwrap_or_default();
@@ -492,19 +516,24 @@ impl Catalog {
         let before = doc.heads();
         doc.receive_checked(state, message, Sender::Platform)?;
         let after = doc.heads();
-        let tx = db.begin_write()?;
-        if before != after {
-            tx.open_table(DOC)
-                .map_err(|e| db.err(e))?
-                .insert(department.as_str(), doc.save().as_slice())
-                .map_err(|e| db.err(e))?;
-        }
-        tx.open_table(SYNC)
-            .map_err(|e| db.err(e))?
-            .insert(peer.to_string().as_str(), state.encode().as_slice())
-            .map_err(|e| db.err(e))?;
-        tx.commit().map_err(|e| db.err(e))?;
-        Ok(())
+        let document = (before != after).then(|| doc.save());
+        let sync = state.encode();
+        db.write(|file| {
+            let tx = file.begin_write().map_err(at(CatalogPlace::Begin))?;
+            if let Some(bytes) = &document {
+                let place = || CatalogPlace::Document(department.clone());
+                tx.open_table(DOC)
+                    .map_err(|e| at(place())(e))?
+                    .insert(department.as_str(), bytes.as_slice())
+                    .map_err(|e| at(place())(e))?;
+            }
+            let place = || CatalogPlace::SyncState(*peer);
+            tx.open_table(SYNC)
+                .map_err(|e| at(place())(e))?
+                .insert(peer.to_string().as_str(), sync.as_slice())
+                .map_err(|e| at(place())(e))?;
+            tx.commit().map_err(at(CatalogPlace::Commit))
+        })
     }
 }
 
@@ -726,15 +755,12 @@ const MIGRATIONS: &[Migration] = &[("0001-create-tables", |tx| {
     Ok(())
 })];
 
-fn open_db(file: Result<RedbFile, OpenError>) -> Result<Db, CatalogStoreError> {
-    let file = file.map_err(|e| match e {
-        OpenError::AlreadyOpen(p) => CatalogStoreError::AlreadyOpen(p.display().to_string()),
-        other => CatalogStoreError::Storage(other.to_string()),
-    })?;
-    Ok(Db {
-        file,
-        reopen: AtomicBool::new(false),
-    })
+fn open_db(file: Result<RedbFile, OpenError>) -> Result<RedbFile, CatalogStoreError> {
+    match file {
+        Ok(file) => Ok(file.named("catalog")),
+        Err(OpenError::AlreadyOpen(p)) => Err(CatalogStoreError::AlreadyOpen(p)),
+        Err(other) => Err(CatalogStoreError::Open(other)),
+    }
 }
 
 #[cfg(test)]
@@ -771,6 +797,7 @@ mod tests {
 
     #[test]
     fn a_full_disk_fails_an_edit_and_the_next_one_reopens_the_file() {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let dir = tempfile::tempdir().unwrap();
         let config = config(dir.path());
         let node = shuyuan_protocol::NodeKey::from_seed([2; 32]).id();
@@ -781,7 +808,12 @@ mod tests {
             MIGRATIONS,
             crate::outbox::testing::opener(full.clone()),
         );
-        let catalog = Catalog::open_on(&config, node, open_db(file).unwrap()).unwrap();
+        let db = open_db(file).unwrap();
+        // Every reopen is due at once: each edit opens the file again first.
+        db.set_schedule(shuyuan_service::ReopenSchedule::fixed(
+            std::time::Duration::ZERO,
+        ));
+        let catalog = Catalog::open_on(&config, node, db).unwrap();
         full.store(true, Ordering::SeqCst);
         let err = catalog
             .set("101001/00001", "summary", "户籍登记", UnixMillis(1))
@@ -791,7 +823,14 @@ mod tests {
         let err = catalog
             .set("101001/00001", "provider", "公安分局", UnixMillis(2))
             .unwrap_err();
-        assert!(matches!(err, CatalogStoreError::Storage(_)), "{err}");
+        assert!(
+            matches!(
+                err,
+                CatalogStoreError::Storage { .. } | CatalogStoreError::Unavailable(_)
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("No space left"), "{err}");
         full.store(false, Ordering::SeqCst);
         catalog
             .set("101001/00001", "provider", "公安分局", UnixMillis(3))

@@ -7,11 +7,13 @@
 //! writer of this file (the uplink reads it and sends its acks to the loop).
 //!
 //! A write that fails (a full disk, an I/O error) changes nothing, but redb
-//! then refuses every later operation on that handle. The outbox therefore
-//! closes and opens the file again before its next operation, at most once
-//! per [`REOPEN_INTERVAL`], and reports the failure ([`WriteFailure`]) until
-//! a write succeeds: capture pauses with its changes in the source and
-//! resumes by itself when space returns.
+//! then refuses every later operation on that handle. The outbox file runs
+//! every operation under the reopen policy that all service files share
+//! ([`shuyuan_service::redb_file`]): it is closed and opened again before a
+//! later operation, first 500 ms after the failure and then at growing
+//! intervals up to [`REOPEN_INTERVAL`], and the failure is reported
+//! ([`WriteFailure`]) until a write commits: capture pauses with its changes
+//! in the source and resumes by itself when space returns.
 //!
 //! Tables (the `_v1` suffix is the layout version):
 //! - `outbox_v1`: (feed text `DEPT:RES`, seq) -> postcard `SignedBatch`
@@ -28,22 +30,37 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use shuyuan_protocol::encoding::{self, decode, encode};
+use shuyuan_protocol::encoding::{DecodeError, EncodeError, decode, encode};
+use shuyuan_protocol::feed::CodeError;
 use shuyuan_protocol::{
     Digest, FeedCursor, FeedId, KeyRange, RowSeed, SignedBatch, TableSchema, UnixMillis,
 };
-use shuyuan_service::{Migration, OpenError, Opener, RedbFile, needs_reopen};
+pub use shuyuan_service::WriteFailure;
+use shuyuan_service::{
+    Migration, OpenError, Opener, OperationError, RedbFile, ReopenSchedule, Unavailable,
+    needs_reopen,
+};
 
-const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("outbox_v1");
-const FEEDS: TableDefinition<&str, &[u8]> = TableDefinition::new("feeds_v1");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
-const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("digests_v1");
-const SEEDS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("row_seeds_v1");
+/// A disk that fills up on demand, for tests (the service crate's, shared
+/// with the catalog's tests).
+#[cfg(test)]
+pub(crate) use shuyuan_service::redb_file::testing;
+
+const OUTBOX_TABLE: &str = "outbox_v1";
+const FEEDS_TABLE: &str = "feeds_v1";
+const META_TABLE: &str = "meta_v1";
+const DIGESTS_TABLE: &str = "digests_v1";
+const SEEDS_TABLE: &str = "row_seeds_v1";
+const OUTBOX: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new(OUTBOX_TABLE);
+const FEEDS: TableDefinition<&str, &[u8]> = TableDefinition::new(FEEDS_TABLE);
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new(META_TABLE);
+const DIGESTS: TableDefinition<&str, &[u8]> = TableDefinition::new(DIGESTS_TABLE);
+const SEEDS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new(SEEDS_TABLE);
 /// Named, idempotent migrations, applied in order once each.
 const MIGRATIONS: &[Migration] = &[
     ("0001-create-tables", |tx| {
@@ -120,9 +137,11 @@ fn seed_entry(bytes: &[u8]) -> Option<SeedEntry> {
     Some((RowSeed(*seed), u64::from_be_bytes(gen_)))
 }
 
-/// The shortest time between two reopenings of the outbox file after I/O
-/// errors: a full disk is retried about once a second, not in a loop.
-pub const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
+/// The longest time between two reopenings of the outbox file while its
+/// writes keep failing ([`ReopenSchedule::STANDARD`], the same for every
+/// service file): a full disk is retried 500 ms after the failure, then at
+/// doubling intervals up to this one, not in a loop.
+pub const REOPEN_INTERVAL: Duration = ReopenSchedule::STANDARD.max;
 
 /// Errors of the outbox store.
 #[derive(Debug, thiserror::Error)]
@@ -132,51 +151,126 @@ pub enum OutboxError {
     )]
     AlreadyOpen(PathBuf),
     #[error("outbox storage error: {0}")]
-    Storage(String),
+    Open(#[source] OpenError),
     /// The file failed (a full disk) or refuses because it failed before;
-    /// it is opened again before the next operation.
-    #[error("outbox I/O error: {reason}")]
+    /// it is opened again before a later operation.
+    #[error("outbox I/O error {at}: {source}")]
     Io {
-        reason: String,
-        /// redb refused because of an earlier error on the same handle, so
-        /// `reason` does not say what went wrong.
-        earlier: bool,
+        at: Place,
+        #[source]
+        source: Box<redb::Error>,
     },
-    #[error("outbox entry {feed} #{seq} is corrupt: {reason}")]
+    /// redb failed for another reason.
+    #[error("outbox storage error {at}: {source}")]
+    Storage {
+        at: Place,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// The file waits to be opened again after an I/O error, or could not
+    /// be opened again: the operation was not tried. Says what went wrong.
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
+    #[error("cannot encode the {what} of {feed}: {source}")]
+    Encode {
+        /// "state" or "digest".
+        what: &'static str,
+        feed: String,
+        #[source]
+        source: EncodeError,
+    },
+    #[error("outbox entry {feed} #{seq} is corrupt: {source}")]
     Corrupt {
         feed: String,
         seq: u64,
-        reason: String,
+        #[source]
+        source: DecodeError,
     },
-    #[error("stored feed state of {feed} is corrupt: {reason}")]
-    CorruptState { feed: String, reason: String },
+    #[error("stored feed state of {feed} is corrupt: {source}")]
+    CorruptState {
+        feed: String,
+        #[source]
+        source: RecordError,
+    },
 }
 
-fn storage(e: impl Into<redb::Error>) -> OutboxError {
-    let e = e.into();
-    if needs_reopen(&e) {
-        OutboxError::Io {
-            earlier: matches!(e, redb::Error::PreviousIo),
-            reason: e.to_string(),
+/// What is wrong with a stored feed record.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(transparent)]
+    Name(#[from] CodeError),
+    #[error(transparent)]
+    Value(#[from] DecodeError),
+}
+
+/// Where in the outbox file an operation was when redb failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    Begin,
+    Commit,
+    /// A table as a whole (opening it, or visiting every record).
+    Table(&'static str),
+    /// One entry of `outbox_v1`.
+    Entry {
+        feed: String,
+        seq: u64,
+    },
+    /// A feed's entries up to and including `upto` (pruning).
+    Prune {
+        feed: String,
+        upto: u64,
+    },
+    /// A feed's record in `feeds_v1` or `digests_v1`.
+    Feed {
+        table: &'static str,
+        feed: String,
+    },
+    /// A value in `meta_v1`.
+    Meta(&'static str),
+    /// A row's seed in `row_seeds_v1`.
+    Seed {
+        feed: String,
+    },
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Begin => write!(f, "beginning a transaction"),
+            Place::Commit => write!(f, "committing"),
+            Place::Table(table) => write!(f, "in {table}"),
+            Place::Entry { feed, seq } => write!(f, "at entry {feed} #{seq}"),
+            Place::Prune { feed, upto } => write!(f, "pruning {feed} up to #{upto}"),
+            Place::Feed { table, feed } => write!(f, "in {table} at {feed}"),
+            Place::Meta(name) => write!(f, "in {META_TABLE} at {name}"),
+            Place::Seed { feed } => write!(f, "in {SEEDS_TABLE} at {feed}"),
         }
-    } else {
-        OutboxError::Storage(e.to_string())
     }
 }
 
-/// Writes to the outbox fail: since when, why, and what was tried.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WriteFailure {
-    /// The first failed write since the last one that succeeded.
-    pub since: UnixMillis,
-    /// The latest error that says what went wrong (for a full disk, "No
-    /// space left on device").
-    pub error: String,
-    /// Writes that reached the file and failed since `since` (while a
-    /// reopen waits for its turn, writes are refused without trying).
-    pub failed_writes: u64,
-    /// Times the file was closed and opened again since `since`.
-    pub reopens: u64,
+/// The error of a redb operation at `at`: an I/O error (the file is opened
+/// again), or another.
+fn failed(at: Place, e: impl Into<redb::Error>) -> OutboxError {
+    let source = Box::new(e.into());
+    if needs_reopen(&source) {
+        OutboxError::Io { at, source }
+    } else {
+        OutboxError::Storage { at, source }
+    }
+}
+
+/// [`failed`] at a place that costs nothing to name.
+fn at<E: Into<redb::Error>>(at: Place) -> impl FnOnce(E) -> OutboxError {
+    move |e| failed(at, e)
+}
+
+impl OperationError for OutboxError {
+    fn redb_error(&self) -> Option<&redb::Error> {
+        match self {
+            OutboxError::Io { source, .. } | OutboxError::Storage { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }
 
 /// What the agent knows about one feed, kept with its batches.
@@ -238,26 +332,7 @@ impl Commit {
 /// uplink share one file and one record of its health).
 #[derive(Clone, Debug)]
 pub struct Outbox {
-    shared: Arc<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    file: RedbFile,
-    health: Mutex<Health>,
-}
-
-/// Whether the file must be opened again, and the failure status reports.
-#[derive(Debug)]
-struct Health {
-    /// Counts the openings of the file: an error of an operation that
-    /// began on an older opening says nothing about the current one.
-    generation: u64,
-    /// An operation of the current opening failed with an I/O error.
-    reopen: bool,
-    last_reopen: Option<Instant>,
-    interval: Duration,
-    failure: Option<WriteFailure>,
+    file: Arc<RedbFile>,
 }
 
 impl Outbox {
@@ -275,212 +350,41 @@ impl Outbox {
     fn from_file(file: Result<RedbFile, OpenError>) -> Result<Self, OutboxError> {
         let file = file.map_err(|e| match e {
             OpenError::AlreadyOpen(p) => OutboxError::AlreadyOpen(p),
-            other => OutboxError::Storage(other.to_string()),
+            other => OutboxError::Open(other),
         })?;
         Ok(Outbox {
-            shared: Arc::new(Shared {
-                file,
-                health: Mutex::new(Health {
-                    generation: 0,
-                    reopen: false,
-                    last_reopen: None,
-                    interval: REOPEN_INTERVAL,
-                    failure: None,
-                }),
-            }),
+            file: Arc::new(file.named("outbox")),
         })
     }
 
     /// The file.
     pub fn path(&self) -> &Path {
-        self.shared.file.path()
+        self.file.path()
     }
 
     /// Why writes fail, while they do.
     pub fn write_failure(&self) -> Option<WriteFailure> {
-        self.health().failure.clone()
+        self.file.write_failure()
     }
 
-    /// Changes the shortest time between two reopenings (tests).
+    /// Reopens the file after an I/O error this long after the failure,
+    /// every time (tests; the outbox otherwise follows
+    /// [`ReopenSchedule::STANDARD`]).
     pub fn set_reopen_interval(&self, interval: Duration) {
-        self.health().interval = interval;
-    }
-
-    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
-        self.shared
-            .health
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Opens the file again if an I/O error asked for it and the last
-    /// attempt is [`REOPEN_INTERVAL`] ago. Returns the opening to work on
-    /// and whether it is sound (false: still waiting to reopen, or the
-    /// reopen failed, with the error).
-    fn prepare(&self) -> (u64, Result<(), OutboxError>) {
-        let mut h = self.health();
-        if !h.reopen {
-            return (h.generation, Ok(()));
-        }
-        let due = h.last_reopen.is_none_or(|t| t.elapsed() >= h.interval);
-        if !due {
-            let reason = h
-                .failure
-                .as_ref()
-                .map_or_else(|| "an earlier I/O error".to_string(), |f| f.error.clone());
-            return (
-                h.generation,
-                Err(OutboxError::Io {
-                    reason,
-                    earlier: true,
-                }),
-            );
-        }
-        h.last_reopen = Some(Instant::now());
-        // A long outage reopens every second: the log tells the first
-        // time, and the end tells how many.
-        let first = match h.failure.as_mut() {
-            Some(f) => {
-                f.reopens += 1;
-                f.reopens == 1
-            }
-            None => true,
-        };
-        // Holding the lock: the other thread's operations wait here rather
-        // than begin on the handle being replaced. No operation holds a
-        // transaction while it takes the lock, so the reopen does not wait
-        // on them.
-        match self.shared.file.reopen() {
-            Ok(()) => {
-                h.generation += 1;
-                h.reopen = false;
-                if first {
-                    tracing::info!(path = %self.path().display(), "outbox file opened again after an I/O error");
-                } else {
-                    tracing::debug!(path = %self.path().display(), "outbox file opened again after an I/O error");
-                }
-                (h.generation, Ok(()))
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                if first {
-                    tracing::warn!(error = %reason, "cannot open the outbox file again yet; retrying");
-                } else {
-                    tracing::debug!(error = %reason, "cannot open the outbox file again yet; retrying");
-                }
-                if let Some(f) = h.failure.as_mut() {
-                    f.error = reason.clone();
-                }
-                (
-                    h.generation,
-                    Err(OutboxError::Io {
-                        reason,
-                        earlier: false,
-                    }),
-                )
-            }
-        }
-    }
-
-    /// Notes how an operation that began on opening `generation` ended: an
-    /// I/O error asks for a reopen.
-    fn note<T>(&self, generation: u64, result: &Result<T, OutboxError>) {
-        if let Err(OutboxError::Io { .. }) = result {
-            let mut h = self.health();
-            if h.generation == generation {
-                h.reopen = true;
-            }
-        }
-    }
-
-    /// Runs a read. It is tried even while a reopen waits for its turn
-    /// (redb often still reads a handle a failed write closed); when it
-    /// fails with an I/O error and a reopen is due, it runs once more on
-    /// the new opening.
-    fn read<T>(&self, op: impl Fn(&RedbFile) -> Result<T, OutboxError>) -> Result<T, OutboxError> {
-        let (generation, _) = self.prepare();
-        let result = op(&self.shared.file);
-        self.note(generation, &result);
-        if !matches!(result, Err(OutboxError::Io { .. })) {
-            return result;
-        }
-        match self.prepare() {
-            (again, Ok(())) if again != generation => {
-                let result = op(&self.shared.file);
-                self.note(again, &result);
-                result
-            }
-            _ => result,
-        }
-    }
-
-    /// Runs a write. While the file waits to be opened again after a failed
-    /// write, it fails at once without touching the file.
-    fn write<T>(
-        &self,
-        op: impl FnOnce(&RedbFile) -> Result<T, OutboxError>,
-    ) -> Result<T, OutboxError> {
-        let (generation, sound) = self.prepare();
-        let tried = sound.is_ok();
-        let result = sound.and_then(|()| op(&self.shared.file));
-        self.note(generation, &result);
-        let mut h = self.health();
-        match &result {
-            Ok(_) => {
-                if let Some(f) = h.failure.take() {
-                    tracing::info!(
-                        since = %f.since,
-                        failed_writes = f.failed_writes,
-                        reopens = f.reopens,
-                        "the outbox can be written again; capture resumes"
-                    );
-                }
-            }
-            Err(OutboxError::Io { reason, earlier }) => match h.failure.as_mut() {
-                Some(f) => {
-                    f.failed_writes += u64::from(tried);
-                    if !earlier {
-                        f.error = reason.clone();
-                    }
-                }
-                None => {
-                    tracing::error!(error = %reason, "cannot write the outbox; capture pauses (changes wait in the source) and the write is retried every {}s", h.interval.as_secs_f32());
-                    h.failure = Some(WriteFailure {
-                        since: UnixMillis::now(),
-                        error: reason.clone(),
-                        failed_writes: 1,
-                        reopens: 0,
-                    });
-                }
-            },
-            Err(_) => {}
-        }
-        drop(h);
-        result
+        self.file.set_schedule(ReopenSchedule::fixed(interval));
     }
 
     /// Every feed's stored state.
     pub fn feeds(&self) -> Result<BTreeMap<FeedId, FeedState>, OutboxError> {
-        self.read(|file| {
-            let tx = file.begin_read().map_err(storage)?;
-            let table = tx.open_table(FEEDS).map_err(storage)?;
+        self.file.read(|file| {
+            let tx = file.begin_read().map_err(at(Place::Begin))?;
+            let table = tx
+                .open_table(FEEDS)
+                .map_err(at(Place::Table(FEEDS_TABLE)))?;
             let mut out = BTreeMap::new();
-            for item in table.iter().map_err(storage)? {
-                let (k, v) = item.map_err(storage)?;
-                let feed: FeedId =
-                    k.value()
-                        .parse()
-                        .map_err(|e: shuyuan_protocol::feed::CodeError| {
-                            OutboxError::CorruptState {
-                                feed: k.value().to_string(),
-                                reason: e.to_string(),
-                            }
-                        })?;
-                let state: FeedState =
-                    decode(v.value()).map_err(|e| OutboxError::CorruptState {
-                        feed: k.value().to_string(),
-                        reason: e.to_string(),
-                    })?;
+            for item in table.iter().map_err(at(Place::Table(FEEDS_TABLE)))? {
+                let (k, v) = item.map_err(at(Place::Table(FEEDS_TABLE)))?;
+                let (feed, state) = feed_record(k.value(), v.value())?;
                 out.insert(feed, state);
             }
             Ok(out)
@@ -489,21 +393,16 @@ impl Outbox {
 
     /// Every feed's stored digest (feeds without one start empty).
     pub fn digests(&self) -> Result<BTreeMap<FeedId, FeedDigest>, OutboxError> {
-        self.read(|file| {
-            let tx = file.begin_read().map_err(storage)?;
-            let table = tx.open_table(DIGESTS).map_err(storage)?;
+        self.file.read(|file| {
+            let tx = file.begin_read().map_err(at(Place::Begin))?;
+            let table = tx
+                .open_table(DIGESTS)
+                .map_err(at(Place::Table(DIGESTS_TABLE)))?;
             let mut out = BTreeMap::new();
-            for item in table.iter().map_err(storage)? {
-                let (k, v) = item.map_err(storage)?;
-                let corrupt = |reason: String| OutboxError::CorruptState {
-                    feed: k.value().to_string(),
-                    reason,
-                };
-                let feed: FeedId = k
-                    .value()
-                    .parse()
-                    .map_err(|e: shuyuan_protocol::feed::CodeError| corrupt(e.to_string()))?;
-                out.insert(feed, decode(v.value()).map_err(|e| corrupt(e.to_string()))?);
+            for item in table.iter().map_err(at(Place::Table(DIGESTS_TABLE)))? {
+                let (k, v) = item.map_err(at(Place::Table(DIGESTS_TABLE)))?;
+                let (feed, digest) = feed_record(k.value(), v.value())?;
+                out.insert(feed, digest);
             }
             Ok(out)
         })
@@ -511,65 +410,81 @@ impl Outbox {
 
     /// Reads row seeds; one read transaction for many lookups.
     pub fn seeds(&self) -> Result<SeedReader, OutboxError> {
-        self.read(|file| {
-            let tx = file.begin_read().map_err(storage)?;
+        self.file.read(|file| {
+            let tx = file.begin_read().map_err(at(Place::Begin))?;
             Ok(SeedReader {
-                table: tx.open_table(SEEDS).map_err(storage)?,
+                table: tx
+                    .open_table(SEEDS)
+                    .map_err(at(Place::Table(SEEDS_TABLE)))?,
             })
         })
     }
 
     /// The committed source position, if any.
     pub fn position(&self) -> Result<Option<String>, OutboxError> {
-        self.read(|file| {
-            let tx = file.begin_read().map_err(storage)?;
-            let meta = tx.open_table(META).map_err(storage)?;
+        self.file.read(|file| {
+            let tx = file.begin_read().map_err(at(Place::Begin))?;
+            let meta = tx.open_table(META).map_err(at(Place::Table(META_TABLE)))?;
             Ok(meta
                 .get("position")
-                .map_err(storage)?
+                .map_err(at(Place::Meta("position")))?
                 .map(|v| String::from_utf8_lossy(v.value()).into_owned()))
         })
     }
 
     /// How many batches and bytes the outbox holds.
     pub fn totals(&self) -> Result<Totals, OutboxError> {
-        self.read(|file| {
-            let tx = file.begin_read().map_err(storage)?;
-            let meta = tx.open_table(META).map_err(storage)?;
+        self.file.read(|file| {
+            let tx = file.begin_read().map_err(at(Place::Begin))?;
+            let meta = tx.open_table(META).map_err(at(Place::Table(META_TABLE)))?;
             read_totals(&meta)
         })
     }
 
     /// One stored batch.
     pub fn batch(&self, feed: &FeedId, seq: u64) -> Result<Option<SignedBatch>, OutboxError> {
-        self.read(|file| {
-            let tx = file.begin_read().map_err(storage)?;
-            let table = tx.open_table(OUTBOX).map_err(storage)?;
-            let key = feed.to_string();
-            let Some(v) = table.get((key.as_str(), seq)).map_err(storage)? else {
+        let key = feed.to_string();
+        let entry = || Place::Entry {
+            feed: key.clone(),
+            seq,
+        };
+        self.file.read(|file| {
+            let tx = file.begin_read().map_err(at(Place::Begin))?;
+            let table = tx
+                .open_table(OUTBOX)
+                .map_err(at(Place::Table(OUTBOX_TABLE)))?;
+            let Some(v) = table
+                .get((key.as_str(), seq))
+                .map_err(|e| failed(entry(), e))?
+            else {
                 return Ok(None);
             };
-            let batch: SignedBatch =
-                decode(v.value()).map_err(|e: encoding::DecodeError| OutboxError::Corrupt {
-                    feed: key.clone(),
-                    seq,
-                    reason: e.to_string(),
-                })?;
+            let batch: SignedBatch = decode(v.value()).map_err(|source| OutboxError::Corrupt {
+                feed: key.clone(),
+                seq,
+                source,
+            })?;
             Ok(Some(batch))
         })
     }
 
     /// The lowest stored sequence number of a feed.
     pub fn first_seq(&self, feed: &FeedId) -> Result<Option<u64>, OutboxError> {
-        self.read(|file| {
-            let tx = file.begin_read().map_err(storage)?;
-            let table = tx.open_table(OUTBOX).map_err(storage)?;
-            let key = feed.to_string();
+        let key = feed.to_string();
+        let first = || Place::Entry {
+            feed: key.clone(),
+            seq: 0,
+        };
+        self.file.read(|file| {
+            let tx = file.begin_read().map_err(at(Place::Begin))?;
+            let table = tx
+                .open_table(OUTBOX)
+                .map_err(at(Place::Table(OUTBOX_TABLE)))?;
             let mut range = table
                 .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))
-                .map_err(storage)?;
+                .map_err(|e| failed(first(), e))?;
             Ok(match range.next() {
-                Some(item) => Some(item.map_err(storage)?.0.value().1),
+                Some(item) => Some(item.map_err(|e| failed(first(), e))?.0.value().1),
                 None => None,
             })
         })
@@ -577,18 +492,30 @@ impl Outbox {
 
     /// Applies one commit durably and returns the new totals.
     pub fn commit(&self, c: &Commit) -> Result<Totals, OutboxError> {
-        self.write(|file| {
-            let tx = file.begin_write().map_err(storage)?;
+        self.file.write(|file| {
+            let tx = file.begin_write().map_err(at(Place::Begin))?;
             let totals = {
-                let mut outbox = tx.open_table(OUTBOX).map_err(storage)?;
-                let mut feeds = tx.open_table(FEEDS).map_err(storage)?;
-                let mut meta = tx.open_table(META).map_err(storage)?;
+                let mut outbox = tx
+                    .open_table(OUTBOX)
+                    .map_err(at(Place::Table(OUTBOX_TABLE)))?;
+                let mut feeds = tx
+                    .open_table(FEEDS)
+                    .map_err(at(Place::Table(FEEDS_TABLE)))?;
+                let mut meta = tx.open_table(META).map_err(at(Place::Table(META_TABLE)))?;
                 let mut totals = read_totals(&meta)?;
                 for (feed, seq, bytes) in &c.appended {
                     let key = feed.to_string();
                     let old = outbox
                         .insert((key.as_str(), *seq), bytes.as_slice())
-                        .map_err(storage)?;
+                        .map_err(|e| {
+                            failed(
+                                Place::Entry {
+                                    feed: key.clone(),
+                                    seq: *seq,
+                                },
+                                e,
+                            )
+                        })?;
                     if let Some(old) = old {
                         totals.batches -= 1;
                         totals.bytes -= old.value().len() as u64;
@@ -598,59 +525,97 @@ impl Outbox {
                 }
                 for (feed, upto) in &c.prune {
                     let key = feed.to_string();
+                    let pruning = || Place::Prune {
+                        feed: key.clone(),
+                        upto: *upto,
+                    };
                     let removed = outbox
                         .extract_from_if((key.as_str(), 0)..=(key.as_str(), *upto), |_, _| true)
-                        .map_err(storage)?;
+                        .map_err(|e| failed(pruning(), e))?;
                     for item in removed {
-                        let (_, v) = item.map_err(storage)?;
+                        let (_, v) = item.map_err(|e| failed(pruning(), e))?;
                         totals.batches -= 1;
                         totals.bytes -= v.value().len() as u64;
                     }
                 }
                 for (feed, state) in &c.feeds {
-                    let bytes = encode(state).map_err(|e| OutboxError::Storage(e.to_string()))?;
-                    feeds
-                        .insert(feed.to_string().as_str(), bytes.as_slice())
-                        .map_err(storage)?;
+                    put_feed_record(&mut feeds, FEEDS_TABLE, "state", feed, state)?;
                 }
                 if let Some(p) = &c.position {
-                    meta.insert("position", p.as_bytes()).map_err(storage)?;
+                    meta.insert("position", p.as_bytes())
+                        .map_err(at(Place::Meta("position")))?;
                 }
                 if !c.seeds.is_empty() || !c.digests.is_empty() {
-                    let mut seeds = tx.open_table(SEEDS).map_err(storage)?;
+                    let mut seeds = tx
+                        .open_table(SEEDS)
+                        .map_err(at(Place::Table(SEEDS_TABLE)))?;
                     for (feed, key, entry) in &c.seeds {
                         let f = feed.to_string();
+                        let row = (f.as_str(), key.as_slice());
                         match entry {
-                            Some(e) => {
-                                seeds
-                                    .insert((f.as_str(), key.as_slice()), seed_bytes(e).as_slice())
-                                    .map_err(storage)?;
-                            }
-                            None => {
-                                seeds
-                                    .remove((f.as_str(), key.as_slice()))
-                                    .map_err(storage)?;
-                            }
+                            Some(e) => seeds.insert(row, seed_bytes(e).as_slice()).map(drop),
+                            None => seeds.remove(row).map(drop),
                         }
+                        .map_err(|e| failed(Place::Seed { feed: f.clone() }, e))?;
                     }
-                    let mut digests = tx.open_table(DIGESTS).map_err(storage)?;
+                    let mut digests = tx
+                        .open_table(DIGESTS)
+                        .map_err(at(Place::Table(DIGESTS_TABLE)))?;
                     for (feed, d) in &c.digests {
-                        let bytes = encode(d).map_err(|e| OutboxError::Storage(e.to_string()))?;
-                        digests
-                            .insert(feed.to_string().as_str(), bytes.as_slice())
-                            .map_err(storage)?;
+                        put_feed_record(&mut digests, DIGESTS_TABLE, "digest", feed, d)?;
                     }
                 }
                 meta.insert("batches", totals.batches.to_be_bytes().as_slice())
-                    .map_err(storage)?;
+                    .map_err(at(Place::Meta("batches")))?;
                 meta.insert("bytes", totals.bytes.to_be_bytes().as_slice())
-                    .map_err(storage)?;
+                    .map_err(at(Place::Meta("bytes")))?;
                 totals
             };
-            tx.commit().map_err(storage)?;
+            tx.commit().map_err(at(Place::Commit))?;
             Ok(totals)
         })
     }
+}
+
+/// Stores a feed's record (`what`: its state or its digest) in `table`
+/// (named `name`), keyed by feed text.
+fn put_feed_record<T: Serialize>(
+    table: &mut redb::Table<&'static str, &'static [u8]>,
+    name: &'static str,
+    what: &'static str,
+    feed: &FeedId,
+    value: &T,
+) -> Result<(), OutboxError> {
+    let key = feed.to_string();
+    let bytes = encode(value).map_err(|source| OutboxError::Encode {
+        what,
+        feed: key.clone(),
+        source,
+    })?;
+    match table.insert(key.as_str(), bytes.as_slice()) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(failed(
+            Place::Feed {
+                table: name,
+                feed: key,
+            },
+            e,
+        )),
+    }
+}
+
+/// A record of a table keyed by feed text: the feed and its decoded value.
+fn feed_record<T: serde::de::DeserializeOwned>(
+    key: &str,
+    value: &[u8],
+) -> Result<(FeedId, T), OutboxError> {
+    let corrupt = |source: RecordError| OutboxError::CorruptState {
+        feed: key.to_string(),
+        source,
+    };
+    let feed: FeedId = key.parse().map_err(|e: CodeError| corrupt(e.into()))?;
+    let value = decode(value).map_err(|e| corrupt(e.into()))?;
+    Ok((feed, value))
 }
 
 /// Lookups of row seeds in one read transaction.
@@ -665,7 +630,7 @@ impl SeedReader {
         Ok(self
             .table
             .get((feed, key))
-            .map_err(storage)?
+            .map_err(|e| failed(seed_of(feed), e))?
             .and_then(|v| seed_entry(v.value())))
     }
 
@@ -680,10 +645,10 @@ impl SeedReader {
             Some(hi) => self.table.range(lo..(feed, hi.as_slice())),
             None => self.table.range(lo..(feed, [0xffu8].as_slice())),
         }
-        .map_err(storage)?;
+        .map_err(|e| failed(seed_of(feed), e))?;
         let mut out = Vec::new();
         for item in items {
-            let (k, v) = item.map_err(storage)?;
+            let (k, v) = item.map_err(|e| failed(seed_of(feed), e))?;
             if let Some(e) = seed_entry(v.value()) {
                 out.push((k.value().1.to_vec(), e));
             }
@@ -692,13 +657,19 @@ impl SeedReader {
     }
 }
 
+fn seed_of(feed: &str) -> Place {
+    Place::Seed {
+        feed: feed.to_string(),
+    }
+}
+
 fn read_totals(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Totals, OutboxError> {
-    let get = |name: &str| -> Result<u64, OutboxError> {
+    let get = |name: &'static str| -> Result<u64, OutboxError> {
         Ok(meta
             .get(name)
-            .map_err(storage)?
+            .map_err(at(Place::Meta(name)))?
             .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
             .map(u64::from_be_bytes)
             .unwrap_or(0))
@@ -707,115 +678,6 @@ fn read_totals(
         batches: get("batches")?,
         bytes: get("bytes")?,
     })
-}
-
-/// A disk that fills up on demand, for tests: a redb file whose writes
-/// fail with "No space left on device" while `full` is set.
-#[cfg(test)]
-pub(crate) mod testing {
-    use std::ops::Bound;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
-
-    use redb::StorageBackend;
-    use redb::backends::FileBackend;
-    use shuyuan_service::{OpenError, Opener};
-
-    #[derive(Debug)]
-    pub struct FullDisk {
-        file: FileBackend,
-        full: Arc<AtomicBool>,
-    }
-
-    impl FullDisk {
-        fn check(&self) -> std::io::Result<()> {
-            if self.full.load(Ordering::SeqCst) {
-                Err(std::io::Error::from_raw_os_error(28)) // ENOSPC
-            } else {
-                Ok(())
-            }
-        }
-    }
-
-    /// Opens files on a [`FullDisk`] that fills while `full` is set.
-    pub fn opener(full: Arc<AtomicBool>) -> Opener {
-        Box::new(move |path| {
-            let failed = |e: String| OpenError::Failed {
-                path: path.to_owned(),
-                reason: e,
-            };
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
-            }
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(path)
-                .map_err(|e| failed(e.to_string()))?;
-            let file = FileBackend::new(file).map_err(|e| failed(e.to_string()))?;
-            redb::Builder::new()
-                .create_with_backend(FullDisk {
-                    file,
-                    full: full.clone(),
-                })
-                .map_err(|e| failed(e.to_string()))
-        })
-    }
-
-    type Locked = Result<bool, redb::BackendError>;
-
-    impl StorageBackend for FullDisk {
-        fn len(&self) -> std::io::Result<u64> {
-            self.file.len()
-        }
-        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-            self.file.read(offset, out)
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            if len > self.file.len()? {
-                self.check()?;
-            }
-            self.file.set_len(len)
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            self.file.sync_data()
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            self.check()?;
-            self.file.write(offset, data)
-        }
-        fn close(&self) -> std::io::Result<()> {
-            self.file.close()
-        }
-        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Locked {
-            self.file.try_lock_range(start, end)
-        }
-        fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Locked {
-            self.file.try_lock_shared_range(start, end)
-        }
-        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), redb::BackendError> {
-            self.file.lock_range(start, end)
-        }
-        fn lock_shared_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<(), redb::BackendError> {
-            self.file.lock_shared_range(start, end)
-        }
-        fn unlock_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<(), redb::BackendError> {
-            self.file.unlock_range(start, end)
-        }
-        fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Locked {
-            self.file.query_lock_range(start, end)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -962,7 +824,8 @@ mod tests {
 
         full.store(true, Ordering::SeqCst);
         let e = ob.commit(&upto(4)).unwrap_err();
-        assert!(matches!(e, OutboxError::Io { earlier: false, .. }), "{e}");
+        assert!(matches!(e, OutboxError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("No space left on device"), "{e}");
         let failure = ob.write_failure().expect("the failure is reported");
         assert!(
             failure.error.contains("No space left on device"),
@@ -970,12 +833,16 @@ mod tests {
         );
         assert_eq!((failure.failed_writes, failure.reopens), (1, 0));
 
-        // The next write reopens the file first. This disk refuses every
-        // write, so even opening fails (redb repairs the file when it opens
-        // it); the file stays closed and the write is not tried.
-        ob.set_reopen_interval(Duration::from_secs(3600));
+        // Once the reopen is due (here at once), the next write reopens the
+        // file first. This disk refuses every write, so even opening fails
+        // (redb repairs the file when it opens it); the file stays closed
+        // and the write is not tried.
+        ob.set_reopen_interval(Duration::ZERO);
         let e = ob.commit(&upto(4)).unwrap_err();
-        assert!(matches!(e, OutboxError::Io { earlier: false, .. }), "{e}");
+        assert!(
+            matches!(e, OutboxError::Unavailable(Unavailable::Reopen(_))),
+            "{e}"
+        );
         let failure = ob.write_failure().unwrap();
         assert!(
             failure.error.starts_with("cannot open") && failure.error.contains("No space left"),
@@ -985,9 +852,14 @@ mod tests {
 
         // Until the next reopen is due, a write fails at once without
         // trying, space or not, and the report keeps the cause.
+        ob.set_reopen_interval(Duration::from_secs(3600));
         full.store(false, Ordering::SeqCst);
         let e = ob.commit(&upto(4)).unwrap_err();
-        assert!(matches!(e, OutboxError::Io { earlier: true, .. }), "{e}");
+        assert!(
+            matches!(e, OutboxError::Unavailable(Unavailable::Waiting { .. })),
+            "{e}"
+        );
+        assert!(e.to_string().contains("No space left on device"), "{e}");
         let failure = ob.write_failure().unwrap();
         assert!(
             failure.error.contains("No space left on device"),
