@@ -25,6 +25,7 @@ use crate::apply::keys::{Enrollment, KeyRefusal, Revocation, RotationChange};
 use crate::apply::{self, CatalogSave, Decided, Discards, Outcome, Txn, VerifyEvent, WriteOp};
 use crate::store::{Engine, ReadTxn, Record, StoreError};
 use crate::verify::Incoming;
+use shuyuan_service::WriteFailure;
 
 /// How the store's writes are going: what status, metrics, the console
 /// and alerts report.
@@ -146,7 +147,6 @@ impl Store {
             commits,
             health: health_tx,
             heads,
-            failing: None,
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -323,10 +323,6 @@ impl Store {
     }
 }
 
-/// After a failed write the store is reopened this soon, then at growing
-/// intervals up to [`RECOVERY_MAX`] while writes keep failing.
-const RECOVERY_MIN: Duration = Duration::from_millis(500);
-const RECOVERY_MAX: Duration = Duration::from_secs(5);
 /// A reopened store is proven by the next write group (agents resend
 /// refused batches within 30 s); when none comes for this long, a lone
 /// audit entry proves it instead. Longer than agents' resend backoff, so
@@ -345,20 +341,6 @@ struct WriteLoop {
     /// refusal tells the agent to resend from while the store cannot be
     /// read either.
     heads: HashMap<FeedId, u64>,
-    failing: Option<Failing>,
-}
-
-/// A spell of failed writes. It ends when a write commits after the store
-/// was reopened; the spell's audit entry is part of that write.
-struct Failing {
-    since: UnixMillis,
-    error: String,
-    /// Write groups refused during this spell.
-    refused: u64,
-    /// Reopened since the last failed write: the next write may succeed.
-    reopened: bool,
-    wait: Duration,
-    retry_at: Instant,
 }
 
 /// Every [`Store`] handle is gone.
@@ -369,19 +351,15 @@ impl WriteLoop {
         let mut discards = Discards::default();
         let mut stopping = false;
         while !stopping {
-            if self
-                .failing
-                .as_ref()
-                .is_some_and(|f| Instant::now() >= f.retry_at)
-            {
-                self.retry();
-            }
-            let first = match self.failing.as_ref().map(|f| f.retry_at) {
+            let first = match self.wake_at() {
                 None => rx.blocking_recv().ok_or(Closed),
                 Some(until) => match recv_until(&mut rx, until) {
                     Ok(Some(c)) => Ok(c),
                     // Time to reopen, or to prove the store idle.
-                    Ok(None) => continue,
+                    Ok(None) => {
+                        self.idle();
+                        continue;
+                    }
                     Err(closed) => Err(closed),
                 },
             };
@@ -395,12 +373,8 @@ impl WriteLoop {
                     Err(_) => break,
                 }
             }
-            let (mut ops, mut replies, barriers) = group(commands, &mut discards, &mut stopping);
+            let (mut ops, replies, barriers) = group(commands, &mut discards, &mut stopping);
             if !ops.is_empty() {
-                if let Some(entry) = self.spell_entry() {
-                    ops.push(WriteOp::Audit(entry));
-                    replies.push(Reply::None);
-                }
                 let result = self.write(&mut ops, &mut discards);
                 self.answer(ops, replies, &result);
             }
@@ -410,44 +384,64 @@ impl WriteLoop {
         }
     }
 
-    /// The audit entry that ends the current spell, when the store was
-    /// reopened and the next write may succeed.
-    fn spell_entry(&self) -> Option<AuditEntry> {
-        let f = self.failing.as_ref().filter(|f| f.reopened)?;
-        Some(AuditEntry::new(
+    /// While writes fail: when to reopen the store, or, reopened, when to
+    /// prove it idle.
+    fn wake_at(&self) -> Option<Instant> {
+        let h = self.engine.health();
+        h.failure.as_ref()?;
+        h.reopen_at
+            .or_else(|| h.reopened_at.map(|at| at + IDLE_PROOF))
+    }
+
+    /// Nothing came while writes fail: reopen the store when due; once
+    /// reopened and idle for [`IDLE_PROOF`], prove it with the failure's
+    /// audit entry alone.
+    fn idle(&mut self) {
+        let h = self.engine.health();
+        if h.reopened_at.is_some_and(|at| at.elapsed() >= IDLE_PROOF) {
+            let _ = self.write(&mut [], &mut Discards::default());
+        } else if let Err(e) = self.engine.reopen_if_due() {
+            tracing::debug!(error = %e, "the store cannot be reopened yet");
+        }
+        self.publish();
+    }
+
+    /// The audit entry that ends a failure of writes, committed with the
+    /// first write that commits after it.
+    fn failure_entry(failure: &WriteFailure, refused: u64) -> AuditEntry {
+        AuditEntry::new(
             AuditKind::StoreFailed,
             format!(
                 "the store could not write from {} to {} ({}); {} write groups were refused as unavailable and nothing was acknowledged; reopened, it writes again",
-                f.since,
+                failure.since,
                 UnixMillis::now(),
-                f.error,
-                f.refused
+                failure.error,
+                refused
             ),
-        ))
+        )
     }
 
-    /// Writes one group. While failing, a group is refused without touching
-    /// the file until the file was reopened.
+    /// Writes one group in one durable transaction of the engine. While
+    /// the engine cannot write it refuses the group without touching the
+    /// store (its reopen policy).
     fn write(&mut self, ops: &mut [WriteOp], discards: &mut Discards) -> Result<(), StoreError> {
-        if let Some(f) = self.failing.as_mut().filter(|f| !f.reopened) {
-            f.refused += 1;
-            self.health.send_modify(|h| h.failed_writes += 1);
-            return Err(StoreError::Unavailable {
-                since: f.since,
-                error: f.error.clone(),
-            });
-        }
         let before = discards.clone();
+        let refused = self.engine.health().refused_writes;
         let mut decided = Decided::default();
-        let result = self.engine.write_with(&mut |t| {
+        let mut ended = None;
+        let result = self.engine.write_with(&mut |t, recovering| {
             let mut txn = Txn::new(t, UnixMillis::now());
+            if let Some(f) = recovering {
+                txn.audit(Self::failure_entry(f, f.failed_writes + refused))?;
+                ended = Some(f.clone());
+            }
             apply::group(&mut txn, ops, discards)?;
             decided = txn.finish();
             Ok(())
         });
         match &result {
             Ok(()) => {
-                if let Some(f) = self.failing.take() {
+                if let Some(f) = ended {
                     self.recovered(&f);
                 }
                 self.commits.send_modify(|n| *n += 1);
@@ -473,91 +467,41 @@ impl WriteLoop {
                     }
                 }
             }
-            Err(e) if e.is_storage() => {
-                *discards = before;
-                self.failed(e.to_string());
-            }
+            Err(e) if e.is_storage() => *discards = before,
             Err(e) => {
                 *discards = before;
                 tracing::error!(error = %e, "store write failed; the affected batches are refused as unavailable and will be resent");
             }
         }
+        self.publish();
         result
     }
 
-    /// A write failed in the storage engine: start a spell, or go on with
-    /// the current one and reopen again later.
-    fn failed(&mut self, error: String) {
-        match self.failing.as_mut() {
-            Some(f) => {
-                f.refused += 1;
-                f.reopened = false;
-                f.wait = (f.wait * 2).min(RECOVERY_MAX);
-                f.retry_at = Instant::now() + f.wait;
-                f.error = error.clone();
-            }
-            None => {
-                tracing::error!(%error, "the store cannot write: batches are refused as unavailable (never acknowledged) and agents keep them; reopening the store until it writes again");
-                let now = UnixMillis::now();
-                self.failing = Some(Failing {
-                    since: now,
-                    error: error.clone(),
-                    refused: 1,
-                    reopened: false,
-                    wait: RECOVERY_MIN,
-                    retry_at: Instant::now() + RECOVERY_MIN,
-                });
-                self.health.send_modify(|h| h.failing_since = Some(now));
-            }
-        }
-        self.health.send_modify(|h| {
-            h.failed_writes += 1;
-            h.error = Some(error);
-        });
-    }
-
-    /// Reopens the store when due; or, reopened and idle for
-    /// [`IDLE_PROOF`], proves it with the spell's audit entry alone.
-    fn retry(&mut self) {
-        let Some(f) = self.failing.as_mut() else {
-            return;
-        };
-        if f.reopened {
-            if let Some(entry) = self.spell_entry() {
-                let mut proof = [WriteOp::Audit(entry)];
-                let _ = self.write(&mut proof, &mut Discards::default());
-            }
-            return;
-        }
-        match self.engine.reopen() {
-            Ok(()) => {
-                f.reopened = true;
-                f.retry_at = Instant::now() + IDLE_PROOF;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "the store cannot be reopened yet");
-                f.error = e.to_string();
-                f.wait = (f.wait * 2).min(RECOVERY_MAX);
-                f.retry_at = Instant::now() + f.wait;
-                let error = f.error.clone();
-                self.health.send_modify(|h| h.error = Some(error));
-            }
-        }
-    }
-
-    /// The spell `f` ended: a write committed after reopening.
-    fn recovered(&mut self, f: &Failing) {
-        tracing::info!(since = %f.since, refused = f.refused, "the store writes again");
+    /// A failure of writes ended: a write committed after reopening. The
+    /// heads are read again from the store.
+    fn recovered(&mut self, f: &WriteFailure) {
+        tracing::info!(since = %f.since, failed = f.failed_writes, "the store writes again");
         if let Ok(feeds) = self.engine.read(|t| t.feeds()) {
             self.heads = feeds
                 .into_iter()
                 .map(|(f, r)| (f, r.cursor.next_seq()))
                 .collect();
         }
-        self.health.send_modify(|h| {
-            h.failing_since = None;
-            h.error = None;
-            h.recoveries += 1;
+    }
+
+    /// Shows how writes go to status, metrics, the console and alerts.
+    fn publish(&self) {
+        let h = self.engine.health();
+        let now = StoreHealth {
+            failing_since: h.failure.as_ref().map(|f| f.since),
+            error: h.failure.map(|f| f.error),
+            failed_writes: h.unwritten,
+            recoveries: h.recoveries,
+        };
+        self.health.send_if_modified(|old| {
+            let changed = *old != now;
+            *old = now;
+            changed
         });
     }
 
@@ -604,7 +548,7 @@ impl WriteLoop {
     /// The feed's next expected sequence number as committed: from the
     /// store while it can be read, else as the writer last committed it.
     fn head(&self, feed: &FeedId) -> u64 {
-        let stored = match self.failing {
+        let stored = match self.engine.health().failure {
             None => self.engine.read(|t| t.feed(feed)).ok(),
             Some(_) => None,
         };
@@ -759,10 +703,13 @@ enum Reply {
 mod tests {
     use super::*;
     use crate::apply::audit;
-    use crate::store::memory::MemoryEngine;
+    use crate::store::redb::RedbEngine;
     use crate::verify::VerifiedBatch;
     use shuyuan_protocol::batch::{BatchBody, Entry, ZeroUpdate};
     use shuyuan_protocol::{BatchHash, NodeKey, SignedBatch};
+    use shuyuan_service::ReopenSchedule;
+    use shuyuan_service::redb_file::testing;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn zero_update(key: &NodeKey, seq: u64, prev: BatchHash) -> VerifiedBatch {
         let body = BatchBody {
@@ -783,8 +730,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_that_cannot_write_refuses_acknowledges_nothing_and_recovers() {
-        let engine = Arc::new(MemoryEngine::new());
-        let (store, writer) = Store::start(engine.clone()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let full = Arc::new(AtomicBool::new(false));
+        let engine =
+            RedbEngine::open_with(&dir.path().join("hub.redb"), testing::opener(full.clone()))
+                .unwrap();
+        engine.set_schedule(ReopenSchedule::fixed(Duration::from_millis(300)));
+        let (store, writer) = Store::start(Arc::new(engine)).unwrap();
         let key = NodeKey::from_seed([1; 32]);
         let apply = |b: VerifiedBatch| {
             let store = store.clone();
@@ -800,8 +752,10 @@ mod tests {
         };
         let b1 = zero_update(&key, 1, BatchHash::GENESIS);
         assert!(matches!(apply(b1.clone()).await, Outcome::Ack(_)));
-        engine.fail_writes(true);
+        full.store(true, Ordering::SeqCst);
         let b2 = zero_update(&key, 2, b1.hash);
+        // The first group fails on the disk, the second is refused without
+        // touching it: neither is acknowledged.
         for _ in 0..2 {
             match apply(b2.clone()).await {
                 Outcome::Reject(r) => {
@@ -815,19 +769,25 @@ mod tests {
         let health = store.health();
         assert!(!health.writable());
         assert_eq!(health.failed_writes, 2);
-        engine.fail_writes(false);
-        // The writer reopens after RECOVERY_MIN; the next group commits.
-        tokio::time::sleep(RECOVERY_MIN + Duration::from_millis(200)).await;
+        assert!(health.error.unwrap().contains("No space left"));
+        full.store(false, Ordering::SeqCst);
+        // The writer reopens the store when due; the next group commits,
+        // and with it the failure's audit entry.
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(matches!(apply(b2).await, Outcome::Ack(_)));
         let health = store.health();
-        assert!(health.writable());
+        assert!(health.writable(), "{health:?}");
         assert_eq!(health.recoveries, 1);
-        let spell = store.read(|t| audit::recent(t, 1)).unwrap().remove(0);
-        assert_eq!(spell.kind, AuditKind::StoreFailed);
+        let entries = store.read(|t| audit::recent(t, 5)).unwrap();
+        let failed = entries
+            .iter()
+            .find(|e| e.kind == AuditKind::StoreFailed)
+            .expect("the failure is on record");
         assert!(
-            spell.detail.contains("nothing was acknowledged"),
+            failed.detail.contains("2 write groups were refused")
+                && failed.detail.contains("No space left"),
             "{}",
-            spell.detail
+            failed.detail
         );
         let head = store.read(|t| t.feed(&"D:R".parse().unwrap())).unwrap();
         assert_eq!(head.unwrap().cursor.last_seq, 2);

@@ -4,17 +4,16 @@
 //! [`WriteTxn`].
 //!
 //! Invariant: a write works on a copy of the state that replaces it only
-//! when the transaction succeeded, so a failed one leaves nothing behind;
-//! while told to fail ([`MemoryEngine::fail_writes`]) every write fails as a
-//! full disk would, and nothing is stored.
+//! when the transaction succeeded, so a failed one leaves nothing behind.
+//! It never fails for want of storage (the reopen policy is redb's: its
+//! tests run on redb over a disk that fills on demand).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use shuyuan_protocol::{DepartmentCode, Digest, FeedId, NodeId, SignedBatch, TableSchema};
 
-use super::{AuditVisit, Engine, ReadTxn, Record, RowVisit, StoreError, WriteTxn};
+use super::{AuditVisit, Engine, ReadTxn, RowVisit, StoreError, WriteFn, WriteTxn};
 use crate::apply::audit::Link;
 use crate::apply::feed::{FeedRecord, ResyncRecord, StoredRow};
 use crate::apply::keys::{Enrollment, Revocation, Rotation};
@@ -44,22 +43,11 @@ struct State {
 #[derive(Debug, Default)]
 pub struct MemoryEngine {
     state: Mutex<State>,
-    failing: AtomicBool,
 }
-
-/// The error of a write while the engine is told to fail.
-#[derive(Debug, thiserror::Error)]
-#[error("No space left on device (the in-memory engine is told to fail)")]
-struct Full;
 
 impl MemoryEngine {
     pub fn new() -> Self {
         MemoryEngine::default()
-    }
-
-    /// Makes every write fail (true) or work again (false).
-    pub fn fail_writes(&self, fail: bool) {
-        self.failing.store(fail, Ordering::SeqCst);
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -72,22 +60,12 @@ impl Engine for MemoryEngine {
         &self,
         f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let snapshot = self.state().clone();
-        f(&snapshot)
+        f(&*self.state())
     }
 
-    fn write_with(
-        &self,
-        f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::engine(Record::File, Full));
-        }
+    fn write_with(&self, f: WriteFn<'_>) -> Result<(), StoreError> {
         let mut copy = self.state().clone();
-        f(&mut copy)?;
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::engine(Record::File, Full));
-        }
+        f(&mut copy, None)?;
         *self.state() = copy;
         Ok(())
     }

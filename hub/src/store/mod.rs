@@ -24,6 +24,7 @@ use std::sync::Arc;
 use shuyuan_protocol::{
     DepartmentCode, Digest, FeedId, NodeId, SignedBatch, TableSchema, value::describe_key,
 };
+use shuyuan_service::{FileHealth, Unavailable, WriteFailure};
 
 use crate::apply::audit::Link;
 use crate::apply::feed::{FeedRecord, ResyncRecord, StoredRow};
@@ -114,12 +115,10 @@ pub enum StoreError {
     /// A key record change the rules refuse.
     #[error(transparent)]
     Key(#[from] KeyRefusal),
-    /// The writer refuses writes until the store can write again.
-    #[error("the hub store cannot write since {since}: {error}")]
-    Unavailable {
-        since: shuyuan_protocol::UnixMillis,
-        error: String,
-    },
+    /// The engine refuses writes until it can write again (its reopen
+    /// policy: [`shuyuan_service::redb_file`]).
+    #[error("{0}")]
+    Unavailable(Arc<Unavailable>),
     #[error("the hub store is shutting down")]
     Closed,
 }
@@ -146,10 +145,17 @@ impl StoreError {
         StoreError::corrupt(what, std::io::Error::other(reason.into()))
     }
 
-    /// Whether the storage failed (rather than a rule or a record): the
-    /// writer then refuses writes and reopens the store.
+    /// Whether the storage failed or refuses (rather than a rule or a
+    /// record): nothing of the write was stored, and the engine reopens
+    /// when its policy says so.
     pub fn is_storage(&self) -> bool {
-        matches!(self, StoreError::Engine { .. })
+        matches!(self, StoreError::Engine { .. } | StoreError::Unavailable(_))
+    }
+}
+
+impl From<Unavailable> for StoreError {
+    fn from(e: Unavailable) -> Self {
+        StoreError::Unavailable(Arc::new(e))
     }
 }
 
@@ -275,16 +281,27 @@ pub trait Engine: Send + Sync + fmt::Debug + 'static {
     ) -> Result<(), StoreError>;
     /// Runs `f` in a write transaction and commits it durably; returns only
     /// after the commit. When `f` or the commit fails nothing is stored.
-    fn write_with(
-        &self,
-        f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError>;
-    /// Closes the storage and opens it again, after a failed write left it
-    /// refusing further writes (redb does until reopened).
-    fn reopen(&self) -> Result<(), StoreError> {
-        Ok(())
+    /// While the engine cannot write it refuses without running `f`
+    /// ([`StoreError::Unavailable`]); `f` is told when its commit would end
+    /// a failure of writes (the failure), so that the record of that
+    /// failure commits with it.
+    fn write_with(&self, f: WriteFn<'_>) -> Result<(), StoreError>;
+    /// How the engine's writes are going (the reopen policy's record). An
+    /// engine that cannot fail reports nothing.
+    fn health(&self) -> FileHealth {
+        FileHealth::default()
+    }
+    /// Reopens the storage if its policy says a reopen is due: for a
+    /// writer that is idle while writes fail. Returns whether it did.
+    fn reopen_if_due(&self) -> Result<bool, StoreError> {
+        Ok(false)
     }
 }
+
+/// A write transaction's work: the transaction, and the failure of writes
+/// its commit would end.
+pub type WriteFn<'a> =
+    &'a mut dyn FnMut(&mut dyn WriteTxn, Option<&WriteFailure>) -> Result<(), StoreError>;
 
 impl dyn Engine {
     /// Reads in one transaction; `f`'s own errors pass through.
@@ -310,7 +327,7 @@ impl dyn Engine {
     ) -> Result<T, StoreError> {
         let mut f = Some(f);
         let mut out = None;
-        self.write_with(&mut |t| {
+        self.write_with(&mut |t, _| {
             if let Some(f) = f.take() {
                 out = Some(f(t)?);
             }

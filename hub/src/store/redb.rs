@@ -26,7 +26,7 @@
 //! - `rotations_v1`: old agent key (32 bytes) -> [`Rotation`](crate::apply::keys::Rotation) (its successor)
 //! - `migrations_v1`: migration name -> unix millis applied
 
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 use std::path::Path;
 
 use redb::{
@@ -38,9 +38,11 @@ use serde::de::DeserializeOwned;
 use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::value::decode_key;
 use shuyuan_protocol::{DepartmentCode, Digest, FeedId, NodeId, RowSeed, SignedBatch, TableSchema};
-use shuyuan_service::{Migration, OpenError, RedbFile};
+use shuyuan_service::{
+    FileHealth, Migration, OpenError, Opener, OperationError, RedbFile, ReopenSchedule,
+};
 
-use super::{AuditVisit, Engine, ReadTxn, Record, RowVisit, StoreError, WriteTxn};
+use super::{AuditVisit, Engine, ReadTxn, Record, RowVisit, StoreError, WriteFn, WriteTxn};
 use crate::apply::audit::{Link, chain};
 use crate::apply::feed::{FeedRecord, ResyncRecord, StoredRow};
 use crate::apply::keys::{Enrollment, Revocation, Rotation};
@@ -137,12 +139,7 @@ fn stored_seed(row_key: &[u8], stored: &[u8]) -> Option<RowSeed> {
     Some(RowSeed::of(&key, &row.values))
 }
 
-/// An engine error about `what`.
-fn failed(what: Record) -> impl FnOnce(redb::Error) -> StoreError {
-    move |e| StoreError::engine(what, e)
-}
-
-/// The same, for redb's narrower error types.
+/// An engine error about `what`, from any of redb's error types.
 fn at<E: Into<redb::Error>>(what: impl FnOnce() -> Record) -> impl FnOnce(E) -> StoreError {
     move |e| StoreError::engine(what(), e.into())
 }
@@ -845,7 +842,8 @@ impl WriteTxn for Tables<'_> {
     }
 }
 
-/// The redb storage engine.
+/// The redb storage engine: one file, reopened after an I/O error under
+/// the services' one reopen policy ([`RedbFile::write`]).
 #[derive(Debug)]
 pub struct RedbEngine {
     file: RedbFile,
@@ -854,11 +852,34 @@ pub struct RedbEngine {
 impl RedbEngine {
     /// Opens or creates the store file and applies pending migrations.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let file = RedbFile::open(path, MIGRATIONS).map_err(|e| match e {
-            OpenError::AlreadyOpen(p) => StoreError::AlreadyOpen(p),
-            other => StoreError::engine(Record::File, other),
-        })?;
+        RedbEngine::open_with(path, Box::new(shuyuan_service::redb_file::open_redb))
+    }
+
+    /// Like [`RedbEngine::open`], opening the file (now and at each
+    /// reopen) with `open`: tests pass a disk that fills on demand.
+    pub fn open_with(path: &Path, open: Opener) -> Result<Self, StoreError> {
+        let file = RedbFile::open_with(path, MIGRATIONS, open)
+            .map_err(|e| match e {
+                OpenError::AlreadyOpen(p) => StoreError::AlreadyOpen(p),
+                other => StoreError::engine(Record::File, other),
+            })?
+            .named("hub store");
         Ok(RedbEngine { file })
+    }
+
+    /// Replaces the reopen schedule (tests).
+    pub fn set_schedule(&self, schedule: ReopenSchedule) {
+        self.file.set_schedule(schedule);
+    }
+}
+
+/// The policy reads the redb error in a store error.
+impl OperationError for StoreError {
+    fn redb_error(&self) -> Option<&redb::Error> {
+        match self {
+            StoreError::Engine { source, .. } => source.downcast_ref::<redb::Error>(),
+            _ => None,
+        }
     }
 }
 
@@ -867,25 +888,29 @@ impl Engine for RedbEngine {
         &self,
         f: &mut dyn FnMut(&dyn ReadTxn) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let tx = self.file.begin_read().map_err(failed(Record::File))?;
-        f(&Reader::new(tx))
+        let f = RefCell::new(f);
+        self.file.read(|opening| {
+            let tx = opening.begin_read().map_err(at(|| Record::File))?;
+            (f.borrow_mut())(&Reader::new(tx))
+        })
     }
 
-    fn write_with(
-        &self,
-        f: &mut dyn FnMut(&mut dyn WriteTxn) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let tx = self.file.begin_write().map_err(failed(Record::File))?;
-        {
-            let mut tables = Tables::open(&tx)?;
-            f(&mut tables)?;
-        }
-        tx.commit().map_err(at(|| Record::File))
+    fn write_with(&self, f: WriteFn<'_>) -> Result<(), StoreError> {
+        self.file.write(|opening| {
+            let tx = opening.begin_write().map_err(at(|| Record::File))?;
+            {
+                let mut tables = Tables::open(&tx)?;
+                f(&mut tables, opening.recovering())?;
+            }
+            tx.commit().map_err(at(|| Record::File))
+        })
     }
 
-    fn reopen(&self) -> Result<(), StoreError> {
-        self.file
-            .reopen()
-            .map_err(|e| StoreError::engine(Record::File, e))
+    fn health(&self) -> FileHealth {
+        self.file.health()
+    }
+
+    fn reopen_if_due(&self) -> Result<bool, StoreError> {
+        Ok(self.file.reopen_if_due()?)
     }
 }
