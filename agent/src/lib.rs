@@ -24,9 +24,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::catalog::CatalogEntry;
-use shuyuan_protocol::identity::IdentityError;
 use shuyuan_protocol::{NodeId, UnixMillis};
 use shuyuan_service::control;
+use shuyuan_service::keyfile::KeyFileError;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +43,7 @@ use crate::uplink::Uplink;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0} (create the key with `shuyuan-agent init`)")]
-    Key(IdentityError),
+    Key(KeyFileError),
     #[error(transparent)]
     Keys(rotation::KeysError),
     #[error(transparent)]

@@ -11,7 +11,6 @@ use shuyuan_agent::source::pg::setup as pg_setup;
 use shuyuan_agent::source::sqlite::{InstallOutcome, install_triggers, uninstall_triggers};
 use shuyuan_agent::status::{self, AgentStatus};
 use shuyuan_agent::{Agent, ControlRequest};
-use shuyuan_protocol::NodeKey;
 use shuyuan_protocol::UnixMillis;
 use shuyuan_protocol::catalog::CatalogEntry;
 use shuyuan_protocol::catalog::form;
@@ -282,7 +281,7 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
     let wrote_config = write_template_if_missing(config_path, CONFIG_TEMPLATE)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = Config::load(config_path)?;
-    let (key, created) = NodeKey::load_or_create(&config.key_file)?;
+    let (key, created) = shuyuan_service::keyfile::load_or_create(&config.key_file)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     if key_only {
@@ -404,8 +403,8 @@ async fn catalog(config: &Config, action: CatalogAction) -> Result<()> {
 }
 
 fn offline_catalog(config: &Config, request: ControlRequest) -> Result<serde_json::Value> {
-    let key =
-        NodeKey::load(&config.key_file).context("the catalog is written under the agent's key")?;
+    let key = shuyuan_service::keyfile::load(&config.key_file)
+        .context("the catalog is written under the agent's key")?;
     let catalog = Catalog::open(config, key.id())?;
     Ok(match request {
         ControlRequest::CatalogSet { code, field, value } => {
@@ -525,7 +524,7 @@ async fn live_status(config: &Config) -> Result<AgentStatus> {
     match control::call(&config.control_socket(), &ControlRequest::Status, &mut out).await {
         Ok(()) => Ok(serde_json::from_slice(&out).context("bad status from the agent")?),
         Err(ControlError::NotRunning { .. }) => {
-            let node = NodeKey::load(&config.key_file)
+            let node = shuyuan_service::keyfile::load(&config.key_file)
                 .map(|k| k.id().to_string())
                 .unwrap_or_else(|_| "(no key)".into());
             match status::offline(config, node) {

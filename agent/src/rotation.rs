@@ -16,9 +16,9 @@
 use std::path::{Path, PathBuf};
 
 use shuyuan_protocol::encoding::{self, DecodeError, EncodeError};
-use shuyuan_protocol::identity::IdentityError;
 use shuyuan_protocol::rotation::{KeyRotation, RotationBody, RotationError};
 use shuyuan_protocol::{NodeId, NodeKey, UnixMillis};
+use shuyuan_service::keyfile::{self, KeyFileError};
 
 use crate::config::Config;
 
@@ -26,7 +26,7 @@ use crate::config::Config;
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
     #[error(transparent)]
-    Key(#[from] IdentityError),
+    Key(#[from] KeyFileError),
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -104,7 +104,7 @@ fn read_pending(path: &Path) -> Result<Option<(KeyRotation, RotationBody)>, Keys
 /// Loads the current key and any pending rotation, finishing one that was
 /// confirmed just before a crash.
 pub fn load(config: &Config) -> Result<Keys, KeysError> {
-    let current = NodeKey::load(&config.key_file)?;
+    let current = keyfile::load(&config.key_file)?;
     let pending = pending_path(config);
     let next = next_key_path(config);
     let Some((rotation, body)) = read_pending(&pending)? else {
@@ -135,7 +135,7 @@ pub fn load(config: &Config) -> Result<Keys, KeysError> {
             found: current.id(),
         });
     }
-    let signing = NodeKey::load(&next)?;
+    let signing = keyfile::load(&next)?;
     if signing.id() != body.new {
         return Err(KeysError::Mismatch {
             path: next,
@@ -160,9 +160,9 @@ pub fn begin(config: &Config) -> Result<RotationBody, KeysError> {
         })?;
         return Err(KeysError::AlreadyPending { new: body.new });
     }
-    let next = NodeKey::generate()?;
+    let next = NodeKey::generate().map_err(KeyFileError::from)?;
     let next_path = next_key_path(config);
-    next.save_new(&next_path)?;
+    keyfile::save_new(&next, &next_path)?;
     let rotation = KeyRotation::sign(
         &keys.identity,
         &next,
@@ -186,5 +186,5 @@ pub fn finish(config: &Config) -> Result<NodeKey, KeysError> {
     std::fs::rename(&next, &config.key_file).map_err(io("install", &next))?;
     let pending = pending_path(config);
     std::fs::remove_file(&pending).map_err(io("remove", &pending))?;
-    Ok(NodeKey::load(&config.key_file)?)
+    Ok(keyfile::load(&config.key_file)?)
 }

@@ -408,7 +408,7 @@ impl StatusBoard {
 }
 
 fn node_id(config: &Config) -> shuyuan_protocol::NodeId {
-    shuyuan_protocol::NodeKey::load(&config.key_file)
+    shuyuan_service::keyfile::load(&config.key_file)
         .map(|k| k.id())
         .unwrap_or_else(|_| shuyuan_protocol::NodeKey::from_seed([0; 32]).id())
 }

@@ -45,8 +45,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use shuyuan_link::quic;
-use shuyuan_protocol::identity::IdentityError;
-use shuyuan_protocol::{NodeId, NodeKey, UnixMillis};
+use shuyuan_protocol::{NodeId, UnixMillis};
+use shuyuan_service::keyfile::KeyFileError;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::HubCatalog;
@@ -64,7 +64,7 @@ pub use control::{ControlRequest, ReviewRequest, VerifyStarted, enrollment, revi
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0} (create the key with `shuyuan-hub init`)")]
-    Key(IdentityError),
+    Key(KeyFileError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("cannot set up QUIC: {0}")]
@@ -122,7 +122,7 @@ impl Hub {
     /// Opens the key and store, starts listening for agents and opens the
     /// control socket.
     pub async fn bind(config: Config) -> Result<Hub, StartError> {
-        let key = NodeKey::load(&config.key_file).map_err(StartError::Key)?;
+        let key = shuyuan_service::keyfile::load(&config.key_file).map_err(StartError::Key)?;
         if config.upstream.as_ref().is_some_and(|u| u.key == key.id()) {
             return Err(StartError::OwnParent(config.file.clone()));
         }

@@ -18,9 +18,9 @@ use shuyuan_hub::store::redb::RedbEngine;
 use shuyuan_hub::store::{Engine, StoreError};
 use shuyuan_hub::writer::Store;
 use shuyuan_hub::{ControlRequest, Hub, ReviewRequest, VerifyStarted, enrollment};
+use shuyuan_protocol::NodeId;
 use shuyuan_protocol::UnixMillis;
 use shuyuan_protocol::catalog::form;
-use shuyuan_protocol::{NodeId, NodeKey};
 use shuyuan_service::config::write_template_if_missing;
 use shuyuan_service::control::{self, ControlError};
 use shuyuan_service::shutdown_signal;
@@ -307,10 +307,12 @@ async fn run(cli: Cli) -> Result<()> {
                 Some(status) => status,
                 None => {
                     let engine = open_offline(&config)?;
-                    let node = NodeKey::load(&config.key_file)
+                    let node = shuyuan_service::keyfile::load(&config.key_file)
                         .map(|k| k.id().to_string())
                         .unwrap_or_else(|_| "(no key)".into());
-                    let key = NodeKey::load(&config.key_file).map(|k| k.id()).ok();
+                    let key = shuyuan_service::keyfile::load(&config.key_file)
+                        .map(|k| k.id())
+                        .ok();
                     let city = match key {
                         Some(k) => shuyuan_hub::catalog::city_from_store(&*engine, &k)?,
                         None => Vec::new(),
@@ -791,7 +793,7 @@ async fn catalog(config: &Config, action: CatalogAction) -> Result<()> {
 
 async fn offline_catalog(config: &Config, request: ControlRequest) -> Result<serde_json::Value> {
     let engine = open_offline(config)?;
-    let node = NodeKey::load(&config.key_file)
+    let node = shuyuan_service::keyfile::load(&config.key_file)
         .context("the catalog is written under the hub's key")?
         .id();
     let city = shuyuan_hub::catalog::city_from_store(&*engine, &node)?;
@@ -900,7 +902,7 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
     let wrote_config = write_template_if_missing(config_path, CONFIG_TEMPLATE)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = Config::load(config_path)?;
-    let (key, created) = NodeKey::load_or_create(&config.key_file)?;
+    let (key, created) = shuyuan_service::keyfile::load_or_create(&config.key_file)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     if key_only {

@@ -1,18 +1,15 @@
 //! Node identity: one ed25519 key per node; its public key is its id.
 //!
-//! The secret key lives in a PKCS#8 PEM file (the format `openssl pkey`
-//! reads) created with mode 0600. The public key has a copyable text form,
-//! 52 lowercase base32 characters, which operators paste into `enroll`
-//! commands and agent configs.
+//! The secret key is kept as PKCS#8 PEM (the format `openssl pkey` reads;
+//! the file with mode 0600 is `shuyuan_service::keyfile`). The public key
+//! has a copyable text form, 52 lowercase base32 characters, which
+//! operators paste into `enroll` commands and agent configs.
 //!
 //! Invariant: every signature is domain-separated by a context string, and
 //! every check uses `verify_strict`, so a signature made for one purpose can
 //! never be replayed for another and malleable encodings are refused.
 
 use std::fmt;
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use data_encoding::BASE32_NOPAD;
@@ -20,26 +17,11 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, EncodePrivateKey, spki::der::pem::L
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-/// Errors reading, writing or parsing identities.
+/// Errors making, encoding or parsing identities.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("cannot read key file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write key file {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(
-        "key file {path} has mode {mode:04o}: other users can read or change it; \
-         run `chmod 600 {path}` (the key must be readable by its owner only)"
-    )]
-    Exposed { path: PathBuf, mode: u32 },
-    #[error("key file {path} is not an ed25519 PKCS#8 PEM private key: {reason}")]
-    Format { path: PathBuf, reason: String },
+    #[error("not an ed25519 PKCS#8 PEM private key: {0}")]
+    Pem(String),
     #[error("cannot encode the key: {0}")]
     Encode(String),
     #[error("the operating system's random source failed: {0}")]
@@ -103,79 +85,21 @@ impl NodeKey {
         Ok(doc.as_bytes().to_vec())
     }
 
-    /// Reads a PKCS#8 PEM key file, refusing one that users other than its
-    /// owner could read or replace: a leaked key lets anyone sign as the node.
-    pub fn load(path: &Path) -> Result<Self, IdentityError> {
-        refuse_exposed(path)?;
-        let pem = fs::read_to_string(path).map_err(|source| IdentityError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| IdentityError::Format {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        })?;
-        Ok(NodeKey(key))
-    }
-
-    /// Writes this key to a new file with mode 0600; refuses to overwrite.
-    pub fn save_new(&self, path: &Path) -> Result<(), IdentityError> {
-        let write_err = |source| IdentityError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        let pem = self
+    /// The private key as PKCS#8 PEM (what the key file holds).
+    pub fn to_pkcs8_pem(&self) -> Result<String, IdentityError> {
+        Ok(self
             .0
             .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| IdentityError::Encode(e.to_string()))?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(write_err)?;
-        }
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(path).map_err(write_err)?;
-        file.write_all(pem.as_bytes()).map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
-        Ok(())
+            .map_err(|e| IdentityError::Encode(e.to_string()))?
+            .to_string())
     }
 
-    /// Loads the key at `path`, or creates one there if the file does not
-    /// exist. Returns the key and whether it was created.
-    pub fn load_or_create(path: &Path) -> Result<(Self, bool), IdentityError> {
-        if path.exists() {
-            return Ok((Self::load(path)?, false));
-        }
-        let key = Self::generate()?;
-        key.save_new(path)?;
-        Ok((key, true))
+    /// A key from PKCS#8 PEM.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, IdentityError> {
+        SigningKey::from_pkcs8_pem(pem)
+            .map(NodeKey)
+            .map_err(|e| IdentityError::Pem(e.to_string()))
     }
-}
-
-#[cfg(unix)]
-fn refuse_exposed(path: &Path) -> Result<(), IdentityError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = fs::metadata(path).map_err(|source| IdentityError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o077 != 0 {
-        return Err(IdentityError::Exposed {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn refuse_exposed(_path: &Path) -> Result<(), IdentityError> {
-    Ok(())
 }
 
 /// A node's public key, which is its identity. Binary encodings carry the
@@ -318,60 +242,14 @@ mod tests {
     }
 
     #[test]
-    fn key_file_round_trip_and_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/node.key");
-        let (key, created) = NodeKey::load_or_create(&path).unwrap();
-        assert!(created);
-        let (again, created) = NodeKey::load_or_create(&path).unwrap();
-        assert!(!created);
-        assert_eq!(key.id(), again.id());
-        assert!(key.save_new(&path).is_err(), "must not overwrite a key");
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        let text = fs::read_to_string(&path).unwrap();
-        assert!(text.starts_with("-----BEGIN PRIVATE KEY-----"));
-    }
-
-    #[test]
-    fn garbage_key_file_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bad.key");
-        fs::write(&path, "not a key").unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-        }
-        let err = NodeKey::load(&path).unwrap_err().to_string();
-        assert!(err.contains("bad.key") && err.contains("PKCS#8"), "{err}");
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn a_key_file_others_can_read_is_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("node.key");
-        NodeKey::from_seed([3; 32]).save_new(&path).unwrap();
-        for mode in [0o640, 0o604, 0o660, 0o666] {
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-            let err = NodeKey::load(&path).unwrap_err().to_string();
-            assert!(
-                err.contains("node.key")
-                    && err.contains(&format!("{mode:04o}"))
-                    && err.contains("chmod 600"),
-                "{err}"
-            );
-        }
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
-        assert_eq!(
-            NodeKey::load(&path).unwrap().id(),
-            NodeKey::from_seed([3; 32]).id()
-        );
+    fn keys_round_trip_through_pem() {
+        let key = NodeKey::from_seed([4; 32]);
+        let pem = key.to_pkcs8_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert_eq!(NodeKey::from_pkcs8_pem(&pem).unwrap().id(), key.id());
+        let err = NodeKey::from_pkcs8_pem("not a key")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("PKCS#8"), "{err}");
     }
 }

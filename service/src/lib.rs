@@ -1,13 +1,15 @@
 //! What the two service binaries share beyond the wire: configuration
 //! errors that name the file, the key and the reason ([`config`]); redb
 //! files with named migrations, reopened after an I/O error under one
-//! policy for every file ([`redb_file`]); the local control socket that `status`, `enroll` and
-//! `export` use to talk to a running service ([`control`]); and waiting for
-//! SIGTERM or Ctrl-C ([`shutdown`]).
+//! policy for every file ([`redb_file`]); node key files ([`keyfile`]);
+//! the local control socket that `status`, `enroll` and `export` use to
+//! talk to a running service ([`control`]); and waiting for SIGTERM or
+//! Ctrl-C ([`shutdown`]).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
 pub mod control;
+pub mod keyfile;
 pub mod redb_file;
 pub mod shutdown;
 

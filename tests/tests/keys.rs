@@ -264,7 +264,7 @@ async fn an_agent_rotates_its_key_and_its_chain_continues() -> Result<()> {
                 .is_some_and(|d| d.contains(&new_key) && d.contains("both keys"))),
         "{audit:?}"
     );
-    let old = NodeKey::load(&old_copy)?;
+    let old = shuyuan_service::keyfile::load(&old_copy)?;
     let err = match FeedPeer::connect(&sb.hub, &old, "GA", &["A01/0001"]).await {
         Ok(_) => panic!("a retired key connected"),
         Err(e) => e.to_string(),
