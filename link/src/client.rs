@@ -587,3 +587,95 @@ pub fn spawn_reader(mut recv: RecvStream) -> (Reader, mpsc::UnboundedReceiver<In
     });
     (Reader(task), rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shuyuan_protocol::RejectReason;
+
+    fn words(role: Role) -> Words {
+        Words {
+            role,
+            peer: PeerWords {
+                address: "peer.example:4433".into(),
+                key_refused: "enroll this key".into(),
+                key_setting: "the key setting".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn failures_are_told_in_each_sides_words() {
+        let refused = |role| {
+            let r = Reject {
+                feed: None,
+                seq: 0,
+                reason: RejectReason::UnknownSigner,
+                detail: "not enrolled".into(),
+                resend_from: 0,
+            };
+            let e = words(role).welcome(WelcomeError::Refused(r));
+            assert!(matches!(e, LinkError::Auth(_)), "{e:?}");
+            e.to_string()
+        };
+        assert!(refused(Role::Agent).starts_with("the hub refused this agent: not enrolled ("));
+        assert!(
+            refused(Role::Upstream).starts_with("the parent hub refused this hub: not enrolled (")
+        );
+        let odd = words(Role::Upstream).welcome(WelcomeError::Unexpected("Ack"));
+        assert_eq!(
+            odd.to_string(),
+            "protocol error: answering HubHello: expected Welcome, got Ack"
+        );
+        let resolve = words(Role::Agent).dial(DialError::Resolve {
+            address: "nowhere:1".into(),
+            reason: "no addresses".into(),
+        });
+        assert_eq!(
+            resolve.to_string(),
+            "cannot resolve hub address nowhere:1: no addresses"
+        );
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let timeout = words(Role::Agent).dial(DialError::Timeout(addr, ANSWER_TIMEOUT));
+        assert_eq!(
+            timeout.to_string(),
+            "no answer from the hub at 127.0.0.1:9 within 10s"
+        );
+        let lost = words(Role::Upstream).connection(&ConnectionError::TimedOut);
+        assert_eq!(
+            lost.to_string(),
+            "connection to the parent hub at peer.example:4433 lost: no answer from the peer (timed out)"
+        );
+    }
+
+    #[test]
+    fn the_machines_errors_keep_their_kind_and_local_errors_their_source() {
+        let feed: FeedId = "D:R".parse().unwrap();
+        let fork = LinkError::from(SendError::Fork {
+            role: Role::Agent,
+            feed,
+            seq: 3,
+        });
+        assert!(matches!(
+            fork,
+            LinkError::Chain(SendError::Fork { seq: 3, .. })
+        ));
+        assert!(fork.to_string().contains("Sending stopped to avoid a fork"));
+        let rejected = LinkError::from(SendError::Rejected {
+            detail: "what is this".into(),
+            reason: RejectReason::ProtocolViolation,
+        });
+        assert!(
+            rejected
+                .to_string()
+                .starts_with("protocol error: the hub rejected a message: what is this")
+        );
+        let io = std::io::Error::other("disk on fire");
+        let local = LinkError::local(io);
+        assert_eq!(local.to_string(), "disk on fire");
+        let LinkError::Local(inner) = &local else {
+            panic!("{local:?}")
+        };
+        assert!(inner.downcast_ref::<std::io::Error>().is_some());
+    }
+}
