@@ -1,34 +1,38 @@
 //! The uplink: the agent's QUIC connection to the hub.
 //!
-//! It introduces the agent (`Hello`), learns the hub's durable head of each
-//! feed (`Welcome`), checks that the hub's chain is the agent's own, then
-//! streams batches from the outbox through the [`SendWindow`] and hands the
-//! hub's acks to the capture loop, which prunes the outbox. Lost
-//! connections are retried with backoff; every new connection resumes right
-//! after what the hub durably holds.
+//! It introduces the agent (`Hello`), announces a pending key rotation
+//! before any batch, syncs the department's catalog with the hub, streams
+//! batches from the outbox and hands the hub's acks to the capture loop,
+//! which prunes the outbox. Connecting, the hub's `Welcome`, the chain
+//! check, the send window and reconnecting with backoff are the shared
+//! link client ([`link::keep_connected`] driving a
+//! [`shuyuan_protocol::sender::FeedSender`]); this file is what only an
+//! agent does: its outbox facts, its key rotation, the hub's comparison
+//! requests (`Verify`) and the backlog reports.
 //!
 //! Invariant: the uplink never deletes anything itself; it only reports acks.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use quinn::{ConnectionError, Endpoint};
-use shuyuan_link::client::{self as link, WelcomeError};
-use shuyuan_link::quic::{self, DialError, QuicError};
+use shuyuan_link::client::{self as link, Connection, LinkError, LinkPhase, LinkSide, PeerWords};
+use shuyuan_link::quic;
 use shuyuan_protocol::message::{
-    AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, Reject, VerifyRefusal,
+    AgentReport, CatalogRefusal, CatalogSync, FeedPosition, Hello, VerifyOutcome, VerifyRefusal,
+    VerifyRequest, Welcome,
 };
 use shuyuan_protocol::rotation::{KeyRotated, KeyRotation};
-use shuyuan_protocol::window::{SendWindow, WindowError};
-use shuyuan_protocol::{FeedId, Message, MessageV1, NodeKey, UnixMillis};
+use shuyuan_protocol::sender::{AtPeerHead, FeedSender, LocalFeed, Role};
+use shuyuan_protocol::{DepartmentCode, FeedId, MessageV1, NodeKey, SignedBatch, UnixMillis};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::{AckNote, CaptureInput, CaptureRequest};
 use crate::catalog::{Catalog, CatalogStoreError};
 use crate::config::Config;
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::Outbox;
 use crate::rotation;
 use crate::source::Probe;
 use crate::status::{LinkState, StatusBoard};
@@ -37,29 +41,6 @@ use crate::status::{LinkState, StatusBoard};
 pub const MAX_IN_FLIGHT: u64 = 32;
 /// How often the agent reports its backlog to the hub.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(5);
-/// How long the hub may take to answer `Hello` or the handshake.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a connection ended.
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error("cannot resolve hub address {address}: {reason}")]
-    Resolve { address: String, reason: String },
-    #[error("{0}")]
-    Auth(String),
-    #[error("{0}")]
-    Lost(String),
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    #[error("{0}")]
-    Chain(String),
-    #[error(transparent)]
-    Window(#[from] WindowError),
-    #[error(transparent)]
-    Outbox(#[from] OutboxError),
-    #[error("cannot set up QUIC: {0}")]
-    Setup(String),
-}
 
 /// The uplink task.
 #[derive(Debug)]
@@ -76,59 +57,37 @@ pub struct Uplink {
     pub catalog: Catalog,
 }
 
-/// One uplink connection attempt after another (see [`link::keep_connected`]).
-struct Link<'a> {
+/// The uplink as the shared link client's side, with what one connection
+/// keeps.
+struct HubLink<'a> {
     uplink: &'a Uplink,
-    cancel: &'a CancellationToken,
+    catalog_changed: Arc<Notify>,
+    /// The capture loop's answers to comparison requests it cannot serve.
+    refusals: (
+        mpsc::UnboundedSender<VerifyRefusal>,
+        mpsc::UnboundedReceiver<VerifyRefusal>,
+    ),
+    report: tokio::time::Interval,
 }
 
-impl link::Session for Link<'_> {
-    type Error = SessionError;
-
-    async fn session(
-        &self,
-        endpoint: &mut Option<quinn::Endpoint>,
-        established: &mut bool,
-    ) -> Result<(), SessionError> {
-        self.uplink.set_link(LinkState::Connecting, None);
-        // Built for each attempt: a confirmed key rotation changes the key.
-        let key = self.uplink.identity().0;
-        let client = quic::client_config(&key, self.uplink.config.hub.key)
-            .map_err(|e| SessionError::Setup(e.to_string()))?;
-        self.uplink
-            .session(&client, endpoint, self.cancel, established)
-            .await
-    }
-
-    fn failed(&self, e: &SessionError, news: bool) {
-        let text = e.to_string();
-        let auth = matches!(e, SessionError::Auth(_));
-        self.uplink.set_link(
-            if auth {
-                LinkState::AuthenticationFailed
-            } else {
-                LinkState::Disconnected
-            },
-            Some(text.clone()),
-        );
-        if news {
-            if auth || matches!(e, SessionError::Chain(_)) {
-                tracing::error!(error = %text, "hub connection failed");
-            } else {
-                tracing::warn!(error = %text, "hub connection lost; reconnecting with backoff");
-            }
-        }
-    }
+/// What wakes a connection besides the hub's messages.
+enum Wake {
+    CatalogChanged,
+    Refusal(VerifyRefusal),
+    Sealed,
+    Report,
 }
 
 impl Uplink {
     /// Connects, streams, reconnects; until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
-        let link = Link {
+        let mut side = HubLink {
             uplink: &self,
-            cancel: &cancel,
+            catalog_changed: self.catalog.changed(),
+            refusals: mpsc::unbounded_channel(),
+            report: tokio::time::interval(REPORT_INTERVAL),
         };
-        link::keep_connected(&link, &cancel).await;
+        link::keep_connected(&mut side, &cancel).await;
     }
 
     /// The key to connect with and the rotation still to announce.
@@ -140,7 +99,7 @@ impl Uplink {
     }
 
     /// The hub recorded the rotation: the next key becomes current.
-    fn rotated(&self, r: &KeyRotated) -> Result<(), SessionError> {
+    fn rotated(&self, r: &KeyRotated) -> Result<(), LinkError> {
         let mut keys = self
             .keys
             .lock()
@@ -149,12 +108,12 @@ impl Uplink {
             return Ok(());
         };
         if (pending.old, pending.new) != (r.old, r.new) {
-            return Err(SessionError::Protocol(format!(
+            return Err(LinkError::Protocol(format!(
                 "the hub confirmed a rotation {} -> {} that this agent did not announce",
                 r.old, r.new
             )));
         }
-        let key = rotation::finish(&self.config).map_err(|e| SessionError::Setup(e.to_string()))?;
+        let key = rotation::finish(&self.config).map_err(LinkError::local)?;
         tracing::info!(old = %r.old, new = %r.new, "the hub confirmed the key rotation (密钥轮换); the new key is now the agent's key");
         let text = key.id().to_string();
         *keys = (key, None);
@@ -163,292 +122,48 @@ impl Uplink {
         Ok(())
     }
 
-    /// Records the link state. `since` is when the link last went up or
-    /// down; while reconnecting, the last error stays visible.
-    fn set_link(&self, link: LinkState, detail: Option<String>) {
-        self.status.update(|s| {
-            let was_up = s.hub.link == LinkState::Connected;
-            let is_up = link == LinkState::Connected;
-            if was_up != is_up || s.hub.since.is_none() {
-                s.hub.since = Some(UnixMillis::now());
-            }
-            s.hub.link = link;
-            if detail.is_some() || link == LinkState::Connected {
-                s.hub.detail = detail;
-            }
-        });
-    }
-
-    fn connection_error(&self, e: &ConnectionError) -> SessionError {
-        let explained = quic::explain(e);
-        if quic::is_auth_failure(e) {
-            if explained.contains("hub key mismatch") {
-                SessionError::Auth(format!(
-                    "the server at {} is not the configured hub ({explained}); check hub.key in {}",
-                    self.config.hub.address,
-                    self.config.file.display()
-                ))
-            } else {
-                let key = self.identity().0.id();
-                SessionError::Auth(format!(
-                    "authentication failed: the hub at {} refused this agent's key {key}. \
-                     Ask the hub administrator to run: shuyuan-hub enroll --department {} --name \"<department name>\" {key}",
-                    self.config.hub.address, self.config.department,
-                ))
-            }
-        } else {
-            SessionError::Lost(format!(
-                "connection to the hub at {} lost: {explained}",
-                self.config.hub.address
-            ))
-        }
-    }
-
-    fn quic_error(&self, e: QuicError) -> SessionError {
-        if let Some(c) = link::lost_connection(&e) {
-            return self.connection_error(c);
-        }
-        match e {
-            QuicError::Frame(f) => SessionError::Protocol(f.to_string()),
-            other => SessionError::Lost(other.to_string()),
-        }
-    }
-
-    async fn session(
-        &self,
-        client: &quinn::ClientConfig,
-        endpoint: &mut Option<Endpoint>,
-        cancel: &CancellationToken,
-        established: &mut bool,
-    ) -> Result<(), SessionError> {
-        let (addr, conn, mut send, mut recv) =
-            quic::dial(endpoint, client, &self.config.hub.address, ANSWER_TIMEOUT)
-                .await
-                .map_err(|e| match e {
-                    DialError::Resolve { address, reason } => {
-                        SessionError::Resolve { address, reason }
-                    }
-                    DialError::Setup(e) => SessionError::Setup(e),
-                    DialError::Timeout(addr, t) => SessionError::Lost(format!(
-                        "no answer from the hub at {addr} within {}s",
-                        t.as_secs()
-                    )),
-                    DialError::Connection(e) => self.connection_error(&e),
-                })?;
-        let hello = Hello {
-            software: shuyuan_protocol::SOFTWARE.to_string(),
-            department: self.config.department.clone(),
-            resources: self
-                .config
-                .resources
-                .iter()
-                .map(|r| r.code.clone())
-                .collect(),
+    /// Hands the hub's comparison request to the capture loop.
+    fn verify(&self, v: VerifyRequest, refusals: &mpsc::UnboundedSender<VerifyRefusal>) {
+        let resource = (v.feed.department == self.config.department)
+            .then(|| {
+                self.config
+                    .resources
+                    .iter()
+                    .position(|r| r.code == v.feed.resource)
+            })
+            .flatten();
+        let Some(resource) = resource else {
+            tracing::warn!(feed = %v.feed, "the hub asks to compare a resource this agent does not share; ignored");
+            return;
         };
-        quic::write_message(&mut send, &MessageV1::Hello(hello).into())
-            .await
-            .map_err(|e| self.quic_error(e))?;
-        let welcome = link::read_welcome(&mut recv, ANSWER_TIMEOUT)
-            .await
-            .map_err(|e| match e {
-                WelcomeError::Quic(e) => self.quic_error(e),
-                WelcomeError::Refused(r) => SessionError::Auth(format!(
-                    "the hub refused this agent: {} ({})",
-                    r.detail, r.reason
-                )),
-                other => SessionError::Protocol(format!("answering Hello: {other}")),
-            })?;
-        self.check_chains(&welcome.feeds)?;
-        // Before any batch: those sealed since the rotation are signed by
-        // the new key, which the hub learns of here.
-        if let Some(rotation) = self.identity().1 {
-            quic::write_message(&mut send, &MessageV1::KeyRotation(rotation).into())
-                .await
-                .map_err(|e| self.quic_error(e))?;
-        }
-        let local = self.outbox.feeds()?;
-        let (mut window, prune) = SendWindow::start(
-            &welcome.feeds,
-            |f| local.get(f).map_or(0, |s| s.head.last_seq),
-            MAX_IN_FLIGHT,
-        )?;
-        let now = UnixMillis::now();
-        for (feed, seq) in prune {
-            if seq > local.get(&feed).map_or(0, |s| s.acked) {
-                let _ = self
-                    .capture
-                    .send(CaptureInput::Ack(AckNote { feed, seq, at: now }));
-            }
-        }
-        *established = true;
-        tracing::info!(hub = %addr, hub_software = %welcome.software, "connected to the hub");
-        self.set_link(LinkState::Connected, None);
-        let hub = self.config.hub.key;
-        self.catalog
-            .begin_sync(&hub)
-            .map_err(|e| SessionError::Setup(e.to_string()))?;
-        let catalog_changed = self.catalog.changed();
-        let (refusals_tx, mut refusals_rx) = mpsc::unbounded_channel::<VerifyRefusal>();
-        self.send_catalog(&mut send).await?;
-
-        let (_reader, mut rx) = link::spawn_reader(recv);
-        let mut report = tokio::time::interval(REPORT_INTERVAL);
-        loop {
-            let now = UnixMillis::now();
-            while let Some((feed, seq)) = window.poll_send(now) {
-                let batch = self.outbox.batch(&feed, seq)?.ok_or_else(|| {
-                    SessionError::Chain(format!("batch {seq} of {feed} is missing from the outbox"))
-                })?;
-                quic::write_message(&mut send, &MessageV1::Batch(batch).into())
-                    .await
-                    .map_err(|e| self.quic_error(e))?;
-            }
-            let wake = window
-                .next_wakeup()
-                .map(|t| tokio::time::Instant::now() + t.since(UnixMillis::now()));
-            tokio::select! {
-                _ = cancel.cancelled() => {
-                    let _ = send.finish();
-                    conn.close(0u32.into(), b"agent stopping");
-                    return Ok(());
-                }
-                m = rx.recv() => match m {
-                    Some(Ok(Some(Message::V1(MessageV1::Catalog(sync))))) => {
-                        self.receive_catalog(sync).await;
-                        self.send_catalog(&mut send).await?;
-                    }
-                    Some(Ok(Some(Message::V1(MessageV1::CatalogRefused(r))))) => self.catalog_refused(&r),
-                    Some(Ok(Some(Message::V1(m)))) => self.handle(&mut window, m, &refusals_tx)?,
-                    Some(Ok(None)) | None => return Err(SessionError::Lost("the hub closed the stream".into())),
-                    Some(Err(e)) => return Err(self.quic_error(e)),
-                },
-                _ = catalog_changed.notified() => self.send_catalog(&mut send).await?,
-                Some(refusal) = refusals_rx.recv() => {
-                    quic::write_message(&mut send, &MessageV1::VerifyRefused(refusal).into())
-                        .await
-                        .map_err(|e| self.quic_error(e))?;
-                }
-                _ = self.sealed.notified() => {
-                    for (feed, state) in self.outbox.feeds()? {
-                        window.set_head(&feed, state.head.last_seq);
-                    }
-                }
-                _ = async { if let Some(w) = wake { tokio::time::sleep_until(w).await } }, if wake.is_some() => {}
-                _ = report.tick() => {
-                    let s = self.status.snapshot();
-                    let r = AgentReport {
-                        at: UnixMillis::now(),
-                        outbox_batches: s.outbox.batches,
-                        outbox_bytes: s.outbox.bytes,
-                        outbox_limit_bytes: s.outbox.limit_bytes,
-                        capture_paused: s.source.paused_outbox_full
-                            || s.outbox.write_failure.is_some(),
-                    };
-                    quic::write_message(&mut send, &MessageV1::Report(r).into())
-                        .await
-                        .map_err(|e| self.quic_error(e))?;
-                }
-            }
-        }
+        tracing::debug!(feed = %v.feed, run = v.run, range = %v.range, "the hub asks to compare a range");
+        let probe = Probe {
+            resource,
+            run: v.run,
+            range: v.range,
+            mode: v.mode,
+        };
+        let refusals = refusals.clone();
+        let _ = self
+            .capture
+            .send(CaptureInput::Request(CaptureRequest::Probe {
+                probe,
+                refusals,
+            }));
     }
 
-    fn handle(
-        &self,
-        window: &mut SendWindow,
-        m: MessageV1,
-        refusals: &mpsc::UnboundedSender<VerifyRefusal>,
-    ) -> Result<(), SessionError> {
-        let now = UnixMillis::now();
-        match m {
-            MessageV1::Ack(ack) => {
-                if let Some(seq) = window.on_ack(&ack.feed, ack.seq)? {
-                    let _ = self.capture.send(CaptureInput::Ack(AckNote {
-                        feed: ack.feed,
-                        seq,
-                        at: now,
-                    }));
-                }
-                Ok(())
-            }
-            MessageV1::KeyRotated(r) => self.rotated(&r),
-            MessageV1::Reject(r) => {
-                self.record_rejection(&r);
-                let Some(feed) = r.feed else {
-                    return Err(SessionError::Protocol(format!(
-                        "the hub rejected a message: {} ({})",
-                        r.detail, r.reason
-                    )));
-                };
-                if let Some(seq) = window.on_reject(&feed, r.resend_from, now)? {
-                    let _ = self
-                        .capture
-                        .send(CaptureInput::Ack(AckNote { feed, seq, at: now }));
-                }
-                Ok(())
-            }
-            MessageV1::Verify(v) => {
-                let resource = (v.feed.department == self.config.department)
-                    .then(|| {
-                        self.config
-                            .resources
-                            .iter()
-                            .position(|r| r.code == v.feed.resource)
-                    })
-                    .flatten();
-                match resource {
-                    Some(resource) => {
-                        tracing::debug!(feed = %v.feed, run = v.run, range = %v.range, "the hub asks to compare a range");
-                        let _ = self
-                            .capture
-                            .send(CaptureInput::Request(CaptureRequest::Probe {
-                                probe: Probe {
-                                    resource,
-                                    run: v.run,
-                                    range: v.range,
-                                    mode: v.mode,
-                                },
-                                refusals: refusals.clone(),
-                            }));
-                    }
-                    None => {
-                        tracing::warn!(feed = %v.feed, "the hub asks to compare a resource this agent does not share; ignored")
-                    }
-                }
-                Ok(())
-            }
-            MessageV1::Verified(outcome) => {
-                if outcome.refused {
-                    tracing::warn!(feed = %outcome.feed, run = outcome.run, detail = %outcome.detail, "the hub could not verify its copy");
-                } else if outcome.verified {
-                    tracing::info!(feed = %outcome.feed, run = outcome.run, seq = outcome.seq, repaired = outcome.rows_repaired, removed = outcome.rows_removed, "the hub verified its copy against the source");
-                } else {
-                    tracing::warn!(feed = %outcome.feed, run = outcome.run, detail = %outcome.detail, "the hub's copy still differs from the source");
-                }
-                self.status.update(|s| {
-                    s.verifications.retain(|v| v.feed != outcome.feed);
-                    s.verifications.push(outcome);
-                });
-                Ok(())
-            }
-            other => Err(SessionError::Protocol(format!(
-                "unexpected message from the hub: {other:?}"
-            ))),
+    fn verified(&self, outcome: VerifyOutcome) {
+        if outcome.refused {
+            tracing::warn!(feed = %outcome.feed, run = outcome.run, detail = %outcome.detail, "the hub could not verify its copy");
+        } else if outcome.verified {
+            tracing::info!(feed = %outcome.feed, run = outcome.run, seq = outcome.seq, repaired = outcome.rows_repaired, removed = outcome.rows_removed, "the hub verified its copy against the source");
+        } else {
+            tracing::warn!(feed = %outcome.feed, run = outcome.run, detail = %outcome.detail, "the hub's copy still differs from the source");
         }
-    }
-
-    /// Sends every catalog sync message there is to send now.
-    async fn send_catalog(&self, send: &mut quinn::SendStream) -> Result<(), SessionError> {
-        let hub = self.config.hub.key;
-        while let Some(message) = self.catalog.next_message(&hub) {
-            let sync = CatalogSync {
-                department: self.config.department.clone(),
-                message,
-            };
-            quic::write_message(send, &MessageV1::Catalog(sync).into())
-                .await
-                .map_err(|e| self.quic_error(e))?;
-        }
-        Ok(())
+        self.status.update(|s| {
+            s.verifications.retain(|v| v.feed != outcome.feed);
+            s.verifications.push(outcome);
+        });
     }
 
     /// Applies the hub's catalog changes (review fields only).
@@ -484,69 +199,215 @@ impl Uplink {
         self.status.update(|s| s.hub.catalog_error = Some(text));
     }
 
-    fn record_rejection(&self, r: &Reject) {
-        let feed = r
-            .feed
-            .as_ref()
-            .map_or_else(|| "?".to_string(), FeedId::to_string);
-        let text = format!(
-            "batch {} of {feed}: {} ({}); resending from {}",
-            r.seq, r.detail, r.reason, r.resend_from
-        );
-        tracing::warn!(%feed, seq = r.seq, reason = %r.reason, detail = %r.detail, "the hub rejected a batch");
+    /// The agent's backlog, for the hub's view of it.
+    fn report(&self) -> AgentReport {
+        let s = self.status.snapshot();
+        AgentReport {
+            at: UnixMillis::now(),
+            outbox_batches: s.outbox.batches,
+            outbox_bytes: s.outbox.bytes,
+            outbox_limit_bytes: s.outbox.limit_bytes,
+            capture_paused: s.source.paused_outbox_full || s.outbox.write_failure.is_some(),
+        }
+    }
+
+    /// What the outbox holds of each feed at the hub's head: the link of
+    /// the batch after it (or the head's own hash) tells whether the hub's
+    /// chain is this agent's.
+    fn outbox_facts(
+        &self,
+        peer: &[FeedPosition],
+    ) -> Result<BTreeMap<FeedId, LocalFeed>, LinkError> {
+        let held = self.outbox.feeds().map_err(LinkError::local)?;
+        let mut facts = BTreeMap::new();
+        for p in peer {
+            let state = held.get(&p.feed).cloned().unwrap_or_default();
+            let (head, n) = (state.head.last_seq, p.cursor.last_seq);
+            let at_peer_head = if n == 0 || n > head {
+                AtPeerHead::Unknown
+            } else if n == head {
+                AtPeerHead::Hash(state.head.last_hash)
+            } else {
+                match self
+                    .outbox
+                    .batch(&p.feed, n + 1)
+                    .map_err(LinkError::local)?
+                {
+                    None => AtPeerHead::Pruned,
+                    Some(next) => match next.open() {
+                        Ok(body) => AtPeerHead::Hash(body.prev),
+                        Err(e) => AtPeerHead::Damaged {
+                            seq: n + 1,
+                            reason: e.to_string(),
+                        },
+                    },
+                }
+            };
+            let local = LocalFeed {
+                head,
+                acked: state.acked,
+                at_peer_head,
+            };
+            facts.insert(p.feed.clone(), local);
+        }
+        Ok(facts)
+    }
+
+    /// Records the link state. `since` is when the link last went up or
+    /// down; while reconnecting, the last error stays visible.
+    fn set_link(&self, link: LinkState, detail: Option<String>) {
         self.status.update(|s| {
+            let was_up = s.hub.link == LinkState::Connected;
+            let is_up = link == LinkState::Connected;
+            if was_up != is_up || s.hub.since.is_none() {
+                s.hub.since = Some(UnixMillis::now());
+            }
+            s.hub.link = link;
+            if detail.is_some() || link == LinkState::Connected {
+                s.hub.detail = detail;
+            }
+        });
+    }
+}
+
+impl LinkSide for HubLink<'_> {
+    const ROLE: Role = Role::Agent;
+    const MAX_IN_FLIGHT: u64 = MAX_IN_FLIGHT;
+    type Wake = Wake;
+
+    fn client_config(&self) -> Result<quinn::ClientConfig, LinkError> {
+        // Built for each attempt: a confirmed key rotation changes the key.
+        let key = self.uplink.identity().0;
+        quic::client_config(&key, self.uplink.config.hub.key)
+            .map_err(|e| LinkError::Setup(e.to_string()))
+    }
+
+    fn words(&self) -> PeerWords {
+        let config = &self.uplink.config;
+        let key = self.uplink.identity().0.id();
+        PeerWords {
+            address: config.hub.address.clone(),
+            key_refused: format!(
+                "authentication failed: the hub at {} refused this agent's key {key}. \
+                 Ask the hub administrator to run: shuyuan-hub enroll --department {} --name \"<department name>\" {key}",
+                config.hub.address, config.department,
+            ),
+            key_setting: format!("hub.key in {}", config.file.display()),
+        }
+    }
+
+    fn show_link(&self, phase: LinkPhase, detail: Option<String>) {
+        let state = match phase {
+            LinkPhase::Connecting => LinkState::Connecting,
+            LinkPhase::Connected => LinkState::Connected,
+            LinkPhase::Disconnected => LinkState::Disconnected,
+            LinkPhase::Refused => LinkState::AuthenticationFailed,
+        };
+        self.uplink.set_link(state, detail);
+    }
+
+    fn show_rejection(&self, text: String) {
+        self.uplink.status.update(|s| {
             s.hub.rejections += 1;
             s.hub.last_rejection = Some(text);
         });
     }
 
-    /// The hub's head of each feed must be a batch of this agent's own
-    /// chain; otherwise the two disagree about history and sending on would
-    /// only produce forks.
-    fn check_chains(&self, positions: &[FeedPosition]) -> Result<(), SessionError> {
-        let local = self.outbox.feeds()?;
-        for p in positions {
-            let hub = p.cursor;
-            if hub.last_seq == 0 {
-                continue;
+    async fn hello(&mut self) -> Result<MessageV1, LinkError> {
+        let config = &self.uplink.config;
+        Ok(MessageV1::Hello(Hello {
+            software: shuyuan_protocol::SOFTWARE.to_string(),
+            department: config.department.clone(),
+            resources: config.resources.iter().map(|r| r.code.clone()).collect(),
+        }))
+    }
+
+    fn local_feeds(&self, peer: &[FeedPosition]) -> Result<BTreeMap<FeedId, LocalFeed>, LinkError> {
+        self.uplink.outbox_facts(peer)
+    }
+
+    fn batch(&self, feed: &FeedId, seq: u64) -> Result<Option<SignedBatch>, LinkError> {
+        self.uplink
+            .outbox
+            .batch(feed, seq)
+            .map_err(LinkError::local)
+    }
+
+    /// The capture loop prunes the outbox up to `seq`.
+    fn acked(&mut self, _: &FeedSender, feed: FeedId, seq: u64) {
+        let at = UnixMillis::now();
+        let _ = self
+            .uplink
+            .capture
+            .send(CaptureInput::Ack(AckNote { feed, seq, at }));
+    }
+
+    async fn begin_catalog(&self, _: &DepartmentCode) -> Result<(), LinkError> {
+        let hub = self.uplink.config.hub.key;
+        self.uplink
+            .catalog
+            .begin_sync(&hub)
+            .map_err(LinkError::local)
+    }
+
+    async fn catalog_message(&self, _: &DepartmentCode) -> Result<Option<Vec<u8>>, LinkError> {
+        Ok(self
+            .uplink
+            .catalog
+            .next_message(&self.uplink.config.hub.key))
+    }
+
+    async fn welcomed(&mut self, link: &mut Connection, _: &Welcome) -> Result<(), LinkError> {
+        // Before any batch: those sealed since the rotation are signed by
+        // the new key, which the hub learns of here.
+        if let Some(rotation) = self.uplink.identity().1 {
+            link.send(MessageV1::KeyRotation(rotation)).await?;
+        }
+        link.sender.catalog_changed(&self.uplink.config.department);
+        link.send_catalogs(self).await?;
+        self.refusals = mpsc::unbounded_channel();
+        self.report = tokio::time::interval(REPORT_INTERVAL);
+        Ok(())
+    }
+
+    async fn receive(&mut self, link: &mut Connection, m: MessageV1) -> Result<(), LinkError> {
+        match m {
+            MessageV1::Catalog(sync) => {
+                self.uplink.receive_catalog(sync).await;
+                link.sender.catalog_received(&self.uplink.config.department);
+                link.send_catalogs(self).await?;
             }
-            let state = local.get(&p.feed).cloned().unwrap_or_default();
-            let ours = if hub.last_seq == state.head.last_seq {
-                Some(state.head.last_hash)
-            } else if hub.last_seq < state.head.last_seq {
-                match self.outbox.batch(&p.feed, hub.last_seq + 1)? {
-                    Some(next) => Some(
-                        next.open()
-                            .map_err(|e| {
-                                SessionError::Chain(format!(
-                                    "outbox batch {} of {} is damaged: {e}",
-                                    hub.last_seq + 1,
-                                    p.feed
-                                ))
-                            })?
-                            .prev,
-                    ),
-                    None => {
-                        return Err(SessionError::Chain(format!(
-                            "the hub holds {} batches of {} but this agent already pruned batch {}; the hub lost acknowledged data",
-                            hub.last_seq,
-                            p.feed,
-                            hub.last_seq + 1
-                        )));
-                    }
+            MessageV1::CatalogRefused(r) => self.uplink.catalog_refused(&r),
+            MessageV1::KeyRotated(r) => self.uplink.rotated(&r)?,
+            MessageV1::Verify(v) => self.uplink.verify(v, &self.refusals.0),
+            MessageV1::Verified(outcome) => self.uplink.verified(outcome),
+            other => return Err(link.unexpected(&other)),
+        }
+        Ok(())
+    }
+
+    async fn wake(&mut self) -> Wake {
+        tokio::select! {
+            _ = self.catalog_changed.notified() => Wake::CatalogChanged,
+            Some(refusal) = self.refusals.1.recv() => Wake::Refusal(refusal),
+            _ = self.uplink.sealed.notified() => Wake::Sealed,
+            _ = self.report.tick() => Wake::Report,
+        }
+    }
+
+    async fn woken(&mut self, link: &mut Connection, wake: Wake) -> Result<(), LinkError> {
+        match wake {
+            Wake::CatalogChanged => {
+                link.sender.catalog_changed(&self.uplink.config.department);
+                link.send_catalogs(self).await?;
+            }
+            Wake::Refusal(refusal) => link.send(MessageV1::VerifyRefused(refusal)).await?,
+            Wake::Sealed => {
+                for (feed, state) in self.uplink.outbox.feeds().map_err(LinkError::local)? {
+                    link.sender.set_head(&feed, state.head.last_seq);
                 }
-            } else {
-                None // the window reports "hub ahead"
-            };
-            if let Some(ours) = ours
-                && ours != hub.last_hash
-            {
-                return Err(SessionError::Chain(format!(
-                    "the hub's chain of {} differs from this agent's at batch {}; this agent's data directory was probably replaced. \
-                     Sending stopped to avoid a fork; ask the hub administrator",
-                    p.feed, hub.last_seq
-                )));
             }
+            Wake::Report => link.send(MessageV1::Report(self.uplink.report())).await?,
         }
         Ok(())
     }

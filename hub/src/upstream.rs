@@ -1,16 +1,18 @@
 //! The upstream link: this hub as a client of its parent hub (区县平台向上级联).
 //!
-//! It dials the parent with its own key ([`quic::dial`]) and stays connected
-//! ([`link::keep_connected`]) as an agent's uplink does,
-//! says `HubHello` with the feeds its share policy lets leave, learns the
-//! parent's durable head of each (`Welcome`), checks that the parent's chain
-//! is the one stored here, and then streams the stored batches, exactly as
-//! the departments signed them, through the same [`SendWindow`] an agent's
-//! uplink uses. The stored batches are the durable forwarding queue: the
-//! hub keeps every applied batch, so a parent that was down for a day is
-//! sent what it lacks from its own head. Registrations go before the
-//! batches they vouch for; catalogs sync per department; a report of the
-//! subtree goes up every few seconds.
+//! It says `HubHello` with the feeds its share policy lets leave and then
+//! streams the stored batches, exactly as the departments signed them.
+//! Dialing, the parent's `Welcome`, the chain check against the stored
+//! batches, the send window and reconnecting with backoff are the shared
+//! link client ([`link::keep_connected`] driving a
+//! [`shuyuan_protocol::sender::FeedSender`]), the same an agent's uplink
+//! uses; this file is what only a hub does. The stored batches are the
+//! durable forwarding queue: the hub keeps every applied batch, so a parent
+//! that was down for a day is sent what it lacks from its own head.
+//! Registrations go before the batches they vouch for; catalogs sync per
+//! department; a report of the subtree goes up every few seconds; a feed
+//! the policy lets leave later is announced (`Feeds`) and joins when the
+//! parent welcomes it, and a feed it withdraws ends the connection.
 //!
 //! Invariants: a batch leaves only with its original bytes; a feed whose
 //! catalog entry is not shared (不予共享), or whose share type the config
@@ -21,16 +23,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use quinn::ConnectionError;
 use serde::{Deserialize, Serialize};
-use shuyuan_link::client::{self as link, WelcomeError};
-use shuyuan_link::quic::{self, DialError, QuicError};
+use shuyuan_link::client::{self as link, Connection, LinkError, LinkPhase, LinkSide, PeerWords};
+use shuyuan_link::quic;
 use shuyuan_protocol::catalog::doc::{CatalogError, Sender};
 use shuyuan_protocol::federation::{FeedReport, HubHello, HubReport};
-use shuyuan_protocol::message::{CatalogSync, FeedPosition, Reject};
-use shuyuan_protocol::window::{SendWindow, WindowError};
-use shuyuan_protocol::{DepartmentCode, FeedId, Message, MessageV1, NodeKey, UnixMillis};
-use tokio::sync::broadcast;
+use shuyuan_protocol::message::{CatalogRefusal, CatalogSync, FeedPosition, Welcome};
+use shuyuan_protocol::sender::{AtPeerHead, FeedSender, LocalFeed, Role};
+use shuyuan_protocol::{DepartmentCode, FeedId, MessageV1, NodeKey, SignedBatch, UnixMillis};
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{HubCatalog, HubCatalogError};
@@ -38,13 +39,10 @@ use crate::config::UpstreamConfig;
 use crate::federation;
 use crate::live::Live;
 use crate::peers::Peers;
-use crate::store::StoreError;
 use crate::writer::Store;
 
 /// Batches per feed sent ahead of the parent's acks.
 pub const MAX_IN_FLIGHT: u64 = 64;
-/// How long the parent may take to answer the handshake or `HubHello`.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the subtree report goes up.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -81,29 +79,6 @@ pub struct ForwardState {
 /// Shared view of the link.
 pub type UpstreamBoard = Arc<Mutex<UpstreamStatus>>;
 
-#[derive(Debug, thiserror::Error)]
-enum LinkError {
-    #[error("{0}")]
-    Auth(String),
-    #[error("{0}")]
-    Lost(String),
-    #[error("protocol error: {0}")]
-    Protocol(String),
-    #[error("{0}")]
-    Chain(String),
-    #[error(transparent)]
-    Window(#[from] WindowError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Catalog(#[from] HubCatalogError),
-    #[error("{0}")]
-    Setup(String),
-    /// The share policy withdrew a feed: start over without it.
-    #[error("{0}")]
-    Replan(String),
-}
-
 /// What the link needs from the hub.
 #[derive(Debug)]
 pub struct Upstream {
@@ -129,42 +104,28 @@ struct Plan {
     report: Vec<FeedReport>,
 }
 
-/// One connection attempt to the parent after another (see
-/// [`link::keep_connected`]).
-struct Link<'a> {
+/// The upstream link as the shared link client's side, with what one
+/// connection keeps.
+struct ParentLink<'a> {
     upstream: &'a Upstream,
     client: quinn::ClientConfig,
-    cancel: &'a CancellationToken,
+    shares: Shares,
+    plan: Plan,
+    /// Registrations sent on this connection, by signature.
+    registrations_sent: BTreeSet<Vec<u8>>,
+    /// The enrollments' generation they were made from.
+    generation: u64,
+    catalog_changes: broadcast::Receiver<DepartmentCode>,
+    commits: watch::Receiver<u64>,
+    tick: tokio::time::Interval,
 }
 
-impl link::Session for Link<'_> {
-    type Error = LinkError;
-
-    async fn session(
-        &self,
-        endpoint: &mut Option<quinn::Endpoint>,
-        established: &mut bool,
-    ) -> Result<(), LinkError> {
-        self.upstream
-            .session(&self.client, endpoint, self.cancel, established)
-            .await
-    }
-
-    fn failed(&self, e: &LinkError, news: bool) {
-        let text = e.to_string();
-        let auth = matches!(e, LinkError::Auth(_));
-        self.upstream.set_link(
-            if auth { "refused" } else { "disconnected" },
-            Some(text.clone()),
-        );
-        if news {
-            if auth || matches!(e, LinkError::Chain(_)) {
-                tracing::error!(error = %text, "upstream link failed");
-            } else {
-                tracing::warn!(error = %text, "upstream link lost; reconnecting with backoff");
-            }
-        }
-    }
+/// What wakes a connection besides the parent's messages.
+enum Wake {
+    /// The store committed (false: it closed).
+    Committed(bool),
+    CatalogChanged(Result<DepartmentCode, broadcast::error::RecvError>),
+    Report,
 }
 
 impl Upstream {
@@ -179,12 +140,18 @@ impl Upstream {
                 return;
             }
         };
-        let link = Link {
+        let mut side = ParentLink {
             upstream: &self,
             client,
-            cancel: &cancel,
+            shares: Shares::default(),
+            plan: Plan::default(),
+            registrations_sent: BTreeSet::new(),
+            generation: 0,
+            catalog_changes: self.catalog.subscribe(),
+            commits: self.store.commits(),
+            tick: tokio::time::interval(REPORT_INTERVAL),
         };
-        link::keep_connected(&link, &cancel).await;
+        link::keep_connected(&mut side, &cancel).await;
     }
 
     fn board(&self) -> std::sync::MutexGuard<'_, UpstreamStatus> {
@@ -204,51 +171,16 @@ impl Upstream {
         }
     }
 
-    fn connection_error(&self, e: &ConnectionError) -> LinkError {
-        let explained = quic::explain(e);
-        if quic::is_auth_failure(e) {
-            if explained.contains("hub key mismatch") {
-                LinkError::Auth(format!(
-                    "the server at {} is not the configured parent hub ({explained}); check upstream.key",
-                    self.config.address
-                ))
-            } else {
-                LinkError::Auth(format!(
-                    "the parent hub at {} refused this hub's key {}. Ask its administrator to run: \
-                     shuyuan-hub enroll --hub <platform code> --name \"{}\" {}",
-                    self.config.address,
-                    self.key.id(),
-                    self.name,
-                    self.key.id()
-                ))
-            }
-        } else {
-            LinkError::Lost(format!(
-                "connection to the parent hub at {} lost: {explained}",
-                self.config.address
-            ))
-        }
-    }
-
-    fn quic_error(&self, e: QuicError) -> LinkError {
-        if let Some(c) = link::lost_connection(&e) {
-            return self.connection_error(c);
-        }
-        match e {
-            QuicError::Frame(f) => LinkError::Protocol(f.to_string()),
-            other => LinkError::Lost(other.to_string()),
-        }
-    }
-
     /// The catalog's share types (read again when a catalog changes).
     async fn shares(&self) -> Result<Shares, LinkError> {
-        Ok(federation::share_types(&self.catalog.city().await?))
+        let city = self.catalog.city().await.map_err(LinkError::local)?;
+        Ok(federation::share_types(&city))
     }
 
     /// Which feeds leave now, from the catalog's share types.
     fn plan(&self, shares: &Shares) -> Result<Plan, LinkError> {
         let mut plan = Plan::default();
-        for (feed, rec) in self.store.read(|t| t.feeds())? {
+        for (feed, rec) in self.store.read(|t| t.feeds()).map_err(LinkError::local)? {
             let held = federation::held(&feed, shares, &self.config);
             if held.is_none() {
                 plan.forward.insert(feed.clone(), rec.cursor.last_seq);
@@ -265,7 +197,7 @@ impl Upstream {
     }
 
     /// Shows the plan and the parent's heads on the board.
-    fn show(&self, plan: &Plan, window: Option<&SendWindow>) {
+    fn show(&self, plan: &Plan, sender: &FeedSender) {
         let mut b = self.board();
         let old: BTreeMap<String, Option<u64>> =
             b.feeds.iter().map(|f| (f.feed.clone(), f.acked)).collect();
@@ -275,8 +207,8 @@ impl Upstream {
             .map(|r| {
                 let feed = r.feed.to_string();
                 ForwardState {
-                    acked: window
-                        .and_then(|w| w.acked(&r.feed))
+                    acked: sender
+                        .acked(&r.feed)
                         .or_else(|| old.get(&feed).copied().flatten()),
                     feed,
                     head: r.last_seq,
@@ -309,309 +241,266 @@ impl Upstream {
         }
     }
 
-    /// The parent's head of each feed must be a batch stored here.
-    fn check_chains(&self, positions: &[FeedPosition]) -> Result<(), LinkError> {
-        for p in positions {
-            if p.cursor.last_seq == 0 {
-                continue;
-            }
-            let Some(ours) = self.store.read(|t| t.batch(&p.feed, p.cursor.last_seq))? else {
-                continue; // the window reports "parent ahead"
-            };
-            if ours.hash() != p.cursor.last_hash {
-                return Err(LinkError::Chain(format!(
-                    "the parent's chain of {} differs from this hub's at batch {}: one of the two stores was replaced or altered. \
-                     Forwarding stopped to avoid a fork; compare with the parent's administrator",
-                    p.feed, p.cursor.last_seq
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    async fn send(&self, send: &mut quinn::SendStream, m: MessageV1) -> Result<(), LinkError> {
-        quic::write_message(send, &m.into())
-            .await
-            .map_err(|e| self.quic_error(e))
-    }
-
-    /// Sends every catalog sync message there is for one department.
-    async fn send_catalog(
-        &self,
-        send: &mut quinn::SendStream,
-        department: &DepartmentCode,
-    ) -> Result<(), LinkError> {
-        while let Some(message) = self
+    /// Applies the parent's catalog changes (review fields only).
+    async fn receive_catalog(&self, sync: &CatalogSync) {
+        let department = &sync.department;
+        let result = self
             .catalog
-            .next_message(department, &self.config.key)
-            .await?
-        {
-            let sync = CatalogSync {
-                department: department.clone(),
-                message,
-            };
-            self.send(send, MessageV1::Catalog(sync)).await?;
-        }
-        Ok(())
-    }
-
-    async fn session(
-        &self,
-        client: &quinn::ClientConfig,
-        endpoint: &mut Option<quinn::Endpoint>,
-        cancel: &CancellationToken,
-        established: &mut bool,
-    ) -> Result<(), LinkError> {
-        self.set_link("connecting", None);
-        let (addr, conn, mut send, mut recv) =
-            quic::dial(endpoint, client, &self.config.address, ANSWER_TIMEOUT)
-                .await
-                .map_err(|e| match e {
-                    DialError::Connection(c) => self.connection_error(&c),
-                    DialError::Setup(s) => LinkError::Setup(s),
-                    other => LinkError::Lost(other.to_string()),
-                })?;
-        let mut shares = self.shares().await?;
-        let mut plan = self.plan(&shares)?;
-        let hello = HubHello {
-            software: shuyuan_protocol::SOFTWARE.to_string(),
-            name: self.name.clone(),
-            feeds: plan.forward.keys().cloned().collect(),
+            .receive_as(
+                department,
+                &self.config.key,
+                &sync.message,
+                Sender::Platform,
+            )
+            .await;
+        let error = match result {
+            Ok(()) => None,
+            Err(HubCatalogError::Doc(CatalogError::NotOwner(v))) => Some(format!(
+                "refused the parent's changes to the catalog of {department}: {}",
+                v.join("; ")
+            )),
+            Err(e) => Some(format!("catalog of {department}: {e}")),
         };
-        self.send(&mut send, MessageV1::HubHello(hello)).await?;
-        let welcome = link::read_welcome(&mut recv, ANSWER_TIMEOUT)
-            .await
-            .map_err(|e| match e {
-                WelcomeError::Quic(e) => self.quic_error(e),
-                WelcomeError::Refused(r) => LinkError::Auth(format!(
-                    "the parent hub refused this hub: {} ({})",
-                    r.detail, r.reason
-                )),
-                other => LinkError::Protocol(format!("answering HubHello: {other}")),
-            })?;
-        self.check_chains(&welcome.feeds)?;
-        let heads = plan.forward.clone();
-        let (mut window, _) = SendWindow::start(
-            &welcome.feeds,
-            |f| heads.get(f).copied().unwrap_or(0),
-            MAX_IN_FLIGHT,
-        )?;
-        *established = true;
-        self.set_link("connected", None);
-        self.board().parent_software = Some(welcome.software.clone());
-        tracing::info!(parent = %addr, parent_software = %welcome.software, feeds = plan.forward.len(), "connected to the parent hub");
-
-        // Registrations first: the parent needs the keys before the batches.
-        let mut registrations_sent: BTreeSet<Vec<u8>> = BTreeSet::new();
-        let mut generation = self.peers.generation();
-        for r in federation::registrations(&self.key, &self.peers) {
-            registrations_sent.insert(r.signature.to_bytes().to_vec());
-            self.send(&mut send, MessageV1::Registration(r)).await?;
+        if let Some(text) = &error {
+            tracing::error!(error = %text, "catalog sync with the parent");
         }
-        let mut catalog_changes = self.catalog.subscribe();
-        let mut syncing: BTreeSet<DepartmentCode> = BTreeSet::new();
-        for d in self.catalog.departments()? {
-            self.catalog.begin_sync(&d, &self.config.key).await?;
-            self.send_catalog(&mut send, &d).await?;
-            syncing.insert(d);
-        }
-        self.send(&mut send, MessageV1::Tree(self.report(&plan)))
-            .await?;
-        self.show(&plan, Some(&window));
-
-        let (_reader, mut rx) = link::spawn_reader(recv);
-        let mut commits = self.store.commits();
-        let mut announced: BTreeSet<FeedId> = BTreeSet::new();
-        let mut tick = tokio::time::interval(REPORT_INTERVAL);
-        tick.tick().await;
-        loop {
-            let now = UnixMillis::now();
-            while let Some((feed, seq)) = window.poll_send(now) {
-                let batch = self.store.read(|t| t.batch(&feed, seq))?.ok_or_else(|| {
-                    LinkError::Chain(format!(
-                        "batch {seq} of {feed} is missing from this hub's store"
-                    ))
-                })?;
-                self.send(&mut send, MessageV1::Batch(batch)).await?;
-            }
-            let wake = window
-                .next_wakeup()
-                .map(|t| tokio::time::Instant::now() + t.since(UnixMillis::now()));
-            let mut replan = false;
-            let mut catalog_changed = false;
-            tokio::select! {
-                _ = cancel.cancelled() => {
-                    let _ = send.finish();
-                    conn.close(0u32.into(), b"hub stopping");
-                    return Ok(());
-                }
-                m = rx.recv() => match m {
-                    Some(Ok(Some(Message::V1(m)))) => {
-                        self.handle(&mut window, &plan, m, &mut send).await?;
-                        self.show(&plan, Some(&window));
-                    }
-                    Some(Ok(None)) | None => return Err(LinkError::Lost("the parent closed the stream".into())),
-                    Some(Err(e)) => return Err(self.quic_error(e)),
-                },
-                changed = commits.changed() => {
-                    if changed.is_err() {
-                        return Err(LinkError::Lost("the store closed".into()));
-                    }
-                    replan = true;
-                }
-                changed = catalog_changes.recv() => {
-                    match changed {
-                        Ok(d) => {
-                            if syncing.insert(d.clone()) {
-                                self.catalog.begin_sync(&d, &self.config.key).await?;
-                            }
-                            self.send_catalog(&mut send, &d).await?;
-                        }
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            for d in &syncing {
-                                self.send_catalog(&mut send, d).await?;
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Closed) => {}
-                    }
-                    // A share type may have changed.
-                    replan = true;
-                    catalog_changed = true;
-                }
-                _ = async { if let Some(w) = wake { tokio::time::sleep_until(w).await } }, if wake.is_some() => {}
-                _ = tick.tick() => {
-                    self.send(&mut send, MessageV1::Tree(self.report(&plan))).await?;
-                }
-            }
-            if !replan {
-                continue;
-            }
-            // New keys below: their registrations before their batches.
-            let g = self.peers.generation();
-            if g != generation {
-                generation = g;
-                for r in federation::registrations(&self.key, &self.peers) {
-                    if registrations_sent.insert(r.signature.to_bytes().to_vec()) {
-                        self.send(&mut send, MessageV1::Registration(r)).await?;
-                    }
-                }
-            }
-            if catalog_changed {
-                shares = self.shares().await?;
-            }
-            plan = self.plan(&shares)?;
-            let fresh: Vec<FeedId> = plan
-                .forward
-                .keys()
-                .filter(|f| !window.carries(f) && !announced.contains(*f))
-                .cloned()
-                .collect();
-            if !fresh.is_empty() {
-                announced.extend(fresh.iter().cloned());
-                self.send(&mut send, MessageV1::Feeds(fresh)).await?;
-            }
-            for (feed, head) in &plan.forward {
-                window.set_head(feed, *head);
-            }
-            if let Some(withdrawn) = announced
-                .iter()
-                .chain(welcome.feeds.iter().map(|p| &p.feed))
-                .find(|f| !plan.forward.contains_key(*f))
-            {
-                let _ = send.finish();
-                conn.close(0u32.into(), b"share policy changed");
-                return Err(LinkError::Replan(format!(
-                    "{withdrawn} is no longer forwarded (its share type changed); reconnecting without it"
-                )));
-            }
-            self.show(&plan, Some(&window));
-        }
+        self.board().catalog_error = error;
     }
 
-    async fn handle(
-        &self,
-        window: &mut SendWindow,
-        plan: &Plan,
-        m: MessageV1,
-        send: &mut quinn::SendStream,
-    ) -> Result<(), LinkError> {
-        let now = UnixMillis::now();
-        match m {
-            MessageV1::Ack(ack) => {
-                window.on_ack(&ack.feed, ack.seq)?;
-            }
-            MessageV1::Reject(r) => {
-                self.record_rejection(&r);
-                if let Some(feed) = r.feed {
-                    window.on_reject(&feed, r.resend_from, now)?;
-                }
-            }
-            MessageV1::Welcome(w) => {
-                // The answer to `Feeds`.
-                self.check_chains(&w.feeds)?;
-                window.add(&w.feeds, |f| plan.forward.get(f).copied().unwrap_or(0))?;
-            }
-            MessageV1::Catalog(sync) => {
-                let department = sync.department.clone();
-                let result = self
-                    .catalog
-                    .receive_as(
-                        &department,
-                        &self.config.key,
-                        &sync.message,
-                        Sender::Platform,
-                    )
-                    .await;
-                let error = match result {
-                    Ok(()) => None,
-                    Err(HubCatalogError::Doc(CatalogError::NotOwner(v))) => Some(format!(
-                        "refused the parent's changes to the catalog of {department}: {}",
-                        v.join("; ")
-                    )),
-                    Err(e) => Some(format!("catalog of {department}: {e}")),
-                };
-                if let Some(text) = &error {
-                    tracing::error!(error = %text, "catalog sync with the parent");
-                }
-                self.board().catalog_error = error;
-                self.send_catalog(send, &department).await?;
-            }
-            MessageV1::CatalogRefused(r) => {
-                let text = format!(
-                    "the parent refused catalog changes of {}: {} ({})",
-                    r.department, r.detail, r.reason
-                );
-                tracing::error!(%text);
-                self.board().catalog_error = Some(text);
-            }
-            other => {
-                return Err(LinkError::Protocol(format!(
-                    "unexpected message from the parent: {}",
-                    other.name()
-                )));
+    fn catalog_refused(&self, r: &CatalogRefusal) {
+        let text = format!(
+            "the parent refused catalog changes of {}: {} ({})",
+            r.department, r.detail, r.reason
+        );
+        tracing::error!(%text);
+        self.board().catalog_error = Some(text);
+    }
+}
+
+impl ParentLink<'_> {
+    /// Sends the registrations not sent on this connection yet: the parent
+    /// needs the keys before the batches.
+    async fn send_registrations(&mut self, link: &mut Connection) -> Result<(), LinkError> {
+        for r in federation::registrations(&self.upstream.key, &self.upstream.peers) {
+            if self
+                .registrations_sent
+                .insert(r.signature.to_bytes().to_vec())
+            {
+                link.send(MessageV1::Registration(r)).await?;
             }
         }
         Ok(())
     }
 
-    fn record_rejection(&self, r: &Reject) {
-        let feed = r
-            .feed
-            .as_ref()
-            .map_or_else(|| "-".to_string(), FeedId::to_string);
-        let text = format!(
-            "{}: {} ({})",
-            if r.feed.is_some() {
-                format!("batch {} of {feed}", r.seq)
-            } else {
-                "registration".into()
-            },
-            r.detail,
-            r.reason
-        );
-        tracing::warn!(%feed, seq = r.seq, reason = %r.reason, detail = %r.detail, "the parent hub refused");
-        let mut b = self.board();
+    /// The store or a catalog changed: new keys below, feeds that may leave
+    /// now, feeds that may not any more.
+    async fn replan(
+        &mut self,
+        link: &mut Connection,
+        catalog_changed: bool,
+    ) -> Result<(), LinkError> {
+        // New keys below: their registrations before their batches.
+        let generation = self.upstream.peers.generation();
+        if generation != self.generation {
+            self.generation = generation;
+            self.send_registrations(link).await?;
+        }
+        if catalog_changed {
+            self.shares = self.upstream.shares().await?;
+        }
+        self.plan = self.upstream.plan(&self.shares)?;
+        let fresh = link.sender.announce(self.plan.forward.keys());
+        if !fresh.is_empty() {
+            link.send(MessageV1::Feeds(fresh)).await?;
+        }
+        for (feed, head) in &self.plan.forward {
+            link.sender.set_head(feed, *head);
+        }
+        if let Some(withdrawn) = link.sender.withdrawn(|f| self.plan.forward.contains_key(f)) {
+            let text = format!(
+                "{withdrawn} is no longer forwarded (its share type changed); reconnecting without it"
+            );
+            link.close(b"share policy changed");
+            return Err(LinkError::Replan(text));
+        }
+        self.upstream.show(&self.plan, &link.sender);
+        Ok(())
+    }
+}
+
+impl LinkSide for ParentLink<'_> {
+    const ROLE: Role = Role::Upstream;
+    const MAX_IN_FLIGHT: u64 = MAX_IN_FLIGHT;
+    type Wake = Wake;
+
+    fn client_config(&self) -> Result<quinn::ClientConfig, LinkError> {
+        Ok(self.client.clone())
+    }
+
+    fn words(&self) -> PeerWords {
+        let (config, id) = (&self.upstream.config, self.upstream.key.id());
+        PeerWords {
+            address: config.address.clone(),
+            key_refused: format!(
+                "the parent hub at {} refused this hub's key {id}. Ask its administrator to run: \
+                 shuyuan-hub enroll --hub <platform code> --name \"{}\" {id}",
+                config.address, self.upstream.name,
+            ),
+            key_setting: "upstream.key".into(),
+        }
+    }
+
+    fn show_link(&self, phase: LinkPhase, detail: Option<String>) {
+        let link = match phase {
+            LinkPhase::Connecting => "connecting",
+            LinkPhase::Connected => "connected",
+            LinkPhase::Disconnected => "disconnected",
+            LinkPhase::Refused => "refused",
+        };
+        self.upstream.set_link(link, detail);
+    }
+
+    fn show_rejection(&self, text: String) {
+        let mut b = self.upstream.board();
         b.rejections += 1;
         b.last_rejection = Some(text);
+    }
+
+    async fn hello(&mut self) -> Result<MessageV1, LinkError> {
+        self.shares = self.upstream.shares().await?;
+        self.plan = self.upstream.plan(&self.shares)?;
+        Ok(MessageV1::HubHello(HubHello {
+            software: shuyuan_protocol::SOFTWARE.to_string(),
+            name: self.upstream.name.clone(),
+            feeds: self.plan.forward.keys().cloned().collect(),
+        }))
+    }
+
+    /// The stored batch at the parent's head tells whether its chain is
+    /// the one stored here.
+    fn local_feeds(&self, peer: &[FeedPosition]) -> Result<BTreeMap<FeedId, LocalFeed>, LinkError> {
+        let mut facts = BTreeMap::new();
+        for p in peer {
+            let n = p.cursor.last_seq;
+            let stored = match n {
+                0 => None,
+                n => self
+                    .upstream
+                    .store
+                    .read(|t| t.batch(&p.feed, n))
+                    .map_err(LinkError::local)?,
+            };
+            let local = LocalFeed {
+                head: self.plan.forward.get(&p.feed).copied().unwrap_or(0),
+                acked: 0,
+                at_peer_head: stored.map_or(AtPeerHead::Unknown, |b| AtPeerHead::Hash(b.hash())),
+            };
+            facts.insert(p.feed.clone(), local);
+        }
+        Ok(facts)
+    }
+
+    fn batch(&self, feed: &FeedId, seq: u64) -> Result<Option<SignedBatch>, LinkError> {
+        self.upstream
+            .store
+            .read(|t| t.batch(feed, seq))
+            .map_err(LinkError::local)
+    }
+
+    /// Nothing is pruned here: the board shows the parent's head.
+    fn acked(&mut self, sender: &FeedSender, _: FeedId, _: u64) {
+        self.upstream.show(&self.plan, sender);
+    }
+
+    async fn begin_catalog(&self, department: &DepartmentCode) -> Result<(), LinkError> {
+        let upstream = self.upstream;
+        upstream
+            .catalog
+            .begin_sync(department, &upstream.config.key)
+            .await
+            .map_err(LinkError::local)
+    }
+
+    async fn catalog_message(
+        &self,
+        department: &DepartmentCode,
+    ) -> Result<Option<Vec<u8>>, LinkError> {
+        let upstream = self.upstream;
+        upstream
+            .catalog
+            .next_message(department, &upstream.config.key)
+            .await
+            .map_err(LinkError::local)
+    }
+
+    async fn welcomed(
+        &mut self,
+        link: &mut Connection,
+        welcome: &Welcome,
+    ) -> Result<(), LinkError> {
+        let upstream = self.upstream;
+        upstream.board().parent_software = Some(welcome.software.clone());
+        self.registrations_sent.clear();
+        self.generation = upstream.peers.generation();
+        self.send_registrations(link).await?;
+        self.catalog_changes = upstream.catalog.subscribe();
+        for d in upstream.catalog.departments().map_err(LinkError::local)? {
+            link.sender.catalog_changed(&d);
+        }
+        link.send_catalogs(self).await?;
+        link.send(MessageV1::Tree(upstream.report(&self.plan)))
+            .await?;
+        upstream.show(&self.plan, &link.sender);
+        self.commits = upstream.store.commits();
+        self.tick = tokio::time::interval(REPORT_INTERVAL);
+        self.tick.tick().await;
+        Ok(())
+    }
+
+    async fn receive(&mut self, link: &mut Connection, m: MessageV1) -> Result<(), LinkError> {
+        match m {
+            // The answer to `Feeds`.
+            MessageV1::Welcome(w) => link.welcome_more(self, &w)?,
+            MessageV1::Catalog(sync) => {
+                self.upstream.receive_catalog(&sync).await;
+                link.sender.catalog_received(&sync.department);
+                link.send_catalogs(self).await?;
+            }
+            MessageV1::CatalogRefused(r) => self.upstream.catalog_refused(&r),
+            other => return Err(link.unexpected(&other)),
+        }
+        self.upstream.show(&self.plan, &link.sender);
+        Ok(())
+    }
+
+    async fn wake(&mut self) -> Wake {
+        tokio::select! {
+            changed = self.commits.changed() => Wake::Committed(changed.is_ok()),
+            changed = self.catalog_changes.recv() => Wake::CatalogChanged(changed),
+            _ = self.tick.tick() => Wake::Report,
+        }
+    }
+
+    async fn woken(&mut self, link: &mut Connection, wake: Wake) -> Result<(), LinkError> {
+        match wake {
+            Wake::Committed(false) => Err(LinkError::Lost("the store closed".into())),
+            Wake::Committed(true) => self.replan(link, false).await,
+            Wake::CatalogChanged(changed) => {
+                match changed {
+                    Ok(d) => link.sender.catalog_changed(&d),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        link.sender.all_catalogs_changed()
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {}
+                }
+                link.send_catalogs(self).await?;
+                // A share type may have changed.
+                self.replan(link, true).await
+            }
+            Wake::Report => {
+                let report = self.upstream.report(&self.plan);
+                link.send(MessageV1::Tree(report)).await
+            }
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! and value model ([`value`], [`change`]), signed hash-chained batches
 //! ([`batch`], [`chain`]), resource digests ([`digest`]), the versioned
 //! message envelope ([`message`]), bounded framing ([`frame`]) and the sans-IO
-//! send/ack bookkeeping ([`window`]). The QUIC glue that the agent's uplink
+//! sending side of a feed connection ([`sender`], with its send/ack
+//! [`window`]). The QUIC glue that the agent's uplink
 //! and the hub share is the `shuyuan-link` crate; what the two services share
 //! beyond the wire (config errors, redb files, the control socket) is
 //! `shuyuan-service`.
@@ -25,6 +26,7 @@ pub mod frame;
 pub mod identity;
 pub mod message;
 pub mod rotation;
+pub mod sender;
 pub mod time;
 pub mod value;
 pub mod window;
