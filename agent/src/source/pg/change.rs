@@ -45,11 +45,10 @@ impl PgSource {
             t.sql_name,
             cond.join(" AND ")
         );
-        let msgs = self
-            .sql()?
-            .simple_query(&q)
-            .await
-            .map_err(pg_err("reading a row whose large values did not change"))?;
+        let msgs = self.sql()?.simple_query(&q).await.map_err(pg_err(format!(
+            "reading a row of table {} whose large values did not change",
+            t.shape.table
+        )))?;
         for m in msgs {
             if let SimpleQueryMessage::Row(r) = m {
                 return Ok(Some(

@@ -94,7 +94,10 @@ impl PgSource {
     }
 
     async fn estimate_rows(&self, i: usize) -> Result<u64, SourceError> {
-        let e = pg_err("estimating the table size");
+        let e = pg_err(format!(
+            "estimating the size of table {}",
+            self.resources[i].table
+        ));
         let est: f32 = self
             .sql()?
             .query_one(
@@ -190,10 +193,11 @@ impl PgSource {
             table.sql_name,
             self.cfg.chunk_size
         );
+        let context = format!("reading a chunk of table {}", self.resources[i].table);
         let messages = sql
             .simple_query(&select)
             .await
-            .map_err(pg_err("reading a chunk of the table"))?;
+            .map_err(pg_err(context.as_str()))?;
         let mut snapshot = None;
         let mut high = 0;
         let mut rows = BTreeMap::new();
@@ -223,7 +227,7 @@ impl PgSource {
             last = Some(bound);
         }
         let snapshot = snapshot.ok_or_else(|| SourceError::Pg {
-            context: "reading a chunk of the table".into(),
+            context,
             message: "no snapshot returned".into(),
         })?;
         // An emitted transaction the snapshot cannot see yet (its commit is

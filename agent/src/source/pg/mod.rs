@@ -88,10 +88,10 @@ impl Position {
         }
         serde_json::from_str(text)
             .map(Some)
-            .map_err(|_| SourceError::BadPosition(text.to_string()))
+            .map_err(|e| SourceError::bad_position(text, e))
     }
     fn text(&self) -> Result<String, SourceError> {
-        serde_json::to_string(self).map_err(|e| SourceError::BadPosition(e.to_string()))
+        serde_json::to_string(self).map_err(|source| SourceError::PositionText { source })
     }
 }
 
@@ -146,20 +146,20 @@ impl std::fmt::Debug for PgSource {
     }
 }
 
-fn pg_err(context: &str) -> impl Fn(tokio_postgres::Error) -> SourceError + '_ {
-    move |e| SourceError::Pg {
-        context: context.to_string(),
-        message: match e.as_db_error() {
-            Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-            None => e.to_string(),
-        },
+/// A query failed while doing `context`.
+fn pg_err(context: impl Into<String>) -> impl Fn(tokio_postgres::Error) -> SourceError {
+    let context = context.into();
+    move |source| SourceError::PgQuery {
+        context: context.clone(),
+        source,
     }
 }
 
+/// The replication connection failed while doing `context`.
 fn wire_err(context: &str) -> impl Fn(WireError) -> SourceError + '_ {
-    move |e| SourceError::Pg {
+    move |source| SourceError::PgStream {
         context: context.to_string(),
-        message: e.to_string(),
+        source,
     }
 }
 
@@ -189,10 +189,7 @@ pub(crate) async fn connect_sql(
 
 /// The parsed connection config with the password filled in.
 pub(crate) fn pg_config(cfg: &PgConfig) -> Result<tokio_postgres::Config, SourceError> {
-    let mut pg: tokio_postgres::Config = cfg.dsn.parse().map_err(|e| SourceError::Pg {
-        context: "reading source.dsn".into(),
-        message: format!("{e}"),
-    })?;
+    let mut pg: tokio_postgres::Config = cfg.dsn.parse().map_err(pg_err("reading source.dsn"))?;
     if let Some(p) = &cfg.password {
         pg.password(p.as_bytes());
     }
@@ -206,10 +203,7 @@ impl PgSource {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| SourceError::Pg {
-                context: "starting the PostgreSQL client".into(),
-                message: e.to_string(),
-            })?;
+            .map_err(|source| SourceError::PgRuntime { source })?;
         let mut source = PgSource {
             cfg: cfg.clone(),
             pg: pg_config(cfg)?,

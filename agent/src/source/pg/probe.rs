@@ -130,10 +130,14 @@ impl PgSource {
              {select}; COMMIT;",
             ranges::guard(&table, &keys)
         );
+        let context = format!(
+            "reading a key range of table {} to compare",
+            self.resources[i].table
+        );
         let messages = sql
             .simple_query(&query)
             .await
-            .map_err(pg_err("reading a key range to compare"))?;
+            .map_err(pg_err(context.as_str()))?;
         let mut head = None;
         let mut rows: BTreeMap<Vec<u8>, KeyedRow> = BTreeMap::new();
         let mut n = 0usize;
@@ -158,7 +162,7 @@ impl PgSource {
         }
         let Some((Some(snapshot), high, odd)) = head else {
             return Err(SourceError::Pg {
-                context: "reading a key range to compare".into(),
+                context,
                 message: "no snapshot returned".into(),
             });
         };

@@ -79,21 +79,19 @@ impl PgSource {
         let mut repl = ReplConn::connect(&self.pg, SESSION_SETTINGS)
             .await
             .map_err(wire_err("opening the replication connection"))?;
-        match repl.start(&slot, &self.cfg.publication, self.pos.lsn).await {
-            Ok(()) => {}
-            Err(WireError::Server { code, message })
-                if code == "55000"
+        if let Err(e) = repl.start(&slot, &self.cfg.publication, self.pos.lsn).await {
+            if let WireError::Server { code, message } = &e
+                && (code == "55000"
                     || code == "58P01"
-                    || message.contains("has already been removed") =>
+                    || message.contains("has already been removed"))
             {
                 // Invalidated between the check and the start.
-                self.repair_lost_slot(&message, true, marks).await?;
-                return Err(SourceError::Pg {
-                    context: "starting replication".into(),
-                    message: format!("{message}; slot recreated, retrying"),
-                });
+                self.repair_lost_slot(message, true, marks).await?;
+                return Err(wire_err("starting replication; slot recreated, retrying")(
+                    e,
+                ));
             }
-            Err(e) => return Err(wire_err("starting replication")(e)),
+            return Err(wire_err("starting replication")(e));
         }
         self.released = self.released.max(self.pos.lsn);
         self.repl = Some(repl);

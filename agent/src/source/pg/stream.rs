@@ -118,7 +118,10 @@ impl PgSource {
                 &[&i64::from(self.tables[i].oid), &added],
             )
             .await
-            .map_err(pg_err("reading added columns"))?
+            .map_err(pg_err(format!(
+                "reading added columns of table {}",
+                self.resources[i].table
+            )))?
             .iter()
             .map(|r| r.get(0))
             .collect();
@@ -289,12 +292,10 @@ impl PgSource {
                             }
                             continue;
                         }
-                        Replication::XLogData { data, .. } => {
+                        Replication::XLogData { start, data } => {
                             wait = DRAIN_GAP;
-                            decode::parse(&data).map_err(|e| SourceError::Pg {
-                                context: "decoding the log".into(),
-                                message: e.to_string(),
-                            })?
+                            decode::parse(&data)
+                                .map_err(|source| SourceError::PgDecode { at: start, source })?
                         }
                     },
                 },

@@ -72,7 +72,10 @@ pub(crate) async fn resolve(
     sql: &tokio_postgres::Client,
     resource: &ResourceConfig,
 ) -> Result<Table, SourceError> {
-    let e = pg_err("reading the table definition");
+    let e = pg_err(format!(
+        "reading the definition of table {}",
+        resource.table
+    ));
     let row = sql
         .query_opt(
             "SELECT c.oid::int8, c.relreplident::text FROM pg_class c WHERE c.oid = to_regclass($1)",

@@ -59,10 +59,11 @@ fn sql_err(
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => SourceError::Locked {
             path: path.clone(),
             waited_ms: started.elapsed().as_millis(),
+            source: e,
         },
-        Some(ErrorCode::NotADatabase) => SourceError::Open {
+        Some(ErrorCode::NotADatabase) => SourceError::NotSqlite {
             path: path.clone(),
-            reason: "the file is not a SQLite database".into(),
+            source: e,
         },
         _ => SourceError::Sql {
             context: context.clone(),
@@ -73,24 +74,33 @@ fn sql_err(
 
 /// Opens an existing database for reading and writing (never creates one).
 pub fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, SourceError> {
-    let open_err = |reason: String| SourceError::Open {
-        path: path.display().to_string(),
-        reason,
-    };
     if !path.exists() {
-        return Err(open_err("the file does not exist".into()));
+        return Err(SourceError::Open {
+            path: path.display().to_string(),
+            reason: "the file does not exist".into(),
+        });
     }
+    let open_err = |source| SourceError::SqliteOpen {
+        path: path.display().to_string(),
+        source,
+    };
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(|e| open_err(e.to_string()))?;
-    conn.busy_timeout(busy_timeout)
-        .map_err(|e| open_err(e.to_string()))?;
+    .map_err(open_err)?;
+    conn.busy_timeout(busy_timeout).map_err(open_err)?;
     let started = Instant::now();
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
         .map_err(sql_err(path, started, "reading the schema"))?;
     Ok(conn)
+}
+
+/// A position: the id of the last change-table row it covers.
+fn change_id(position: &str) -> Result<i64, SourceError> {
+    position
+        .parse()
+        .map_err(|e| SourceError::bad_position(position, e))
 }
 
 fn lookup_sql(s: &TableSchema) -> String {
@@ -259,9 +269,7 @@ impl Source for SqliteSource {
     }
 
     fn read(&mut self, after: &str, limit: usize) -> Result<SourceRead, SourceError> {
-        let after: i64 = after
-            .parse()
-            .map_err(|_| SourceError::BadPosition(after.to_string()))?;
+        let after = change_id(after)?;
         let started = Instant::now();
         let path = self.path.clone();
         let e = |ctx: &str| sql_err(&path, started, ctx);
@@ -415,9 +423,7 @@ impl Source for SqliteSource {
     }
 
     fn release(&mut self, upto: &str) -> Result<(), SourceError> {
-        let upto: i64 = upto
-            .parse()
-            .map_err(|_| SourceError::BadPosition(upto.to_string()))?;
+        let upto = change_id(upto)?;
         let started = Instant::now();
         self.conn
             .prepare_cached(&format!("DELETE FROM {CHANGE_TABLE} WHERE id <= ?1"))
@@ -427,9 +433,7 @@ impl Source for SqliteSource {
     }
 
     fn backlog(&mut self, after: &str) -> Result<u64, SourceError> {
-        let after: i64 = after
-            .parse()
-            .map_err(|_| SourceError::BadPosition(after.to_string()))?;
+        let after = change_id(after)?;
         let started = Instant::now();
         let max: Option<i64> = self
             .conn
@@ -653,6 +657,10 @@ mod tests {
         let err = src.release("1").unwrap_err();
         assert!(err.is_transient(), "{err}");
         assert!(err.to_string().contains("locked"), "{err}");
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the busy error is kept"
+        );
         holder.execute_batch("COMMIT").unwrap();
         src.release("1").unwrap();
     }
