@@ -23,12 +23,7 @@ impl PgSource {
         t: &Table,
         key_text: &[String],
     ) -> Result<Option<Vec<Value>>, SourceError> {
-        let cols: Vec<String> = t
-            .shape
-            .columns
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect();
+        let cols = t.quoted_columns();
         let cond: Vec<String> = t
             .shape
             .key

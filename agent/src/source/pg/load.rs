@@ -143,12 +143,7 @@ impl PgSource {
         // The table as it is now (the snapshot below reads it so).
         let mut table = resolve(sql, &self.resources[i]).await?;
         table.shape.version = self.tables[i].shape.version;
-        let cols: Vec<String> = table
-            .shape
-            .columns
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect();
+        let cols = table.quoted_columns();
         let (order, bound_cols): (String, Vec<String>) = if table.whole_row {
             ("ctid".into(), vec!["ctid".into()])
         } else {

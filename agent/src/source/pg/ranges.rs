@@ -195,12 +195,7 @@ pub(super) fn select(
     range: &KeyRange,
     limit: Option<usize>,
 ) -> Result<String, SourceError> {
-    let cols: Vec<String> = t
-        .shape
-        .columns
-        .iter()
-        .map(|c| quote_ident(&c.name))
-        .collect();
+    let cols = t.quoted_columns();
     let exprs: Vec<String> = keys.iter().map(KeyCol::expr).collect();
     let row = format!("({})", exprs.join(", "));
     let lits = |values: &[Value]| {

@@ -31,6 +31,15 @@ impl Table {
     pub(super) fn key_of(&self, row: &[Value]) -> Vec<Value> {
         self.shape.key_of(row)
     }
+
+    /// The column names, quoted for SQL, in table order.
+    pub(super) fn quoted_columns(&self) -> Vec<String> {
+        self.shape
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect()
+    }
 }
 
 /// `"schema"."table"` for a configured table name.
