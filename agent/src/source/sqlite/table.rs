@@ -24,15 +24,7 @@ pub(super) fn shape(
 ) -> Result<TableSchema, SourceError> {
     let started = Instant::now();
     let e = |ctx: &str| sql_err(path, started, ctx);
-    let exists = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [&r.table],
-            |_| Ok(()),
-        )
-        .optional()
-        .map_err(e("looking up a table"))?
-        .is_some();
+    let exists = has_table(conn, &r.table).map_err(e("looking up a table"))?;
     if !exists {
         return Err(SourceError::MissingTable {
             table: r.table.clone(),
@@ -123,6 +115,17 @@ pub(super) fn shape(
             .collect(),
         key,
     })
+}
+
+/// Whether the database has a table of that name.
+pub(super) fn has_table(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [name],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|found| found.is_some())
 }
 
 /// A quoted SQL identifier.

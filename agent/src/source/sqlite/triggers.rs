@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, OptionalExtension, params};
 use shuyuan_protocol::ResourceCode;
 
+use super::table::has_table;
 use super::{CAPTURE_TABLE, CHANGE_TABLE, open_connection, shape, sql_err};
 use crate::config::{MAX_KEY_COLUMNS, ResourceConfig};
 use crate::source::SourceError;
@@ -35,25 +36,17 @@ pub(super) fn installed(
     path: &Path,
     started: Instant,
 ) -> Result<BTreeMap<String, String>, SourceError> {
-    let has_table = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [CAPTURE_TABLE],
-            |_| Ok(()),
-        )
-        .optional()
-        .map_err(sql_err(path, started, "checking capture tables"))?
-        .is_some();
-    if !has_table {
+    let e = sql_err(path, started, "checking capture tables");
+    if !has_table(conn, CAPTURE_TABLE).map_err(&e)? {
         return Ok(BTreeMap::new());
     }
     let mut stmt = conn
         .prepare(&format!("SELECT tbl, key_columns FROM {CAPTURE_TABLE}"))
-        .map_err(sql_err(path, started, "checking capture tables"))?;
+        .map_err(&e)?;
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .map_err(sql_err(path, started, "checking capture tables"))?
+        .map_err(&e)?
         .collect::<Result<_, _>>()
-        .map_err(sql_err(path, started, "checking capture tables"))
+        .map_err(&e)
 }
 
 /// Checks that a resource's table has its three triggers, installed for the
@@ -285,15 +278,7 @@ pub fn uninstall_triggers(
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(e("starting the uninstall"))?;
-    let has_change_table = tx
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [CHANGE_TABLE],
-            |_| Ok(()),
-        )
-        .optional()
-        .map_err(e("checking capture tables"))?
-        .is_some();
+    let has_change_table = has_table(&tx, CHANGE_TABLE).map_err(e("checking capture tables"))?;
     let mut done = Vec::new();
     if has_change_table {
         let tables: Vec<&str> = resources.iter().map(|r| r.table.as_str()).collect();
