@@ -22,13 +22,30 @@ use shuyuan_protocol::{Entry, KeyRange, Op, Resync, TableSchema, UnixMillis, Val
 
 use crate::config::{Config, SourceConfig};
 
-/// Errors from a source database.
+/// Errors from a source database. Where a driver error caused one, it is
+/// kept as the source, with what was being done and on what.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("cannot open SQLite database {path}: {reason}")]
     Open { path: String, reason: String },
+    #[error("cannot open SQLite database {path}: {source}")]
+    SqliteOpen {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("cannot open SQLite database {path}: the file is not a SQLite database")]
+    NotSqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("database {path} is locked by another process (waited {waited_ms} ms for it)")]
-    Locked { path: String, waited_ms: u128 },
+    Locked {
+        path: String,
+        waited_ms: u128,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("table {table} does not exist in {path}")]
     MissingTable { table: String, path: String },
     #[error("table {table} has no column {column} (named as a key column in the config)")]
@@ -53,10 +70,38 @@ pub enum SourceError {
         "{pending} captured changes are still waiting in the change table; run the agent until they are sent, or pass --force to drop them"
     )]
     PendingChanges { pending: u64 },
-    #[error("bad capture position {0:?}")]
-    BadPosition(String),
+    #[error("bad capture position {position:?}")]
+    BadPosition {
+        position: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot write the capture position: {source}")]
+    PositionText { source: serde_json::Error },
+    /// A PostgreSQL failure without an error of its own (the server
+    /// answered something the agent cannot use, or a connection is
+    /// missing).
     #[error("PostgreSQL error while {context}: {message}")]
     Pg { context: String, message: String },
+    #[error("PostgreSQL error while {context}: {}", pg_message(.source))]
+    PgQuery {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL error while {context}: {source}")]
+    PgStream {
+        context: String,
+        source: pg::wire::WireError,
+    },
+    #[error("PostgreSQL error while decoding the log at {}: {source}", pg::wire::lsn_text(*.at))]
+    PgDecode {
+        /// Where the message starts in the log.
+        at: u64,
+        source: pg::decode::DecodeError,
+    },
+    #[error("PostgreSQL error while starting the PostgreSQL client: {source}")]
+    PgRuntime { source: std::io::Error },
     #[error(
         "replication slot {slot} does not exist; run `shuyuan-agent pg setup` (or have a DBA run the SQL of `shuyuan-agent pg setup --print-sql`)"
     )]
@@ -82,10 +127,38 @@ pub enum SourceError {
     },
 }
 
+/// A PostgreSQL error as operators read it: the server's message and its
+/// SQLSTATE, or the client's error.
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
 impl SourceError {
     /// Whether retrying later may succeed without anyone doing anything.
     pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Locked { .. } | SourceError::Pg { .. })
+        matches!(
+            self,
+            SourceError::Locked { .. }
+                | SourceError::Pg { .. }
+                | SourceError::PgQuery { .. }
+                | SourceError::PgStream { .. }
+                | SourceError::PgDecode { .. }
+                | SourceError::PgRuntime { .. }
+        )
+    }
+
+    /// A capture position that does not parse.
+    pub(crate) fn bad_position(
+        position: &str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> SourceError {
+        SourceError::BadPosition {
+            position: position.to_string(),
+            source: Box::new(source),
+        }
     }
 }
 
@@ -228,5 +301,43 @@ pub fn initial_position(config: &Config) -> String {
         SourceConfig::Sqlite { .. } => "0".to_string(),
         // Empty: not started; the first read takes the slot's position.
         SourceConfig::Postgres(_) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::*;
+
+    #[test]
+    fn errors_keep_their_cause_and_read_as_before() {
+        let e = SourceError::bad_position("x", "x".parse::<i64>().unwrap_err());
+        assert_eq!(e.to_string(), "bad capture position \"x\"");
+        assert!(e.source().is_some());
+
+        let source = "port=nope".parse::<tokio_postgres::Config>().unwrap_err();
+        let message = source.to_string();
+        let e = SourceError::PgQuery {
+            context: "reading source.dsn".into(),
+            source,
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("PostgreSQL error while reading source.dsn: {message}")
+        );
+        assert!(e.source().is_some() && e.is_transient());
+
+        let source = pg::decode::parse(b"I").unwrap_err();
+        let message = source.to_string();
+        let e = SourceError::PgDecode {
+            at: 0x0100_0000_0028,
+            source,
+        };
+        assert_eq!(
+            e.to_string(),
+            format!("PostgreSQL error while decoding the log at 100/28: {message}")
+        );
+        assert!(e.source().is_some() && e.is_transient());
     }
 }

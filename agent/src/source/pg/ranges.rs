@@ -16,6 +16,7 @@ use shuyuan_protocol::{KeyRange, TableSchema, Value};
 
 use super::Table;
 use super::decode::literal;
+use super::table::quote_ident;
 use crate::source::SourceError;
 use crate::source::probe::{KeyedRow, RangeReader};
 
@@ -130,7 +131,7 @@ pub(super) fn key_cols(t: &Table) -> Result<Vec<KeyCol>, SourceError> {
             Ok(KeyCol {
                 kind,
                 ty,
-                name: super::quote_ident(&c.name),
+                name: quote_ident(&c.name),
                 cast,
             })
         })
@@ -194,12 +195,7 @@ pub(super) fn select(
     range: &KeyRange,
     limit: Option<usize>,
 ) -> Result<String, SourceError> {
-    let cols: Vec<String> = t
-        .shape
-        .columns
-        .iter()
-        .map(|c| super::quote_ident(&c.name))
-        .collect();
+    let cols = t.quoted_columns();
     let exprs: Vec<String> = keys.iter().map(KeyCol::expr).collect();
     let row = format!("({})", exprs.join(", "));
     let lits = |values: &[Value]| {
@@ -234,20 +230,6 @@ pub(super) fn select(
 pub(super) fn keys_fit(keys: &[KeyCol], rows: &BTreeMap<Vec<u8>, KeyedRow>) -> bool {
     rows.values()
         .all(|(k, _)| k.len() == keys.len() && keys.iter().zip(k).all(|(c, v)| c.fits(v)))
-}
-
-/// The end of the last WAL record inserted, from the insert position: when
-/// the insert position is at the start of a page it points past the page
-/// header (24 bytes, 40 at the start of a segment), where no record ends;
-/// the log's positions (the end of the last record sent) stop before it.
-pub(super) fn record_end(insert: u64, block: u64, segment: u64) -> u64 {
-    if segment > 0 && insert % segment == 40 {
-        insert - 40
-    } else if block > 0 && insert % block == 24 {
-        insert - 24
-    } else {
-        insert
-    }
 }
 
 /// The rows of a probe chunk, by encoded key.
@@ -309,15 +291,6 @@ mod tests {
         let e = key_cols(&table(&[1700], false)).unwrap_err().to_string();
         assert!(e.contains("public.t") && e.contains("c0"), "{e}");
         assert!(key_cols(&table(&[INT4], true)).is_err());
-    }
-
-    #[test]
-    fn the_insert_position_after_a_page_header_is_the_page_start() {
-        let (block, segment) = (8192, 16 << 20);
-        assert_eq!(record_end(3 * 8192 + 24, block, segment), 3 * 8192);
-        assert_eq!(record_end(2 * segment + 40, block, segment), 2 * segment);
-        assert_eq!(record_end(3 * 8192 + 40, block, segment), 3 * 8192 + 40);
-        assert_eq!(record_end(3 * 8192 + 96, block, segment), 3 * 8192 + 96);
     }
 
     #[test]

@@ -6,11 +6,16 @@
 //! own writes small. Several changes to one key between two reads are
 //! coalesced into the row's latest state; the shared copy converges to the
 //! source either way, and the values are read with SQLite's own storage
-//! classes, so nothing is converted on the way.
+//! classes, so nothing is converted on the way. `triggers` installs and
+//! checks the triggers, `table` reads a table's shape; this module reads
+//! the change table and answers comparisons.
 //!
 //! Invariant: a change-table row is deleted only by [`Source::release`],
 //! which the capture loop calls after the outbox transaction that covers it
 //! has committed.
+
+mod table;
+mod triggers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,22 +24,21 @@ use std::time::{Duration, Instant};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
 use shuyuan_protocol::value::{decode_key, encode_key};
-use shuyuan_protocol::{Column, KeyRange, Op, ResourceCode, TableSchema, Value};
+use shuyuan_protocol::{KeyRange, Op, TableSchema, Value};
 
+use self::table::{quote, quoted_list, shape};
 use super::probe::{self, Budget, KeyedRow, RangeReader};
 use super::{Captured, Probe, Source, SourceError, SourceRead};
 use crate::config::{MAX_KEY_COLUMNS, ResourceConfig};
+
+pub use self::triggers::{
+    InstallOutcome, InstallReport, TableInstall, install_triggers, uninstall_triggers,
+};
 
 /// The change table the triggers write to.
 pub const CHANGE_TABLE: &str = "_shuyuan_changes";
 /// Which tables have capture triggers, and for which key.
 pub const CAPTURE_TABLE: &str = "_shuyuan_capture";
-
-const TRIGGER_SUFFIXES: [&str; 3] = ["ins", "upd", "del"];
-
-fn trigger_name(table: &str, suffix: &str) -> String {
-    format!("_shuyuan_{table}_{suffix}")
-}
 
 fn key_slots() -> String {
     (0..MAX_KEY_COLUMNS)
@@ -55,10 +59,11 @@ fn sql_err(
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => SourceError::Locked {
             path: path.clone(),
             waited_ms: started.elapsed().as_millis(),
+            source: e,
         },
-        Some(ErrorCode::NotADatabase) => SourceError::Open {
+        Some(ErrorCode::NotADatabase) => SourceError::NotSqlite {
             path: path.clone(),
-            reason: "the file is not a SQLite database".into(),
+            source: e,
         },
         _ => SourceError::Sql {
             context: context.clone(),
@@ -69,140 +74,33 @@ fn sql_err(
 
 /// Opens an existing database for reading and writing (never creates one).
 pub fn open_connection(path: &Path, busy_timeout: Duration) -> Result<Connection, SourceError> {
-    let open_err = |reason: String| SourceError::Open {
-        path: path.display().to_string(),
-        reason,
-    };
     if !path.exists() {
-        return Err(open_err("the file does not exist".into()));
+        return Err(SourceError::Open {
+            path: path.display().to_string(),
+            reason: "the file does not exist".into(),
+        });
     }
+    let open_err = |source| SourceError::SqliteOpen {
+        path: path.display().to_string(),
+        source,
+    };
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(|e| open_err(e.to_string()))?;
-    conn.busy_timeout(busy_timeout)
-        .map_err(|e| open_err(e.to_string()))?;
+    .map_err(open_err)?;
+    conn.busy_timeout(busy_timeout).map_err(open_err)?;
     let started = Instant::now();
     conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(()))
         .map_err(sql_err(path, started, "reading the schema"))?;
     Ok(conn)
 }
 
-/// Reads a table's current shape and checks that `key` identifies its rows.
-/// The returned schema has version 0.
-fn shape(conn: &Connection, path: &Path, r: &ResourceConfig) -> Result<TableSchema, SourceError> {
-    let started = Instant::now();
-    let e = |ctx: &str| sql_err(path, started, ctx);
-    let exists = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [&r.table],
-            |_| Ok(()),
-        )
-        .optional()
-        .map_err(e("looking up a table"))?
-        .is_some();
-    if !exists {
-        return Err(SourceError::MissingTable {
-            table: r.table.clone(),
-            path: path.display().to_string(),
-        });
-    }
-    let mut stmt = conn
-        .prepare("SELECT name, type, \"notnull\", pk FROM pragma_table_info(?1) ORDER BY cid")
-        .map_err(e("reading table columns"))?;
-    let cols: Vec<(String, String, bool, i64)> = stmt
-        .query_map([&r.table], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-        })
-        .map_err(e("reading table columns"))?
-        .collect::<Result<_, _>>()
-        .map_err(e("reading table columns"))?;
-    let mut key = Vec::new();
-    for k in &r.key {
-        let idx =
-            cols.iter()
-                .position(|c| c.0 == *k)
-                .ok_or_else(|| SourceError::MissingColumn {
-                    table: r.table.clone(),
-                    column: k.clone(),
-                })?;
-        key.push(u16::try_from(idx).unwrap_or(u16::MAX));
-    }
-    let mut wanted: Vec<&str> = r.key.iter().map(String::as_str).collect();
-    wanted.sort_unstable();
-    let mut pk: Vec<(i64, &str)> = cols
-        .iter()
-        .filter(|c| c.3 > 0)
-        .map(|c| (c.3, c.0.as_str()))
-        .collect();
-    pk.sort_unstable();
-    let mut pk_names: Vec<&str> = pk.iter().map(|p| p.1).collect();
-    pk_names.sort_unstable();
-    let mut unique = pk_names == wanted;
-    if !unique {
-        let mut idx = conn
-            .prepare("SELECT name FROM pragma_index_list(?1) WHERE \"unique\" = 1 AND partial = 0")
-            .map_err(e("reading indexes"))?;
-        let names: Vec<String> = idx
-            .query_map([&r.table], |row| row.get(0))
-            .map_err(e("reading indexes"))?
-            .collect::<Result<_, _>>()
-            .map_err(e("reading indexes"))?;
-        for name in names {
-            let mut info = conn
-                .prepare("SELECT name FROM pragma_index_info(?1)")
-                .map_err(e("reading indexes"))?;
-            let mut cols: Vec<Option<String>> = info
-                .query_map([&name], |row| row.get(0))
-                .map_err(e("reading indexes"))?
-                .collect::<Result<_, _>>()
-                .map_err(e("reading indexes"))?;
-            cols.sort_unstable();
-            if cols
-                .iter()
-                .map(|c| c.as_deref())
-                .eq(wanted.iter().map(|w| Some(*w)))
-            {
-                unique = true;
-                break;
-            }
-        }
-    }
-    if !unique {
-        return Err(SourceError::KeyNotUnique {
-            table: r.table.clone(),
-            columns: r.key.join(", "),
-        });
-    }
-    let integer_pk = pk.len() == 1
-        && cols
-            .iter()
-            .any(|c| c.3 == 1 && c.1.eq_ignore_ascii_case("INTEGER"));
-    Ok(TableSchema {
-        version: 0,
-        table: r.table.clone(),
-        columns: cols
-            .iter()
-            .map(|(name, ty, notnull, pk)| Column {
-                name: name.clone(),
-                sql_type: ty.clone(),
-                nullable: !(*notnull || (integer_pk && *pk == 1)),
-            })
-            .collect(),
-        key,
-    })
-}
-
-/// A quoted SQL identifier.
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `"a", "b", ...`: the quoted names, comma-separated.
-fn quoted_list<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
-    names.into_iter().map(quote).collect::<Vec<_>>().join(", ")
+/// A position: the id of the last change-table row it covers.
+fn change_id(position: &str) -> Result<i64, SourceError> {
+    position
+        .parse()
+        .map_err(|e| SourceError::bad_position(position, e))
 }
 
 fn lookup_sql(s: &TableSchema) -> String {
@@ -340,61 +238,9 @@ impl SqliteSource {
     ) -> Result<Self, SourceError> {
         let conn = open_connection(path, busy_timeout)?;
         let started = Instant::now();
-        let installed: BTreeMap<String, String> = {
-            let has_table = conn
-                .query_row(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    [CAPTURE_TABLE],
-                    |_| Ok(()),
-                )
-                .optional()
-                .map_err(sql_err(path, started, "checking capture tables"))?
-                .is_some();
-            if has_table {
-                let mut stmt = conn
-                    .prepare(&format!("SELECT tbl, key_columns FROM {CAPTURE_TABLE}"))
-                    .map_err(sql_err(path, started, "checking capture tables"))?;
-                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .map_err(sql_err(path, started, "checking capture tables"))?
-                    .collect::<Result<_, _>>()
-                    .map_err(sql_err(path, started, "checking capture tables"))?
-            } else {
-                BTreeMap::new()
-            }
-        };
+        let installed = triggers::installed(&conn, path, started)?;
         for r in resources {
-            let configured = r.key.join(",");
-            match installed.get(&r.table) {
-                None => {
-                    return Err(SourceError::NoTriggers {
-                        table: r.table.clone(),
-                    });
-                }
-                Some(k) if *k != configured => {
-                    return Err(SourceError::KeyChanged {
-                        table: r.table.clone(),
-                        installed: k.clone(),
-                        configured,
-                    });
-                }
-                Some(_) => {}
-            }
-            for suffix in TRIGGER_SUFFIXES {
-                let present = conn
-                    .query_row(
-                        "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
-                        [trigger_name(&r.table, suffix)],
-                        |_| Ok(()),
-                    )
-                    .optional()
-                    .map_err(sql_err(path, started, "checking triggers"))?
-                    .is_some();
-                if !present {
-                    return Err(SourceError::NoTriggers {
-                        table: r.table.clone(),
-                    });
-                }
-            }
+            triggers::check(&conn, path, started, &installed, r)?;
             shape(&conn, path, r)?;
         }
         Ok(SqliteSource {
@@ -423,9 +269,7 @@ impl Source for SqliteSource {
     }
 
     fn read(&mut self, after: &str, limit: usize) -> Result<SourceRead, SourceError> {
-        let after: i64 = after
-            .parse()
-            .map_err(|_| SourceError::BadPosition(after.to_string()))?;
+        let after = change_id(after)?;
         let started = Instant::now();
         let path = self.path.clone();
         let e = |ctx: &str| sql_err(&path, started, ctx);
@@ -579,9 +423,7 @@ impl Source for SqliteSource {
     }
 
     fn release(&mut self, upto: &str) -> Result<(), SourceError> {
-        let upto: i64 = upto
-            .parse()
-            .map_err(|_| SourceError::BadPosition(upto.to_string()))?;
+        let upto = change_id(upto)?;
         let started = Instant::now();
         self.conn
             .prepare_cached(&format!("DELETE FROM {CHANGE_TABLE} WHERE id <= ?1"))
@@ -591,9 +433,7 @@ impl Source for SqliteSource {
     }
 
     fn backlog(&mut self, after: &str) -> Result<u64, SourceError> {
-        let after: i64 = after
-            .parse()
-            .map_err(|_| SourceError::BadPosition(after.to_string()))?;
+        let after = change_id(after)?;
         let started = Instant::now();
         let max: Option<i64> = self
             .conn
@@ -605,249 +445,10 @@ impl Source for SqliteSource {
     }
 }
 
-/// What `triggers install` did for one table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum InstallOutcome {
-    /// Triggers created; the keys of the rows already in the table were
-    /// queued so the hub receives the whole table.
-    Installed { existing_rows: u64 },
-    /// Triggers were already there for the same key.
-    AlreadyInstalled,
-    /// Triggers were there for another key and were replaced.
-    Reinstalled { existing_rows: u64 },
-}
-
-/// What `triggers install` did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstallReport {
-    /// The database's journal mode afterwards (`wal`).
-    pub journal_mode: String,
-    pub tables: Vec<TableInstall>,
-}
-
-/// What `triggers install` did for one resource's table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableInstall {
-    pub resource: ResourceCode,
-    pub table: String,
-    pub outcome: InstallOutcome,
-}
-
-/// Installs capture for every resource, in one transaction. Idempotent.
-/// Also switches the database to WAL mode so that capture reads never block
-/// the department's writers.
-pub fn install_triggers(
-    path: &Path,
-    busy_timeout: Duration,
-    resources: &[ResourceConfig],
-) -> Result<InstallReport, SourceError> {
-    let mut conn = open_connection(path, busy_timeout)?;
-    let started = Instant::now();
-    let e = |ctx: &str| sql_err(path, started, ctx);
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .map_err(e("switching to WAL mode"))?;
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(e("starting the install"))?;
-    let slots = (0..MAX_KEY_COLUMNS)
-        // BLOB affinity: SQLite stores each key exactly as given (a declared
-        // type like ANY would mean NUMERIC affinity and turn '0123' into 123).
-        .map(|i| format!("k{i} BLOB"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    tx.execute_batch(&format!(
-        "CREATE TABLE IF NOT EXISTS {CHANGE_TABLE} (
-             id INTEGER PRIMARY KEY AUTOINCREMENT,
-             tbl TEXT NOT NULL,
-             op TEXT NOT NULL,
-             {slots});
-         CREATE TABLE IF NOT EXISTS {CAPTURE_TABLE} (
-             tbl TEXT PRIMARY KEY,
-             key_columns TEXT NOT NULL,
-             installed_at TEXT NOT NULL DEFAULT (datetime('now')));"
-    ))
-    .map_err(e("creating the change table"))?;
-    let mut out = Vec::new();
-    for r in resources {
-        shape(&tx, path, r)?;
-        let key_list = r.key.join(",");
-        let existing: Option<String> = tx
-            .query_row(
-                &format!("SELECT key_columns FROM {CAPTURE_TABLE} WHERE tbl = ?1"),
-                [&r.table],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(e("reading capture state"))?;
-        let all_triggers = TRIGGER_SUFFIXES.iter().all(|s| {
-            tx.query_row(
-                "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
-                [trigger_name(&r.table, s)],
-                |_| Ok(()),
-            )
-            .optional()
-            .ok()
-            .flatten()
-            .is_some()
-        });
-        if existing.as_deref() == Some(key_list.as_str()) && all_triggers {
-            out.push(TableInstall {
-                resource: r.code.clone(),
-                table: r.table.clone(),
-                outcome: InstallOutcome::AlreadyInstalled,
-            });
-            continue;
-        }
-        drop_triggers(&tx, &r.table).map_err(e("replacing triggers"))?;
-        let t = &r.table;
-        let slots: Vec<String> = (0..r.key.len()).map(|i| format!("k{i}")).collect();
-        let slots = slots.join(", ");
-        let new_keys: Vec<String> = r.key.iter().map(|k| format!("NEW.\"{k}\"")).collect();
-        let old_keys: Vec<String> = r.key.iter().map(|k| format!("OLD.\"{k}\"")).collect();
-        let key_changed: Vec<String> = r
-            .key
-            .iter()
-            .map(|k| format!("OLD.\"{k}\" IS NOT NEW.\"{k}\""))
-            .collect();
-        let plain_keys: Vec<String> = r.key.iter().map(|k| format!("\"{k}\"")).collect();
-        tx.execute_batch(&format!(
-            "CREATE TRIGGER \"{ins}\" AFTER INSERT ON \"{t}\" BEGIN
-                 INSERT INTO {CHANGE_TABLE} (tbl, op, {slots}) VALUES ('{t}', 'I', {new});
-             END;
-             CREATE TRIGGER \"{upd}\" AFTER UPDATE ON \"{t}\" BEGIN
-                 INSERT INTO {CHANGE_TABLE} (tbl, op, {slots}) SELECT '{t}', 'D', {old} WHERE {changed};
-                 INSERT INTO {CHANGE_TABLE} (tbl, op, {slots}) VALUES ('{t}', 'U', {new});
-             END;
-             CREATE TRIGGER \"{del}\" AFTER DELETE ON \"{t}\" BEGIN
-                 INSERT INTO {CHANGE_TABLE} (tbl, op, {slots}) VALUES ('{t}', 'D', {old});
-             END;",
-            ins = trigger_name(t, "ins"),
-            upd = trigger_name(t, "upd"),
-            del = trigger_name(t, "del"),
-            new = new_keys.join(", "),
-            old = old_keys.join(", "),
-            changed = key_changed.join(" OR "),
-        ))
-        .map_err(e("creating triggers"))?;
-        let existing_rows = tx
-            .execute(
-                &format!(
-                    "INSERT INTO {CHANGE_TABLE} (tbl, op, {slots}) SELECT '{t}', 'I', {} FROM \"{t}\"",
-                    plain_keys.join(", ")
-                ),
-                [],
-            )
-            .map_err(e("queueing existing rows"))? as u64;
-        tx.execute(
-            &format!(
-                "INSERT INTO {CAPTURE_TABLE} (tbl, key_columns) VALUES (?1, ?2)
-                 ON CONFLICT (tbl) DO UPDATE SET key_columns = excluded.key_columns, installed_at = datetime('now')"
-            ),
-            params![t, key_list],
-        )
-        .map_err(e("recording capture state"))?;
-        let outcome = if existing.is_some() {
-            InstallOutcome::Reinstalled { existing_rows }
-        } else {
-            InstallOutcome::Installed { existing_rows }
-        };
-        out.push(TableInstall {
-            resource: r.code.clone(),
-            table: r.table.clone(),
-            outcome,
-        });
-    }
-    tx.commit().map_err(e("committing the install"))?;
-    Ok(InstallReport {
-        journal_mode: mode,
-        tables: out,
-    })
-}
-
-fn drop_triggers(conn: &Connection, table: &str) -> rusqlite::Result<()> {
-    for s in TRIGGER_SUFFIXES {
-        conn.execute_batch(&format!(
-            "DROP TRIGGER IF EXISTS \"{}\"",
-            trigger_name(table, s)
-        ))?;
-    }
-    Ok(())
-}
-
-/// Removes capture from the given resources' tables. Refuses while captured
-/// changes of those tables are still waiting, unless `force`. Drops the
-/// change table when no table is captured any more. Returns the tables done.
-pub fn uninstall_triggers(
-    path: &Path,
-    busy_timeout: Duration,
-    resources: &[ResourceConfig],
-    force: bool,
-) -> Result<Vec<String>, SourceError> {
-    let mut conn = open_connection(path, busy_timeout)?;
-    let started = Instant::now();
-    let e = |ctx: &str| sql_err(path, started, ctx);
-    let tx = conn
-        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(e("starting the uninstall"))?;
-    let has_change_table = tx
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [CHANGE_TABLE],
-            |_| Ok(()),
-        )
-        .optional()
-        .map_err(e("checking capture tables"))?
-        .is_some();
-    let mut done = Vec::new();
-    if has_change_table {
-        let tables: Vec<&str> = resources.iter().map(|r| r.table.as_str()).collect();
-        let mut pending = 0u64;
-        for t in &tables {
-            let n: i64 = tx
-                .query_row(
-                    &format!("SELECT count(*) FROM {CHANGE_TABLE} WHERE tbl = ?1"),
-                    [t],
-                    |r| r.get(0),
-                )
-                .map_err(e("counting pending changes"))?;
-            pending += u64::try_from(n).unwrap_or(0);
-        }
-        if pending > 0 && !force {
-            return Err(SourceError::PendingChanges { pending });
-        }
-        for t in tables {
-            drop_triggers(&tx, t).map_err(e("dropping triggers"))?;
-            tx.execute(&format!("DELETE FROM {CHANGE_TABLE} WHERE tbl = ?1"), [t])
-                .map_err(e("dropping pending changes"))?;
-            tx.execute(&format!("DELETE FROM {CAPTURE_TABLE} WHERE tbl = ?1"), [t])
-                .map_err(e("recording capture state"))?;
-            done.push(t.to_string());
-        }
-        let left: i64 = tx
-            .query_row(&format!("SELECT count(*) FROM {CAPTURE_TABLE}"), [], |r| {
-                r.get(0)
-            })
-            .map_err(e("checking capture state"))?;
-        if left == 0 {
-            tx.execute_batch(&format!(
-                "DROP TABLE {CHANGE_TABLE}; DROP TABLE {CAPTURE_TABLE};"
-            ))
-            .map_err(e("dropping the change table"))?;
-        }
-    } else {
-        for r in resources {
-            drop_triggers(&tx, &r.table).map_err(e("dropping triggers"))?;
-        }
-    }
-    tx.commit().map_err(e("committing the uninstall"))?;
-    Ok(done)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shuyuan_protocol::UpdateCycle;
+    use shuyuan_protocol::{ResourceCode, UpdateCycle};
 
     fn resource(table: &str, key: &[&str]) -> ResourceConfig {
         ResourceConfig {
@@ -1056,6 +657,10 @@ mod tests {
         let err = src.release("1").unwrap_err();
         assert!(err.is_transient(), "{err}");
         assert!(err.to_string().contains("locked"), "{err}");
+        assert!(
+            std::error::Error::source(&err).is_some(),
+            "the busy error is kept"
+        );
         holder.execute_batch("COMMIT").unwrap();
         src.release("1").unwrap();
     }

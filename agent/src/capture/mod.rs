@@ -2,6 +2,14 @@
 //! outbox with the source position, release the source, and send a
 //! zero-update (零更新) for every resource whose cycle passed in silence.
 //!
+//! A step does, in this order: release what is durable (`release`); take
+//! acks and requests from the inbox, queue comparisons and start the
+//! scheduled ones (`compare`); write a commit that failed before, if any
+//! (`save`); otherwise read the source and seal what it read (`read`),
+//! importing table shapes into the catalog (`shapes`) and sealing
+//! zero-updates for quiet resources (`zero_update`), and commit it with the
+//! acks (`acks`).
+//!
 //! Invariants: this loop is the only writer of the outbox; a source change
 //! is released only after the outbox transaction covering it committed; a
 //! zero-update is sealed only from a read that saw every pending change, so
@@ -11,33 +19,36 @@
 //! change is adopted, and the same commit is written again before the
 //! source is read any further.
 
-use std::collections::BTreeMap;
+mod acks;
+mod compare;
+mod read;
+mod release;
+mod save;
+mod shapes;
+mod zero_update;
+
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Duration;
 
-use shuyuan_protocol::batch::{Entry, ZeroUpdate};
-use shuyuan_protocol::message::{VerifyMode, VerifyRefusal};
-use shuyuan_protocol::{FeedId, KeyRange, NodeKey, Resync, RowChange, TableSchema, UnixMillis};
+use shuyuan_protocol::message::VerifyRefusal;
+use shuyuan_protocol::{FeedId, NodeKey, UnixMillis};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use self::acks::{apply_acks, changed_feeds};
+use self::save::Unsaved;
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::digest::{Overlay, Tracker};
 use crate::outbox::{Commit, FeedDigest, FeedState, Outbox, OutboxError, Totals};
-use crate::seal::{BatchLimits, SealError, seal_entries};
+use crate::seal::SealError;
 use crate::source::{self, Probe, Source, SourceError};
 use crate::status::StatusBoard;
 
-/// The shortest time between two deletions from the source's change table.
-pub const RELEASE_INTERVAL: Duration = Duration::from_secs(1);
-/// A busy feed carries its digest (a checkpoint) at least this often; a
-/// quiet one with every zero-update.
-pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(10);
-/// Source rows per range of a full comparison the operator starts (the
-/// hub asks for the same).
-pub const VERIFY_CHUNK_ROWS: u32 = 10_000;
+pub use self::compare::VERIFY_CHUNK_ROWS;
+pub use self::read::CHECKPOINT_INTERVAL;
+pub use self::release::RELEASE_INTERVAL;
+
 /// How soon the loop comes back while comparisons wait for their budget.
 const PROBE_PAUSE: Duration = Duration::from_millis(50);
 
@@ -97,54 +108,6 @@ pub struct CaptureLoop {
     unsaved: Option<Unsaved>,
 }
 
-/// A commit built from a source read that did not reach the outbox (a
-/// full disk). The source has already moved past that read (reported its
-/// table shapes, answered probes, streamed the log), so reading it again
-/// would not give the same entries: the commit is kept and written again
-/// as it is, and what it makes current is adopted only once it is durable.
-#[derive(Debug)]
-struct Unsaved {
-    commit: Commit,
-    /// Every feed's state after the commit.
-    feeds: Vec<(FeedId, FeedState)>,
-    /// Every feed's digest after the commit, and the feeds that carried a
-    /// checkpoint.
-    digests: Option<(Vec<FeedDigest>, Vec<usize>)>,
-    /// More changes were waiting after the read.
-    more: bool,
-}
-
-/// Applies acks to feed states; returns what they let the outbox prune.
-fn apply_acks(feeds: &mut [(FeedId, FeedState)], acks: &[AckNote]) -> Vec<(FeedId, u64)> {
-    let mut prune: BTreeMap<usize, u64> = BTreeMap::new();
-    for note in acks {
-        if let Some(i) = feeds.iter().position(|(f, _)| *f == note.feed) {
-            let state = &mut feeds[i].1;
-            if note.seq > state.acked {
-                state.acked = note.seq;
-                state.last_ack_at = Some(note.at);
-                prune.insert(i, note.seq);
-            }
-        }
-    }
-    prune
-        .iter()
-        .map(|(&i, &seq)| (feeds[i].0.clone(), seq))
-        .collect()
-}
-
-/// The feed states of `new` that differ from `old`.
-fn changed_feeds(
-    new: &[(FeedId, FeedState)],
-    old: &[(FeedId, FeedState)],
-) -> Vec<(FeedId, FeedState)> {
-    new.iter()
-        .zip(old)
-        .filter(|(new, old)| new.1 != old.1)
-        .map(|(new, _)| new.clone())
-        .collect()
-}
-
 impl std::fmt::Debug for CaptureLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CaptureLoop")
@@ -152,10 +115,6 @@ impl std::fmt::Debug for CaptureLoop {
             .field("totals", &self.totals)
             .finish_non_exhaustive()
     }
-}
-
-fn same_shape(a: &TableSchema, b: &TableSchema) -> bool {
-    a.table == b.table && a.columns == b.columns && a.key == b.key
 }
 
 /// How the capture loop talks to the rest of the agent.
@@ -322,7 +281,7 @@ impl CaptureLoop {
     /// committed before that moment.
     fn publish(&mut self, error: Option<String>, read_at: Option<UnixMillis>) {
         let backlog = self.source.backlog(&self.position).unwrap_or(0);
-        let paused = self.totals.bytes >= self.config.outbox.max_bytes;
+        let paused = self.outbox_full();
         let config = self.config.clone();
         let feeds = &self.feeds;
         let (position, totals, skipped) =
@@ -349,60 +308,71 @@ impl CaptureLoop {
         });
     }
 
-    /// Deletes the source's record of changes that are durable in the
-    /// outbox (including those an earlier run committed but did not get to
-    /// delete). Each release is a write on the department's database, so it
-    /// happens at most every [`RELEASE_INTERVAL`] to stay out of the way of
-    /// the department's own writers.
-    fn release_if_due(&mut self, now: UnixMillis) -> Result<(), CaptureError> {
-        let behind = self.released.as_deref() != Some(self.position.as_str());
-        let due = self
-            .last_release
-            .is_none_or(|t| now.since(t) >= RELEASE_INTERVAL);
-        if behind && due {
-            self.source.release(&self.position)?;
-            self.released = Some(self.position.clone());
-            self.last_release = Some(now);
-        }
-        Ok(())
-    }
-
-    /// Releases what is due; a failure (say, a department transaction holds
-    /// the write lock) only delays the deletion, so capture goes on.
-    fn try_release(&mut self, now: UnixMillis) {
-        if let Err(e) = self.release_if_due(now) {
-            tracing::warn!(error = %e, "cannot delete sent changes from the change table yet; will retry");
-        }
-    }
-
-    /// Starts a full comparison of one resource with the hub (a throttled
-    /// scan of the source); returns the run's id.
-    fn start_scan(&mut self, resource: usize, now: UnixMillis) -> Result<u64, SourceError> {
-        let run = u64::try_from(now.0)
-            .unwrap_or(0)
-            .max(self.last_run.saturating_add(1));
-        self.source.probe(Probe {
-            resource,
-            run,
-            range: KeyRange::all(),
-            mode: VerifyMode::Scan {
-                chunk_rows: VERIFY_CHUNK_ROWS,
-            },
-        })?;
-        self.last_run = run;
-        self.probes_pending = true;
-        Ok(run)
-    }
-
     /// One round. Returns whether more changes are waiting right now.
     pub fn step(&mut self, now: UnixMillis) -> Result<bool, CaptureError> {
         self.try_release(now);
+        self.take_inbox();
+        self.handle_requests(now);
+        self.start_scheduled_scans(now);
+        if let Some(unsaved) = self.unsaved.take() {
+            return self.save_again(unsaved, now);
+        }
+        // The acks stay pending until a commit that holds them is built.
+        let mut feeds = self.feeds.clone();
+        let mut commit = Commit {
+            prune: apply_acks(&mut feeds, &self.pending_acks),
+            ..Commit::default()
+        };
+        let mut more = false;
+        let mut digests = None;
+        if !self.outbox_full() {
+            let read = match self.source.read(&self.position, self.read_limit()) {
+                Ok(read) => read,
+                Err(e) => {
+                    // Keep the acks even when the source is unreadable, so
+                    // the outbox still drains.
+                    self.save_acks(commit, feeds, now)?;
+                    return Err(e.into());
+                }
+            };
+            more = !read.complete;
+            digests = Some(self.seal_read(read, &mut feeds, &mut commit, now)?);
+        }
+        // Acks that prune nothing are old news; the others are in `commit`.
+        self.pending_acks.clear();
+        if commit.is_empty() {
+            return Ok(more);
+        }
+        commit.feeds = changed_feeds(&feeds, &self.feeds);
+        self.save(
+            Unsaved {
+                commit,
+                feeds,
+                digests,
+                more,
+            },
+            now,
+        )
+    }
+
+    /// Whether the outbox holds its maximum: capture pauses until acks
+    /// make room.
+    fn outbox_full(&self) -> bool {
+        self.totals.bytes >= self.config.outbox.max_bytes
+    }
+
+    /// Moves what waits in the inbox to the pending acks and requests.
+    fn take_inbox(&mut self) {
         while let Ok(input) = self.inbox.try_recv() {
             match input {
                 CaptureInput::Ack(note) => self.pending_acks.push(note),
                 CaptureInput::Request(r) => self.pending_requests.push(r),
             }
         }
+    }
+
+    /// Hands the pending requests to the source, answering each.
+    fn handle_requests(&mut self, now: UnixMillis) {
         for request in std::mem::take(&mut self.pending_requests) {
             match request {
                 CaptureRequest::Resync {
@@ -416,315 +386,12 @@ impl CaptureLoop {
                         .map_err(|e| e.to_string());
                     let _ = reply.send(answer);
                 }
-                CaptureRequest::Probe { probe, refusals } => {
-                    let (resource, run, range) = (probe.resource, probe.run, probe.range.clone());
-                    self.last_run = self.last_run.max(run);
-                    match self.source.probe(probe) {
-                        Ok(()) => {
-                            tracing::debug!(resource, run, %range, "comparison with the hub queued");
-                            self.probes_pending = true;
-                        }
-                        Err(e) => {
-                            tracing::warn!(resource, run, error = %e, "cannot compare with the hub; telling it why");
-                            let _ = refusals.send(VerifyRefusal {
-                                feed: self.feeds[resource].0.clone(),
-                                run,
-                                reason: e.to_string(),
-                            });
-                        }
-                    }
-                }
+                CaptureRequest::Probe { probe, refusals } => self.queue_probe(probe, &refusals),
                 CaptureRequest::Verify { resource, reply } => {
                     let _ = reply.send(self.start_scan(resource, now).map_err(|e| e.to_string()));
                 }
             }
         }
-        if let Some(every) = self.config.verify.every {
-            if self.next_scan.is_empty() {
-                self.next_scan = vec![Some(now.saturating_add(every)); self.feeds.len()];
-            }
-            for i in 0..self.next_scan.len() {
-                if self.next_scan[i].is_some_and(|t| now >= t) {
-                    self.next_scan[i] = match self.start_scan(i, now) {
-                        Ok(run) => {
-                            tracing::info!(feed = %self.feeds[i].0, run, "scheduled comparison with the hub started");
-                            Some(now.saturating_add(every))
-                        }
-                        Err(e) => {
-                            tracing::info!(feed = %self.feeds[i].0, error = %e, "no scheduled comparisons for this resource");
-                            None
-                        }
-                    };
-                }
-            }
-        }
-
-        if let Some(unsaved) = self.unsaved.take() {
-            return self.save_again(unsaved, now);
-        }
-
-        // The acks stay pending until a commit that holds them is built.
-        let mut feeds = self.feeds.clone();
-        let mut commit = Commit {
-            prune: apply_acks(&mut feeds, &self.pending_acks),
-            ..Commit::default()
-        };
-
-        let paused = self.totals.bytes >= self.config.outbox.max_bytes;
-        let mut more = false;
-        let mut new_position = None;
-        let mut new_digests = None;
-        if !paused {
-            // Read no more than the outbox has room for, judging by the size
-            // of recent changes, so a full outbox is overrun by little.
-            let room = self.config.outbox.max_bytes - self.totals.bytes;
-            let fits = usize::try_from(room / self.bytes_per_change.max(1)).unwrap_or(usize::MAX);
-            let limit = self
-                .config
-                .outbox
-                .batch_max_changes
-                .saturating_mul(10)
-                .min(fits)
-                .max(1);
-            let read = match self.source.read(&self.position, limit) {
-                Ok(read) => read,
-                Err(e) => {
-                    // Keep the acks even when the source is unreadable, so
-                    // the outbox still drains.
-                    if !commit.prune.is_empty() {
-                        commit.feeds = changed_feeds(&feeds, &self.feeds);
-                        self.pending_acks.clear();
-                        let unsaved = Unsaved {
-                            commit,
-                            feeds,
-                            digests: None,
-                            more: false,
-                        };
-                        self.save(unsaved, now)?;
-                    }
-                    return Err(e.into());
-                }
-            };
-            self.skipped_null_keys += read.skipped_null_keys;
-            more = !read.complete;
-            let mut entries: Vec<Vec<Entry>> = vec![Vec::new(); feeds.len()];
-            if let Some(shapes) = read.shapes {
-                for (i, shape) in shapes.into_iter().enumerate() {
-                    // The catalog's data items follow the table (idempotent).
-                    if let Err(e) =
-                        self.catalog
-                            .record_schema(&self.config.resources[i].code, &shape, now)
-                    {
-                        tracing::warn!(error = %e, resource = %self.config.resources[i].code, "cannot update the catalog's data items");
-                    }
-                    let state = &mut feeds[i].1;
-                    let changed = state.schema.as_ref().is_none_or(|s| !same_shape(s, &shape));
-                    if changed {
-                        let version = state.schema.as_ref().map_or(1, |s| s.version + 1);
-                        let schema = TableSchema { version, ..shape };
-                        tracing::info!(feed = %feeds[i].0, version, "table shape recorded");
-                        entries[i].push(Entry::Schema(schema.clone()));
-                        feeds[i].1.schema = Some(schema);
-                    }
-                }
-            }
-            let mut has_changes = vec![false; feeds.len()];
-            let mut marks = read.marks.into_iter().peekable();
-            for (idx, c) in read.changes.into_iter().enumerate() {
-                while let Some((_, r, mark)) = marks.next_if(|(at, _, _)| *at <= idx) {
-                    entries[r].push(Entry::Resync(mark));
-                }
-                let version = feeds[c.resource].1.schema.as_ref().map_or(0, |s| s.version);
-                has_changes[c.resource] = true;
-                entries[c.resource].push(Entry::Change(RowChange {
-                    op: c.op,
-                    key: c.key,
-                    row: c.row,
-                    schema_version: version,
-                }));
-            }
-            for (_, r, mark) in marks {
-                entries[r].push(Entry::Resync(mark));
-            }
-            self.probes_pending = read.probes_pending;
-            for (r, mut entry) in read.probes {
-                if let Entry::RangeRepair(repair) = &mut entry {
-                    let version = feeds[r].1.schema.as_ref().map_or(0, |s| s.version);
-                    for c in &mut repair.rows {
-                        c.schema_version = version;
-                    }
-                }
-                entries[r].push(entry);
-            }
-            // Opened by the first feed with entries (an idle read needs none).
-            let mut seeds = None;
-            let mut digests = self.digests.clone();
-            let limits = BatchLimits {
-                max_changes: self.config.outbox.batch_max_changes,
-                max_bytes: self.config.outbox.batch_max_bytes,
-            };
-            let mut checkpointed = Vec::new();
-            for (i, es) in entries.into_iter().enumerate() {
-                let resource = &self.config.resources[i];
-                let (feed, state) = &mut feeds[i];
-                let es = if es.is_empty() && read.complete && state.schema.is_some() {
-                    // Quiet resource: is a zero-update due? The catalog's
-                    // update cycle is the one in force.
-                    let cycle = self
-                        .catalog
-                        .update_cycle(&resource.code)
-                        .unwrap_or(resource.update_cycle);
-                    match state.last_batch_at {
-                        Some(last)
-                            if now >= last.saturating_add(resource.heartbeat_under(cycle)) =>
-                        {
-                            state.last_zero_update_at = Some(now);
-                            vec![Entry::ZeroUpdate(ZeroUpdate {
-                                since: last,
-                                until: now,
-                                // In the connector's words (for PostgreSQL,
-                                // the log position).
-                                source_position: self.source.report(&read.position).position,
-                            })]
-                        }
-                        _ => continue,
-                    }
-                } else {
-                    es
-                };
-                if es.is_empty() {
-                    continue;
-                }
-                let mut es = es;
-                let digest = &mut digests[i];
-                let feed_text = feed.to_string();
-                let mut overlay = Overlay::new();
-                let reader = match &mut seeds {
-                    Some(r) => r,
-                    None => seeds.insert(self.outbox.seeds()?),
-                };
-                Tracker {
-                    feed: &feed_text,
-                    reader,
-                    overlay: &mut overlay,
-                }
-                .apply(digest, &es)?;
-                let due = self.last_checkpoint[i]
-                    .is_none_or(|t| now.since(t) >= CHECKPOINT_INTERVAL)
-                    || es.iter().any(|e| {
-                        matches!(
-                            e,
-                            Entry::ZeroUpdate(_)
-                                | Entry::RangeRepair(_)
-                                | Entry::Resync(Resync::End { .. })
-                        )
-                    });
-                if digest.established && due {
-                    es.push(Entry::Checkpoint(digest.digest().summary()));
-                    checkpointed.push(i);
-                }
-                commit
-                    .seeds
-                    .extend(overlay.into_iter().map(|(k, e)| (feed.clone(), k, e)));
-                commit.digests.push((feed.clone(), digest.clone()));
-                if has_changes[i] {
-                    state.last_change_at = Some(now);
-                }
-                let n = es.len() as u64;
-                let sealed = seal_entries(&self.key, feed, state, es, now, limits)?;
-                let bytes: u64 = sealed.iter().map(|(_, b)| b.len() as u64).sum();
-                if has_changes[i] {
-                    self.bytes_per_change = (bytes / n.max(1)).max(1);
-                }
-                for (seq, bytes) in sealed {
-                    tracing::debug!(%feed, seq, bytes = bytes.len(), "batch sealed");
-                    commit.appended.push((feed.clone(), seq, bytes));
-                }
-            }
-            // No read transaction may outlive the read: a failed commit
-            // reopens the file.
-            drop(seeds);
-            if read.position != self.position {
-                new_position = Some(read.position);
-            }
-            new_digests = Some((digests, checkpointed));
-        }
-        commit.position = new_position;
-        // Acks that prune nothing are old news; the others are in `commit`.
-        self.pending_acks.clear();
-        if commit.is_empty() {
-            return Ok(more);
-        }
-        commit.feeds = changed_feeds(&feeds, &self.feeds);
-        self.save(
-            Unsaved {
-                commit,
-                feeds,
-                digests: new_digests,
-                more,
-            },
-            now,
-        )
-    }
-
-    /// Writes a commit and makes what it holds current; if the write fails,
-    /// keeps it to be written again and changes nothing else.
-    fn save(&mut self, unsaved: Unsaved, now: UnixMillis) -> Result<bool, CaptureError> {
-        match self.outbox.commit(&unsaved.commit) {
-            Ok(totals) => self.totals = totals,
-            Err(e) => {
-                self.unsaved = Some(unsaved);
-                return Err(e.into());
-            }
-        }
-        let Unsaved {
-            commit,
-            feeds,
-            digests,
-            more,
-        } = unsaved;
-        self.feeds = feeds;
-        if let Some((digests, checkpointed)) = digests {
-            self.digests = digests;
-            for i in checkpointed {
-                self.last_checkpoint[i] = Some(now);
-            }
-        }
-        if !commit.appended.is_empty() {
-            self.sealed.notify_one();
-        }
-        if let Some(p) = commit.position {
-            self.position = p;
-            self.try_release(now);
-        }
-        Ok(more)
-    }
-
-    /// Writes a commit that failed before. Acks that came meanwhile are
-    /// committed first, on their own: on a full disk, the pages they free
-    /// may be just what the waiting batches need.
-    fn save_again(&mut self, mut unsaved: Unsaved, now: UnixMillis) -> Result<bool, CaptureError> {
-        let mut feeds = self.feeds.clone();
-        let prune = apply_acks(&mut feeds, &self.pending_acks);
-        if !prune.is_empty() {
-            let acks = Commit {
-                prune,
-                feeds: changed_feeds(&feeds, &self.feeds),
-                ..Commit::default()
-            };
-            match self.outbox.commit(&acks) {
-                Ok(totals) => self.totals = totals,
-                Err(e) => {
-                    self.unsaved = Some(unsaved);
-                    return Err(e.into());
-                }
-            }
-            apply_acks(&mut unsaved.feeds, &self.pending_acks);
-            self.feeds = feeds;
-            unsaved.commit.feeds = changed_feeds(&unsaved.feeds, &self.feeds);
-        }
-        self.pending_acks.clear();
-        self.save(unsaved, now)
     }
 }
 
