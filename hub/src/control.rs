@@ -270,6 +270,9 @@ async fn answer(
             let _ = out.write_all(b"\n").await;
         }
         ControlRequest::Audit { limit } => {
+            // What was queued before the request (a refusal just answered,
+            // say) is on record first.
+            shared.store.barrier().await.map_err(|e| e.to_string())?;
             let entries = shared
                 .store
                 .read(|t| audit::recent(t, limit))
