@@ -176,19 +176,25 @@ fn keyed<T: DeserializeOwned>(
     Ok(out)
 }
 
+/// The record filed under `key`, decoded.
+fn get<'k, K: redb::Key + 'static, T: DeserializeOwned>(
+    table: &impl ReadableTable<K, &'static [u8]>,
+    key: impl std::borrow::Borrow<K::SelfType<'k>>,
+    what: impl Fn() -> Record,
+) -> Result<Option<T>, StoreError> {
+    match table.get(key).map_err(at(&what))? {
+        Some(v) => Ok(Some(dec(what, v.value())?)),
+        None => Ok(None),
+    }
+}
+
 /// The record filed under a node key.
 fn by_key<T: DeserializeOwned>(
     table: &impl ReadableTable<&'static [u8], &'static [u8]>,
     key: &NodeId,
     record: fn(NodeId) -> Record,
 ) -> Result<Option<T>, StoreError> {
-    match table
-        .get(key.as_bytes().as_slice())
-        .map_err(at(|| record(*key)))?
-    {
-        Some(v) => Ok(Some(dec(|| record(*key), v.value())?)),
-        None => Ok(None),
-    }
+    get(table, key.as_bytes().as_slice(), || record(*key))
 }
 
 /// A feed's record in a table keyed by feed text.
@@ -197,14 +203,7 @@ fn by_feed<T: DeserializeOwned>(
     feed: &FeedId,
     record: fn(FeedId) -> Record,
 ) -> Result<Option<T>, StoreError> {
-    let key = feed.to_string();
-    match table
-        .get(key.as_str())
-        .map_err(at(|| record(feed.clone())))?
-    {
-        Some(v) => Ok(Some(dec(|| record(feed.clone()), v.value())?)),
-        None => Ok(None),
-    }
+    get(table, feed.to_string().as_str(), || record(feed.clone()))
 }
 
 /// The upper bound of a row range within a feed (`hi` None: the feed's end).
@@ -270,24 +269,16 @@ macro_rules! read_txn {
                 version: u32,
             ) -> Result<Option<TableSchema>, StoreError> {
                 let key = feed.to_string();
-                let what = || Record::Schema(feed.clone(), version);
-                match self
-                    .schemas()?
-                    .get((key.as_str(), version))
-                    .map_err(at(what))?
-                {
-                    Some(v) => Ok(Some(dec(what, v.value())?)),
-                    None => Ok(None),
-                }
+                get(self.schemas()?, (key.as_str(), version), || {
+                    Record::Schema(feed.clone(), version)
+                })
             }
 
             fn batch(&self, feed: &FeedId, seq: u64) -> Result<Option<SignedBatch>, StoreError> {
                 let key = feed.to_string();
-                let what = || Record::Batch(feed.clone(), seq);
-                match self.batches()?.get((key.as_str(), seq)).map_err(at(what))? {
-                    Some(v) => Ok(Some(dec(what, v.value())?)),
-                    None => Ok(None),
-                }
+                get(self.batches()?, (key.as_str(), seq), || {
+                    Record::Batch(feed.clone(), seq)
+                })
             }
 
             fn recent_batches(
@@ -314,11 +305,9 @@ macro_rules! read_txn {
 
             fn row(&self, feed: &FeedId, key: &[u8]) -> Result<Option<StoredRow>, StoreError> {
                 let text = feed.to_string();
-                let what = || Record::Row(feed.clone(), key.to_vec());
-                match self.rows()?.get((text.as_str(), key)).map_err(at(what))? {
-                    Some(v) => Ok(Some(dec(what, v.value())?)),
-                    None => Ok(None),
-                }
+                get(self.rows()?, (text.as_str(), key), || {
+                    Record::Row(feed.clone(), key.to_vec())
+                })
             }
 
             fn rows(
