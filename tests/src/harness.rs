@@ -17,8 +17,8 @@
 //!
 //! [`Topology::build`] creates and enrolls the same without starting
 //! anything, for a test that puts something in between (a relay, a key
-//! file's mode) before [`Nodes::start`]. An agent a test adds later comes
-//! from the same [`AgentSpec`] through [`Sandbox::add_agent`].
+//! file's mode) and then starts what it needs. An agent a test adds later
+//! comes from the same [`AgentSpec`] through [`Sandbox::add_agent`].
 //!
 //! Nothing is left running: every process is killed when its handle drops,
 //! agents before hubs, hubs before the sandbox's directory goes.
@@ -154,7 +154,12 @@ fn create_database(path: &Path, ddl: &[&str]) -> Result<rusqlite::Connection> {
 /// them. The sandbox's own hub is always there (named "test hub").
 #[derive(Debug)]
 pub struct Topology<'a> {
-    hub: HubSpec,
+    /// The sandbox's hub's name, `[hub]` lines, console password and
+    /// further config sections.
+    hub_name: Option<String>,
+    hub_settings: Vec<String>,
+    admin_password: Option<String>,
+    hub_config: String,
     hubs: Vec<HubSpec>,
     agents: Vec<AgentSpec<'a>>,
     /// Directories of the sandbox on a tmpfs, and their sizes.
@@ -171,7 +176,10 @@ impl<'a> Topology<'a> {
     /// The sandbox's hub alone.
     pub fn new() -> Self {
         Topology {
-            hub: HubSpec::new("test hub"),
+            hub_name: None,
+            hub_settings: Vec::new(),
+            admin_password: None,
+            hub_config: String::new(),
             hubs: Vec::new(),
             agents: Vec::new(),
             mounts: Vec::new(),
@@ -180,27 +188,27 @@ impl<'a> Topology<'a> {
 
     /// Names the sandbox's hub (`[hub] name`).
     pub fn hub_name(mut self, name: &str) -> Self {
-        self.hub.name = name.into();
+        self.hub_name = Some(name.into());
         self
     }
 
     /// Appends sections to the sandbox's hub's config (for example
     /// `[freshness]`).
     pub fn hub_config(mut self, text: &str) -> Self {
-        self.hub = self.hub.config(text);
+        self.hub_config.push_str(text);
         self
     }
 
     /// Adds a `key = value` line to the sandbox's hub's `[hub]` section.
     pub fn hub_setting(mut self, line: &str) -> Self {
-        self.hub = self.hub.setting(line);
+        self.hub_settings.push(line.into());
         self
     }
 
     /// Gives the sandbox's hub's console a password
     /// ([`HubProcess::set_admin`]).
     pub fn admin_password(mut self, password: &str) -> Self {
-        self.hub = self.hub.admin_password(password);
+        self.admin_password = Some(password.into());
         self
     }
 
@@ -237,7 +245,18 @@ impl<'a> Topology<'a> {
             sb.mounts
                 .push(Tmpfs::mount(&sb.dir.path().join(dir), size)?);
         }
-        self.hub.configure(&sb.hub)?;
+        if let Some(name) = &self.hub_name {
+            sb.hub.rename(name)?;
+        }
+        for line in &self.hub_settings {
+            sb.hub.add_setting(line)?;
+        }
+        if let Some(password) = &self.admin_password {
+            sb.hub.set_admin(password)?;
+        }
+        if !self.hub_config.is_empty() {
+            sb.hub.append_config(&self.hub_config)?;
+        }
         let mut hubs: Vec<HubProcess> = Vec::new();
         for spec in &self.hubs {
             let hub = spec.create(sb.dir.path(), |under| match under {
@@ -259,16 +278,24 @@ impl<'a> Topology<'a> {
         Ok(Nodes(sb, hubs, agents))
     }
 
-    /// [`Topology::build`], then [`Nodes::start`].
+    /// [`Topology::build`], then starts the sandbox's hub, the other hubs
+    /// in the order declared (parents first, so that children connect at
+    /// once) and the agents.
     pub fn start<const H: usize, const A: usize>(self) -> Result<Nodes<H, A>> {
         self.start_in(Sandbox::new()?)
     }
 
-    /// [`Topology::build_in`], then [`Nodes::start`].
+    /// [`Topology::start`] in a sandbox the test already made.
     pub fn start_in<const H: usize, const A: usize>(self, sb: Sandbox) -> Result<Nodes<H, A>> {
-        let mut nodes = self.build_in(sb)?;
-        nodes.start()?;
-        Ok(nodes)
+        let Nodes(mut sb, mut hubs, mut agents) = self.build_in(sb)?;
+        sb.hub.start()?;
+        for hub in &mut hubs {
+            hub.start()?;
+        }
+        for agent in &mut agents {
+            agent.start()?;
+        }
+        Ok(Nodes(sb, hubs, agents))
     }
 }
 
@@ -302,33 +329,12 @@ pub struct Nodes<const H: usize, const A: usize>(
     pub [AgentProcess; A],
 );
 
-impl<const H: usize, const A: usize> Nodes<H, A> {
-    /// Starts the sandbox's hub, the other hubs in the order declared
-    /// (parents first, so that children connect at once), then the agents.
-    pub fn start(&mut self) -> Result<()> {
-        let Nodes(sb, hubs, agents) = self;
-        sb.hub.start()?;
-        for hub in hubs {
-            hub.start()?;
-        }
-        for agent in agents {
-            agent.start()?;
-        }
-        Ok(())
-    }
-}
-
 /// A hub of a [`Topology`] other than the sandbox's: in `NAME/` of the
 /// sandbox, named `NAME` in its config.
 #[derive(Debug, Clone)]
 pub struct HubSpec {
     name: String,
     upstream: Option<UpstreamSpec>,
-    /// Lines for the `[hub]` section.
-    settings: Vec<String>,
-    /// Appended to the config.
-    config: String,
-    admin_password: Option<String>,
 }
 
 /// A hub's parent: where it is enrolled and what it forwards there.
@@ -347,9 +353,6 @@ impl HubSpec {
         HubSpec {
             name: name.into(),
             upstream: None,
-            settings: Vec::new(),
-            config: String::new(),
-            admin_password: None,
         }
     }
 
@@ -391,26 +394,8 @@ impl HubSpec {
         self
     }
 
-    /// Appends sections to its config.
-    pub fn config(mut self, text: &str) -> Self {
-        self.config.push_str(text);
-        self
-    }
-
-    /// Adds a `key = value` line to its `[hub]` section.
-    pub fn setting(mut self, line: &str) -> Self {
-        self.settings.push(line.into());
-        self
-    }
-
-    /// Gives its console a password.
-    pub fn admin_password(mut self, password: &str) -> Self {
-        self.admin_password = Some(password.into());
-        self
-    }
-
-    /// Makes the hub in `root/NAME`, configured; a child is enrolled at its
-    /// parent (`parent` finds it by name, `None` for the sandbox's hub) and
+    /// Makes the hub in `root/NAME`; a child is enrolled at its parent
+    /// (`parent` finds it by name, `None` for the sandbox's hub) and
     /// forwards to it. Not started.
     fn create<'h>(
         &self,
@@ -418,7 +403,7 @@ impl HubSpec {
         parent: impl FnOnce(Option<&str>) -> Result<&'h HubProcess>,
     ) -> Result<HubProcess> {
         let hub = HubProcess::init(&root.join(&self.name))?;
-        self.configure(&hub)?;
+        hub.rename(&self.name)?;
         if let Some(up) = &self.upstream {
             let parent = parent(up.under.as_deref())?;
             let name = up.enrolled_as.as_ref().unwrap_or(&self.name);
@@ -426,22 +411,6 @@ impl HubSpec {
             hub.set_upstream(parent, &up.share)?;
         }
         Ok(hub)
-    }
-
-    /// Applies name, settings, console password and config to an
-    /// initialised hub.
-    fn configure(&self, hub: &HubProcess) -> Result<()> {
-        hub.rename(&self.name)?;
-        for line in &self.settings {
-            hub.add_setting(line)?;
-        }
-        if let Some(password) = &self.admin_password {
-            hub.set_admin(password, "")?;
-        }
-        if !self.config.is_empty() {
-            hub.append_config(&self.config)?;
-        }
-        Ok(())
     }
 }
 

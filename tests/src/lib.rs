@@ -319,8 +319,8 @@ impl HubProcess {
     }
 
     /// Sets `[admin] password_hash` to a hash of `password` made by
-    /// `shuyuan-hub admin-password`, and optionally a webhook.
-    pub fn set_admin(&self, password: &str, extra: &str) -> Result<()> {
+    /// `shuyuan-hub admin-password`.
+    pub fn set_admin(&self, password: &str) -> Result<()> {
         let mut child = self
             .cmd()
             .arg("admin-password")
@@ -344,7 +344,7 @@ impl HubProcess {
             "[admin]\nlisten = \"127.0.0.1:0\"\n",
             &format!("[admin]\nlisten = \"127.0.0.1:0\"\npassword_hash = \"{hash}\"\n"),
         );
-        std::fs::write(&self.config, config + extra)?;
+        std::fs::write(&self.config, config)?;
         Ok(())
     }
 
