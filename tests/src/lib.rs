@@ -309,6 +309,21 @@ impl HubProcess {
         Ok(format!("http://{}", addr.trim()))
     }
 
+    /// `GET PATH` on the running hub's console with its local token: the
+    /// body, or an error naming the status.
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        let r = reqwest::blocking::Client::new()
+            .get(format!("{}{path}", self.admin_url()?))
+            .bearer_auth(self.admin_token()?)
+            .send()?;
+        let status = r.status();
+        let body = r.text()?;
+        if !status.is_success() {
+            bail!("{path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
     /// The local API token the running hub wrote.
     pub fn admin_token(&self) -> Result<String> {
         Ok(

@@ -112,11 +112,7 @@ fn agent_clocks_hours_off_are_flagged_and_their_feeds_stay_fresh() -> Result<()>
         text.contains("CLOCK its clock is") && text.contains("behind the hub's"),
         "{text}"
     );
-    let metrics = reqwest::blocking::Client::new()
-        .get(format!("{}/metrics", sb.hub.admin_url()?))
-        .bearer_auth(sb.hub.admin_token()?)
-        .send()?
-        .text()?;
+    let metrics = sb.hub.admin_get("/metrics")?;
     let sample = |key: &str| {
         metrics
             .lines()

@@ -954,20 +954,6 @@ fn federation_page_shows_the_tree() -> Result<()> {
         data::insert_household(&conn, &mut rng)?;
     }
     let feed = format!("GA-1:{HOUSEHOLD}");
-    let http = client()?;
-    // GET a path of a hub's console with that hub's local token.
-    let get = |hub: &shuyuan_tests::HubProcess, path: &str| -> Result<String> {
-        let r = http
-            .get(format!("{}{path}", hub.admin_url()?))
-            .bearer_auth(hub.admin_token()?)
-            .send()?;
-        let status = r.status();
-        let body = r.text()?;
-        if status != StatusCode::OK {
-            bail!("{path}: {status}: {body}");
-        }
-        Ok(body)
-    };
 
     // The parent sees the county connected, and the feed at the county
     // with nothing the parent lacks.
@@ -975,7 +961,7 @@ fn federation_page_shows_the_tree() -> Result<()> {
         "the county connected and its feed level with the parent",
         Duration::from_secs(60),
         || {
-            let v: Json = serde_json::from_str(&get(&sb.hub, "/api/v1/federation")?)?;
+            let v: Json = serde_json::from_str(&sb.hub.admin_get("/api/v1/federation")?)?;
             let connected = v["children"].as_array().is_some_and(|cs| {
                 cs.iter()
                     .any(|c| c["code"] == "330902" && c["connected"] == true)
@@ -1016,7 +1002,7 @@ fn federation_page_shows_the_tree() -> Result<()> {
     assert!(row["held"].is_null(), "{row}");
 
     // The page, in both languages.
-    let html = get(&sb.hub, "/federation?lang=en")?;
+    let html = sb.hub.admin_get("/federation?lang=en")?;
     for words in [
         "<h1>Federation</h1>",
         "<h2>Child hubs</h2>",
@@ -1028,21 +1014,21 @@ fn federation_page_shows_the_tree() -> Result<()> {
     ] {
         assert!(html.contains(words), "{words:?} missing from:\n{html}");
     }
-    let html = get(&sb.hub, "/federation?lang=zh")?;
+    let html = sb.hub.admin_get("/federation?lang=zh")?;
     assert!(
         html.contains("<h2>级联树</h2>") && html.contains(">county</span>"),
         "{html}"
     );
 
     // The county reports its link up.
-    let metrics = get(&county, "/metrics")?;
+    let metrics = county.admin_get("/metrics")?;
     assert!(
         metrics.lines().any(|l| l == "shuyuan_upstream_connected 1"),
         "{metrics}"
     );
     let series = metric_values(&metrics);
     assert_eq!(series.get("shuyuan_upstream_rejections_total"), Some(&0.0));
-    let up: Json = serde_json::from_str(&get(&county, "/api/v1/federation")?)?;
+    let up: Json = serde_json::from_str(&county.admin_get("/api/v1/federation")?)?;
     assert_eq!(up["upstream"]["link"], "connected", "{up}");
     assert_eq!(up["upstream"]["parent"], sb.hub.key.as_str());
     assert_eq!(up["children"].as_array().map(Vec::len), Some(0));

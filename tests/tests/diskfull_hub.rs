@@ -109,11 +109,7 @@ fn a_full_disk_stops_acks_is_reported_and_the_hub_recovers_when_space_returns() 
             .is_some_and(|r| r.contains("unavailable") && r.contains("No space left")),
         "the agent is told why: {during}"
     );
-    let metrics = reqwest::blocking::Client::new()
-        .get(format!("{}/metrics", sb.hub.admin_url()?))
-        .bearer_auth(sb.hub.admin_token()?)
-        .send()?
-        .text()?;
+    let metrics = sb.hub.admin_get("/metrics")?;
     assert_eq!(
         metric(&metrics, "shuyuan_store_writable"),
         Some(0.0),

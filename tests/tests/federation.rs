@@ -315,16 +315,8 @@ fn a_middle_hub_that_alters_a_batch_is_caught_at_the_top() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sb.hub.feed_seq(&feed)?, 4, "still refused on resend");
     // The console raises the feed's state to "rejected" (which alerts).
-    let url = format!(
-        "{}/api/v1/resources/GA-M/101001%2F00001",
-        sb.hub.admin_url()?
-    );
-    let view: Json = reqwest::blocking::Client::new()
-        .get(&url)
-        .bearer_auth(sb.hub.admin_token()?)
-        .send()?
-        .error_for_status()?
-        .json()?;
+    let view: Json =
+        serde_json::from_str(&sb.hub.admin_get("/api/v1/resources/GA-M/101001%2F00001")?)?;
     assert_eq!(view["row"]["state"], "rejected", "{view}");
     // The middle hub sees its refusal too.
     let up = middle.status()?;

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use serde_json::Value as Json;
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::faultproxy::{FaultProxy, Faults};
@@ -119,14 +119,7 @@ impl Relayed {
 
 /// The console's overview, through its JSON API with the local token.
 fn overview(hub: &HubProcess) -> Result<Json> {
-    let r = reqwest::blocking::Client::new()
-        .get(format!("{}/api/v1/overview", hub.admin_url()?))
-        .bearer_auth(hub.admin_token()?)
-        .send()?;
-    if !r.status().is_success() {
-        bail!("/api/v1/overview: {}", r.status());
-    }
-    Ok(r.json()?)
+    Ok(serde_json::from_str(&hub.admin_get("/api/v1/overview")?)?)
 }
 
 /// The feed's state in the overview (`on_time`, `disconnected`, ...).
