@@ -334,15 +334,11 @@ pub struct Nodes<const H: usize, const A: usize>(
 #[derive(Debug, Clone)]
 pub struct HubSpec {
     name: String,
-    upstream: Option<UpstreamSpec>,
-}
-
-/// A hub's parent: where it is enrolled and what it forwards there.
-#[derive(Debug, Clone)]
-struct UpstreamSpec {
+    /// The platform code its parent enrolls it under; `None` for a hub on
+    /// its own.
+    code: Option<String>,
     /// The parent, by name; `None` for the sandbox's hub.
     under: Option<String>,
-    code: String,
     enrolled_as: Option<String>,
     share: String,
 }
@@ -352,45 +348,38 @@ impl HubSpec {
     pub fn new(name: &str) -> Self {
         HubSpec {
             name: name.into(),
-            upstream: None,
+            code: None,
+            under: None,
+            enrolled_as: None,
+            share: String::new(),
         }
     }
 
     /// A child hub: enrolled at the sandbox's hub as platform `code`, which
     /// is its upstream.
     pub fn child(name: &str, code: &str) -> Self {
-        let mut hub = HubSpec::new(name);
-        hub.upstream = Some(UpstreamSpec {
-            under: None,
-            code: code.into(),
-            enrolled_as: None,
-            share: String::new(),
-        });
-        hub
+        HubSpec {
+            code: Some(code.into()),
+            ..HubSpec::new(name)
+        }
     }
 
     /// A child of the topology's hub `parent` instead (declared before it).
     pub fn under(mut self, parent: &str) -> Self {
-        if let Some(up) = &mut self.upstream {
-            up.under = Some(parent.into());
-        }
+        self.under = Some(parent.into());
         self
     }
 
     /// The name its parent enrolls it under (its own name otherwise).
     pub fn enrolled_as(mut self, name: &str) -> Self {
-        if let Some(up) = &mut self.upstream {
-            up.enrolled_as = Some(name.into());
-        }
+        self.enrolled_as = Some(name.into());
         self
     }
 
     /// The lines of its `[upstream]` section after the address and key:
     /// what it forwards (share types, undeclared resources).
     pub fn share(mut self, policy: &str) -> Self {
-        if let Some(up) = &mut self.upstream {
-            up.share = policy.into();
-        }
+        self.share = policy.into();
         self
     }
 
@@ -404,11 +393,23 @@ impl HubSpec {
     ) -> Result<HubProcess> {
         let hub = HubProcess::init(&root.join(&self.name))?;
         hub.rename(&self.name)?;
-        if let Some(up) = &self.upstream {
-            let parent = parent(up.under.as_deref())?;
-            let name = up.enrolled_as.as_ref().unwrap_or(&self.name);
-            parent.enroll_hub(&up.code, name, &hub.key)?;
-            hub.set_upstream(parent, &up.share)?;
+        match &self.code {
+            Some(code) => {
+                let parent = parent(self.under.as_deref())?;
+                let name = self.enrolled_as.as_ref().unwrap_or(&self.name);
+                parent.enroll_hub(code, name, &hub.key)?;
+                hub.set_upstream(parent, &self.share)?;
+            }
+            None if self.under.is_some()
+                || self.enrolled_as.is_some()
+                || !self.share.is_empty() =>
+            {
+                bail!(
+                    "hub {} has a parent's settings but is no child (HubSpec::child)",
+                    self.name
+                )
+            }
+            None => {}
         }
         Ok(hub)
     }
@@ -423,7 +424,9 @@ pub struct AgentSpec<'a> {
     name: String,
     department: String,
     department_name: Option<String>,
-    source: SourceSpec<'a>,
+    source: SourceSpec,
+    /// Rows written into its new database before capture is installed.
+    seed: Option<Seed<'a>>,
     resources: Vec<ResourceSpec>,
     outbox: String,
     /// The hub it reports to, by name; `None` for the sandbox's hub.
@@ -438,13 +441,10 @@ pub struct AgentSpec<'a> {
 
 /// Where an agent's changes come from.
 #[derive(Debug)]
-enum SourceSpec<'a> {
+enum SourceSpec {
     /// A new database `NAME.db` next to the agent's directory, with these
-    /// tables and the rows `seed` writes before capture is installed.
-    NewSqlite {
-        ddl: Vec<String>,
-        seed: Option<Seed<'a>>,
-    },
+    /// tables.
+    NewSqlite(Vec<String>),
     /// A SQLite database the test made (or, to see the error, did not).
     Sqlite(PathBuf),
     /// A PostgreSQL server, by connection string.
@@ -463,12 +463,13 @@ impl fmt::Debug for Seed<'_> {
 }
 
 impl<'a> AgentSpec<'a> {
-    fn with_source(name: &str, department: &str, source: SourceSpec<'a>) -> Self {
+    fn with_source(name: &str, department: &str, source: SourceSpec) -> Self {
         AgentSpec {
             name: name.into(),
             department: department.into(),
             department_name: None,
             source,
+            seed: None,
             resources: Vec::new(),
             outbox: String::new(),
             hub: None,
@@ -486,10 +487,7 @@ impl<'a> AgentSpec<'a> {
         AgentSpec::with_source(
             name,
             department,
-            SourceSpec::NewSqlite {
-                ddl: ddl.iter().map(|d| d.to_string()).collect(),
-                seed: None,
-            },
+            SourceSpec::NewSqlite(ddl.iter().map(|d| d.to_string()).collect()),
         )
     }
 
@@ -525,12 +523,10 @@ impl<'a> AgentSpec<'a> {
         self
     }
 
-    /// Writes rows into its new database before capture is installed (they
-    /// reach the hub through the initial read).
+    /// Writes rows into its new database ([`AgentSpec::sqlite`]) before
+    /// capture is installed (they reach the hub through the initial read).
     pub fn seed(mut self, f: impl FnOnce(&rusqlite::Connection) -> Result<()> + 'a) -> Self {
-        if let SourceSpec::NewSqlite { seed, .. } = &mut self.source {
-            *seed = Some(Seed(Box::new(f)));
-        }
+        self.seed = Some(Seed(Box::new(f)));
         self
     }
 
@@ -584,14 +580,20 @@ impl<'a> AgentSpec<'a> {
     /// started.
     pub fn create(self, root: &Path, hub: &HubProcess) -> Result<AgentProcess> {
         let (db, dsn) = match self.source {
-            SourceSpec::NewSqlite { ddl, seed } => {
+            SourceSpec::NewSqlite(ddl) => {
                 let db = root.join(format!("{}.db", self.name));
                 let ddl: Vec<&str> = ddl.iter().map(String::as_str).collect();
                 let conn = create_database(&db, &ddl)?;
-                if let Some(Seed(seed)) = seed {
+                if let Some(Seed(seed)) = self.seed {
                     seed(&conn).with_context(|| format!("seeding {}", db.display()))?;
                 }
                 (db, None)
+            }
+            _ if self.seed.is_some() => {
+                bail!(
+                    "agent {}: only a new database (AgentSpec::sqlite) is seeded",
+                    self.name
+                )
             }
             SourceSpec::Sqlite(db) => (db, None),
             SourceSpec::Postgres(dsn) => (PathBuf::new(), Some(dsn)),
