@@ -699,6 +699,9 @@ impl AgentProcess {
     /// A new connection to the department's SQLite database, as a
     /// department application opens it (10 s busy timeout).
     pub fn database(&self) -> Result<rusqlite::Connection> {
+        if self.dsn.is_some() {
+            bail!("the agent in {} reads PostgreSQL", self.dir.display());
+        }
         let conn = rusqlite::Connection::open(&self.db)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         Ok(conn)
