@@ -2,16 +2,22 @@
 //! starts the real `shuyuan-hub` and `shuyuan-agent` binaries on loopback,
 //! each in its own temporary directory, with real SQLite department
 //! databases or throwaway PostgreSQL servers ([`pg`]), and reads back what
-//! the hub holds.
+//! the hub holds. A test says which hubs and agents it needs with one
+//! builder, [`Topology`] ([`harness`]); this module holds the process
+//! handles it returns ([`HubProcess`], [`AgentProcess`]) and the
+//! comparisons of a hub's copy with its source.
 //!
 //! Processes are killed when their handle drops, so a failing test leaves
 //! nothing running.
 
 pub mod data;
 pub mod faultproxy;
+pub mod harness;
 pub mod peer;
 pub mod pg;
 pub mod tmpfs;
+
+pub use harness::{AgentSpec, HubSpec, Nodes, Sandbox, Topology};
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -303,6 +309,21 @@ impl HubProcess {
         Ok(format!("http://{}", addr.trim()))
     }
 
+    /// `GET PATH` on the running hub's console with its local token: the
+    /// body, or an error naming the status.
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        let r = reqwest::blocking::Client::new()
+            .get(format!("{}{path}", self.admin_url()?))
+            .bearer_auth(self.admin_token()?)
+            .send()?;
+        let status = r.status();
+        let body = r.text()?;
+        if !status.is_success() {
+            bail!("{path}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
     /// The local API token the running hub wrote.
     pub fn admin_token(&self) -> Result<String> {
         Ok(
@@ -313,8 +334,8 @@ impl HubProcess {
     }
 
     /// Sets `[admin] password_hash` to a hash of `password` made by
-    /// `shuyuan-hub admin-password`, and optionally a webhook.
-    pub fn set_admin(&self, password: &str, extra: &str) -> Result<()> {
+    /// `shuyuan-hub admin-password`.
+    pub fn set_admin(&self, password: &str) -> Result<()> {
         let mut child = self
             .cmd()
             .arg("admin-password")
@@ -338,7 +359,7 @@ impl HubProcess {
             "[admin]\nlisten = \"127.0.0.1:0\"\n",
             &format!("[admin]\nlisten = \"127.0.0.1:0\"\npassword_hash = \"{hash}\"\n"),
         );
-        std::fs::write(&self.config, config + extra)?;
+        std::fs::write(&self.config, config)?;
         Ok(())
     }
 
@@ -367,23 +388,33 @@ impl HubProcess {
     /// with `extra` lines (share policy) to the config. Takes effect at the
     /// next start.
     pub fn set_upstream(&self, parent: &HubProcess, extra: &str) -> Result<()> {
-        self.set_upstream_at(parent, parent.addr, extra)
+        self.append_config(&format!(
+            "[upstream]\naddress = \"{}\"\nkey = \"{}\"\n{extra}",
+            parent.addr, parent.key
+        ))
     }
 
-    /// [`HubProcess::set_upstream`], reaching the parent at `addr` (a
-    /// relay in front of it).
-    pub fn set_upstream_at(
-        &self,
-        parent: &HubProcess,
-        addr: SocketAddr,
-        extra: &str,
-    ) -> Result<()> {
-        let mut text = std::fs::read_to_string(&self.config)?;
-        text.push_str(&format!(
-            "[upstream]\naddress = \"{addr}\"\nkey = \"{}\"\n{extra}",
-            parent.key
-        ));
-        std::fs::write(&self.config, text)?;
+    /// Reaches its parent at `address` instead (a relay such as
+    /// [`faultproxy::FaultProxy`]); takes effect at the next start.
+    pub fn set_upstream_address(&self, address: SocketAddr) -> Result<()> {
+        rewrite_address(&self.config, "upstream", address)
+    }
+
+    /// Appends `text` (whole sections) to the config.
+    pub fn append_config(&self, text: &str) -> Result<()> {
+        let config = std::fs::read_to_string(&self.config)?;
+        std::fs::write(&self.config, config + text)?;
+        Ok(())
+    }
+
+    /// Adds a `key = value` line to the `[hub]` section.
+    pub fn add_setting(&self, line: &str) -> Result<()> {
+        let config = std::fs::read_to_string(&self.config)?.replacen(
+            "[hub]\n",
+            &format!("[hub]\n{line}\n"),
+            1,
+        );
+        std::fs::write(&self.config, config)?;
         Ok(())
     }
 
@@ -559,6 +590,12 @@ impl ResourceSpec {
         ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime")
     }
 
+    /// The land parcels ([`data::PARCEL_DDL`]) as resource `B02/0007`,
+    /// updated every `cycle`.
+    pub fn land_parcel(cycle: &str) -> Self {
+        ResourceSpec::new("B02/0007", "land_parcel", &["district", "parcel_no"], cycle)
+    }
+
     pub fn new(code: &str, table: &str, key: &[&str], cycle: &str) -> Self {
         ResourceSpec {
             code: code.into(),
@@ -588,34 +625,11 @@ pub struct AgentProcess {
     pub db: PathBuf,
     /// The PostgreSQL connection string (`None` for a SQLite source).
     pub dsn: Option<String>,
+    /// The tables it shares.
+    pub resources: Vec<ResourceSpec>,
     /// Extra environment for `run` (for example a faked clock).
     pub env: Vec<(String, String)>,
     proc: Option<Proc>,
-}
-
-/// One `[[resource]]` of an agent config; the `key` line is left out when
-/// `omit_empty_key` and the spec names no key (the agent then uses the
-/// table's primary key).
-fn resource_toml(r: &ResourceSpec, omit_empty_key: bool) -> String {
-    let mut text = format!(
-        "[[resource]]\ncode = \"{}\"\ntable = \"{}\"\n",
-        r.code, r.table
-    );
-    if !(omit_empty_key && r.key.is_empty()) {
-        text.push_str(&format!(
-            "key = [{}]\n",
-            r.key
-                .iter()
-                .map(|k| format!("\"{k}\""))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    text.push_str(&format!("update_cycle = \"{}\"\n", r.cycle));
-    if let Some(h) = &r.heartbeat {
-        text.push_str(&format!("heartbeat = \"{h}\"\n"));
-    }
-    text
 }
 
 /// The replication slot and publication name an agent test uses for a
@@ -635,89 +649,72 @@ pub fn pg_slot_name(department: &str) -> String {
     format!("shuyuan_{tail}")
 }
 
+/// Rewrites the `address` right after `[SECTION]` in a config file.
+fn rewrite_address(config: &Path, section: &str, address: SocketAddr) -> Result<()> {
+    let text = std::fs::read_to_string(config)?;
+    let start = format!("[{section}]\naddress = \"");
+    let (head, rest) = text
+        .split_once(&start)
+        .with_context(|| format!("no [{section}] address in {}", config.display()))?;
+    let (_, tail) = rest
+        .split_once('"')
+        .with_context(|| format!("unterminated [{section}] address in {}", config.display()))?;
+    std::fs::write(config, format!("{head}{start}{address}\"{tail}"))?;
+    Ok(())
+}
+
 impl AgentProcess {
-    /// Writes a config for `db` and creates the key. `extra` is appended to
-    /// the `[outbox]` section.
-    pub fn init(
-        dir: &Path,
-        hub: &HubProcess,
-        department: &str,
-        db: &Path,
-        resources: &[ResourceSpec],
-        outbox: &str,
-    ) -> Result<AgentProcess> {
-        std::fs::create_dir_all(dir)?;
-        let mut text = format!(
-            "[agent]\ndepartment = \"{department}\"\nkey_file = \"agent.key\"\ndata_dir = \"data\"\n\
-             [hub]\naddress = \"{}\"\nkey = \"{}\"\n\
-             [source]\nkind = \"sqlite\"\npath = \"{}\"\npoll_interval = \"50ms\"\n\
-             [outbox]\n{outbox}\n",
-            hub.addr,
-            hub.key,
-            db.display()
-        );
-        for r in resources {
-            text.push_str(&resource_toml(r, false));
-        }
-        AgentProcess::write_and_key(dir, department, &text, db.to_owned(), None)
-    }
-
-    /// Like [`AgentProcess::init`] for a PostgreSQL source at `dsn` (see
-    /// [`pg::PgInstance::dsn`]): logical replication slot and publication
-    /// named by [`pg_slot_name`], polled every 20 ms, initial load in chunks
-    /// of 5000 rows. A resource without key columns uses the table's
-    /// primary key. Create the slot and publication with
-    /// [`AgentProcess::pg_setup`].
-    pub fn init_pg(
-        dir: &Path,
-        hub: &HubProcess,
-        department: &str,
-        dsn: &str,
-        resources: &[ResourceSpec],
-        outbox: &str,
-    ) -> Result<AgentProcess> {
-        std::fs::create_dir_all(dir)?;
-        let slot = pg_slot_name(department);
-        let mut text = format!(
-            "[agent]\ndepartment = \"{department}\"\nkey_file = \"agent.key\"\ndata_dir = \"data\"\n\
-             [hub]\naddress = \"{}\"\nkey = \"{}\"\n\
-             [source]\nkind = \"postgres\"\ndsn = \"{dsn}\"\nslot = \"{slot}\"\npublication = \"{slot}\"\n\
-             poll_interval = \"20ms\"\nchunk_size = 5000\n\
-             [outbox]\n{outbox}\n",
-            hub.addr, hub.key,
-        );
-        for r in resources {
-            text.push_str(&resource_toml(r, true));
-        }
-        AgentProcess::write_and_key(dir, department, &text, PathBuf::new(), Some(dsn.into()))
-    }
-
-    /// Writes `agent.toml` and creates the agent's key.
-    fn write_and_key(
+    /// Writes `dir/agent.toml` from `config` and creates the agent's key
+    /// ([`AgentSpec::create`] says what goes in).
+    pub(crate) fn create(
         dir: &Path,
         department: &str,
-        text: &str,
+        config: &str,
         db: PathBuf,
         dsn: Option<String>,
+        resources: Vec<ResourceSpec>,
     ) -> Result<AgentProcess> {
-        let config = dir.join("agent.toml");
-        std::fs::write(&config, text)?;
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, config)?;
         let key = run(Command::new(bin("shuyuan-agent"))
             .arg("--config")
-            .arg(&config)
+            .arg(&path)
             .args(["init", "--key-only"]))?
         .trim()
         .to_string();
         Ok(AgentProcess {
             dir: dir.to_owned(),
-            config,
+            config: path,
             key,
             department: department.into(),
             db,
             dsn,
+            resources,
             env: Vec::new(),
             proc: None,
         })
+    }
+
+    /// A new connection to the department's SQLite database, as a
+    /// department application opens it (10 s busy timeout).
+    pub fn database(&self) -> Result<rusqlite::Connection> {
+        if self.dsn.is_some() {
+            bail!("the agent in {} reads PostgreSQL", self.dir.display());
+        }
+        let conn = rusqlite::Connection::open(&self.db)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(conn)
+    }
+
+    /// Runs `shuyuan-agent ARGS` and returns how it ended, failure included.
+    pub fn cli(&self, args: &[&str]) -> Result<std::process::Output> {
+        Ok(self.cmd().args(args).output()?)
+    }
+
+    /// The status text (`status` without `--json`), as an operator reads it.
+    pub fn status_text(&self) -> Result<String> {
+        run(self.cmd().arg("status"))
     }
 
     fn cmd(&self) -> Command {
@@ -729,16 +726,7 @@ impl AgentProcess {
     /// Points the agent at `address` instead of its hub (a relay such as
     /// [`faultproxy::FaultProxy`]); takes effect at the next start.
     pub fn set_hub_address(&self, address: SocketAddr) -> Result<()> {
-        let text = std::fs::read_to_string(&self.config)?;
-        let (head, rest) = text
-            .split_once("[hub]\naddress = \"")
-            .context("no [hub] address in the agent config")?;
-        let (_, tail) = rest.split_once('"').context("unterminated hub address")?;
-        std::fs::write(
-            &self.config,
-            format!("{head}[hub]\naddress = \"{address}\"{tail}"),
-        )?;
-        Ok(())
+        rewrite_address(&self.config, "hub", address)
     }
 
     /// `shuyuan-agent rotate-key`: creates the next key, announced at the
@@ -926,127 +914,6 @@ pub fn assert_same_rows(source: &[Json], hub: &[Json]) -> Result<()> {
     Ok(())
 }
 
-/// A temporary directory with a hub in it (initialised, not started).
-#[derive(Debug)]
-pub struct Sandbox {
-    pub dir: tempfile::TempDir,
-    pub hub: HubProcess,
-}
-
-impl Sandbox {
-    /// Fails if the hub refused any batch.
-    pub fn assert_no_rejections(&self) -> Result<()> {
-        let rejected: Vec<_> = self
-            .hub
-            .audit()?
-            .into_iter()
-            .filter(|a| a["kind"] == "batch_rejected")
-            .collect();
-        if !rejected.is_empty() {
-            bail!("the hub refused batches: {rejected:?}");
-        }
-        Ok(())
-    }
-
-    /// Set `SHUYUAN_KEEP=1` to keep the directory (logs, databases) after
-    /// the test.
-    pub fn new() -> Result<Sandbox> {
-        let mut dir = tempfile::Builder::new().prefix("shuyuan-e2e-").tempdir()?;
-        if std::env::var_os("SHUYUAN_KEEP").is_some() {
-            dir.disable_cleanup(true);
-            eprintln!("keeping {}", dir.path().display());
-        }
-        let hub = HubProcess::init(&dir.path().join("hub"))?;
-        Ok(Sandbox { dir, hub })
-    }
-
-    /// A new SQLite department database with the given tables.
-    pub fn database(&self, name: &str, ddl: &[&str]) -> Result<(PathBuf, rusqlite::Connection)> {
-        let path = self.dir.path().join(name);
-        let conn = rusqlite::Connection::open(&path)?;
-        for d in ddl {
-            conn.execute_batch(d)?;
-        }
-        conn.busy_timeout(Duration::from_secs(10))?;
-        Ok((path, conn))
-    }
-
-    /// A throwaway PostgreSQL server in `name/` of the sandbox, with the
-    /// test settings ([`pg::DEFAULT_SETTINGS`]).
-    pub fn postgres(&self, name: &str) -> Result<pg::PgInstance> {
-        pg::PgInstance::start(&self.dir.path().join(name))
-    }
-
-    /// An agent for a PostgreSQL source: config and key created, key
-    /// enrolled at the hub, publication and slot created (`pg setup`). Not
-    /// started.
-    pub fn pg_agent(
-        &self,
-        name: &str,
-        department: &str,
-        pg: &pg::PgInstance,
-        resources: &[ResourceSpec],
-        outbox: &str,
-    ) -> Result<AgentProcess> {
-        let agent = AgentProcess::init_pg(
-            &self.dir.path().join(name),
-            &self.hub,
-            department,
-            &pg.dsn(),
-            resources,
-            outbox,
-        )?;
-        self.hub
-            .enroll(department, &format!("{name} department"), &agent.key)?;
-        agent.pg_setup()?;
-        Ok(agent)
-    }
-
-    /// An agent for `db`: config and key created, key enrolled at the hub,
-    /// capture triggers installed. Not started.
-    pub fn agent(
-        &self,
-        name: &str,
-        department: &str,
-        db: &Path,
-        resources: &[ResourceSpec],
-        outbox: &str,
-    ) -> Result<AgentProcess> {
-        self.agent_at(&self.hub, name, department, db, resources, outbox)
-    }
-
-    /// Like [`Sandbox::agent`], for another hub of the sandbox.
-    pub fn agent_at(
-        &self,
-        hub: &HubProcess,
-        name: &str,
-        department: &str,
-        db: &Path,
-        resources: &[ResourceSpec],
-        outbox: &str,
-    ) -> Result<AgentProcess> {
-        let agent = AgentProcess::init(
-            &self.dir.path().join(name),
-            hub,
-            department,
-            db,
-            resources,
-            outbox,
-        )?;
-        hub.enroll(department, &format!("{name} department"), &agent.key)?;
-        agent.install_triggers()?;
-        Ok(agent)
-    }
-
-    /// Another hub in `name/` of the sandbox (initialised, not started),
-    /// named `name` in its config.
-    pub fn extra_hub(&self, name: &str) -> Result<HubProcess> {
-        let hub = HubProcess::init(&self.dir.path().join(name))?;
-        hub.rename(name)?;
-        Ok(hub)
-    }
-}
-
 /// Whether an agent's status shows a PostgreSQL source read up to `lsn`, no
 /// initial load or resync running, and every sealed batch acknowledged by
 /// the hub (after its durable commit).
@@ -1073,10 +940,9 @@ pub fn assert_pg_in_sync(
     hub: &HubProcess,
     agent: &AgentProcess,
     pg: &pg::PgInstance,
-    resources: &[ResourceSpec],
 ) -> Result<usize> {
     let mut total = 0;
-    for r in resources {
+    for r in &agent.resources {
         let order = pg.key_order(&r.table, &r.key)?;
         let source = pg.table_csv(&r.table, &order)?;
         let copy = hub.export_csv(&format!("{}:{}", agent.department, r.code))?;
@@ -1122,13 +988,9 @@ fn sync_diagnostics(hub: &HubProcess, agent: &AgentProcess) -> String {
 }
 
 /// Compares every resource of `agent` between its database and the hub.
-pub fn assert_in_sync(
-    hub: &HubProcess,
-    agent: &AgentProcess,
-    resources: &[ResourceSpec],
-) -> Result<usize> {
+pub fn assert_in_sync(hub: &HubProcess, agent: &AgentProcess) -> Result<usize> {
     let mut total = 0;
-    for r in resources {
+    for r in &agent.resources {
         let source = source_rows(&agent.db, &r.table, &r.key)?;
         let copy = hub.export_jsonl(&format!("{}:{}", agent.department, r.code))?;
         assert_same_rows(&source, &copy)

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::run;
+use crate::{ResourceSpec, run};
 
 /// Where the Debian packages put the server binaries, one directory per
 /// major version.
@@ -563,6 +563,16 @@ impl PgInstance {
         }
         Ok(out)
     }
+}
+
+/// The pgbench tables as resources `ACCOUNTS`, `BRANCHES`, `TELLERS` and
+/// `HISTORY`, each keyed by its primary key; the history has none and is
+/// shared by its whole row (see [`crate::Sandbox::pgbench`]).
+pub fn pgbench_resources() -> Vec<ResourceSpec> {
+    ["accounts", "branches", "tellers", "history"]
+        .iter()
+        .map(|t| ResourceSpec::new(&t.to_uppercase(), &format!("pgbench_{t}"), &[], "realtime"))
+        .collect()
 }
 
 /// An LSN as PostgreSQL prints it (`16/B374D848`).

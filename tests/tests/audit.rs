@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, ensure};
 use redb::{Database, ReadableTable, TableDefinition};
 use shuyuan_protocol::NodeKey;
-use shuyuan_tests::{HubProcess, Sandbox};
+use shuyuan_tests::{HubProcess, Nodes, Topology};
 
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_v1");
 const CHAIN: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_chain_v1");
@@ -66,8 +66,7 @@ fn remove_entry(path: &Path, id: u64) -> Result<()> {
 
 #[test]
 fn audit_verify_names_the_first_entry_changed_behind_the_hub() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(mut sb, [], []) = Topology::new().start()?;
     // Six enrollments: six audit entries, named so they can be found.
     for i in 1..=6u8 {
         let key = NodeKey::from_seed([i; 32]).id().to_string();
@@ -139,8 +138,7 @@ fn audit_verify_names_the_first_entry_changed_behind_the_hub() -> Result<()> {
 fn a_busy_hubs_audit_log_stays_intact() -> Result<()> {
     // Entries written by the hub itself across restarts (rejected
     // handshakes, enrollments) chain on from each other.
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(mut sb, [], []) = Topology::new().start()?;
     for i in 1..=3u8 {
         let key = NodeKey::from_seed([i; 32]).id().to_string();
         sb.hub.enroll("GA", "public security", &key)?;

@@ -12,17 +12,18 @@ use shuyuan_protocol::catalog::{CatalogEntry, Review, ReviewStatus};
 use shuyuan_protocol::{NodeKey, RejectReason, UnixMillis};
 use shuyuan_tests::data;
 use shuyuan_tests::peer::CatalogPeer;
-use shuyuan_tests::{AgentProcess, ResourceSpec, Sandbox, bin, wait_for};
+use shuyuan_tests::{AgentProcess, AgentSpec, Nodes, ResourceSpec, Sandbox, Topology, wait_for};
 
 const CODE: &str = "101001/00001";
 
-fn resources() -> Vec<ResourceSpec> {
-    vec![ResourceSpec::new(
+/// The department: its household register shared daily as `CODE`.
+fn department() -> AgentSpec<'static> {
+    AgentSpec::sqlite("ga", "GA", &[data::HOUSEHOLD_DDL]).resources(vec![ResourceSpec::new(
         CODE,
         "household",
         &["id_number"],
         "daily",
-    )]
+    )])
 }
 
 /// Fills in every field a submission needs, then submits.
@@ -61,11 +62,7 @@ fn hub_entry(sb: &Sandbox, department: &str) -> Result<Option<Json>> {
 
 #[test]
 fn entries_are_submitted_reviewed_and_edited_offline_on_both_sides() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, _conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    sb.hub.start()?;
-    let mut agent = sb.agent("ga", "GA", &db, &resources(), "")?;
-    agent.start()?;
+    let Nodes(mut sb, [], [mut agent]) = Topology::new().agent(department()).start()?;
 
     // The agent drafted an entry whose data items are the table's columns.
     let draft = agent_entry(&agent)?;
@@ -172,8 +169,7 @@ fn entries_are_submitted_reviewed_and_edited_offline_on_both_sides() -> Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_fields_and_foreign_catalogs_are_refused_and_audited() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(sb, [], []) = Topology::new().start()?;
     let key = NodeKey::generate()?;
     sb.hub.enroll("MZ", "民政局", &key.id().to_string())?;
     let mut peer = CatalogPeer::connect(sb.hub.addr, &sb.hub.key, &key, "MZ").await?;
@@ -266,11 +262,8 @@ async fn review_fields_and_foreign_catalogs_are_refused_and_audited() -> Result<
 
 #[test]
 fn a_new_column_updates_the_data_items_and_starts_the_deadline_clock() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    sb.hub.start()?;
-    let mut agent = sb.agent("ga", "GA", &db, &resources(), "")?;
-    agent.start()?;
+    let Nodes(sb, [], [mut agent]) = Topology::new().agent(department()).start()?;
+    let conn = agent.database()?;
     complete_and_submit(&agent)?;
     wait_for("the submission at the hub", Duration::from_secs(20), || {
         Ok(hub_entry(&sb, "GA")?.filter(|e| e["state"] == "submitted"))
@@ -331,9 +324,7 @@ fn a_new_column_updates_the_data_items_and_starts_the_deadline_clock() -> Result
 
 #[test]
 fn a_form_with_a_bad_row_imports_nothing_and_a_good_one_imports_all() -> Result<()> {
-    let sb = Sandbox::new()?;
-    let (db, _c) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let agent = sb.agent("ga", "GA", &db, &resources(), "")?;
+    let Nodes(sb, [], [agent]) = Topology::new().agent(department()).build()?;
     // The agent is not running: the command edits the catalog file itself.
     let before = agent.catalog_view()?;
     let header = "信息资源代码,信息资源名称,信息资源分类,信息资源摘要,信息资源提供方,信息资源格式,共享类型,共享依据,共享方式,开放属性,更新周期";
@@ -341,12 +332,7 @@ fn a_form_with_a_bad_row_imports_nothing_and_a_good_one_imports_all() -> Result<
     let bad = "101001/00004,临时居住登记,基础信息资源,暂住登记,定海区公安分局,电子文件,随便共享,,传真,不予开放,每两天";
     let form = sb.dir.path().join("form.csv");
     std::fs::write(&form, format!("{header}\n{good}\n{bad}\n"))?;
-    let out = std::process::Command::new(bin("shuyuan-agent"))
-        .arg("--config")
-        .arg(&agent.config)
-        .args(["catalog", "import"])
-        .arg(&form)
-        .output()?;
+    let out = agent.cli(&["catalog", "import", form.to_str().unwrap()])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -409,15 +395,10 @@ fn a_form_with_a_bad_row_imports_nothing_and_a_good_one_imports_all() -> Result<
 
 #[test]
 fn the_catalogs_update_cycle_drives_zero_updates_and_freshness() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    std::fs::write(
-        &sb.hub.config,
-        std::fs::read_to_string(&sb.hub.config)? + "[freshness]\ngrace = \"1s\"\n",
-    )?;
-    let (db, _c) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    sb.hub.start()?;
-    let mut agent = sb.agent("ga", "GA", &db, &resources(), "")?;
-    agent.start()?;
+    let Nodes(sb, [], [mut agent]) = Topology::new()
+        .hub_config("[freshness]\ngrace = \"1s\"\n")
+        .agent(department())
+        .start()?;
     // The config says daily; the department declares a 2-second cycle in
     // its catalog (a test cycle; national cycles are required only to
     // submit). The catalog's cycle is in force.

@@ -1,15 +1,31 @@
 //! The command lines: help everywhere, and bad input that is named clearly.
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::Result;
 use shuyuan_tests::data;
-use shuyuan_tests::{AgentProcess, ResourceSpec, Sandbox, bin};
+use shuyuan_tests::{AgentProcess, AgentSpec, ResourceSpec, Sandbox, bin};
 
-fn fails(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run");
-    assert!(!out.status.success(), "{cmd:?} should fail");
+/// What `ARGS` printed to stderr; they must fail.
+fn fails(out: std::process::Output, args: &[&str]) -> String {
+    assert!(!out.status.success(), "{args:?} should fail");
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// An agent of department GA sharing the household register daily from
+/// `db`, configured in `name/` (neither enrolled nor capture installed).
+fn configured(sb: &Sandbox, name: &str, db: &Path, key: &str) -> Result<AgentProcess> {
+    sb.add_agent(
+        AgentSpec::sqlite_file(name, "GA", db)
+            .resources(vec![ResourceSpec::new(
+                "A01/0001",
+                "household",
+                &[key],
+                "daily",
+            )])
+            .configured_only(),
+    )
 }
 
 #[test]
@@ -57,24 +73,13 @@ fn every_command_has_help() {
 fn malformed_configs_name_file_key_and_reason() -> Result<()> {
     let sb = Sandbox::new()?;
     let (db, _c) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = [ResourceSpec::new(
-        "A01/0001",
-        "household",
-        &["id_number"],
-        "daily",
-    )];
-    let agent = AgentProcess::init(&sb.dir.path().join("a"), &sb.hub, "GA", &db, &resources, "")?;
+    let agent = configured(&sb, "a", &db, "id_number")?;
     let text = std::fs::read_to_string(&agent.config)?;
     std::fs::write(
         &agent.config,
         text.replace("update_cycle = \"daily\"", "update_cycle = \"fortnightly\""),
     )?;
-    let err = fails(
-        Command::new(bin("shuyuan-agent"))
-            .arg("--config")
-            .arg(&agent.config)
-            .arg("status"),
-    );
+    let err = fails(agent.cli(&["status"])?, &["status"]);
     assert!(err.contains(&agent.config.display().to_string()), "{err}");
     assert!(
         err.contains("resource[0].update_cycle") && err.contains("fortnightly"),
@@ -82,12 +87,7 @@ fn malformed_configs_name_file_key_and_reason() -> Result<()> {
     );
 
     std::fs::write(&sb.hub.config, "[hub]\nlisten = \"everywhere\"\n")?;
-    let err = fails(
-        Command::new(bin("shuyuan-hub"))
-            .arg("--config")
-            .arg(&sb.hub.config)
-            .arg("status"),
-    );
+    let err = fails(sb.hub.cli(&["status"])?, &["status"]);
     assert!(
         err.contains(&sb.hub.config.display().to_string())
             && err.contains("hub.listen")
@@ -100,7 +100,9 @@ fn malformed_configs_name_file_key_and_reason() -> Result<()> {
         Command::new(bin("shuyuan-hub"))
             .arg("--config")
             .arg(&missing)
-            .arg("run"),
+            .arg("run")
+            .output()?,
+        &["run"],
     );
     assert!(
         err.contains("nowhere.toml") && err.contains("cannot read"),
@@ -112,27 +114,9 @@ fn malformed_configs_name_file_key_and_reason() -> Result<()> {
 #[test]
 fn a_missing_or_unprepared_database_is_a_clear_error() -> Result<()> {
     let sb = Sandbox::new()?;
-    let resources = [ResourceSpec::new(
-        "A01/0001",
-        "household",
-        &["id_number"],
-        "daily",
-    )];
     let gone = sb.dir.path().join("gone.db");
-    let agent = AgentProcess::init(
-        &sb.dir.path().join("a"),
-        &sb.hub,
-        "GA",
-        &gone,
-        &resources,
-        "",
-    )?;
-    let err = fails(
-        Command::new(bin("shuyuan-agent"))
-            .arg("--config")
-            .arg(&agent.config)
-            .arg("run"),
-    );
+    let agent = configured(&sb, "a", &gone, "id_number")?;
+    let err = fails(agent.cli(&["run"])?, &["run"]);
     assert!(
         err.contains("cannot open SQLite database")
             && err.contains("gone.db")
@@ -145,31 +129,18 @@ fn a_missing_or_unprepared_database_is_a_clear_error() -> Result<()> {
     );
 
     let (db, _c) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let agent = AgentProcess::init(&sb.dir.path().join("b"), &sb.hub, "GA", &db, &resources, "")?;
-    let err = fails(
-        Command::new(bin("shuyuan-agent"))
-            .arg("--config")
-            .arg(&agent.config)
-            .arg("run"),
-    );
+    let agent = configured(&sb, "b", &db, "id_number")?;
+    let err = fails(agent.cli(&["run"])?, &["run"]);
     assert!(
         err.contains("triggers are not installed for table household")
             && err.contains("shuyuan-agent triggers install"),
         "{err}"
     );
 
-    let wrong_key = [ResourceSpec::new(
-        "A01/0001",
-        "household",
-        &["name"],
-        "daily",
-    )];
-    let agent = AgentProcess::init(&sb.dir.path().join("c"), &sb.hub, "GA", &db, &wrong_key, "")?;
+    let agent = configured(&sb, "c", &db, "name")?;
     let err = fails(
-        Command::new(bin("shuyuan-agent"))
-            .arg("--config")
-            .arg(&agent.config)
-            .args(["triggers", "install"]),
+        agent.cli(&["triggers", "install"])?,
+        &["triggers", "install"],
     );
     assert!(
         err.contains("neither its primary key nor a unique index"),

@@ -9,29 +9,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::{AgentProcess, ResourceSpec, Sandbox, assert_in_sync, wait_for};
+use shuyuan_tests::{AgentSpec, Nodes, ResourceSpec, Topology, assert_in_sync, wait_for};
 
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
 
 /// An agent of `department` whose wall clock is `offset` off (libfaketime
 /// syntax, e.g. `-3h`); its timers keep the real monotonic clock.
-fn skewed_agent(
-    sb: &Sandbox,
-    name: &str,
-    department: &str,
-    offset: &str,
-) -> Result<(AgentProcess, rusqlite::Connection, Vec<ResourceSpec>)> {
-    let (db, conn) = sb.database(&format!("{name}.db"), &[data::HOUSEHOLD_DDL])?;
-    let resources =
-        vec![ResourceSpec::new("A01/0001", "household", &["id_number"], "3s").heartbeat("1s")];
-    let mut agent = sb.agent(name, department, &db, &resources, "")?;
-    agent.env = vec![
-        ("LD_PRELOAD".into(), LIBFAKETIME.into()),
-        ("FAKETIME".into(), offset.into()),
-        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
-    ];
-    agent.start()?;
-    Ok((agent, conn, resources))
+fn skewed_agent(name: &str, department: &str, offset: &str) -> AgentSpec<'static> {
+    AgentSpec::sqlite(name, department, &[data::HOUSEHOLD_DDL])
+        .resources(vec![
+            ResourceSpec::new("A01/0001", "household", &["id_number"], "3s").heartbeat("1s"),
+        ])
+        .env("LD_PRELOAD", LIBFAKETIME)
+        .env("FAKETIME", offset)
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
 }
 
 #[test]
@@ -40,14 +31,12 @@ fn agent_clocks_hours_off_are_flagged_and_their_feeds_stay_fresh() -> Result<()>
         std::path::Path::new(LIBFAKETIME).exists(),
         "{LIBFAKETIME} is missing: install the Debian package faketime (.ci/run does)"
     );
-    let mut sb = Sandbox::new()?;
-    std::fs::write(
-        &sb.hub.config,
-        std::fs::read_to_string(&sb.hub.config)? + "[freshness]\ngrace = \"1s\"\n",
-    )?;
-    sb.hub.start()?;
-    let (mut behind, ga_db, ga) = skewed_agent(&sb, "ga", "GA", "-3h")?;
-    let (mut ahead, mz_db, mz) = skewed_agent(&sb, "mz", "MZ", "+5h")?;
+    let Nodes(sb, [], [mut behind, mut ahead]) = Topology::new()
+        .hub_config("[freshness]\ngrace = \"1s\"\n")
+        .agent(skewed_agent("ga", "GA", "-3h"))
+        .agent(skewed_agent("mz", "MZ", "+5h"))
+        .start()?;
+    let (ga_db, mz_db) = (behind.database()?, ahead.database()?);
     let mut rng = Rng::new(4);
     for _ in 0..20 {
         data::insert_household(&ga_db, &mut rng)?;
@@ -65,8 +54,8 @@ fn agent_clocks_hours_off_are_flagged_and_their_feeds_stay_fresh() -> Result<()>
             },
         )?;
     }
-    assert_in_sync(&sb.hub, &behind, &ga)?;
-    assert_in_sync(&sb.hub, &ahead, &mz)?;
+    assert_in_sync(&sb.hub, &behind)?;
+    assert_in_sync(&sb.hub, &ahead)?;
 
     // The hub measures each skew from the agents' reports.
     let skews = wait_for("both skews measured", Duration::from_secs(30), || {
@@ -123,11 +112,7 @@ fn agent_clocks_hours_off_are_flagged_and_their_feeds_stay_fresh() -> Result<()>
         text.contains("CLOCK its clock is") && text.contains("behind the hub's"),
         "{text}"
     );
-    let metrics = reqwest::blocking::Client::new()
-        .get(format!("{}/metrics", sb.hub.admin_url()?))
-        .bearer_auth(sb.hub.admin_token()?)
-        .send()?
-        .text()?;
+    let metrics = sb.hub.admin_get("/metrics")?;
     let sample = |key: &str| {
         metrics
             .lines()

@@ -12,7 +12,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::Value as Json;
-use shuyuan_tests::{AgentProcess, ResourceSpec, Sandbox, data, wait_for};
+use shuyuan_tests::{
+    AgentProcess, AgentSpec, HubSpec, Nodes, ResourceSpec, Sandbox, Topology, data, wait_for,
+};
 
 const PASSWORD: &str = "correct horse battery staple";
 const HOUSEHOLD: &str = "101001/00001";
@@ -54,8 +56,8 @@ fn department(
     rows: usize,
     cycle: &str,
 ) -> Result<AgentProcess> {
-    let (db, conn) = sb.database(&format!("{name}.db"), &[ddl])?;
-    let mut agent = sb.agent(name, code, &db, &spec, "")?;
+    let mut agent = sb.add_agent(AgentSpec::sqlite(name, code, &[ddl]).resources(spec))?;
+    let conn = agent.database()?;
     let mut rng = data::Rng::new(7);
     for _ in 0..rows {
         if ddl == data::HOUSEHOLD_DDL {
@@ -65,8 +67,9 @@ fn department(
         }
     }
     agent.start()?;
-    agent.catalog(&["set", &spec[0].code, "update_cycle", cycle])?;
-    let feed = format!("{code}:{}", spec[0].code);
+    let resource = agent.resources[0].code.clone();
+    agent.catalog(&["set", &resource, "update_cycle", cycle])?;
+    let feed = format!("{code}:{resource}");
     wait_for("the rows at the hub", Duration::from_secs(30), || {
         Ok(sb
             .hub
@@ -96,9 +99,7 @@ fn complete_and_submit(agent: &AgentProcess, code: &str) -> Result<()> {
 
 #[test]
 fn the_api_answers_every_endpoint_and_refuses_without_a_login() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.set_admin(PASSWORD, "")?;
-    sb.hub.start()?;
+    let Nodes(sb, [], []) = Topology::new().admin_password(PASSWORD).start()?;
     let ga = department(
         &sb,
         "ga",
@@ -422,8 +423,7 @@ fn the_api_answers_every_endpoint_and_refuses_without_a_login() -> Result<()> {
 
 #[test]
 fn an_open_console_serves_this_machine_only() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(mut sb, [], []) = Topology::new().start()?;
     let base = sb.hub.admin_url()?;
     let http = client()?;
     let r = http.get(format!("{base}/api/v1/status")).send()?;
@@ -557,16 +557,12 @@ fn read_request(stream: &mut std::net::TcpStream) -> Result<(BTreeMap<String, St
 #[test]
 fn a_webhook_gets_the_overdue_and_disconnected_events() -> Result<()> {
     let receiver = Receiver::start()?;
-    let mut sb = Sandbox::new()?;
-    std::fs::write(
-        &sb.hub.config,
-        std::fs::read_to_string(&sb.hub.config)?
-            + &format!(
-                "[freshness]\ngrace = \"1s\"\n[alerts]\nwebhook = \"{}\"\nattempts = 3\nretry_after = \"200ms\"\n",
-                receiver.url
-            ),
-    )?;
-    sb.hub.start()?;
+    let Nodes(sb, [], []) = Topology::new()
+        .hub_config(&format!(
+            "[freshness]\ngrace = \"1s\"\n[alerts]\nwebhook = \"{}\"\nattempts = 3\nretry_after = \"200ms\"\n",
+            receiver.url
+        ))
+        .start()?;
     let mut ga = department(&sb, "ga", "GA", household(), data::HOUSEHOLD_DDL, 5, "2s")?;
     let feed = format!("GA:{HOUSEHOLD}");
     ga.stop()?;
@@ -737,10 +733,10 @@ mod browser {
 
     #[test]
     fn an_administrator_finds_overdue_and_zero_updated_resources_in_chromium() -> Result<()> {
-        let mut sb = Sandbox::new()?;
-        sb.hub
-            .set_admin(PASSWORD, "[freshness]\ngrace = \"1s\"\n")?;
-        sb.hub.start()?;
+        let Nodes(sb, [], []) = Topology::new()
+            .admin_password(PASSWORD)
+            .hub_config("[freshness]\ngrace = \"1s\"\n")
+            .start()?;
         // 公安 goes quiet and stops: overdue. 市场监管 keeps reporting
         // zero-updates every 2 s.
         let mut ga = department(&sb, "ga", "GA", household(), data::HOUSEHOLD_DDL, 5, "2s")?;
@@ -944,34 +940,20 @@ mod browser {
 
 #[test]
 fn federation_page_shows_the_tree() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let mut county = sb.extra_hub("county")?;
-    sb.hub.enroll_hub("330902", "county", &county.key)?;
-    county.set_upstream(&sb.hub, "undeclared = \"forward\"\n")?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let mut agent = sb.agent_at(&county, "dept", "GA-1", &db, &household(), "")?;
-    sb.hub.start()?;
-    county.start()?;
-    agent.start()?;
+    let Nodes(sb, [county], [agent]) = Topology::new()
+        .hub(HubSpec::child("county", "330902").share("undeclared = \"forward\"\n"))
+        .agent(
+            AgentSpec::sqlite("dept", "GA-1", &[data::HOUSEHOLD_DDL])
+                .resources(household())
+                .at("county"),
+        )
+        .start()?;
+    let conn = agent.database()?;
     let mut rng = data::Rng::new(11);
     for _ in 0..5 {
         data::insert_household(&conn, &mut rng)?;
     }
     let feed = format!("GA-1:{HOUSEHOLD}");
-    let http = client()?;
-    // GET a path of a hub's console with that hub's local token.
-    let get = |hub: &shuyuan_tests::HubProcess, path: &str| -> Result<String> {
-        let r = http
-            .get(format!("{}{path}", hub.admin_url()?))
-            .bearer_auth(hub.admin_token()?)
-            .send()?;
-        let status = r.status();
-        let body = r.text()?;
-        if status != StatusCode::OK {
-            bail!("{path}: {status}: {body}");
-        }
-        Ok(body)
-    };
 
     // The parent sees the county connected, and the feed at the county
     // with nothing the parent lacks.
@@ -979,7 +961,7 @@ fn federation_page_shows_the_tree() -> Result<()> {
         "the county connected and its feed level with the parent",
         Duration::from_secs(60),
         || {
-            let v: Json = serde_json::from_str(&get(&sb.hub, "/api/v1/federation")?)?;
+            let v: Json = serde_json::from_str(&sb.hub.admin_get("/api/v1/federation")?)?;
             let connected = v["children"].as_array().is_some_and(|cs| {
                 cs.iter()
                     .any(|c| c["code"] == "330902" && c["connected"] == true)
@@ -1020,7 +1002,7 @@ fn federation_page_shows_the_tree() -> Result<()> {
     assert!(row["held"].is_null(), "{row}");
 
     // The page, in both languages.
-    let html = get(&sb.hub, "/federation?lang=en")?;
+    let html = sb.hub.admin_get("/federation?lang=en")?;
     for words in [
         "<h1>Federation</h1>",
         "<h2>Child hubs</h2>",
@@ -1032,21 +1014,21 @@ fn federation_page_shows_the_tree() -> Result<()> {
     ] {
         assert!(html.contains(words), "{words:?} missing from:\n{html}");
     }
-    let html = get(&sb.hub, "/federation?lang=zh")?;
+    let html = sb.hub.admin_get("/federation?lang=zh")?;
     assert!(
         html.contains("<h2>级联树</h2>") && html.contains(">county</span>"),
         "{html}"
     );
 
     // The county reports its link up.
-    let metrics = get(&county, "/metrics")?;
+    let metrics = county.admin_get("/metrics")?;
     assert!(
         metrics.lines().any(|l| l == "shuyuan_upstream_connected 1"),
         "{metrics}"
     );
     let series = metric_values(&metrics);
     assert_eq!(series.get("shuyuan_upstream_rejections_total"), Some(&0.0));
-    let up: Json = serde_json::from_str(&get(&county, "/api/v1/federation")?)?;
+    let up: Json = serde_json::from_str(&county.admin_get("/api/v1/federation")?)?;
     assert_eq!(up["upstream"]["link"], "connected", "{up}");
     assert_eq!(up["upstream"]["parent"], sb.hub.key.as_str());
     assert_eq!(up["children"].as_array().map(Vec::len), Some(0));

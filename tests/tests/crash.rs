@@ -19,10 +19,10 @@ use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::pg::PgInstance;
+use shuyuan_tests::pg::{PgInstance, pgbench_resources};
 use shuyuan_tests::{
-    AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_in_sync, assert_pg_in_sync, bin,
-    wait_for,
+    AgentProcess, AgentSpec, HubProcess, Nodes, ResourceSpec, Sandbox, Topology, assert_in_sync,
+    assert_pg_in_sync, bin, wait_for,
 };
 
 /// The tests each run many processes; together on two cores they would
@@ -71,10 +71,51 @@ fn cycles(min: usize) -> usize {
 
 /// A hub, an agent and a source with a writer, which the driver can crash.
 trait Rig {
+    /// What the report calls the source.
+    const SOURCE: &str;
+    /// What the report calls the agent's catching up after the last write.
+    const CAUGHT_UP: &str;
     /// Kills `victim` with SIGKILL, waits `down`, and starts it again.
     fn crash(&mut self, victim: Victim, down: Duration) -> Result<()>;
-    /// The hub's host, to read progress from.
-    fn hub(&self) -> &HubProcess;
+    /// The sandbox, whose hub the progress is read from.
+    fn sandbox(&self) -> &Sandbox;
+    /// Stops the department's writes.
+    fn stop_writes(&mut self) -> Result<()>;
+    /// Waits until the agent captured everything and the hub acknowledged it.
+    fn wait_caught_up(&self, timeout: Duration) -> Result<()>;
+    /// Compares the hub's copy with the source; the rows compared.
+    fn assert_in_sync(&self) -> Result<usize>;
+}
+
+/// One crash test: the rig `start` makes (from the seed) crashed `min`
+/// times (or `SHUYUAN_CRASH_CYCLES`), its writes stopped, and then the
+/// hub's copy equal to the source, every batch applied once.
+fn crash_test<R: Rig>(test: &str, min: usize, start: impl FnOnce(u64) -> Result<R>) -> Result<()> {
+    let _serial = serial();
+    let seed = seed(test)?;
+    let mut rng = Rng::new(seed);
+    let started = Instant::now();
+    let mut rig = start(seed)?;
+    let n = cycles(min);
+    let killed = drive(&mut rig, &mut rng, n)?;
+    rig.stop_writes()?;
+    let stopped = Instant::now();
+    rig.wait_caught_up(Duration::from_secs(180))?;
+    let drained = stopped.elapsed();
+    let rows = rig.assert_in_sync()?;
+    applied_once(rig.sandbox())?;
+    eprintln!(
+        "seed {seed}: {n} crashes (agent {}, hub {}, {} {}), {rows} rows equal, \
+         {} batches applied once; {} {drained:?} after the last write; {:?} in all",
+        killed[0],
+        killed[1],
+        R::SOURCE,
+        killed[2],
+        applied(&rig.sandbox().hub)?,
+        R::CAUGHT_UP,
+        started.elapsed()
+    );
+    Ok(())
 }
 
 /// Batches the hub applied, over every feed.
@@ -93,20 +134,20 @@ fn applied(hub: &HubProcess) -> Result<u64> {
 /// restarted, then the driver waits until the hub applied a batch it did
 /// not have at the crash, so that every crash lands in a live stream.
 /// Returns how often each victim was killed.
-fn drive(rig: &mut dyn Rig, rng: &mut Rng, n: usize) -> Result<[usize; 3]> {
+fn drive(rig: &mut impl Rig, rng: &mut Rng, n: usize) -> Result<[usize; 3]> {
     let mut killed = [0; 3];
     for cycle in 1..=n {
         std::thread::sleep(Duration::from_millis(200 + rng.below(2300)));
         let victim = *rng.pick(&VICTIMS);
         let down = Duration::from_millis(rng.below(1000));
-        let before = applied(rig.hub())?;
+        let before = applied(&rig.sandbox().hub)?;
         let at = Instant::now();
         rig.crash(victim, down)
             .with_context(|| format!("cycle {cycle}: crashing the {victim:?}"))?;
         wait_for(
             &format!("the stream to move again after cycle {cycle} ({victim:?})"),
             Duration::from_secs(120),
-            || Ok((applied(rig.hub())? > before).then_some(())),
+            || Ok((applied(&rig.sandbox().hub)? > before).then_some(())),
         )?;
         eprintln!(
             "cycle {cycle}: killed the {victim:?} after {before} batches, down {down:?}, \
@@ -183,22 +224,48 @@ impl Drop for WriterProcess {
 struct SqliteRig {
     sb: Sandbox,
     agent: AgentProcess,
-    db: PathBuf,
     writer: WriterProcess,
     incarnation: u64,
     seed: u64,
 }
 
 impl SqliteRig {
+    /// A department writing to two tables (the crash writer, from `seed`),
+    /// its agent and the hub, all running.
+    fn start(seed: u64) -> Result<SqliteRig> {
+        let Nodes(sb, [], [agent]) = Topology::new()
+            .agent(
+                AgentSpec::sqlite("ga", "GA", &[data::HOUSEHOLD_DDL, data::PARCEL_DDL])
+                    .resources(vec![
+                        ResourceSpec::household(),
+                        ResourceSpec::land_parcel("realtime"),
+                    ])
+                    // Small batches keep many in flight when a crash lands.
+                    .outbox("batch_max_changes = 20"),
+            )
+            .start()?;
+        let writer = WriterProcess::spawn(&agent.db, seed, &sb.dir.path().join("writer.log"))?;
+        Ok(SqliteRig {
+            sb,
+            agent,
+            writer,
+            incarnation: 0,
+            seed,
+        })
+    }
+
     fn respawn_writer(&mut self) -> Result<()> {
         self.incarnation += 1;
         let log = self.sb.dir.path().join("writer.log");
-        self.writer = WriterProcess::spawn(&self.db, self.seed ^ self.incarnation, &log)?;
+        self.writer = WriterProcess::spawn(&self.agent.db, self.seed ^ self.incarnation, &log)?;
         Ok(())
     }
 }
 
 impl Rig for SqliteRig {
+    const SOURCE: &str = "writer";
+    const CAUGHT_UP: &str = "drained";
+
     fn crash(&mut self, victim: Victim, down: Duration) -> Result<()> {
         match victim {
             Victim::Agent => self.agent.kill()?,
@@ -213,59 +280,30 @@ impl Rig for SqliteRig {
         }
     }
 
-    fn hub(&self) -> &HubProcess {
-        &self.sb.hub
+    fn sandbox(&self) -> &Sandbox {
+        &self.sb
+    }
+
+    fn stop_writes(&mut self) -> Result<()> {
+        self.writer.kill()
+    }
+
+    fn wait_caught_up(&self, timeout: Duration) -> Result<()> {
+        self.agent.wait_drained(timeout).map(drop)
+    }
+
+    fn assert_in_sync(&self) -> Result<usize> {
+        assert_in_sync(&self.sb.hub, &self.agent)
     }
 }
 
 #[test]
 fn random_sigkills_of_agent_hub_and_sqlite_writer_lose_and_repeat_nothing() -> Result<()> {
-    let _serial = serial();
-    let seed = seed("random_sigkills_of_agent_hub_and_sqlite_writer")?;
-    let mut rng = Rng::new(seed);
-    let started = Instant::now();
-    let mut sb = Sandbox::new()?;
-    let (db, _) = sb.database("dept.db", &[data::HOUSEHOLD_DDL, data::PARCEL_DDL])?;
-    let resources = vec![
-        ResourceSpec::household(),
-        ResourceSpec::new(
-            "B02/0007",
-            "land_parcel",
-            &["district", "parcel_no"],
-            "realtime",
-        ),
-    ];
-    sb.hub.start()?;
-    // Small batches keep many in flight when a crash lands.
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 20")?;
-    agent.start()?;
-    let writer = WriterProcess::spawn(&db, seed, &sb.dir.path().join("writer.log"))?;
-    let mut rig = SqliteRig {
-        sb,
-        agent,
-        db,
-        writer,
-        incarnation: 0,
-        seed,
-    };
-    let n = cycles(20);
-    let killed = drive(&mut rig, &mut rng, n)?;
-    rig.writer.kill()?;
-    let stopped = Instant::now();
-    rig.agent.wait_drained(Duration::from_secs(180))?;
-    let drained = stopped.elapsed();
-    let rows = assert_in_sync(&rig.sb.hub, &rig.agent, &resources)?;
-    applied_once(&rig.sb)?;
-    eprintln!(
-        "seed {seed}: {n} crashes (agent {}, hub {}, writer {}), {rows} rows equal, \
-         {} batches applied once; drained {drained:?} after the last write; {:?} in all",
-        killed[0],
-        killed[1],
-        killed[2],
-        applied(&rig.sb.hub)?,
-        started.elapsed()
-    );
-    Ok(())
+    crash_test(
+        "random_sigkills_of_agent_hub_and_sqlite_writer",
+        20,
+        SqliteRig::start,
+    )
 }
 
 /// pgbench against a PostgreSQL source, restarted when the server was
@@ -302,7 +340,30 @@ struct PgRig {
     bench: Pgbench,
 }
 
+impl PgRig {
+    /// A PostgreSQL source with pgbench writing, its agent (caught up with
+    /// the initial load) and the hub, all running.
+    fn start(_seed: u64) -> Result<PgRig> {
+        let sb = Sandbox::new()?;
+        let pg = sb.pgbench(1)?;
+        let Nodes(sb, [], [agent]) = Topology::new()
+            .agent(AgentSpec::postgres("agent", "PG-330902", &pg).resources(pgbench_resources()))
+            .start_in(sb)?;
+        agent.wait_pg_caught_up(&pg, Duration::from_secs(120))?;
+        let bench = Pgbench::spawn(&pg)?;
+        Ok(PgRig {
+            sb,
+            agent,
+            pg,
+            bench,
+        })
+    }
+}
+
 impl Rig for PgRig {
+    const SOURCE: &str = "postgres";
+    const CAUGHT_UP: &str = "caught up";
+
     fn crash(&mut self, victim: Victim, down: Duration) -> Result<()> {
         match victim {
             Victim::Agent => self.agent.kill()?,
@@ -325,53 +386,29 @@ impl Rig for PgRig {
         }
     }
 
-    fn hub(&self) -> &HubProcess {
-        &self.sb.hub
+    fn sandbox(&self) -> &Sandbox {
+        &self.sb
+    }
+
+    fn stop_writes(&mut self) -> Result<()> {
+        self.bench.kill();
+        Ok(())
+    }
+
+    fn wait_caught_up(&self, timeout: Duration) -> Result<()> {
+        self.agent.wait_pg_caught_up(&self.pg, timeout)
+    }
+
+    fn assert_in_sync(&self) -> Result<usize> {
+        assert_pg_in_sync(&self.sb.hub, &self.agent, &self.pg)
     }
 }
 
 #[test]
 fn random_sigkills_of_agent_hub_and_postgresql_lose_and_repeat_nothing() -> Result<()> {
-    let _serial = serial();
-    let seed = seed("random_sigkills_of_agent_hub_and_postgresql")?;
-    let mut rng = Rng::new(seed);
-    let started = Instant::now();
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let pg = sb.postgres("pg")?;
-    pg.pgbench(&["-i", "-q", "-s", "1"])?;
-    pg.sql("ALTER TABLE pgbench_history REPLICA IDENTITY FULL")?;
-    let resources: Vec<ResourceSpec> = ["accounts", "branches", "tellers", "history"]
-        .iter()
-        .map(|t| ResourceSpec::new(&t.to_uppercase(), &format!("pgbench_{t}"), &[], "realtime"))
-        .collect();
-    let mut agent = sb.pg_agent("agent", "PG-330902", &pg, &resources, "")?;
-    agent.start()?;
-    agent.wait_pg_caught_up(&pg, Duration::from_secs(120))?;
-    let bench = Pgbench::spawn(&pg)?;
-    let mut rig = PgRig {
-        sb,
-        agent,
-        pg,
-        bench,
-    };
-    let n = cycles(8);
-    let killed = drive(&mut rig, &mut rng, n)?;
-    rig.bench.kill();
-    let stopped = Instant::now();
-    rig.agent
-        .wait_pg_caught_up(&rig.pg, Duration::from_secs(180))?;
-    let drained = stopped.elapsed();
-    let rows = assert_pg_in_sync(&rig.sb.hub, &rig.agent, &rig.pg, &resources)?;
-    applied_once(&rig.sb)?;
-    eprintln!(
-        "seed {seed}: {n} crashes (agent {}, hub {}, postgres {}), {rows} rows equal, \
-         {} batches applied once; caught up {drained:?} after the last write; {:?} in all",
-        killed[0],
-        killed[1],
-        killed[2],
-        applied(&rig.sb.hub)?,
-        started.elapsed()
-    );
-    Ok(())
+    crash_test(
+        "random_sigkills_of_agent_hub_and_postgresql",
+        8,
+        PgRig::start,
+    )
 }

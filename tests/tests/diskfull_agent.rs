@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use rusqlite::params;
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::tmpfs::Tmpfs;
-use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, immediate, now_millis, wait_for};
+use shuyuan_tests::{AgentSpec, Nodes, Topology, assert_in_sync, immediate, now_millis, wait_for};
 
 /// A household row with a long address and a 4 KiB photo (about 6 KiB in a
 /// batch), random so that nothing compresses it away. Returns whether a
@@ -61,20 +60,20 @@ fn df(dir: &Path) -> String {
 
 #[test]
 fn full_disk_pauses_capture_and_the_agent_recovers_by_itself() -> Result<()> {
-    let mut sb = Sandbox::new()?;
+    let Nodes(mut sb, [], [mut agent]) = Topology::new()
+        // The agent's data directory (`data` next to its config) is the
+        // mount point: the outbox and the catalog are on an 8 MiB
+        // filesystem, unmounted after the agent stopped.
+        .tmpfs("ga/data", "8m")
+        .agent(AgentSpec::household("ga", "GA"))
+        .build()?;
     // After the harness built the binaries.
     let started = Instant::now();
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = vec![ResourceSpec::household()];
-    // The agent's data directory (`data` next to its config) is the mount
-    // point: the outbox and the catalog are on an 8 MiB filesystem. Dropped
-    // after the agent (declared before it), so the agent is stopped first.
-    let data_dir = sb.dir.path().join("ga").join("data");
-    let tmpfs = Tmpfs::mount(&data_dir, "8m")?;
+    let data_dir = agent.dir.join("data");
     // The hub is enrolled but not running: nothing is acknowledged, so the
     // outbox only grows.
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "")?;
     agent.start()?;
+    let conn = agent.database()?;
     let mut rng = Rng::new(83);
 
     // Fill the disk, 100 rows (about 600 KiB) at a time, until status says
@@ -135,12 +134,7 @@ fn full_disk_pauses_capture_and_the_agent_recovers_by_itself() -> Result<()> {
             .is_some_and(|e| e.contains("No space left on device")),
         "{paused}"
     );
-    let text = shuyuan_tests::run(
-        Command::new(shuyuan_tests::bin_dir().join("shuyuan-agent"))
-            .arg("--config")
-            .arg(&agent.config)
-            .arg("status"),
-    )?;
+    let text = agent.status_text()?;
     assert!(
         text.contains("OUTBOX CANNOT WRITE since")
             && text.contains("No space left on device")
@@ -157,7 +151,7 @@ fn full_disk_pauses_capture_and_the_agent_recovers_by_itself() -> Result<()> {
     // making room.
     let remounted = Instant::now();
     let asked = now_millis();
-    tmpfs.resize("64m")?;
+    sb.tmpfs("ga/data")?.resize("64m")?;
     let recovered = wait_for(
         "the agent to seal the backlog after space returned",
         Duration::from_secs(120),
@@ -190,7 +184,7 @@ fn full_disk_pauses_capture_and_the_agent_recovers_by_itself() -> Result<()> {
     sb.hub.start()?;
     agent.wait_drained(Duration::from_secs(180))?;
     let drained_in = hub_started.elapsed();
-    let rows = assert_in_sync(&sb.hub, &agent, &resources)?;
+    let rows = assert_in_sync(&sb.hub, &agent)?;
     assert_eq!(rows, inserted, "every inserted row is at the hub");
     let feed = sb.hub.assert_applied_once("GA:A01/0001")?;
     sb.assert_no_rejections()?;
@@ -211,7 +205,5 @@ fn full_disk_pauses_capture_and_the_agent_recovers_by_itself() -> Result<()> {
         feed["batches_applied"],
         started.elapsed().as_secs_f64()
     );
-    drop(agent);
-    drop(tmpfs);
     Ok(())
 }

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail, ensure};
 use serde_json::Value as Json;
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::tmpfs::Tmpfs;
-use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, immediate, wait_for};
+use shuyuan_tests::{AgentSpec, Nodes, Topology, assert_in_sync, immediate, wait_for};
 
 const FEED: &str = "GA:A01/0001";
 
@@ -51,15 +50,12 @@ fn metric(metrics: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn a_full_disk_stops_acks_is_reported_and_the_hub_recovers_when_space_returns() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = vec![ResourceSpec::household()];
-    // Declared after the sandbox, so it is unmounted before the sandbox's
-    // directory is removed.
-    let disk = Tmpfs::mount(&sb.hub.dir.join("data"), "8m")?;
-    sb.hub.start()?;
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 50")?;
-    agent.start()?;
+    let Nodes(sb, [], [agent]) = Topology::new()
+        // The hub's store on an 8 MiB filesystem.
+        .tmpfs("hub/data", "8m")
+        .agent(AgentSpec::household("ga", "GA").outbox("batch_max_changes = 50"))
+        .start()?;
+    let conn = agent.database()?;
     let mut rng = Rng::new(31);
     insert_big(&conn, &mut rng, 20)?;
     agent.wait_drained(Duration::from_secs(60))?;
@@ -113,11 +109,7 @@ fn a_full_disk_stops_acks_is_reported_and_the_hub_recovers_when_space_returns() 
             .is_some_and(|r| r.contains("unavailable") && r.contains("No space left")),
         "the agent is told why: {during}"
     );
-    let metrics = reqwest::blocking::Client::new()
-        .get(format!("{}/metrics", sb.hub.admin_url()?))
-        .bearer_auth(sb.hub.admin_token()?)
-        .send()?
-        .text()?;
+    let metrics = sb.hub.admin_get("/metrics")?;
     assert_eq!(
         metric(&metrics, "shuyuan_store_writable"),
         Some(0.0),
@@ -131,7 +123,7 @@ fn a_full_disk_stops_acks_is_reported_and_the_hub_recovers_when_space_returns() 
     // Space returns: the hub reopens its store by itself, with no restart.
     let pid = sb.hub.pid();
     let space_back = Instant::now();
-    disk.resize("256m")?;
+    sb.tmpfs("hub/data")?.resize("256m")?;
     let recovered = wait_for(
         "the hub's store to write again",
         // Agents resend refused batches within 30 s (their backoff cap);
@@ -152,7 +144,7 @@ fn a_full_disk_stops_acks_is_reported_and_the_hub_recovers_when_space_returns() 
         writable_after.as_secs_f64(),
         space_back.elapsed().as_secs_f64()
     );
-    assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert_in_sync(&sb.hub, &agent)?;
     sb.hub.assert_applied_once(FEED)?;
     sb.assert_no_rejections()?;
 

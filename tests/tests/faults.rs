@@ -5,17 +5,17 @@ use std::time::Duration;
 
 use anyhow::Result;
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, immediate, wait_for};
+use shuyuan_tests::{
+    AgentSpec, Nodes, ResourceSpec, Topology, assert_in_sync, immediate, wait_for,
+};
 
 #[test]
 fn agent_killed_mid_stream_loses_and_repeats_nothing() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = vec![ResourceSpec::household()];
-    sb.hub.start()?;
-    // Small batches, so that the stream is long enough to interrupt.
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 20")?;
-    agent.start()?;
+    let Nodes(sb, [], [mut agent]) = Topology::new()
+        // Small batches, so that the stream is long enough to interrupt.
+        .agent(AgentSpec::household("ga", "GA").outbox("batch_max_changes = 20"))
+        .start()?;
+    let conn = agent.database()?;
     let mut rng = Rng::new(11);
     let total = 8000;
     let tx = immediate(&conn)?;
@@ -55,7 +55,7 @@ fn agent_killed_mid_stream_loses_and_repeats_nothing() -> Result<()> {
         data::churn_one(&conn, "household", &mut rng)?;
     }
     agent.wait_drained(Duration::from_secs(180))?;
-    let rows = assert_in_sync(&sb.hub, &agent, &resources)?;
+    let rows = assert_in_sync(&sb.hub, &agent)?;
     assert!(rows >= total, "{rows} rows");
     sb.hub.assert_applied_once("GA:A01/0001")?;
     sb.assert_no_rejections()?;
@@ -64,20 +64,17 @@ fn agent_killed_mid_stream_loses_and_repeats_nothing() -> Result<()> {
 
 #[test]
 fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL, data::PARCEL_DDL])?;
     let resources = vec![
         ResourceSpec::household(),
-        ResourceSpec::new(
-            "B02/0007",
-            "land_parcel",
-            &["district", "parcel_no"],
-            "daily",
-        ),
+        ResourceSpec::land_parcel("daily"),
     ];
-    sb.hub.start()?;
-    let mut agent = sb.agent("zr", "ZR", &db, &resources, "")?;
-    agent.start()?;
+    let Nodes(mut sb, [], [agent]) = Topology::new()
+        .agent(
+            AgentSpec::sqlite("zr", "ZR", &[data::HOUSEHOLD_DDL, data::PARCEL_DDL])
+                .resources(resources),
+        )
+        .start()?;
+    let conn = agent.database()?;
     let mut rng = Rng::new(12);
     for _ in 0..300 {
         data::churn_one(&conn, "household", &mut rng)?;
@@ -111,7 +108,7 @@ fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     sb.hub.start()?;
     agent.wait_drained(Duration::from_secs(120))?;
-    assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert_in_sync(&sb.hub, &agent)?;
     sb.hub.assert_applied_once("ZR:A01/0001")?;
     sb.hub.assert_applied_once("ZR:B02/0007")?;
     sb.assert_no_rejections()?;
@@ -120,18 +117,15 @@ fn hub_down_for_a_while_agent_buffers_and_catches_up() -> Result<()> {
 
 #[test]
 fn full_outbox_pauses_capture_without_losing_changes() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = vec![ResourceSpec::household()];
+    let Nodes(mut sb, [], [mut agent]) = Topology::new()
+        .agent(
+            AgentSpec::household("ga", "GA")
+                .outbox("max_size = \"64 KiB\"\nbatch_max_size = \"8 KiB\""),
+        )
+        .build()?;
     // The hub is enrolled but not running: nothing is acknowledged.
-    let mut agent = sb.agent(
-        "ga",
-        "GA",
-        &db,
-        &resources,
-        "max_size = \"64 KiB\"\nbatch_max_size = \"8 KiB\"",
-    )?;
     agent.start()?;
+    let conn = agent.database()?;
     let mut rng = Rng::new(13);
     let tx = immediate(&conn)?;
     for _ in 0..3000 {
@@ -155,18 +149,13 @@ fn full_outbox_pauses_capture_without_losing_changes() -> Result<()> {
         paused["source"]["backlog"].as_u64() > Some(0),
         "changes wait in the source: {paused}"
     );
-    let text = shuyuan_tests::run(
-        std::process::Command::new(shuyuan_tests::bin_dir().join("shuyuan-agent"))
-            .arg("--config")
-            .arg(&agent.config)
-            .arg("status"),
-    )?;
+    let text = agent.status_text()?;
     assert!(text.contains("CAPTURE PAUSED"), "{text}");
 
     sb.hub.start()?;
     let s = agent.wait_drained(Duration::from_secs(120))?;
     assert_eq!(s["source"]["paused_outbox_full"], false);
-    assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert_in_sync(&sb.hub, &agent)?;
     sb.hub.assert_applied_once("GA:A01/0001")?;
     sb.assert_no_rejections()?;
     Ok(())

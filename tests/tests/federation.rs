@@ -18,8 +18,8 @@ use shuyuan_protocol::{
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::peer::{FeedPeer, batch, expect_ack, expect_reject};
 use shuyuan_tests::{
-    AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_same_rows, immediate, source_rows,
-    wait_for,
+    AgentProcess, AgentSpec, HubProcess, HubSpec, Nodes, ResourceSpec, Sandbox, Topology,
+    assert_same_rows, immediate, source_rows, wait_for,
 };
 
 const HOUSEHOLD: &str = "101001/00001";
@@ -33,38 +33,30 @@ fn resources() -> Vec<ResourceSpec> {
     ]
 }
 
-/// A department under `hub` with both tables, `rows` of each, and its
-/// catalog entries' share types set (household conditional, licence as
-/// `licence_share`).
+/// A department with both tables, `rows` of each written before its agent
+/// is installed, and its catalog entries' share types set (household
+/// conditional, licence as `licence_share`). Reports to the sandbox's hub
+/// unless placed [`AgentSpec::at`] another.
 fn department(
-    sb: &Sandbox,
-    hub: &HubProcess,
     name: &str,
     code: &str,
     rows: usize,
     licence_share: &str,
     seed: u64,
-) -> Result<(AgentProcess, rusqlite::Connection)> {
-    let (db, conn) = sb.database(
-        &format!("{name}.db"),
-        &[data::HOUSEHOLD_DDL, data::LICENCE_DDL],
-    )?;
-    let mut rng = Rng::new(seed);
-    for _ in 0..rows {
-        data::insert_household(&conn, &mut rng)?;
-        data::insert_licence(&conn, &mut rng)?;
-    }
-    let agent = sb.agent_at(
-        hub,
-        name,
-        code,
-        &db,
-        &resources(),
-        "batch_max_changes = 100",
-    )?;
-    agent.catalog(&["set", HOUSEHOLD, "share_type", "有条件共享"])?;
-    agent.catalog(&["set", LICENCE, "share_type", licence_share])?;
-    Ok((agent, conn))
+) -> AgentSpec<'static> {
+    AgentSpec::sqlite(name, code, &[data::HOUSEHOLD_DDL, data::LICENCE_DDL])
+        .resources(resources())
+        .seed(move |conn| {
+            let mut rng = Rng::new(seed);
+            for _ in 0..rows {
+                data::insert_household(conn, &mut rng)?;
+                data::insert_licence(conn, &mut rng)?;
+            }
+            Ok(())
+        })
+        .outbox("batch_max_changes = 100")
+        .catalog_set(HOUSEHOLD, "share_type", "有条件共享")
+        .catalog_set(LICENCE, "share_type", licence_share)
 }
 
 /// Writes a mix of inserts, updates and deletes to both tables.
@@ -113,38 +105,30 @@ fn catalog_entry(hub: &HubProcess, department: &str, code: &str) -> Result<Optio
 
 #[test]
 fn three_levels_carry_every_department_to_the_top() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.rename("province")?;
-    let mut city = sb.extra_hub("city")?;
-    let mut d1 = sb.extra_hub("district-a")?;
-    let mut d2 = sb.extra_hub("district-b")?;
-    sb.hub.enroll_hub("330000", "city", &city.key)?;
-    city.set_upstream(&sb.hub, SHARED)?;
-    for (d, code) in [(&d1, "330902"), (&d2, "330903")] {
-        city.enroll_hub(code, "district", &d.key)?;
-        d.set_upstream(&city, SHARED)?;
-    }
+    let Nodes(sb, [city, d1, d2], agents) = Topology::new()
+        .hub_name("province")
+        .hub(HubSpec::child("city", "330000").share(SHARED))
+        .hub(
+            HubSpec::child("district-a", "330902")
+                .under("city")
+                .enrolled_as("district")
+                .share(SHARED),
+        )
+        .hub(
+            HubSpec::child("district-b", "330903")
+                .under("city")
+                .enrolled_as("district")
+                .share(SHARED),
+        )
+        .agent(department("dept0", "GA-A", 200, "无条件共享", 0).at("district-a"))
+        .agent(department("dept1", "SC-A", 200, "无条件共享", 1).at("district-a"))
+        .agent(department("dept2", "GA-B", 200, "无条件共享", 2).at("district-b"))
+        .agent(department("dept3", "SC-B", 200, "无条件共享", 3).at("district-b"))
+        .start::<3, 4>()?;
     let mut departments = Vec::new();
-    for (i, (hub, code)) in [(&d1, "GA-A"), (&d1, "SC-A"), (&d2, "GA-B"), (&d2, "SC-B")]
-        .into_iter()
-        .enumerate()
-    {
-        let name = format!("dept{i}");
-        departments.push(department(
-            &sb,
-            hub,
-            &name,
-            code,
-            200,
-            "无条件共享",
-            i as u64,
-        )?);
-    }
-    for h in [&mut sb.hub, &mut city, &mut d1, &mut d2] {
-        h.start()?;
-    }
-    for (agent, _) in &mut departments {
-        agent.start()?;
+    for agent in agents {
+        let conn = agent.database()?;
+        departments.push((agent, conn));
     }
     let mut rng = Rng::new(99);
     for _ in 0..5 {
@@ -271,9 +255,11 @@ fn alter_stored_batch(hub: &HubProcess, feed: &str, seq: u64) -> Result<String> 
 
 #[test]
 fn a_middle_hub_that_alters_a_batch_is_caught_at_the_top() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let mut middle = sb.extra_hub("middle")?;
-    let (mut agent, conn) = department(&sb, &middle, "dept", "GA-M", 0, "无条件共享", 1)?;
+    let Nodes(mut sb, [mut middle], [mut agent]) = Topology::new()
+        .hub(HubSpec::new("middle"))
+        .agent(department("dept", "GA-M", 0, "无条件共享", 1).at("middle"))
+        .build()?;
+    let conn = agent.database()?;
     // The middle hub first runs on its own: the department's batches are
     // verified and stored there.
     middle.start()?;
@@ -329,16 +315,8 @@ fn a_middle_hub_that_alters_a_batch_is_caught_at_the_top() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sb.hub.feed_seq(&feed)?, 4, "still refused on resend");
     // The console raises the feed's state to "rejected" (which alerts).
-    let url = format!(
-        "{}/api/v1/resources/GA-M/101001%2F00001",
-        sb.hub.admin_url()?
-    );
-    let view: Json = reqwest::blocking::Client::new()
-        .get(&url)
-        .bearer_auth(sb.hub.admin_token()?)
-        .send()?
-        .error_for_status()?
-        .json()?;
+    let view: Json =
+        serde_json::from_str(&sb.hub.admin_get("/api/v1/resources/GA-M/101001%2F00001")?)?;
     assert_eq!(view["row"]["state"], "rejected", "{view}");
     // The middle hub sees its refusal too.
     let up = middle.status()?;
@@ -350,15 +328,10 @@ fn a_middle_hub_that_alters_a_batch_is_caught_at_the_top() -> Result<()> {
 
 #[test]
 fn parent_and_child_restart_mid_stream_and_nothing_is_lost_or_doubled() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let mut middle = sb.extra_hub("middle")?;
-    sb.hub.enroll_hub("330900", "middle", &middle.key)?;
-    middle.set_upstream(&sb.hub, SHARED)?;
-    let (mut agent, conn) = department(&sb, &middle, "dept", "GA-R", 100, "无条件共享", 3)?;
-    drop(conn);
-    sb.hub.start()?;
-    middle.start()?;
-    agent.start()?;
+    let Nodes(mut sb, [mut middle], [mut agent]) = Topology::new()
+        .hub(HubSpec::child("middle", "330900").share(SHARED))
+        .agent(department("dept", "GA-R", 100, "无条件共享", 3).at("middle"))
+        .start()?;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();
@@ -432,14 +405,11 @@ fn parent_and_child_restart_mid_stream_and_nothing_is_lost_or_doubled() -> Resul
 /// chain, now signed by the new key, and refuses nothing.
 #[test]
 fn a_key_rotated_below_keeps_the_chain_verified_at_the_top() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let mut middle = sb.extra_hub("middle")?;
-    sb.hub.enroll_hub("330900", "middle", &middle.key)?;
-    middle.set_upstream(&sb.hub, SHARED)?;
-    let (mut agent, conn) = department(&sb, &middle, "dept", "GA-K", 50, "无条件共享", 5)?;
-    sb.hub.start()?;
-    middle.start()?;
-    agent.start()?;
+    let Nodes(sb, [middle], [mut agent]) = Topology::new()
+        .hub(HubSpec::child("middle", "330900").share(SHARED))
+        .agent(department("dept", "GA-K", 50, "无条件共享", 5).at("middle"))
+        .start()?;
+    let conn = agent.database()?;
     let timeout = Duration::from_secs(120);
     let household = &resources()[0];
     assert_reached(&sb.hub, &agent, household, timeout)?;
@@ -485,14 +455,11 @@ fn a_key_rotated_below_keeps_the_chain_verified_at_the_top() -> Result<()> {
 
 #[test]
 fn a_resource_that_is_not_shared_stays_but_its_catalog_entry_goes_up() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let mut county = sb.extra_hub("county")?;
-    sb.hub.enroll_hub("330902", "county", &county.key)?;
-    county.set_upstream(&sb.hub, SHARED)?;
-    let (mut agent, conn) = department(&sb, &county, "dept", "GA-N", 50, "不予共享", 4)?;
-    sb.hub.start()?;
-    county.start()?;
-    agent.start()?;
+    let Nodes(sb, [county], [agent]) = Topology::new()
+        .hub(HubSpec::child("county", "330902").share(SHARED))
+        .agent(department("dept", "GA-N", 50, "不予共享", 4).at("county"))
+        .start()?;
+    let conn = agent.database()?;
     let mut rng = Rng::new(8);
     churn(&conn, &mut rng, 30)?;
     let timeout = Duration::from_secs(60);
@@ -533,13 +500,12 @@ fn a_resource_that_is_not_shared_stays_but_its_catalog_entry_goes_up() -> Result
 
 #[test]
 fn hubs_that_would_form_a_loop_are_refused() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let mut other = sb.extra_hub("other")?;
     // Each enrolls the other as its child and names it as its parent.
-    sb.hub.enroll_hub("A", "other", &other.key)?;
+    let Nodes(mut sb, [mut other], []) = Topology::new()
+        .hub(HubSpec::child("other", "A").share(SHARED))
+        .build()?;
     other.enroll_hub("B", "first", &sb.hub.key)?;
     sb.hub.set_upstream(&other, SHARED)?;
-    other.set_upstream(&sb.hub, SHARED)?;
     sb.hub.start()?;
     other.start()?;
     for hub in [&sb.hub, &other] {

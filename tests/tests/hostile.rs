@@ -25,7 +25,9 @@ use shuyuan_tests::peer::{
     FeedPeer, batch, connect_departments, dial, enroll_departments, expect_ack, expect_reject,
     memory_kib,
 };
-use shuyuan_tests::{AgentProcess, ResourceSpec, Sandbox, assert_in_sync, wait_for};
+use shuyuan_tests::{
+    AgentProcess, AgentSpec, Nodes, ResourceSpec, Sandbox, Topology, assert_in_sync, wait_for,
+};
 
 /// Connections the hub of the attack test admits; the flood opens 2,000.
 const MAX_CONNECTIONS: usize = 64;
@@ -117,21 +119,18 @@ const HOSTILE: [&str; 8] = ["MZ", "CZ", "BFA", "BFB", "TR", "PV", "ST", "HS"];
 #[test]
 fn hostile_peers_are_refused_counted_and_audited_while_an_honest_agent_syncs() -> Result<()> {
     let _serial = serial();
-    let mut sb = Sandbox::new()?;
-    let config = std::fs::read_to_string(&sb.hub.config)?.replacen(
-        "[hub]\n",
-        &format!("[hub]\nmax_connections = {MAX_CONNECTIONS}\n"),
-        1,
-    );
-    std::fs::write(&sb.hub.config, config)?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL, data::LICENCE_DDL])?;
-    let resources = [
-        ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime"),
-        ResourceSpec::new("A01/0002", "business_licence", &["credit_code"], "realtime"),
-    ];
-    sb.hub.start()?;
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 50")?;
-    agent.start()?;
+    let Nodes(sb, [], [agent]) = Topology::new()
+        .hub_setting(&format!("max_connections = {MAX_CONNECTIONS}"))
+        .agent(
+            AgentSpec::sqlite("ga", "GA", &[data::HOUSEHOLD_DDL, data::LICENCE_DDL])
+                .resources(vec![
+                    ResourceSpec::household(),
+                    ResourceSpec::new("A01/0002", "business_licence", &["credit_code"], "realtime"),
+                ])
+                .outbox("batch_max_changes = 50"),
+        )
+        .start()?;
+    let conn = agent.database()?;
     let stop = Arc::new(AtomicBool::new(false));
     let writing = stop.clone();
     let writer = std::thread::spawn(move || -> Result<u64> {
@@ -144,11 +143,9 @@ fn hostile_peers_are_refused_counted_and_audited_while_an_honest_agent_syncs() -
         }
         Ok(n)
     });
-    let probe = rusqlite::Connection::open(&db)?;
-    probe.busy_timeout(Duration::from_secs(10))?;
     let mut honest = Honest {
+        probe: agent.database()?,
         agent,
-        probe,
         rng: Rng::new(99),
         latencies: Vec::new(),
     };
@@ -199,7 +196,7 @@ fn hostile_peers_are_refused_counted_and_audited_while_an_honest_agent_syncs() -
     stop.store(true, Ordering::Relaxed);
     let written = writer.join().map_err(|_| anyhow!("writer panicked"))??;
     honest.agent.wait_drained(Duration::from_secs(120))?;
-    let rows = assert_in_sync(&sb.hub, &honest.agent, &resources)?;
+    let rows = assert_in_sync(&sb.hub, &honest.agent)?;
     for feed in [CHURNED_FEED, PROBED_FEED] {
         let ga = sb.hub.feed_status(feed)?.context("honest feed")?;
         assert_eq!(ga["rejected"], 0, "{ga}");
@@ -504,8 +501,7 @@ const AGENTS: usize = 1000;
 #[test]
 fn hub_memory_stays_bounded_with_a_thousand_agent_connections() -> Result<()> {
     let _serial = serial();
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(sb, [], []) = Topology::new().start()?;
     let keys: Vec<NodeKey> = (0..AGENTS)
         .map(|_| NodeKey::generate())
         .collect::<Result<_, _>>()?;

@@ -9,7 +9,7 @@ use shuyuan_protocol::rotation::{KeyRotation, ROTATION_BY_NEW_CONTEXT};
 use shuyuan_protocol::{BatchHash, MessageV1, NodeKey, RejectReason, UnixMillis};
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::peer::{self, FeedPeer, expect_ack};
-use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, wait_for};
+use shuyuan_tests::{AgentSpec, Nodes, Topology, assert_in_sync, wait_for};
 
 fn expose(path: &std::path::Path) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))?;
@@ -18,7 +18,9 @@ fn expose(path: &std::path::Path) -> Result<()> {
 
 #[test]
 fn a_key_file_other_users_can_read_stops_agent_and_hub_with_the_fix() -> Result<()> {
-    let mut sb = Sandbox::new()?;
+    let Nodes(mut sb, [], [mut agent]) = Topology::new()
+        .agent(AgentSpec::household("ga", "GA"))
+        .build()?;
     let hub_key = sb.hub.dir.join("hub.key");
     expose(&hub_key)?;
     let err = format!("{:#}", sb.hub.start().expect_err("the hub started"));
@@ -31,9 +33,6 @@ fn a_key_file_other_users_can_read_stops_agent_and_hub_with_the_fix() -> Result<
     std::fs::set_permissions(&hub_key, std::fs::Permissions::from_mode(0o600))?;
     sb.hub.start()?;
 
-    let (db, _conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = [ResourceSpec::household()];
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "")?;
     let agent_key = agent.dir.join("agent.key");
     expose(&agent_key)?;
     let err = format!("{:#}", agent.start().expect_err("the agent started"));
@@ -46,8 +45,7 @@ fn a_key_file_other_users_can_read_stops_agent_and_hub_with_the_fix() -> Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_key_is_cut_off_and_refused_from_then_on() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(sb, [], []) = Topology::new().start()?;
     let stolen = NodeKey::generate()?;
     let key = stolen.id().to_string();
     sb.hub.enroll("MZ", "民政局", &key)?;
@@ -137,18 +135,16 @@ async fn a_revoked_key_is_cut_off_and_refused_from_then_on() -> Result<()> {
 
 #[test]
 fn a_running_agent_whose_key_is_revoked_stops_syncing_and_says_so() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = [ResourceSpec::household()];
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "")?;
-    agent.start()?;
+    let Nodes(sb, [], [mut agent]) = Topology::new()
+        .agent(AgentSpec::household("ga", "GA"))
+        .start()?;
+    let conn = agent.database()?;
     let mut rng = Rng::new(5);
     for _ in 0..20 {
         data::insert_household(&conn, &mut rng)?;
     }
     agent.wait_drained(Duration::from_secs(60))?;
-    assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert_in_sync(&sb.hub, &agent)?;
 
     let out = sb
         .hub
@@ -195,13 +191,11 @@ fn a_running_agent_whose_key_is_revoked_stops_syncing_and_says_so() -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_rotates_its_key_and_its_chain_continues() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = [ResourceSpec::household()];
+    let Nodes(mut sb, [], [mut agent]) = Topology::new()
+        .agent(AgentSpec::household("ga", "GA").outbox("batch_max_changes = 10"))
+        .start()?;
+    let conn = agent.database()?;
     let feed = "GA:A01/0001";
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 10")?;
-    agent.start()?;
     let mut rng = Rng::new(8);
     for _ in 0..30 {
         data::insert_household(&conn, &mut rng)?;
@@ -237,7 +231,7 @@ async fn an_agent_rotates_its_key_and_its_chain_continues() -> Result<()> {
         Ok((s["node"] == new_key.as_str()).then_some(s))
     })?;
     assert_eq!(status["node"], new_key.as_str());
-    assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert_in_sync(&sb.hub, &agent)?;
     let f = sb.hub.assert_applied_once(feed)?;
     assert_eq!(f["signer"], new_key.as_str(), "{f}");
 
@@ -247,7 +241,7 @@ async fn an_agent_rotates_its_key_and_its_chain_continues() -> Result<()> {
     agent.start()?;
     data::insert_household(&conn, &mut rng)?;
     agent.wait_drained(Duration::from_secs(60))?;
-    assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert_in_sync(&sb.hub, &agent)?;
     let audit = wait_for("the old key retired", Duration::from_secs(20), || {
         let audit = sb.hub.audit()?;
         let retired = audit.iter().any(|a| {
@@ -282,8 +276,7 @@ async fn an_agent_rotates_its_key_and_its_chain_continues() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_not_signed_by_the_enrolled_key_is_refused() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(sb, [], []) = Topology::new().start()?;
     let enrolled = NodeKey::generate()?;
     sb.hub.enroll("GA", "公安局", &enrolled.id().to_string())?;
     let thief = NodeKey::generate()?;

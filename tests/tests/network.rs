@@ -11,12 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 use serde_json::Value as Json;
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::faultproxy::{FaultProxy, Faults};
 use shuyuan_tests::{
-    AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_in_sync, immediate, wait_for,
+    AgentProcess, AgentSpec, HubProcess, HubSpec, Nodes, Sandbox, Topology, assert_in_sync,
+    immediate, wait_for,
 };
 
 const FEED: &str = "GA:A01/0001";
@@ -66,7 +67,6 @@ struct Relayed {
     sb: Sandbox,
     agent: AgentProcess,
     proxy: FaultProxy,
-    resources: Vec<ResourceSpec>,
 }
 
 impl Relayed {
@@ -74,29 +74,21 @@ impl Relayed {
     /// with some rows already at the hub; returns the department's
     /// connection for writing.
     fn start(seed: u64) -> Result<(Relayed, rusqlite::Connection)> {
-        let mut sb = Sandbox::new()?;
-        let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-        let resources = vec![ResourceSpec::household()];
-        sb.hub.start()?;
+        let Nodes(mut sb, [], [mut agent]) = Topology::new()
+            // Small batches: many round trips for the faults to hit.
+            .agent(AgentSpec::household("ga", "GA").outbox("batch_max_changes = 20"))
+            .build()?;
         let proxy = FaultProxy::start(sb.hub.addr, seed)?;
-        // Small batches: many round trips for the faults to hit.
-        let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 20")?;
         agent.set_hub_address(proxy.addr())?;
+        sb.hub.start()?;
         agent.start()?;
+        let conn = agent.database()?;
         let mut rng = Rng::new(seed);
         for _ in 0..100 {
             data::churn_one(&conn, "household", &mut rng)?;
         }
         agent.wait_drained(Duration::from_secs(60))?;
-        Ok((
-            Relayed {
-                sb,
-                agent,
-                proxy,
-                resources,
-            },
-            conn,
-        ))
+        Ok((Relayed { sb, agent, proxy }, conn))
     }
 
     /// Waits for the outbox to drain, then checks the copy row by row,
@@ -104,7 +96,7 @@ impl Relayed {
     /// returns the rows compared.
     fn converged(&self, timeout: Duration) -> Result<usize> {
         self.agent.wait_drained(timeout)?;
-        let rows = assert_in_sync(&self.sb.hub, &self.agent, &self.resources)?;
+        let rows = assert_in_sync(&self.sb.hub, &self.agent)?;
         self.sb.hub.assert_applied_once(FEED)?;
         self.sb.assert_no_rejections()?;
         Ok(rows)
@@ -127,14 +119,7 @@ impl Relayed {
 
 /// The console's overview, through its JSON API with the local token.
 fn overview(hub: &HubProcess) -> Result<Json> {
-    let r = reqwest::blocking::Client::new()
-        .get(format!("{}/api/v1/overview", hub.admin_url()?))
-        .bearer_auth(hub.admin_token()?)
-        .send()?;
-    if !r.status().is_success() {
-        bail!("/api/v1/overview: {}", r.status());
-    }
-    Ok(r.json()?)
+    Ok(serde_json::from_str(&hub.admin_get("/api/v1/overview")?)?)
 }
 
 /// The feed's state in the overview (`on_time`, `disconnected`, ...).
@@ -150,16 +135,6 @@ fn feed_state(overview: &Json) -> Option<&str> {
 /// The hub's entry for the department's one agent.
 fn hub_agent(hub: &HubProcess) -> Result<Json> {
     Ok(hub.status()?["departments"][0]["agents"][0].clone())
-}
-
-/// `shuyuan-agent status`, as an operator reads it.
-fn agent_status_text(agent: &AgentProcess) -> Result<String> {
-    shuyuan_tests::run(
-        std::process::Command::new(shuyuan_tests::bin("shuyuan-agent"))
-            .arg("--config")
-            .arg(&agent.config)
-            .arg("status"),
-    )
 }
 
 fn outbox_batches(agent: &AgentProcess) -> Result<u64> {
@@ -201,7 +176,7 @@ fn partition_of_tens_of_seconds_agent_buffers_and_resumes() -> Result<()> {
         buffered > before,
         "the outbox grows while partitioned: {before} -> {buffered} batches"
     );
-    let text = agent_status_text(&net.agent)?;
+    let text = net.agent.status_text()?;
     let line = text.lines().find(|l| l.starts_with("hub ")).unwrap_or("");
     assert!(
         line.contains("disconnected") || line.contains("connecting"),
@@ -338,28 +313,22 @@ fn hub_moved_to_another_port_agent_follows_the_relay() -> Result<()> {
 /// afterwards the city's copy equals the source, every batch applied once.
 #[test]
 fn faults_between_county_and_city_hubs_lose_and_repeat_nothing() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let mut county = sb.extra_hub("county")?;
-    sb.hub.enroll_hub("330902", "county", &county.key)?;
-    sb.hub.start()?;
+    let Nodes(mut sb, [mut county], [mut agent]) = Topology::new()
+        .hub(HubSpec::child("county", "330902").share(
+            "share_types = [\"unconditional\", \"conditional\"]\nundeclared = \"forward\"\n",
+        ))
+        .agent(
+            AgentSpec::household("ga", "GA")
+                .outbox("batch_max_changes = 20")
+                .at("county"),
+        )
+        .build()?;
     let proxy = FaultProxy::start(sb.hub.addr, 71)?;
-    county.set_upstream_at(
-        &sb.hub,
-        proxy.addr(),
-        "share_types = [\"unconditional\", \"conditional\"]\nundeclared = \"forward\"\n",
-    )?;
+    county.set_upstream_address(proxy.addr())?;
+    sb.hub.start()?;
     county.start()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = vec![ResourceSpec::household()];
-    let mut agent = sb.agent_at(
-        &county,
-        "ga",
-        "GA",
-        &db,
-        &resources,
-        "batch_max_changes = 20",
-    )?;
     agent.start()?;
+    let conn = agent.database()?;
     let writer = Writer::start(conn, 72, 10);
     wait_for("the city to get the feed", Duration::from_secs(60), || {
         Ok((sb.hub.feed_seq(FEED)? > 5).then_some(()))
@@ -412,7 +381,7 @@ fn faults_between_county_and_city_hubs_lose_and_repeat_nothing() -> Result<()> {
     let caught_up = healed.elapsed();
     let mut rows = 0;
     for hub in [&county, &sb.hub] {
-        rows = assert_in_sync(hub, &agent, &resources)?;
+        rows = assert_in_sync(hub, &agent)?;
         hub.assert_applied_once(FEED)?;
     }
     county.assert_nothing_refused()?;

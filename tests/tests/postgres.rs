@@ -9,9 +9,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use shuyuan_tests::pg::{PgInstance, parse_lsn};
+use shuyuan_tests::pg::{PgInstance, parse_lsn, pgbench_resources};
 use shuyuan_tests::{
-    AgentProcess, ResourceSpec, Sandbox, assert_pg_in_sync, pg_slot_name, wait_for,
+    AgentProcess, AgentSpec, Nodes, ResourceSpec, Sandbox, Topology, assert_pg_in_sync,
+    pg_slot_name, wait_for,
 };
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -22,45 +23,40 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 const DEPT: &str = "PG-330902";
 
-/// The pgbench tables; history has no key and is shared by its whole row.
-fn pgbench_resources() -> Vec<ResourceSpec> {
-    vec![
-        ResourceSpec::new("ACCOUNTS", "pgbench_accounts", &[], "realtime"),
-        ResourceSpec::new("BRANCHES", "pgbench_branches", &[], "realtime"),
-        ResourceSpec::new("TELLERS", "pgbench_tellers", &[], "realtime"),
-        ResourceSpec::new("HISTORY", "pgbench_history", &[], "realtime"),
-    ]
-}
-
-/// The hub's copy of every resource equals the source, row by row in key
-/// order (the pgbench history, which has no key, by its whole row).
-fn in_sync(
-    sb: &Sandbox,
-    agent: &AgentProcess,
-    pg: &PgInstance,
-    resources: &[ResourceSpec],
-) -> Result<usize> {
-    assert_pg_in_sync(&sb.hub, agent, pg, resources)
+/// The department's agent on `pg`, sharing `resources`.
+fn pg_agent(pg: &PgInstance, resources: Vec<ResourceSpec>) -> AgentSpec<'static> {
+    AgentSpec::postgres("agent", DEPT, pg).resources(resources)
 }
 
 /// A started hub, a server with one table made by `setup`, and a started
 /// agent that shares it as resource `code` and has loaded it.
 fn one_table(
-    sb: &mut Sandbox,
     setup: &[&str],
     code: &str,
     table: &str,
-) -> Result<(PgInstance, AgentProcess, Vec<ResourceSpec>)> {
-    sb.hub.start()?;
+) -> Result<(Sandbox, PgInstance, AgentProcess)> {
+    let sb = Sandbox::new()?;
     let pg = sb.postgres("pg")?;
     for sql in setup {
         pg.sql(sql)?;
     }
     let resources = vec![ResourceSpec::new(code, table, &[], "realtime")];
-    let mut agent = sb.pg_agent("agent", DEPT, &pg, &resources, "")?;
-    agent.start()?;
+    let Nodes(sb, [], [agent]) = Topology::new()
+        .agent(pg_agent(&pg, resources))
+        .start_in(sb)?;
     agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
-    Ok((pg, agent, resources))
+    Ok((sb, pg, agent))
+}
+
+/// A started hub, a source with pgbench tables of `scale` and a started
+/// agent sharing them.
+fn pgbench(scale: u32) -> Result<(Sandbox, PgInstance, AgentProcess)> {
+    let sb = Sandbox::new()?;
+    let pg = sb.pgbench(scale)?;
+    let Nodes(sb, [], [agent]) = Topology::new()
+        .agent(pg_agent(&pg, pgbench_resources()))
+        .start_in(sb)?;
+    Ok((sb, pg, agent))
 }
 
 fn slot_position(pg: &PgInstance) -> Result<u64> {
@@ -71,22 +67,10 @@ fn slot_position(pg: &PgInstance) -> Result<u64> {
     parse_lsn(&text).with_context(|| format!("slot position {text:?}"))
 }
 
-/// A source with pgbench tables of `scale`, history shared by whole row.
-fn pgbench_source(sb: &Sandbox, scale: u32) -> Result<PgInstance> {
-    let pg = sb.postgres("pg")?;
-    pg.pgbench(&["-i", "-q", "-s", &scale.to_string()])?;
-    pg.sql("ALTER TABLE pgbench_history REPLICA IDENTITY FULL")?;
-    Ok(pg)
-}
-
 #[test]
 fn pgbench_run_is_captured_from_the_log() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let pg = pgbench_source(&sb, 2)?;
-    let mut agent = sb.pg_agent("agent", DEPT, &pg, &pgbench_resources(), "")?;
-    agent.start()?;
+    let (sb, pg, mut agent) = pgbench(2)?;
     let out = pg.pgbench(&["-T", "20", "-c", "4", "-j", "2", "-n"])?;
     assert!(out.contains("tps = "), "pgbench output: {out}");
     agent.wait_pg_caught_up(&pg, Duration::from_secs(180))?;
@@ -95,7 +79,7 @@ fn pgbench_run_is_captured_from_the_log() -> Result<()> {
         .trim()
         .parse()?;
     assert!(history > 1000, "pgbench wrote only {history} transactions");
-    let rows = in_sync(&sb, &agent, &pg, &pgbench_resources())?;
+    let rows = assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     eprintln!("{rows} rows equal after {history} pgbench transactions");
     sb.assert_no_rejections()?;
     // The agent's position is a log position, and the slot's confirmed
@@ -117,11 +101,7 @@ fn pgbench_run_is_captured_from_the_log() -> Result<()> {
 #[test]
 fn agent_killed_twice_during_pgbench_loses_nothing() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let pg = pgbench_source(&sb, 2)?;
-    let mut agent = sb.pg_agent("agent", DEPT, &pg, &pgbench_resources(), "")?;
-    agent.start()?;
+    let (sb, pg, mut agent) = pgbench(2)?;
     let mut bench = pg.pgbench_spawn(&["-T", "20", "-c", "4", "-j", "2", "-n"])?;
     for _ in 0..2 {
         std::thread::sleep(Duration::from_secs(6));
@@ -134,7 +114,7 @@ fn agent_killed_twice_during_pgbench_loses_nothing() -> Result<()> {
     let status = bench.wait()?;
     assert!(status.success(), "pgbench failed");
     agent.wait_pg_caught_up(&pg, Duration::from_secs(180))?;
-    let rows = in_sync(&sb, &agent, &pg, &pgbench_resources())?;
+    let rows = assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     eprintln!("{rows} rows equal after two SIGKILLs");
     sb.assert_no_rejections()?;
     // No batch was applied twice: sequence numbers are gap-free and each
@@ -171,10 +151,12 @@ fn agent_killed_twice_during_pgbench_loses_nothing() -> Result<()> {
 #[test]
 fn initial_load_of_a_million_rows_while_pgbench_writes() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
+    let sb = Sandbox::new()?;
+    let pg = sb.pgbench(10)?;
+    let Nodes(mut sb, [], [mut agent]) = Topology::new()
+        .agent(pg_agent(&pg, pgbench_resources()))
+        .build_in(sb)?;
     sb.hub.start()?;
-    let pg = pgbench_source(&sb, 10)?;
-    let mut agent = sb.pg_agent("agent", DEPT, &pg, &pgbench_resources(), "")?;
     let mut bench = pg.pgbench_spawn(&["-T", "40", "-c", "2", "-j", "2", "-n"])?;
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
@@ -204,7 +186,7 @@ fn initial_load_of_a_million_rows_while_pgbench_writes() -> Result<()> {
     assert!(bench.wait()?.success(), "pgbench failed");
     agent.wait_pg_caught_up(&pg, Duration::from_secs(600))?;
     eprintln!("loaded and caught up after {:?}", started.elapsed());
-    let rows = in_sync(&sb, &agent, &pg, &pgbench_resources())?;
+    let rows = assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     assert!(rows >= 1_000_000, "only {rows} rows");
     sb.assert_no_rejections()?;
     let audit = sb.hub.audit()?;
@@ -220,7 +202,6 @@ fn initial_load_of_a_million_rows_while_pgbench_writes() -> Result<()> {
 #[test]
 fn every_supported_type_round_trips_exactly() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
     let create = "CREATE TABLE typed (
             id int PRIMARY KEY,
             i2 smallint, i4 integer, i8 bigint,
@@ -239,8 +220,8 @@ fn every_supported_type_round_trips_exactly() -> Result<()> {
         "(4, 0, 0, 0, -0.0, 0, '-0', '-Infinity', 'NULL', 'null', 'x', NULL, '2000-02-29', '12:00:00.5', '2000-02-29 12:00:00', '2000-02-29 12:00:00.5-03:30', '\\x', '[]', '[]', 'ffffffff-ffff-ffff-ffff-ffffffffffff', '{-1}', '{\"\"}', 'x')",
     ];
     let first = format!("INSERT INTO typed VALUES {}", rows[..2].join(", "));
-    let (pg, agent, resources) = one_table(&mut sb, &[create, &first], "TYPED", "typed")?;
-    in_sync(&sb, &agent, &pg, &resources)?;
+    let (sb, pg, agent) = one_table(&[create, &first], "TYPED", "typed")?;
+    assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     // The same values through the log: inserts, an update that leaves the
     // large (TOASTed) value unchanged, an update of the key.
     pg.sql(&format!(
@@ -251,7 +232,7 @@ fn every_supported_type_round_trips_exactly() -> Result<()> {
     pg.sql("UPDATE typed SET t = 'changed' WHERE id = 102")?;
     pg.sql("UPDATE typed SET id = 202 WHERE id = 101")?;
     agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
-    let n = in_sync(&sb, &agent, &pg, &resources)?;
+    let n = assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     assert_eq!(n, 8);
     let hub = sb.hub.export_jsonl(&format!("{DEPT}:TYPED"))?;
     let row2 = hub.iter().find(|r| r["id"] == 102).context("row 102")?;
@@ -266,9 +247,7 @@ fn every_supported_type_round_trips_exactly() -> Result<()> {
 #[test]
 fn columns_added_and_dropped_while_streaming() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    let (pg, agent, resources) = one_table(
-        &mut sb,
+    let (sb, pg, agent) = one_table(
         &[
             "CREATE TABLE permit (id int PRIMARY KEY, holder text, issued date)",
             "INSERT INTO permit SELECT g, 'holder ' || g, date '2026-01-01' + g FROM generate_series(1, 3000) g",
@@ -284,7 +263,7 @@ fn columns_added_and_dropped_while_streaming() -> Result<()> {
     pg.sql("UPDATE permit SET holder = 'after drop' WHERE id BETWEEN 21 AND 30")?;
     pg.sql("DELETE FROM permit WHERE id BETWEEN 31 AND 40")?;
     agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
-    let n = in_sync(&sb, &agent, &pg, &resources)?;
+    let n = assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     assert_eq!(n, 2991);
     let feed = sb
         .hub
@@ -298,9 +277,7 @@ fn columns_added_and_dropped_while_streaming() -> Result<()> {
 #[test]
 fn dropped_slot_is_detected_reported_and_repaired() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    let (pg, mut agent, resources) = one_table(
-        &mut sb,
+    let (sb, pg, mut agent) = one_table(
         &[
             "CREATE TABLE licence (id int PRIMARY KEY, holder text)",
             "INSERT INTO licence SELECT g, 'holder ' || g FROM generate_series(1, 5000) g",
@@ -326,7 +303,7 @@ fn dropped_slot_is_detected_reported_and_repaired() -> Result<()> {
     })?;
     assert!(alarm.contains("lost"), "alarm: {alarm}");
     agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
-    let n = in_sync(&sb, &agent, &pg, &resources)?;
+    let n = assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     assert_eq!(n, 4501);
     let audit = sb.hub.audit()?;
     let started = audit
@@ -353,12 +330,17 @@ fn dropped_slot_is_detected_reported_and_repaired() -> Result<()> {
 #[test]
 fn resync_on_demand_and_tables_the_log_cannot_identify() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(sb, [], []) = Topology::new().start()?;
     let pg = sb.postgres("pg")?;
     pg.sql("CREATE TABLE nokey (a int, b text)")?;
-    let resources = [ResourceSpec::new("NOKEY", "nokey", &[], "realtime")];
-    let agent = sb.pg_agent("agent", DEPT, &pg, &resources, "");
+    let agent = sb.add_agent(
+        AgentSpec::postgres("agent", DEPT, &pg).resources(vec![ResourceSpec::new(
+            "NOKEY",
+            "nokey",
+            &[],
+            "realtime",
+        )]),
+    );
     let err = match agent {
         Ok(_) => bail!("pg setup accepted a table without key or replica identity"),
         Err(e) => format!("{e:#}"),
@@ -369,8 +351,14 @@ fn resync_on_demand_and_tables_the_log_cannot_identify() -> Result<()> {
     );
     pg.sql("CREATE TABLE seal (id int PRIMARY KEY, v text)")?;
     pg.sql("INSERT INTO seal SELECT g, 'v' || g FROM generate_series(1, 12000) g")?;
-    let resources = [ResourceSpec::new("SEAL", "seal", &[], "realtime")];
-    let mut agent = sb.pg_agent("agent2", "PG-2", &pg, &resources, "")?;
+    let mut agent = sb.add_agent(
+        AgentSpec::postgres("agent2", "PG-2", &pg).resources(vec![ResourceSpec::new(
+            "SEAL",
+            "seal",
+            &[],
+            "realtime",
+        )]),
+    )?;
     agent.start()?;
     let out = agent.resync("SEAL")?;
     assert!(out.contains("requested"), "{out}");
@@ -387,7 +375,7 @@ fn resync_on_demand_and_tables_the_log_cannot_identify() -> Result<()> {
     // The copy is still exact, and capture goes on after the re-read.
     pg.sql("DELETE FROM seal WHERE id > 11000")?;
     agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
-    assert_eq!(assert_pg_in_sync(&sb.hub, &agent, &pg, &resources)?, 11000);
+    assert_eq!(assert_pg_in_sync(&sb.hub, &agent, &pg)?, 11000);
     let err = agent.resync("NOPE").unwrap_err();
     assert!(format!("{err:#}").contains("no resource NOPE"), "{err:#}");
     Ok(())
@@ -396,12 +384,7 @@ fn resync_on_demand_and_tables_the_log_cannot_identify() -> Result<()> {
 #[test]
 fn initial_load_resumes_after_the_agent_is_killed_mid_load() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
-    let pg = pgbench_source(&sb, 5)?;
-    let resources = pgbench_resources();
-    let mut agent = sb.pg_agent("agent", DEPT, &pg, &resources, "")?;
-    agent.start()?;
+    let (sb, pg, mut agent) = pgbench(5)?;
     let loaded = |agent: &AgentProcess| -> Result<Option<u64>> {
         Ok(agent.status()?["source"]["loads"]
             .as_array()
@@ -421,7 +404,7 @@ fn initial_load_resumes_after_the_agent_is_killed_mid_load() -> Result<()> {
         "the kill came mid-load ({before} rows read)"
     );
     agent.wait_pg_caught_up(&pg, Duration::from_secs(600))?;
-    let rows = in_sync(&sb, &agent, &pg, &resources)?;
+    let rows = assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     assert!(rows >= 500_000, "only {rows} rows");
     sb.assert_no_rejections()?;
     let starts = sb
@@ -439,9 +422,7 @@ fn initial_load_resumes_after_the_agent_is_killed_mid_load() -> Result<()> {
 #[test]
 fn quiet_tables_in_a_busy_database_still_move_the_slot() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    let (pg, agent, _) = one_table(
-        &mut sb,
+    let (_sb, pg, agent) = one_table(
         &[
             "CREATE TABLE quiet (id int PRIMARY KEY, v text)",
             "INSERT INTO quiet VALUES (1, 'only row')",
@@ -525,9 +506,7 @@ fn verify_finds_exactly_the_rows_changed_behind_capture_while_writes_go_on() -> 
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    let (pg, agent, resources) = one_table(
-        &mut sb,
+    let (sb, pg, agent) = one_table(
         &[
             "CREATE TABLE ledger (id int PRIMARY KEY, v int NOT NULL, note text)",
             "INSERT INTO ledger SELECT g, g, 'row ' || g FROM generate_series(1, 4000) g",
@@ -588,7 +567,7 @@ fn verify_finds_exactly_the_rows_changed_behind_capture_while_writes_go_on() -> 
         .join()
         .map_err(|_| anyhow::anyhow!("the writer panicked"))??;
     agent.wait_pg_caught_up(&pg, Duration::from_secs(60))?;
-    let n = in_sync(&sb, &agent, &pg, &resources)?;
+    let n = assert_pg_in_sync(&sb.hub, &agent, &pg)?;
     eprintln!(
         "{n} rows equal after {} writer transactions",
         done.load(Ordering::SeqCst)
@@ -600,9 +579,7 @@ fn verify_finds_exactly_the_rows_changed_behind_capture_while_writes_go_on() -> 
 #[test]
 fn verify_of_a_key_that_sorts_differently_ends_at_once_with_the_reason() -> Result<()> {
     let _one = serial();
-    let mut sb = Sandbox::new()?;
-    let (_pg, _agent, _resources) = one_table(
-        &mut sb,
+    let (sb, _pg, _agent) = one_table(
         &[
             "CREATE TABLE price (code numeric PRIMARY KEY, amount int)",
             "INSERT INTO price SELECT g / 10.0, g FROM generate_series(1, 200) g",

@@ -9,21 +9,14 @@ use shuyuan_protocol::batch::BatchHash;
 use shuyuan_protocol::{NodeKey, RejectReason};
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::peer::{FeedPeer, batch, expect_ack, expect_reject};
-use shuyuan_tests::{AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_in_sync, wait_for};
+use shuyuan_tests::{AgentProcess, AgentSpec, Nodes, Topology, assert_in_sync, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = [ResourceSpec::new(
-        "A01/0001",
-        "household",
-        &["id_number"],
-        "realtime",
-    )];
-    sb.hub.start()?;
-    let mut agent = sb.agent("ga", "GA", &db, &resources, "batch_max_changes = 50")?;
-    agent.start()?;
+    let Nodes(sb, [], [agent]) = Topology::new()
+        .agent(AgentSpec::household("ga", "GA").outbox("batch_max_changes = 50"))
+        .start()?;
+    let conn = agent.database()?;
     // The honest department keeps writing throughout.
     let writer = std::thread::spawn(move || -> Result<()> {
         let mut rng = Rng::new(21);
@@ -62,7 +55,7 @@ async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Re
 
     writer.join().map_err(|_| anyhow!("writer panicked"))??;
     agent.wait_drained(Duration::from_secs(120))?;
-    assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert_in_sync(&sb.hub, &agent)?;
 
     let audit = sb.hub.audit()?;
     let refused: Vec<(u64, String)> = audit
@@ -131,8 +124,7 @@ fn auth_failure(agent: &AgentProcess) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    sb.hub.start()?;
+    let Nodes(sb, [], []) = Topology::new().start()?;
     let stranger = NodeKey::generate()?;
     let err = match FeedPeer::connect(&sb.hub, &stranger, "XX", &["R"]).await {
         Ok(_) => panic!("an unenrolled key got through"),
@@ -159,22 +151,7 @@ async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
     assert!(!audit.iter().any(|a| a["kind"] == "enrolled"));
 
     // The real agent explains the refusal and connects once enrolled.
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
-    let resources = [ResourceSpec::new(
-        "A01/0001",
-        "household",
-        &["id_number"],
-        "realtime",
-    )];
-    let mut agent = AgentProcess::init(
-        &sb.dir.path().join("ga"),
-        &sb.hub,
-        "GA",
-        &db,
-        &resources,
-        "",
-    )?;
-    agent.install_triggers()?;
+    let mut agent = sb.add_agent(AgentSpec::household("ga", "GA").unenrolled())?;
     agent.start()?;
     let detail = auth_failure(&agent)?;
     assert!(
@@ -183,24 +160,18 @@ async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
             && detail.contains(&agent.key),
         "{detail}"
     );
-    data::insert_household(&conn, &mut Rng::new(3))?;
+    data::insert_household(&agent.database()?, &mut Rng::new(3))?;
     sb.hub.enroll("GA", "公安局", &agent.key)?;
     agent.wait_drained(Duration::from_secs(60))?;
-    assert_in_sync(&sb.hub, &agent, &resources)?;
+    assert_in_sync(&sb.hub, &agent)?;
 
     // An agent pinning the wrong hub key refuses the hub.
-    let (db2, _c2) = sb.database("dept2.db", &[data::HOUSEHOLD_DDL])?;
-    let mut impostor_hub = HubProcess::init(&sb.dir.path().join("other-hub"))?;
-    impostor_hub.addr = sb.hub.addr;
-    let mut misled = AgentProcess::init(
-        &sb.dir.path().join("misled"),
-        &impostor_hub,
-        "GA",
-        &db2,
-        &resources,
-        "",
+    let impostor = NodeKey::generate()?.id().to_string();
+    let mut misled = sb.add_agent(
+        AgentSpec::household("misled", "GA")
+            .pinning(&impostor)
+            .unenrolled(),
     )?;
-    misled.install_triggers()?;
     misled.start()?;
     let detail = auth_failure(&misled)?;
     assert!(

@@ -5,42 +5,37 @@ use std::time::Duration;
 
 use anyhow::Result;
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::{ResourceSpec, Sandbox, assert_in_sync, immediate};
+use shuyuan_tests::{AgentSpec, Nodes, ResourceSpec, Topology, assert_in_sync, immediate};
 
 const MIXED_DDL: &str =
     "CREATE TABLE mixed (id TEXT PRIMARY KEY, n INTEGER, r REAL, t TEXT, b BLOB, untyped)";
 
 #[test]
 fn thousands_of_changes_arrive_row_for_row() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database(
-        "dept.db",
-        &[data::HOUSEHOLD_DDL, data::PARCEL_DDL, MIXED_DDL],
-    )?;
     let mut rng = Rng::new(7);
-    // Rows that exist before capture is installed arrive too.
-    for _ in 0..300 {
-        data::insert_household(&conn, &mut rng)?;
-    }
-    let resources = [
-        ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime"),
-        ResourceSpec::new(
-            "B02/0007",
-            "land_parcel",
-            &["district", "parcel_no"],
-            "daily",
-        ),
-        ResourceSpec::new("X00/0001", "mixed", &["id"], "daily"),
-    ];
-    sb.hub.start()?;
-    let mut agent = sb.agent(
-        "ga",
-        "GA-330902",
-        &db,
-        &resources,
-        "batch_max_changes = 200",
-    )?;
-    agent.start()?;
+    let Nodes(mut sb, [], [mut agent]) = Topology::new()
+        .agent(
+            AgentSpec::sqlite(
+                "ga",
+                "GA-330902",
+                &[data::HOUSEHOLD_DDL, data::PARCEL_DDL, MIXED_DDL],
+            )
+            .resources(vec![
+                ResourceSpec::new("A01/0001", "household", &["id_number"], "realtime"),
+                ResourceSpec::land_parcel("daily"),
+                ResourceSpec::new("X00/0001", "mixed", &["id"], "daily"),
+            ])
+            // Rows that exist before capture is installed arrive too.
+            .seed(|conn| {
+                for _ in 0..300 {
+                    data::insert_household(conn, &mut rng)?;
+                }
+                Ok(())
+            })
+            .outbox("batch_max_changes = 200"),
+        )
+        .start()?;
+    let conn = agent.database()?;
 
     // Values whose type or emptiness must survive exactly.
     conn.execute_batch(
@@ -75,7 +70,7 @@ fn thousands_of_changes_arrive_row_for_row() -> Result<()> {
     );
 
     let status = agent.wait_drained(Duration::from_secs(120))?;
-    let rows = assert_in_sync(&sb.hub, &agent, &resources)?;
+    let rows = assert_in_sync(&sb.hub, &agent)?;
     assert!(rows > 1000, "only {rows} rows compared");
 
     // Every feed applied each of its batches once, with nothing refused.

@@ -15,7 +15,9 @@ use serde_json::Value as Json;
 use shuyuan_protocol::Value;
 use shuyuan_protocol::encoding::{decode, encode};
 use shuyuan_protocol::value::encode_key;
-use shuyuan_tests::{AgentProcess, ResourceSpec, Sandbox, assert_in_sync, wait_for};
+use shuyuan_tests::{
+    AgentProcess, AgentSpec, Nodes, ResourceSpec, Sandbox, Topology, assert_in_sync, wait_for,
+};
 
 const DDL: &str = "CREATE TABLE person (id INTEGER PRIMARY KEY, name TEXT NOT NULL, score REAL)";
 const DEPT: &str = "GA-330902";
@@ -26,41 +28,38 @@ fn resources() -> [ResourceSpec; 1] {
 }
 
 /// A department with `rows` people, synced to the hub.
-fn synced(
-    sb: &mut Sandbox,
-    rows: i64,
-) -> Result<(std::path::PathBuf, rusqlite::Connection, AgentProcess)> {
-    synced_with(sb, rows, "")
+fn synced(rows: i64) -> Result<(Sandbox, rusqlite::Connection, AgentProcess)> {
+    synced_with(rows, "")
 }
 
 /// The same, with more agent settings after the `[outbox]` ones (for
 /// example a `[verify]` section).
-fn synced_with(
-    sb: &mut Sandbox,
-    rows: i64,
-    settings: &str,
-) -> Result<(std::path::PathBuf, rusqlite::Connection, AgentProcess)> {
-    let (db, conn) = sb.database("dept.db", &[DDL])?;
-    conn.execute_batch("BEGIN")?;
-    {
-        let mut insert = conn.prepare("INSERT INTO person VALUES (?1, ?2, ?3)")?;
-        for i in 1..=rows {
-            insert.execute(rusqlite::params![i, format!("person {i}"), i as f64 / 7.0])?;
-        }
-    }
-    conn.execute_batch("COMMIT")?;
-    sb.hub.start()?;
-    let mut agent = sb.agent(
-        "ga",
-        DEPT,
-        &db,
-        &resources(),
-        &format!("batch_max_changes = 2000\n{settings}"),
-    )?;
-    agent.start()?;
+fn synced_with(rows: i64, settings: &str) -> Result<(Sandbox, rusqlite::Connection, AgentProcess)> {
+    let Nodes(sb, [], [agent]) = Topology::new()
+        .agent(
+            AgentSpec::sqlite("ga", DEPT, &[DDL])
+                .resources(resources().to_vec())
+                .seed(|conn| {
+                    conn.execute_batch("BEGIN")?;
+                    {
+                        let mut insert = conn.prepare("INSERT INTO person VALUES (?1, ?2, ?3)")?;
+                        for i in 1..=rows {
+                            insert.execute(rusqlite::params![
+                                i,
+                                format!("person {i}"),
+                                i as f64 / 7.0
+                            ])?;
+                        }
+                    }
+                    conn.execute_batch("COMMIT")?;
+                    Ok(())
+                })
+                .outbox(&format!("batch_max_changes = 2000\n{settings}")),
+        )
+        .start()?;
     agent.wait_drained(Duration::from_secs(600))?;
-    assert_in_sync(&sb.hub, &agent, &resources())?;
-    Ok((db, conn, agent))
+    assert_in_sync(&sb.hub, &agent)?;
+    Ok((sb, agent.database()?, agent))
 }
 
 /// Changes rows without capture seeing them: the agent is stopped, and
@@ -174,8 +173,7 @@ fn damage_hub_store(path: &Path) -> Result<()> {
 
 #[test]
 fn checkpoints_verify_the_copy_and_a_damaged_hub_store_is_found_and_repaired() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (_db, conn, mut agent) = synced(&mut sb, 3000)?;
+    let (mut sb, conn, mut agent) = synced(3000)?;
     // The feed's digests agree at the agent and the hub.
     let head = agent.status()?["resources"][0]["head_seq"]
         .as_u64()
@@ -193,7 +191,7 @@ fn checkpoints_verify_the_copy_and_a_damaged_hub_store_is_found_and_repaired() -
     assert_eq!(run["rows_repaired"], 2, "{run:#}"); // 1234 rewritten, 77 restored
     assert_eq!(run["rows_removed"], 1, "{run:#}"); // 99999 removed
     assert_eq!(keys(&run), set(&["1234", "77", "99999"]), "{run:#}");
-    assert_in_sync(&sb.hub, &agent, &resources())?;
+    assert_in_sync(&sb.hub, &agent)?;
 
     let audit = sb.hub.audit()?;
     assert!(
@@ -250,7 +248,7 @@ fn checkpoints_verify_the_copy_and_a_damaged_hub_store_is_found_and_repaired() -
     )?;
     assert_eq!(auto["origin"], "Checkpoint");
     assert_eq!(auto["finished"]["verified"], true, "{auto:#}");
-    assert_in_sync(&sb.hub, &agent, &resources())?;
+    assert_in_sync(&sb.hub, &agent)?;
     conn.execute("UPDATE person SET score = 2 WHERE id = 6", [])?;
     agent.wait_drained(Duration::from_secs(60))?;
     checkpoint_verified(&sb, since + 1)?;
@@ -261,8 +259,7 @@ fn checkpoints_verify_the_copy_and_a_damaged_hub_store_is_found_and_repaired() -
 
 #[test]
 fn source_changes_capture_never_saw_are_found_localised_and_repaired() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (_db, conn, mut agent) = synced(&mut sb, 2000)?;
+    let (sb, conn, mut agent) = synced(2000)?;
 
     // A row changed while capture was stopped; found by the agent's scan.
     agent.stop()?;
@@ -282,7 +279,7 @@ fn source_changes_capture_never_saw_are_found_localised_and_repaired() -> Result
     assert_eq!(run["rows_repaired"], 1, "{run:#}");
     assert_eq!(run["rows_removed"], 0, "{run:#}");
     assert_eq!(keys(&run), set(&["500"]));
-    assert_in_sync(&sb.hub, &agent, &resources())?;
+    assert_in_sync(&sb.hub, &agent)?;
     // The agent hears the verdict too.
     wait_for(
         "the agent to hear the verdict",
@@ -316,7 +313,7 @@ fn source_changes_capture_never_saw_are_found_localised_and_repaired() -> Result
         .chain(["5000".to_string()])
         .collect();
     assert_eq!(keys(&run), expected);
-    assert_in_sync(&sb.hub, &agent, &resources())?;
+    assert_in_sync(&sb.hub, &agent)?;
     // Nothing differs any more: a new comparison finds every range equal.
     let clean = sb.hub.verify(FEED)?;
     assert_eq!(clean["ranges_differing"], 0, "{clean:#}");
@@ -329,8 +326,7 @@ fn source_changes_capture_never_saw_are_found_localised_and_repaired() -> Result
 #[test]
 fn ten_differing_rows_in_a_million_are_repaired_exchanging_a_small_fraction() -> Result<()> {
     const ROWS: i64 = 1_000_000;
-    let mut sb = Sandbox::new()?;
-    let (_db, conn, mut agent) = synced(&mut sb, ROWS)?;
+    let (sb, conn, mut agent) = synced(ROWS)?;
     agent.stop()?;
     let changed: Vec<i64> = (0..10).map(|i| 37 + i * 99_991).collect();
     let sql: String = changed
@@ -344,7 +340,7 @@ fn ten_differing_rows_in_a_million_are_repaired_exchanging_a_small_fraction() ->
     assert_eq!(run["rows_repaired"], 10, "{run:#}");
     let expected: BTreeSet<String> = changed.iter().map(ToString::to_string).collect();
     assert_eq!(keys(&run), expected);
-    assert_in_sync(&sb.hub, &agent, &resources())?;
+    assert_in_sync(&sb.hub, &agent)?;
 
     // A full comparison needs at least a 32-byte hash per row; the table
     // itself is far larger. Localising ten rows must cost a small fraction.
@@ -366,8 +362,7 @@ fn ten_differing_rows_in_a_million_are_repaired_exchanging_a_small_fraction() ->
 
 #[test]
 fn the_agent_compares_on_its_schedule_and_the_difference_is_repaired_unasked() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (_db, conn, mut agent) = synced_with(&mut sb, 500, "[verify]\nevery = \"2s\"")?;
+    let (sb, conn, mut agent) = synced_with(500, "[verify]\nevery = \"2s\"")?;
     agent.stop()?;
     behind_capture(&conn, "UPDATE person SET score = 99 WHERE id = 250")?;
     agent.start()?;
@@ -390,17 +385,16 @@ fn the_agent_compares_on_its_schedule_and_the_difference_is_repaired_unasked() -
         "{detail}"
     );
     assert!(detail.contains("copy equals the source"), "{detail}");
-    assert_in_sync(&sb.hub, &agent, &resources())?;
+    assert_in_sync(&sb.hub, &agent)?;
     agent.stop()?;
     Ok(())
 }
 
 #[test]
 fn a_comparison_resumes_after_the_agent_is_killed_mid_scan() -> Result<()> {
-    let mut sb = Sandbox::new()?;
     // A slow scan (10 ranges of 10,000 rows at 5,000 rows/s) so that the
     // agent dies in the middle of it.
-    let (_db, conn, mut agent) = synced_with(&mut sb, 100_000, "[verify]\nrows_per_second = 5000")?;
+    let (sb, conn, mut agent) = synced_with(100_000, "[verify]\nrows_per_second = 5000")?;
     agent.stop()?;
     behind_capture(
         &conn,
@@ -431,7 +425,7 @@ fn a_comparison_resumes_after_the_agent_is_killed_mid_scan() -> Result<()> {
     assert_eq!(ended["finished"]["verified"], true, "{ended:#}");
     assert_eq!(ended["rows_repaired"], 2, "{ended:#}");
     assert_eq!(keys(&ended), set(&["1500", "95000"]));
-    assert_in_sync(&sb.hub, &agent, &resources())?;
+    assert_in_sync(&sb.hub, &agent)?;
     sb.assert_no_rejections()?;
     agent.stop()?;
     Ok(())

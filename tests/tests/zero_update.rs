@@ -5,24 +5,19 @@ use std::time::Duration;
 
 use anyhow::Result;
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::{ResourceSpec, Sandbox, bin, run, wait_for};
+use shuyuan_tests::{AgentSpec, Nodes, ResourceSpec, Topology, wait_for};
 
 #[test]
 fn an_idle_resource_reports_verified_zero_updates_within_its_cycle() -> Result<()> {
-    let mut sb = Sandbox::new()?;
-    let (db, conn) = sb.database("dept.db", &[data::PARCEL_DDL, data::PERMIT_DDL])?;
-    let resources = [
-        ResourceSpec::new(
-            "B02/0007",
-            "land_parcel",
-            &["district", "parcel_no"],
-            "realtime",
-        ),
-        ResourceSpec::new("B02/0009", "planning_permit", &["permit_no"], "3s"),
-    ];
-    sb.hub.start()?;
-    let mut agent = sb.agent("zr", "ZR", &db, &resources, "")?;
-    agent.start()?;
+    let Nodes(sb, [], [mut agent]) = Topology::new()
+        .agent(
+            AgentSpec::sqlite("zr", "ZR", &[data::PARCEL_DDL, data::PERMIT_DDL]).resources(vec![
+                ResourceSpec::land_parcel("realtime"),
+                ResourceSpec::new("B02/0009", "planning_permit", &["permit_no"], "3s"),
+            ]),
+        )
+        .start()?;
+    let conn = agent.database()?;
     let writer = std::thread::spawn(move || -> Result<()> {
         let mut rng = Rng::new(5);
         for _ in 0..80 {
@@ -87,10 +82,7 @@ fn an_idle_resource_reports_verified_zero_updates_within_its_cycle() -> Result<(
     assert!(busy["last_zero_update"].is_null(), "{busy}");
     assert!(busy["rows"].as_u64() > Some(0));
 
-    let text = run(std::process::Command::new(bin("shuyuan-hub"))
-        .arg("--config")
-        .arg(&sb.hub.config)
-        .arg("status"))?;
+    let text = sb.hub.status_text()?;
     assert!(text.contains("last zero-update (零更新) #"), "{text}");
     let agent_status = agent.status()?;
     assert!(agent_status["resources"][1]["next_zero_update_due"].as_i64() > Some(until));

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde_json::Value as Json;
 use shuyuan_protocol::{Digest, RowSeed, Value};
-use shuyuan_tests::{HubProcess, ResourceSpec, assert_in_sync, source_rows};
+use shuyuan_tests::{AgentSpec, HubProcess, ResourceSpec, assert_in_sync, source_rows};
 
 const DDL: &str = "CREATE TABLE person (id INTEGER PRIMARY KEY, name TEXT NOT NULL, score REAL)";
 const DEPT: &str = "GA-330902";
@@ -116,20 +116,18 @@ pub fn run(dir: &Path, args: &DigestArgs) -> Result<()> {
         rows as f64 / in_process.as_secs_f64()
     );
 
-    let resources = [ResourceSpec::new("A01/0001", "person", &["id"], "daily")];
     let mut hub = HubProcess::init(&dir.join("hub"))?;
     hub.start()?;
-    let agent = shuyuan_tests::AgentProcess::init(
-        &dir.join("agent"),
-        &hub,
-        DEPT,
-        &db,
-        &resources,
-        "batch_max_changes = 2000\n[verify]\nrows_per_second = 100000000",
-    )?;
-    hub.enroll(DEPT, "bench", &agent.key)?;
-    agent.install_triggers()?;
-    let mut agent = agent;
+    let mut agent = AgentSpec::sqlite_file("agent", DEPT, &db)
+        .resources(vec![ResourceSpec::new(
+            "A01/0001",
+            "person",
+            &["id"],
+            "daily",
+        )])
+        .outbox("batch_max_changes = 2000\n[verify]\nrows_per_second = 100000000")
+        .department_name("bench")
+        .create(dir, &hub)?;
     let started = Instant::now();
     agent.start()?;
     agent.wait_drained(std::time::Duration::from_secs(1800))?;
@@ -187,7 +185,7 @@ pub fn run(dir: &Path, args: &DigestArgs) -> Result<()> {
             full.as_secs_f64()
         );
     }
-    assert_in_sync(&hub, &agent, &resources)?;
+    assert_in_sync(&hub, &agent)?;
     agent.stop()?;
     hub.stop()?;
     Ok(())

@@ -25,8 +25,8 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value as Json;
 use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::{
-    AgentProcess, HubProcess, ResourceSpec, Sandbox, assert_in_sync, assert_same_rows, immediate,
-    now_millis, source_rows,
+    AgentProcess, AgentSpec, HubProcess, HubSpec, Nodes, ResourceSpec, Sandbox, Topology,
+    assert_in_sync, assert_same_rows, immediate, now_millis, source_rows,
 };
 
 use super::percentile;
@@ -85,8 +85,7 @@ fn sandbox(dir: &Path, name: &str) -> Result<Sandbox> {
         .prefix(&format!("federation-{name}-"))
         .tempdir_in(dir)?;
     tmp.disable_cleanup(true);
-    let hub = HubProcess::init(&tmp.path().join("hub"))?;
-    Ok(Sandbox { dir: tmp, hub })
+    Sandbox::in_dir(tmp)
 }
 
 /// Removes a sandbox whose run succeeded (its processes stopped).
@@ -183,15 +182,8 @@ fn insert_one(conn: &rusqlite::Connection, rng: &mut Rng) -> Result<(Instant, i6
 
 /// Fails if the hub refused a batch or a connection.
 fn no_rejections(hub: &HubProcess, what: &str) -> Result<()> {
-    let refused: Vec<Json> = hub
-        .audit()?
-        .into_iter()
-        .filter(|a| a["kind"] == "batch_rejected" || a["kind"] == "connection_refused")
-        .collect();
-    if !refused.is_empty() {
-        bail!("the {what} refused: {refused:?}");
-    }
-    Ok(())
+    hub.assert_nothing_refused()
+        .with_context(|| format!("the {what}"))
 }
 
 /// One latency sample: per level, milliseconds from just before the commit
@@ -205,24 +197,25 @@ struct Sample {
 }
 
 fn latency(dir: &Path, samples: usize) -> Result<()> {
-    let mut sb = sandbox(dir, "latency")?;
-    sb.hub.rename("province")?;
-    let mut city = sb.extra_hub("city")?;
-    let mut district = sb.extra_hub("district")?;
-    sb.hub.enroll_hub("330000", "city", &city.key)?;
-    city.set_upstream(&sb.hub, FORWARD)?;
-    city.enroll_hub("330902", "district", &district.key)?;
-    district.set_upstream(&city, FORWARD)?;
-    let (db, conn) = sb.database("dept.db", &[data::HOUSEHOLD_DDL])?;
     let resources = resources();
-    let mut agent = sb.agent_at(&district, "dept", "GA-330902", &db, &resources, "")?;
-    let feed = format!("GA-330902:{RESOURCE}");
     // Parents first: each child connects at once rather than after a
     // reconnect delay.
-    sb.hub.start()?;
-    city.start()?;
-    district.start()?;
-    agent.start()?;
+    let Nodes(mut sb, [mut city, mut district], [mut agent]) = Topology::new()
+        .hub_name("province")
+        .hub(HubSpec::child("city", "330000").share(FORWARD))
+        .hub(
+            HubSpec::child("district", "330902")
+                .under("city")
+                .share(FORWARD),
+        )
+        .agent(
+            AgentSpec::sqlite("dept", "GA-330902", &[data::HOUSEHOLD_DDL])
+                .resources(resources.to_vec())
+                .at("district"),
+        )
+        .start_in(sandbox(dir, "latency")?)?;
+    let (db, conn) = (agent.db.clone(), agent.database()?);
+    let feed = format!("GA-330902:{RESOURCE}");
     let mut apis = [Api::new(&district)?, Api::new(&city)?, Api::new(&sb.hub)?];
 
     // Warm-up, not counted: the schema, the feed's first batches, the
@@ -395,14 +388,18 @@ fn latency(dir: &Path, samples: usize) -> Result<()> {
     Ok(())
 }
 
-/// Two departments under `hub`, their capture triggers installed, with
-/// `rows` household rows between them waiting in the change tables.
-/// Returns the agents (not started) and each one's row count.
-fn departments(sb: &Sandbox, hub: &HubProcess, rows: usize) -> Result<Vec<(AgentProcess, u64)>> {
+/// Two departments under the sandbox's hub, their capture triggers
+/// installed, with `rows` household rows between them waiting in the change
+/// tables. Returns the agents (not started) and each one's row count.
+fn departments(sb: &Sandbox, rows: usize) -> Result<Vec<(AgentProcess, u64)>> {
     let mut out = Vec::new();
     for (i, code) in ["GA-330902", "MZ-330902"].into_iter().enumerate() {
-        let (db, conn) = sb.database(&format!("dept{i}.db"), &[data::HOUSEHOLD_DDL])?;
-        let agent = sb.agent_at(hub, &format!("dept{i}"), code, &db, &resources(), OUTBOX)?;
+        let agent = sb.add_agent(
+            AgentSpec::sqlite(&format!("dept{i}"), code, &[data::HOUSEHOLD_DDL])
+                .resources(resources().to_vec())
+                .outbox(OUTBOX),
+        )?;
+        let conn = agent.database()?;
         let want = rows / 2 + if i == 0 { rows % 2 } else { 0 };
         let mut rng = Rng::new(1000 + i as u64);
         let mut done = 0;
@@ -477,7 +474,7 @@ fn clock(apis: &mut [Api], agents: &[(AgentProcess, u64)], t0: i64) -> Result<Ve
 fn compare(hub: &HubProcess, agents: &[(AgentProcess, u64)]) -> Result<usize> {
     let mut total = 0;
     for (agent, _) in agents {
-        total += assert_in_sync(hub, agent, &resources())
+        total += assert_in_sync(hub, agent)
             .with_context(|| format!("{} at {}", agent.department, hub.dir.display()))?;
     }
     Ok(total)
@@ -501,7 +498,7 @@ fn throughput_once(dir: &Path, rows: usize, run: usize) -> Result<Times> {
     eprintln!("federation throughput, run {run}: direct");
     let mut sb = sandbox(dir, &format!("direct{run}"))?;
     sb.hub.rename("middle")?;
-    let mut agents = departments(&sb, &sb.hub, rows)?;
+    let mut agents = departments(&sb, rows)?;
     let total: u64 = agents.iter().map(|(_, n)| n).sum();
     sb.hub.start()?;
     let mut apis = [Api::new(&sb.hub)?];
@@ -517,7 +514,7 @@ fn throughput_once(dir: &Path, rows: usize, run: usize) -> Result<Times> {
     sb.hub.stop()?;
 
     eprintln!("federation throughput, run {run}: forwarding a stored backlog");
-    let mut top = sb.extra_hub("top")?;
+    let mut top = sb.add_hub(&HubSpec::new("top"))?;
     top.enroll_hub("330900", "middle", &sb.hub.key)?;
     sb.hub.set_upstream(&top, FORWARD)?;
     top.start()?;
@@ -540,10 +537,10 @@ fn throughput_once(dir: &Path, rows: usize, run: usize) -> Result<Times> {
     eprintln!("federation throughput, run {run}: through a middle hub, live");
     let mut sb = sandbox(dir, &format!("middle{run}"))?;
     sb.hub.rename("middle")?;
-    let mut top = sb.extra_hub("top")?;
+    let mut top = sb.add_hub(&HubSpec::new("top"))?;
     top.enroll_hub("330900", "middle", &sb.hub.key)?;
     sb.hub.set_upstream(&top, FORWARD)?;
-    let mut agents = departments(&sb, &sb.hub, rows)?;
+    let mut agents = departments(&sb, rows)?;
     if agents.iter().map(|(_, n)| n).sum::<u64>() != total {
         bail!("the runs' sources differ in size");
     }

@@ -49,8 +49,8 @@ use shuyuan_tests::data::{self, Rng};
 use shuyuan_tests::peer::CatalogPeer;
 use shuyuan_tests::pg::{self, PgInstance};
 use shuyuan_tests::{
-    AgentProcess, HubProcess, ResourceSpec, assert_in_sync, assert_pg_in_sync, immediate,
-    now_millis, pg_captured_to, wait_for,
+    AgentSpec, HubProcess, ResourceSpec, assert_in_sync, assert_pg_in_sync, immediate, now_millis,
+    pg_captured_to, wait_for,
 };
 
 #[derive(Debug, Parser)]
@@ -313,14 +313,10 @@ fn insert_cost(dir: &std::path::Path, n: usize, triggers: bool) -> Result<(Durat
     conn.execute_batch("PRAGMA journal_mode = WAL")?;
     if triggers {
         let hub = HubProcess::init(&dir.join(format!("insert-hub-{triggers}")))?;
-        let r = [ResourceSpec::new(
-            "A01/0001",
-            "household",
-            &["id_number"],
-            "realtime",
-        )];
-        let agent = AgentProcess::init(&dir.join("insert-agent"), &hub, "GA", &db, &r, "")?;
-        agent.install_triggers()?;
+        AgentSpec::sqlite_file("insert-agent", "GA", &db)
+            .resources(vec![ResourceSpec::household()])
+            .unenrolled()
+            .create(dir, &hub)?;
     }
     let mut rng = Rng::new(1);
     let start = Instant::now();
@@ -341,22 +337,13 @@ fn end_to_end(dir: &std::path::Path, n: usize, batch: usize, mode: Mode) -> Resu
     let conn = rusqlite::Connection::open(&db)?;
     conn.busy_timeout(Duration::from_secs(30))?;
     conn.execute_batch(data::HOUSEHOLD_DDL)?;
-    let resources = [ResourceSpec::new(
-        "A01/0001",
-        "household",
-        &["id_number"],
-        "realtime",
-    )];
-    let mut agent = AgentProcess::init(
-        &dir.join("agent"),
-        &hub,
-        "GA",
-        &db,
-        &resources,
-        &format!("batch_max_changes = {batch}\nbatch_max_size = \"15 MiB\"\nmax_size = \"1 GiB\""),
-    )?;
-    hub.enroll("GA", "bench", &agent.key)?;
-    agent.install_triggers()?;
+    let mut agent = AgentSpec::sqlite_file("agent", "GA", &db)
+        .resources(vec![ResourceSpec::household()])
+        .outbox(&format!(
+            "batch_max_changes = {batch}\nbatch_max_size = \"15 MiB\"\nmax_size = \"1 GiB\""
+        ))
+        .department_name("bench")
+        .create(dir, &hub)?;
     hub.start()?;
     let mut rng = Rng::new(batch as u64);
     let insert = |conn: &rusqlite::Connection, rng: &mut Rng| -> Result<()> {
@@ -394,7 +381,7 @@ fn end_to_end(dir: &std::path::Path, n: usize, batch: usize, mode: Mode) -> Resu
     )?;
     let t1 = done["last_batch_received_at"].as_i64().unwrap_or(0);
     agent.wait_drained(Duration::from_secs(60))?;
-    assert_in_sync(&hub, &agent, &resources)?;
+    assert_in_sync(&hub, &agent)?;
     if done["rejected"] != 0 {
         bail!("the hub rejected batches: {done}");
     }
@@ -960,14 +947,11 @@ fn pg_shuyuan(dir: &Path, args: &PgArgs) -> Result<PgFigures> {
         &[],
         "realtime",
     ));
-    let mut agent = AgentProcess::init_pg(
-        &dir.join("agent"),
-        &hub,
-        dept,
-        &source.dsn(),
-        &resources,
-        "batch_max_changes = 5000\nbatch_max_size = \"15 MiB\"\nmax_size = \"4 GiB\"",
-    )?;
+    let mut agent = AgentSpec::postgres("agent", dept, &source)
+        .resources(resources)
+        .outbox("batch_max_changes = 5000\nbatch_max_size = \"15 MiB\"\nmax_size = \"4 GiB\"")
+        .configured_only()
+        .create(dir, &hub)?;
     hub.enroll(dept, "pgbench", &agent.key)?;
     hub.start()?;
     let setup_start = Instant::now();
@@ -1059,7 +1043,7 @@ fn pg_shuyuan(dir: &Path, args: &PgArgs) -> Result<PgFigures> {
 
     // Not timed: the hub's copy of every table equals the source's.
     eprintln!("shuyuan: comparing the hub's copies with the source");
-    let compared = assert_pg_in_sync(&hub, &agent, &source, &resources)?;
+    let compared = assert_pg_in_sync(&hub, &agent, &source)?;
     agent.stop()?;
     hub.stop()?;
     Ok(PgFigures {
@@ -1074,7 +1058,7 @@ fn pg_shuyuan(dir: &Path, args: &PgArgs) -> Result<PgFigures> {
                 agent_poll.as_secs_f64() * 1e3,
                 status_poll.as_secs_f64() * 1e3,
                 setup.as_secs_f64(),
-                resources.len()
+                agent.resources.len()
             ),
         ],
         lags: probe.lags,

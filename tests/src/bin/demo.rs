@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::{AgentProcess, HubProcess, ResourceSpec, assert_in_sync, bin_dir, immediate};
+use shuyuan_tests::{AgentSpec, HubProcess, ResourceSpec, assert_in_sync, bin_dir, immediate};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,38 +121,11 @@ async fn main() -> Result<()> {
     let mut agents = Vec::new();
     let mut dbs = Vec::new();
     for d in departments() {
-        let db = dir.join(format!("{}.db", d.short));
-        let conn = rusqlite::Connection::open(&db)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        for ddl in &d.ddl {
-            conn.execute_batch(ddl)?;
-        }
-        let tx = immediate(&conn)?;
-        for _ in 0..1500 {
-            for t in &d.busy {
-                match *t {
-                    "household" => drop(data::insert_household(&tx, &mut rng)?),
-                    "business_licence" => drop(data::insert_licence(&tx, &mut rng)?),
-                    _ => data::insert_parcel(&tx, &mut rng)?,
-                }
-            }
-        }
-        if d.ddl.contains(&data::PERMIT_DDL) {
-            for i in 1..=20 {
-                tx.execute(
-                    "INSERT INTO planning_permit VALUES (?1, ?2, ?3)",
-                    rusqlite::params![
-                        format!("建字第330902202600{i:03}号"),
-                        format!("定海区安置房项目第{i}期"),
-                        format!("2026-{:02}-15", 1 + i % 12)
-                    ],
-                )?;
-            }
-        }
-        tx.commit()?;
-        let agent = AgentProcess::init(&dir.join(d.short), &hub, d.code, &db, &d.resources, "")?;
-        hub.enroll(d.code, d.name, &agent.key)?;
-        agent.install_triggers()?;
+        let agent = AgentSpec::sqlite(d.short, d.code, &d.ddl)
+            .resources(d.resources.clone())
+            .department_name(d.name)
+            .seed(|conn| fill(conn, &d, &mut rng))
+            .create(&dir, &hub)?;
         println!(
             "department {} {}: {} resource(s), agent key {}",
             d.code,
@@ -160,7 +133,7 @@ async fn main() -> Result<()> {
             d.resources.len(),
             agent.key
         );
-        dbs.push((conn, d));
+        dbs.push((agent.database()?, d));
         agents.push(agent);
     }
     for a in &mut agents {
@@ -269,7 +242,7 @@ async fn main() -> Result<()> {
     let mut all_equal = true;
     for (a, (_, d)) in agents.iter_mut().zip(&dbs) {
         let status = a.wait_drained(Duration::from_secs(60))?;
-        match assert_in_sync(&hub, a, &d.resources) {
+        match assert_in_sync(&hub, a) {
             Ok(rows) => println!(
                 "{} {}: the hub's copy equals the source ({rows} rows compared)",
                 d.code, d.name
@@ -292,7 +265,7 @@ async fn main() -> Result<()> {
                 Ok((at >= head).then_some(()))
             })?;
         }
-        match assert_in_sync(&city, a, &d.resources) {
+        match assert_in_sync(&city, a) {
             Ok(rows) => println!(
                 "{} {}: the city hub's copy equals the source too ({rows} rows compared)",
                 d.code, d.name
@@ -308,6 +281,35 @@ async fn main() -> Result<()> {
     city.stop()?;
     println!("stopped cleanly. files are in {}", dir.display());
     anyhow::ensure!(all_equal, "a shared copy differs from its source");
+    Ok(())
+}
+
+/// The department's records before its agent is installed: 1,500 rows of
+/// each busy table, and 20 planning permits.
+fn fill(conn: &rusqlite::Connection, d: &Department, rng: &mut Rng) -> Result<()> {
+    let tx = immediate(conn)?;
+    for _ in 0..1500 {
+        for t in &d.busy {
+            match *t {
+                "household" => drop(data::insert_household(&tx, rng)?),
+                "business_licence" => drop(data::insert_licence(&tx, rng)?),
+                _ => data::insert_parcel(&tx, rng)?,
+            }
+        }
+    }
+    if d.ddl.contains(&data::PERMIT_DDL) {
+        for i in 1..=20 {
+            tx.execute(
+                "INSERT INTO planning_permit VALUES (?1, ?2, ?3)",
+                rusqlite::params![
+                    format!("建字第330902202600{i:03}号"),
+                    format!("定海区安置房项目第{i}期"),
+                    format!("2026-{:02}-15", 1 + i % 12)
+                ],
+            )?;
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 
