@@ -324,7 +324,7 @@ impl AgentStatus {
         if let Some(f) = &self.outbox.write_failure {
             let _ = writeln!(
                 s,
-                "         OUTBOX CANNOT WRITE since {}: {}; capture paused, source changes wait in the source ({} failed writes, file reopened {} times; retried every {}s)",
+                "         OUTBOX CANNOT WRITE since {}: {}; capture paused, source changes wait in the source ({} failed writes, file reopened {} times; retried at growing intervals, at least every {}s)",
                 f.since,
                 f.error,
                 f.failed_writes,
