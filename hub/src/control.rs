@@ -45,12 +45,12 @@ pub enum ControlRequest {
     Audit {
         limit: usize,
     },
-    /// Revokes a key: the [`store::Revocation`].
+    /// Revokes a key: the [`Revocation`](crate::apply::keys::Revocation).
     Revoke {
         key: String,
         reason: String,
     },
-    /// Checks the audit log's hash chain: a [`apply::audit::chain::ChainReport`].
+    /// Checks the audit log's hash chain: a [`ChainReport`](crate::apply::audit::ChainReport).
     AuditVerify {
         /// A head recorded earlier, as 64 hex digits.
         head: Option<String>,

@@ -1,6 +1,6 @@
 //! One feed connection, from its handshake to its end: the same handler
 //! for a department's agent and for a child hub (级联), parameterised by who
-//! is on the other side ([`Peer`]).
+//! is on the other side (`Peer`).
 //!
 //! The connection opens one stream and greets: an agent with `Hello` (its
 //! department and resources), a child hub with `HubHello` (the feeds it

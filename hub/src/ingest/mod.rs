@@ -25,11 +25,11 @@
 //! reason and peer ([`throttle`]), so a flood of connections
 //! cannot flood the audit log.
 
-mod catalog;
-mod connection;
-mod requests;
-mod rotation;
-mod stream;
+pub mod catalog;
+pub mod connection;
+pub mod requests;
+pub mod rotation;
+pub mod stream;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -10,7 +10,7 @@
 //! memory and runs the same `apply` tests, which proves this contract is
 //! all an engine needs.
 //!
-//! Invariants: [`Engine::write`] returns `Ok` only after its transaction
+//! Invariants: [`Engine::write_with`] returns `Ok` only after its transaction
 //! committed durably, and on an error nothing of it is stored; a read sees
 //! one committed state throughout.
 

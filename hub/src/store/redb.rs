@@ -5,25 +5,25 @@
 //! postcard under versioned table names; a migration runs once, in order.
 //!
 //! Tables (the `_v1` suffix is the layout version; values are postcard):
-//! - `enrollments_v1`: node key (32 bytes) -> [`Enrollment`](crate::apply::keys::Enrollment)
-//! - `feeds_v1`: feed text `DEPT:RES` -> [`FeedRecord`](crate::apply::feed::FeedRecord)
+//! - `enrollments_v1`: node key (32 bytes) -> [`Enrollment`]
+//! - `feeds_v1`: feed text `DEPT:RES` -> [`FeedRecord`]
 //! - `schemas_v1`: (feed text, schema version) -> `TableSchema`
 //! - `batches_v1`: (feed text, seq) -> the `SignedBatch` as received
-//! - `rows_v1`: (feed text, order-preserving key encoding) -> [`StoredRow`](crate::apply::feed::StoredRow)
+//! - `rows_v1`: (feed text, order-preserving key encoding) -> [`StoredRow`]
 //! - `audit_v1`: id -> [`AuditEntry`](crate::apply::audit::AuditEntry)
 //! - `audit_chain_v1`: id -> the entry's 32-byte chain link
-//!   ([`chain::link`](crate::apply::audit::chain::link) of the previous link, the id and the stored entry)
+//!   ([`chain::link`] of the previous link, the id and the stored entry)
 //! - `catalogs_v1`: department code -> the department's catalog (automerge)
 //! - `catalog_sync_v1`: (department code, peer key) -> automerge sync state
-//! - `resync_v1`: feed text -> the feed's latest [`ResyncRecord`](crate::apply::feed::ResyncRecord)
+//! - `resync_v1`: feed text -> the feed's latest [`ResyncRecord`]
 //! - `resync_touched_v1`: (feed text, row key) -> () for rows written since a
 //!   running re-read began; emptied when it ends
 //! - `digests_v1`: feed text -> the feed digest of the shared copy as
 //!   stored ([`Digest::to_bytes`](shuyuan_protocol::Digest::to_bytes)), updated with every row written
-//! - `verify_v1`: feed text -> [`VerifyRecord`](crate::apply::verification::VerifyRecord)
-//! - `revocations_v1`: node key (32 bytes) -> [`Revocation`](crate::apply::keys::Revocation); the key is
+//! - `verify_v1`: feed text -> [`VerifyRecord`]
+//! - `revocations_v1`: node key (32 bytes) -> [`Revocation`]; the key is
 //!   removed from `enrollments_v1` in the same transaction
-//! - `rotations_v1`: old agent key (32 bytes) -> [`Rotation`](crate::apply::keys::Rotation) (its successor)
+//! - `rotations_v1`: old agent key (32 bytes) -> [`Rotation`] (its successor)
 //! - `migrations_v1`: migration name -> unix millis applied
 
 use std::cell::{OnceCell, RefCell};
