@@ -467,10 +467,13 @@ impl WriteLoop {
                     }
                 }
             }
-            Err(e) if e.is_storage() => *discards = before,
             Err(e) => {
                 *discards = before;
-                tracing::error!(error = %e, "store write failed; the affected batches are refused as unavailable and will be resent");
+                // A failure of writes is logged by the engine's reopen
+                // policy (once, and when it ends); anything else here.
+                if !e.is_storage() || self.engine.health().failure.is_none() {
+                    tracing::error!(error = %e, "store write failed; the affected batches are refused as unavailable and will be resent");
+                }
             }
         }
         self.publish();
