@@ -679,6 +679,14 @@ async fn a_run_the_agent_cannot_answer_ends_unverified(engine: Arc<dyn Engine>) 
 
 async fn key_records_follow_their_rules(engine: Arc<dyn Engine>) {
     let [old, new, hub, other] = [11u8, 12, 13, 14].map(|s| NodeKey::from_seed([s; 32]));
+    let rotate = |old: &NodeKey, new: &NodeKey| WriteOp::Rotate {
+        change: RotationChange::Record {
+            old: old.id(),
+            new: new.id(),
+            department: department(),
+        },
+        outcome: None,
+    };
     enroll(&*engine, &old);
     let mut as_hub = agent(&hub).1;
     as_hub.kind = NodeKind::Hub;
@@ -696,41 +704,13 @@ async fn key_records_follow_their_rules(engine: Arc<dyn Engine>) {
                 enrollment: agent(&hub).1,
                 outcome: None,
             },
-            WriteOp::Rotate {
-                change: RotationChange::Record {
-                    old: old.id(),
-                    new: new.id(),
-                    department: department(),
-                },
-                outcome: None,
-            },
+            rotate(&old, &new),
             // Announced again: nothing new.
-            WriteOp::Rotate {
-                change: RotationChange::Record {
-                    old: old.id(),
-                    new: new.id(),
-                    department: department(),
-                },
-                outcome: None,
-            },
+            rotate(&old, &new),
             // The old key to yet another successor: refused.
-            WriteOp::Rotate {
-                change: RotationChange::Record {
-                    old: old.id(),
-                    new: other.id(),
-                    department: department(),
-                },
-                outcome: None,
-            },
+            rotate(&old, &other),
             // A key nobody enrolled cannot rotate.
-            WriteOp::Rotate {
-                change: RotationChange::Record {
-                    old: other.id(),
-                    new: hub.id(),
-                    department: department(),
-                },
-                outcome: None,
-            },
+            rotate(&other, &hub),
             WriteOp::Rotate {
                 change: RotationChange::Retire { old: old.id() },
                 outcome: None,
