@@ -3,6 +3,7 @@
 //! Invariant: every error names the file, the key and the reason; relative
 //! paths are resolved against the directory of the config file.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -48,8 +49,13 @@ struct RawUpstream {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Option<String>,
+    /// No longer accepted: one shared password cannot say who reviewed.
     password_hash: Option<String>,
     session: Option<String>,
+    secure_cookie: Option<bool>,
+    /// Administrator name -> argon2 PHC string.
+    #[serde(default)]
+    accounts: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -144,11 +150,15 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
     pub listen: SocketAddr,
-    /// The administrators' password as an argon2 PHC string; when set, every
-    /// request must log in. Required when `listen` is not a loopback address.
-    pub password_hash: Option<String>,
+    /// The named administrators and their passwords as argon2 PHC strings;
+    /// when any is set, every request must log in. Required when `listen`
+    /// is not a loopback address.
+    pub accounts: BTreeMap<String, String>,
     /// How long a login lasts.
     pub session: Duration,
+    /// The console is served over HTTPS (behind a TLS proxy): the session
+    /// cookie is `__Host-` prefixed and `Secure`.
+    pub secure_cookie: bool,
 }
 
 /// Alerts on state changes.
@@ -238,19 +248,31 @@ impl Config {
                         ),
                     )
                 })?;
-                let password_hash = raw.admin.password_hash.clone();
-                if let Some(h) = &password_hash {
-                    argon2::PasswordHash::new(h).map_err(|e| {
-                        err(
-                            "admin.password_hash",
-                            format!("not an argon2 hash ({e}); make one with `shuyuan-hub admin-password`"),
-                        )
-                    })?;
-                } else if !listen.ip().is_loopback() {
+                if raw.admin.password_hash.is_some() {
                     return Err(err(
                         "admin.password_hash",
+                        "one shared console password is no longer accepted, since it cannot say who reviewed an entry: name each administrator under [admin.accounts] (NAME = \"HASH\", a line made by `shuyuan-hub admin-password NAME`)".into(),
+                    ));
+                }
+                let mut accounts = BTreeMap::new();
+                for (name, hash) in &raw.admin.accounts {
+                    let key = format!("admin.accounts.{name}");
+                    if let Err(why) = crate::admin::accounts::check_name(name) {
+                        return Err(err(&key, why));
+                    }
+                    argon2::PasswordHash::new(hash).map_err(|e| {
+                        err(
+                            &key,
+                            format!("not an argon2 hash ({e}); make one with `shuyuan-hub admin-password {name}`"),
+                        )
+                    })?;
+                    accounts.insert(name.clone(), hash.clone());
+                }
+                if accounts.is_empty() && !listen.ip().is_loopback() {
+                    return Err(err(
+                        "admin.accounts",
                         format!(
-                            "the console listens on {listen}, beyond loopback: set a password hash (make one with `shuyuan-hub admin-password`)"
+                            "the console listens on {listen}, beyond loopback: name at least one administrator (make a line with `shuyuan-hub admin-password NAME`)"
                         ),
                     ));
                 }
@@ -264,8 +286,9 @@ impl Config {
                 }
                 Some(AdminConfig {
                     listen,
-                    password_hash,
+                    accounts,
                     session,
+                    secure_cookie: raw.admin.secure_cookie.unwrap_or(false),
                 })
             }
         };
@@ -447,6 +470,49 @@ mod tests {
         );
         let e = Config::parse(Path::new("/srv/hub.toml"), "").unwrap_err();
         assert!(e.to_string().contains("missing field `hub`"), "{e}");
+    }
+
+    #[test]
+    fn admin_accounts() {
+        let path = Path::new("/srv/hub.toml");
+        let hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$ZmFrZWZha2VmYWtlZmFrZWZha2VmYWtlZmFrZWZha2U";
+        let c = Config::parse(
+            path,
+            &format!(
+                "[hub]\n[admin]\nlisten = \"0.0.0.0:7780\"\nsecure_cookie = true\n[admin.accounts]\n\"zhang.wei\" = \"{hash}\"\n\"王伟\" = \"{hash}\"\n"
+            ),
+        )
+        .unwrap();
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.accounts.len(), 2);
+        assert!(admin.accounts.contains_key("zhang.wei") && admin.accounts.contains_key("王伟"));
+        assert!(admin.secure_cookie);
+        for (text, key, words) in [
+            (
+                format!("[admin]\npassword_hash = \"{hash}\"\n"),
+                "admin.password_hash",
+                "[admin.accounts]",
+            ),
+            (
+                "[admin.accounts]\nzhang = \"plain\"\n".to_string(),
+                "admin.accounts.zhang",
+                "not an argon2 hash",
+            ),
+            (
+                format!("[admin.accounts]\n\"a:b\" = \"{hash}\"\n"),
+                "admin.accounts.a:b",
+                "':'",
+            ),
+            (
+                "[admin]\nlisten = \"0.0.0.0:7780\"\n".to_string(),
+                "admin.accounts",
+                "beyond loopback",
+            ),
+        ] {
+            let e = Config::parse(path, &format!("[hub]\n{text}")).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.to_string().contains(words), "{e}");
+        }
     }
 
     #[test]

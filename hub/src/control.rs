@@ -87,8 +87,21 @@ pub struct ReviewRequest {
     pub code: String,
     /// Approve (审核通过), or return for changes (退回修改).
     pub approve: bool,
+    /// Who reviewed: taken from the login when an administrator is logged
+    /// in (a different name is refused); stated otherwise.
+    #[serde(default)]
     pub reviewer: String,
     pub remarks: String,
+}
+
+/// How a review's reviewer is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vouched {
+    /// The named administrator logged in to the console or API.
+    Login,
+    /// As stated by whoever made the request: on the hub's host (the
+    /// control socket, the local token) or on an open loopback console.
+    Stated,
 }
 
 /// Checks and records a review (used online and offline).
@@ -97,6 +110,7 @@ pub async fn review(
     store: &Store,
     city: &[CityEntry],
     request: &ReviewRequest,
+    vouched: Vouched,
 ) -> Result<Review, String> {
     let ReviewRequest {
         department,
@@ -108,7 +122,7 @@ pub async fn review(
     let (code, approve) = (code.as_str(), *approve);
     let entry = catalog::pick(city, code, department.as_deref()).map_err(|e| e.to_string())?;
     if reviewer.trim().is_empty() {
-        return Err("name the reviewer (--reviewer)".into());
+        return Err("name the reviewer (--reviewer, or the field reviewer)".into());
     }
     if !approve && remarks.trim().is_empty() {
         return Err(
@@ -148,9 +162,13 @@ pub async fn review(
     let audit = AuditEntry::new(
         AuditKind::CatalogReviewed,
         format!(
-            "{} entry {code} of {department} by {}{}",
+            "{} entry {code} of {department} by {}{}{}",
             if approve { "approved" } else { "returned" },
             review.reviewer,
+            match vouched {
+                Vouched::Login => " (logged in)",
+                Vouched::Stated => " (as stated on the hub's host or open console, not verified)",
+            },
             if review.remarks.is_empty() {
                 String::new()
             } else {
@@ -305,7 +323,14 @@ async fn answer(
         }
         ControlRequest::CatalogReview(request) => {
             let all = shared.catalog.city().await.map_err(|e| e.to_string())?;
-            let review = review(&shared.catalog, &shared.store, &all, &request).await?;
+            let review = review(
+                &shared.catalog,
+                &shared.store,
+                &all,
+                &request,
+                Vouched::Stated,
+            )
+            .await?;
             control::write_ok(out).await.map_err(|e| e.to_string())?;
             let _ = out
                 .write_all(&serde_json::to_vec(&review).unwrap_or_default())

@@ -58,8 +58,11 @@ enum Command {
     },
     /// Run the hub until SIGTERM or Ctrl-C.
     Run,
-    /// Hash the administrators' console password (read from standard input, one line) for `[admin] password_hash`.
-    AdminPassword,
+    /// Make a named administrator's console account: reads the password (12 characters or more) from standard input and prints the line to put under `[admin.accounts]`.
+    AdminPassword {
+        /// The administrator's name, shown as the reviewer of what they review (for example zhang.wei).
+        name: String,
+    },
     /// Allow an agent's key to connect and write the feeds of one department, or (with --hub) a child hub's key to forward its departments' feeds (级联).
     Enroll {
         /// The department code (部门代码) the key may write for.
@@ -236,7 +239,9 @@ async fn run(cli: Cli) -> Result<()> {
     let config = || Config::load(&cli.config);
     match cli.command {
         Command::Init { key_only } => init(&cli.config, key_only),
-        Command::AdminPassword => {
+        Command::AdminPassword { name } => {
+            shuyuan_hub::admin::accounts::check_name(&name)
+                .map_err(|e| anyhow!("{name:?}: {e}"))?;
             let mut line = String::new();
             std::io::stdin()
                 .read_line(&mut line)
@@ -245,8 +250,10 @@ async fn run(cli: Cli) -> Result<()> {
             if password.chars().count() < 12 {
                 bail!("the console password must be at least 12 characters");
             }
-            let hash = shuyuan_hub::admin::auth::hash_password(password).map_err(|e| anyhow!(e))?;
-            println!("{hash}");
+            let hash =
+                shuyuan_hub::admin::accounts::hash_password(password).map_err(|e| anyhow!(e))?;
+            // A TOML line: a quoted key, since names may hold dots.
+            println!("{} = \"{hash}\"", toml_key(&name));
             Ok(())
         }
         Command::Run => {
@@ -809,7 +816,14 @@ async fn offline_catalog(config: &Config, request: ControlRequest) -> Result<ser
         ControlRequest::CatalogReview(request) => {
             let (store, writer) = Store::start(engine)?;
             let catalog = HubCatalog::new(node, store.clone());
-            let result = shuyuan_hub::review(&catalog, &store, &city, &request).await;
+            let result = shuyuan_hub::review(
+                &catalog,
+                &store,
+                &city,
+                &request,
+                shuyuan_hub::control::Vouched::Stated,
+            )
+            .await;
             store.close().await;
             tokio::task::spawn_blocking(move || writer.join()).await?;
             serde_json::to_value(result.map_err(|e| anyhow!(e))?)?
@@ -947,4 +961,18 @@ mod tests {
     fn template_is_a_valid_config() {
         Config::parse(Path::new("deploy/hub.toml"), CONFIG_TEMPLATE).unwrap();
     }
+}
+
+/// `name` as a quoted TOML key.
+fn toml_key(name: &str) -> String {
+    let mut out = String::from("\"");
+    for c in name.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }

@@ -106,6 +106,7 @@ impl Lang {
             AuditKind::KeyRotated => self.pick("密钥轮换", "Key rotated"),
             AuditKind::ClockSkew => self.pick("时钟偏差", "Clock skew"),
             AuditKind::StoreFailed => self.pick("存储写入失败", "Store could not write"),
+            AuditKind::LoginLimited => self.pick("登录失败次数超限", "Failed logins limited"),
             AuditKind::ConnectionRefused => self.pick("拒绝连接", "Connection refused"),
             AuditKind::ResyncStarted => self.pick("开始重新读取", "Re-read started"),
             AuditKind::ResyncFinished => self.pick("重新读取完成", "Re-read finished"),
@@ -213,7 +214,7 @@ impl Lang {
 /// Every audit kind, in the order the audit filter lists them. A new
 /// [`AuditKind`] must be added here too ([`Lang::audit_kind`] forces its
 /// translation).
-pub const AUDIT_KINDS: [AuditKind; 15] = [
+pub const AUDIT_KINDS: [AuditKind; 16] = [
     AuditKind::HandshakeRefused,
     AuditKind::ConnectionRefused,
     AuditKind::Enrolled,
@@ -221,6 +222,7 @@ pub const AUDIT_KINDS: [AuditKind; 15] = [
     AuditKind::Revoked,
     AuditKind::ClockSkew,
     AuditKind::StoreFailed,
+    AuditKind::LoginLimited,
     AuditKind::BatchRejected,
     AuditKind::ResyncStarted,
     AuditKind::ResyncFinished,
@@ -428,6 +430,7 @@ texts! {
     ),
     // Login and messages.
     Login => ("登录", "Log in"),
+    Account => ("账号", "Name"),
     Password => ("密码", "Password"),
     WrongPassword => ("密码错误", "Wrong password"),
     NotFound => ("未找到", "Not found"),

@@ -19,8 +19,32 @@ pub struct ProcessFacts<'a> {
     pub audit_counts: &'a AuditCounts,
     pub handshakes_refused: u64,
     pub deliveries: &'a Deliveries,
-    pub logins_ok: u64,
-    pub logins_failed: u64,
+    pub logins: Logins,
+}
+
+/// Console logins and their limits.
+#[derive(Debug, Default)]
+pub struct Logins {
+    pub ok: u64,
+    pub failed: u64,
+    /// Password checks refused by the per-address and global limits.
+    pub limited_address: u64,
+    pub limited_global: u64,
+    /// Password checks refused because too many were running.
+    pub busy: u64,
+}
+
+impl Logins {
+    pub fn of(auth: &super::auth::Auth) -> Logins {
+        use super::limits::Scope;
+        Logins {
+            ok: auth.logins_ok.load(Ordering::Relaxed),
+            failed: auth.logins_failed.load(Ordering::Relaxed),
+            limited_address: auth.limits.refused(Scope::Address),
+            limited_global: auth.limits.refused(Scope::Global),
+            busy: auth.checks_busy.load(Ordering::Relaxed),
+        }
+    }
 }
 
 struct Family<'o> {
@@ -383,15 +407,41 @@ pub fn render(o: &Overview, fed: &FederationView, p: &ProcessFacts<'_>) -> Strin
         "counter",
         "Console logins since start, by result.",
     );
+    for (result, n) in [
+        ("ok", p.logins.ok),
+        ("failed", p.logins.failed),
+        ("limited_address", p.logins.limited_address),
+        ("limited_global", p.logins.limited_global),
+        ("busy", p.logins.busy),
+    ] {
+        f.sample("shuyuan_admin_logins_total", &[("result", result)], n);
+    }
+    f.header(
+        "shuyuan_admin_login_limit",
+        "gauge",
+        "Failed logins allowed within the window before password checks are refused, per address (an IPv6 /64) and from all addresses; and password checks run at once.",
+    );
+    use super::limits::{ADDRESS_FAILURES, ADDRESS_WINDOW, GLOBAL_FAILURES, GLOBAL_WINDOW};
     f.sample(
-        "shuyuan_admin_logins_total",
-        &[("result", "ok")],
-        p.logins_ok,
+        "shuyuan_admin_login_limit",
+        &[
+            ("scope", "address"),
+            ("window_seconds", &ADDRESS_WINDOW.as_secs().to_string()),
+        ],
+        ADDRESS_FAILURES,
     );
     f.sample(
-        "shuyuan_admin_logins_total",
-        &[("result", "failed")],
-        p.logins_failed,
+        "shuyuan_admin_login_limit",
+        &[
+            ("scope", "global"),
+            ("window_seconds", &GLOBAL_WINDOW.as_secs().to_string()),
+        ],
+        GLOBAL_FAILURES,
+    );
+    f.sample(
+        "shuyuan_admin_login_limit",
+        &[("scope", "concurrent_checks"), ("window_seconds", "0")],
+        super::accounts::CONCURRENT_CHECKS,
     );
     out
 }
@@ -507,8 +557,7 @@ mod tests {
                 audit_counts: &AuditCounts::new(),
                 handshakes_refused: 0,
                 deliveries: &Deliveries::default(),
-                logins_ok: 0,
-                logins_failed: 0,
+                logins: Logins::default(),
             },
         )
     }
@@ -573,8 +622,7 @@ mod tests {
             audit_counts: &counts,
             handshakes_refused: 0,
             deliveries: &deliveries,
-            logins_ok: 0,
-            logins_failed: 0,
+            logins: Logins::default(),
         };
         let text = render(&o, &fed, &facts);
         let (county, town, other) = (example::key(2), example::key(3), example::key(4));

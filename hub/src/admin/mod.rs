@@ -4,12 +4,17 @@
 //!
 //! Invariant: every request passes [`auth::Auth::check`] first. On loopback
 //! without a password the console is open to local users (and refuses
-//! foreign `Host` names, against DNS rebinding); with a password every
-//! request needs a login, a bearer token or HTTP basic credentials; and a
-//! browser's POST must come from the console's own origin.
+//! foreign `Host` names, against DNS rebinding); with named administrators
+//! every request needs a login, a bearer token or an administrator's HTTP
+//! basic credentials; every state-changing request must come from the
+//! console's own origin; and every answer carries the headers of
+//! [`headers`].
 
+pub mod accounts;
 pub mod auth;
+mod headers;
 pub mod i18n;
+pub mod limits;
 pub mod metrics;
 pub mod monitor;
 pub mod pages;
@@ -67,10 +72,18 @@ pub(crate) async fn start(
     cancel: CancellationToken,
 ) -> Result<AdminServer, AdminError> {
     let token_file = shared.config.local_token_file();
-    let auth = auth::Auth::new(&config, &token_file).map_err(|source| AdminError::Token {
-        path: token_file.clone(),
-        source,
-    })?;
+    let store = shared.store.clone();
+    let audit: auth::Auditor = std::sync::Arc::new(move |text| {
+        store.audit(crate::apply::audit::AuditEntry::new(
+            crate::apply::audit::AuditKind::LoginLimited,
+            text,
+        ));
+    });
+    let auth =
+        auth::Auth::new(&config, &token_file, audit).map_err(|source| AdminError::Token {
+            path: token_file.clone(),
+            source,
+        })?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| AdminError::Listen {
@@ -94,9 +107,12 @@ pub(crate) async fn start(
     });
     let app = routes::router(state);
     let task = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "admin server stopped");
         }

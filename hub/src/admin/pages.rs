@@ -30,6 +30,8 @@ pub struct Page<'a> {
     pub query: &'a str,
     pub hub_name: &'a str,
     pub logged_in: bool,
+    /// The administrator logged in (None: open console, local token).
+    pub account: Option<&'a str>,
     pub now: UnixMillis,
 }
 
@@ -44,7 +46,8 @@ impl Page<'_> {
     }
 }
 
-const CSS: &str = r#"
+/// The console's stylesheet, served as `/console.css`.
+pub const CSS: &str = r#"
 :root{--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--bg:#f6f8fa;--accent:#0b5cad}
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.5 system-ui,-apple-system,"PingFang SC","Microsoft YaHei","Noto Sans CJK SC",sans-serif;color:var(--fg);background:#fff}
@@ -98,9 +101,11 @@ dl.facts dd{margin:0}
 .scroll{overflow-x:auto}
 .lagging{color:#c2610c;font-weight:600}
 td.held{color:var(--muted)}
+td.depth-1{padding-left:0.5rem}td.depth-2{padding-left:2.0rem}td.depth-3{padding-left:3.5rem}td.depth-4{padding-left:5.0rem}td.depth-5{padding-left:6.5rem}td.depth-6{padding-left:8.0rem}td.depth-7{padding-left:9.5rem}td.depth-8{padding-left:11.0rem}
 "#;
 
-const SCRIPT: &str = "if (window.EventSource) { const es = new EventSource('/events'); es.addEventListener('update', () => { if (document.querySelector('main form :focus')) return; fetch(location.href, {headers: {'X-Shuyuan-Fragment': '1'}}).then(r => r.ok ? r.text() : null).then(t => { if (t !== null) document.getElementById('content').innerHTML = t; }); }); }";
+/// The console's script, served as `/console.js`.
+pub const SCRIPT: &str = "if (window.EventSource) { const es = new EventSource('/events'); es.addEventListener('update', () => { if (document.querySelector('main form :focus')) return; fetch(location.href, {headers: {'X-Shuyuan-Fragment': '1'}}).then(r => r.ok ? r.text() : null).then(t => { if (t !== null) document.getElementById('content').innerHTML = t; }); }); }";
 
 /// Escapes text for HTML content and quoted attribute values.
 pub fn esc(s: &str) -> String {
@@ -338,14 +343,15 @@ pub fn layout(page: &Page, title: &str, body: &str) -> String {
     );
     let logout = if page.logged_in {
         format!(
-            "<form method=\"post\" action=\"/logout\"><button id=\"logout\" type=\"submit\">{}</button></form>",
+            "<form method=\"post\" action=\"/logout\"><span id=\"account\">{}</span> <button id=\"logout\" type=\"submit\">{}</button></form>",
+            esc(page.account.unwrap_or("")),
             page.l(Text::LogOut)
         )
     } else {
         String::new()
     };
     format!(
-        "<!DOCTYPE html>\n<html lang=\"{html_lang}\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{title} · {hub}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<header><a class=\"hub\" href=\"/\">{hub}</a><nav>{nav}</nav>{switch}{logout}</header>\n<main id=\"content\">{body}</main>\n<script>{SCRIPT}</script>\n</body>\n</html>\n",
+        "<!DOCTYPE html>\n<html lang=\"{html_lang}\">\n<head>\n<meta charset=\"utf-8\">\n<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n<title>{title} · {hub}</title>\n<link rel=\"stylesheet\" href=\"/console.css\">\n</head>\n<body>\n<header><a class=\"hub\" href=\"/\">{hub}</a><nav>{nav}</nav>{switch}{logout}</header>\n<main id=\"content\">{body}</main>\n<script src=\"/console.js\"></script>\n</body>\n</html>\n",
         html_lang = lang.html_lang(),
         title = esc(title),
         hub = esc(page.hub_name),
@@ -1340,9 +1346,11 @@ fn tree_row(page: &Page, r: &TreeRow, here: &BTreeSet<String>) -> String {
         ),
         (None, None) => "<td class=\"num\">-</td>".to_string(),
     };
-    let indent = 0.5 + 1.5 * r.depth.saturating_sub(1) as f64;
+    // Indented by a class (the CSP allows no inline style); deeper than
+    // the stylesheet's last level shows at that level.
+    let indent = r.depth.clamp(1, 8);
     format!(
-        "<tr class=\"tree-row\" data-depth=\"{depth}\" data-feed=\"{feed}\"><td style=\"padding-left:{indent:.1}rem\">{mark}<span title=\"{key}\">{hub}</span></td><td>{link}</td><td class=\"num\">{seq}</td><td class=\"num\">{above}</td>{lag}<td>{received}</td></tr>",
+        "<tr class=\"tree-row\" data-depth=\"{depth}\" data-feed=\"{feed}\"><td class=\"depth-{indent}\">{mark}<span title=\"{key}\">{hub}</span></td><td>{link}</td><td class=\"num\">{seq}</td><td class=\"num\">{above}</td>{lag}<td>{received}</td></tr>",
         depth = r.depth,
         feed = esc(&r.feed),
         mark = if r.depth > 1 { "└ " } else { "" },
@@ -1550,12 +1558,20 @@ fn review_forms(page: &Page, c: &CityEntry) -> String {
              <input type=\"hidden\" name=\"department\" value=\"{dept}\">\
              <input type=\"hidden\" name=\"code\" value=\"{code}\">\
              <input type=\"hidden\" name=\"approve\" value=\"{value}\">\
-             <input type=\"text\" name=\"reviewer\" required placeholder=\"{reviewer}\" aria-label=\"{reviewer}\">\
+             {reviewer}\
              <input type=\"text\" name=\"remarks\"{required} placeholder=\"{remarks}\" aria-label=\"{remarks}\">\
              <button type=\"submit\" class=\"{class}\">{button}</button></form>",
             dept = esc(&c.department),
             code = esc(&c.entry.code),
-            reviewer = page.l(Text::ReviewerRequired),
+            // A logged-in administrator is the reviewer; only an open
+            // console asks for a name.
+            reviewer = match page.account {
+                Some(_) => String::new(),
+                None => format!(
+                    "<input type=\"text\" name=\"reviewer\" required placeholder=\"{r}\" aria-label=\"{r}\">",
+                    r = page.l(Text::ReviewerRequired)
+                ),
+            },
             remarks = page.l(remarks),
             button = page.l(button),
         )
@@ -1572,11 +1588,14 @@ pub fn login(page: &Page, error: Option<&str>, next: &str) -> String {
         "<h1>{title}</h1>{error}\
          <form method=\"post\" action=\"/login\" id=\"login\">\
          <input type=\"hidden\" name=\"next\" value=\"{next}\">\
+         <p><label for=\"user\">{user}</label> \
+         <input type=\"text\" name=\"user\" id=\"user\" required autofocus autocomplete=\"username\"></p>\
          <p><label for=\"password\">{password}</label> \
-         <input type=\"password\" name=\"password\" id=\"password\" required autofocus autocomplete=\"current-password\"></p>\
+         <input type=\"password\" name=\"password\" id=\"password\" required autocomplete=\"current-password\"></p>\
          <p><button type=\"submit\" id=\"login-submit\">{title}</button></p></form>",
         title = page.l(Text::Login),
         next = esc(next),
+        user = page.l(Text::Account),
         password = page.l(Text::Password),
     )
 }
@@ -1643,6 +1662,7 @@ mod tests {
             query: "",
             hub_name: "市共享平台",
             logged_in: true,
+            account: Some("zhang.wei"),
             now: NOW,
         }
     }

@@ -2,24 +2,27 @@
 //! `hub/openapi.yaml`), `/metrics` and `/events`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Form, Json};
+use axum::{Extension, Form, Json};
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::{FeedId, UnixMillis};
 
 use super::AdminState;
-use super::auth::{Access, Refusal};
+use super::auth::{Access, LoginRefused, Refusal};
+use super::headers;
 use super::i18n::Lang;
+use super::limits::Limited;
 use super::metrics::{self, ProcessFacts};
 use super::pages::{self, Page};
 use super::view::{
@@ -68,9 +71,31 @@ pub(crate) fn router(state: Arc<AdminState>) -> Router {
         .route("/login", get(login_page).post(login_form))
         .route("/api/v1/login", post(api_login))
         .route("/api/openapi.yaml", get(openapi))
+        .route("/console.css", get(console_css))
+        .route("/console.js", get(console_js))
         .route("/healthz", get(|| async { "ok\n" }))
         .fallback(not_found)
+        // Every request, logins included.
+        .layer(middleware::from_fn(origin))
+        .layer(middleware::from_fn(headers::secure))
         .with_state(state)
+}
+
+/// The address a request came from (unspecified when the server was not
+/// started with connection info, as in unit tests).
+fn peer(req: &Request) -> std::net::IpAddr {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+}
+
+/// Refuses a state-changing request from another site, whatever its
+/// credential ([`super::auth::same_origin`]).
+async fn origin(req: Request, next: Next) -> Response {
+    match super::auth::same_origin(req.method(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => refused(&req, refusal),
+    }
 }
 
 fn is_machine_path(path: &str) -> bool {
@@ -78,22 +103,31 @@ fn is_machine_path(path: &str) -> bool {
 }
 
 async fn authorise(State(s): S, mut req: Request, next: Next) -> Response {
-    match s.auth.check(req.method(), req.headers()).await {
+    match s.auth.check(req.headers(), peer(&req)).await {
         Ok(access) => {
             req.extensions_mut().insert(access);
             next.run(req).await
         }
-        Err(Refusal::Unauthenticated) => {
+        Err(refusal) => refused(&req, refusal),
+    }
+}
+
+/// The answer to a refused request.
+fn refused(req: &Request, refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::Unauthenticated => {
             let path = req.uri().path();
             if is_machine_path(path) {
+                // Bearer, not Basic: a browser must not be invited to
+                // cache credentials that every page could then send.
                 let mut r = ApiError::new(
                     StatusCode::UNAUTHORIZED,
-                    "log in: a session, a bearer token or basic credentials are required",
+                    "log in: a session, a bearer token or an administrator's basic credentials are required",
                 )
                 .into_response();
                 r.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Basic realm=\"shuyuan hub\""),
+                    HeaderValue::from_static("Bearer realm=\"shuyuan hub\""),
                 );
                 r
             } else {
@@ -105,10 +139,12 @@ async fn authorise(State(s): S, mut req: Request, next: Next) -> Response {
                 Redirect::to(&format!("/login?next={}", percent(&next))).into_response()
             }
         }
-        Err(Refusal::Forbidden(why)) => {
+        Refusal::Forbidden(why) => {
             tracing::warn!(path = %req.uri().path(), %why, "admin request refused");
             ApiError::new(StatusCode::FORBIDDEN, why).into_response()
         }
+        Refusal::Limited(l) => ApiError::limited(l).into_response(),
+        Refusal::Busy => ApiError::busy().into_response(),
     }
 }
 
@@ -117,6 +153,8 @@ async fn authorise(State(s): S, mut req: Request, next: Next) -> Response {
 struct ApiError {
     status: StatusCode,
     message: String,
+    /// Seconds, for 429 and 503.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -124,6 +162,33 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// Too many failed logins.
+    fn limited(l: Limited) -> Self {
+        let secs = l.retry_after.as_secs().max(1);
+        ApiError {
+            retry_after: Some(secs),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "too many failed logins ({} limit): try again in {secs} s",
+                    l.scope.as_str()
+                ),
+            )
+        }
+    }
+
+    /// Too many password checks at once.
+    fn busy() -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many password checks at once: try again in a moment",
+            )
         }
     }
 
@@ -151,11 +216,16 @@ impl From<JsonRejection> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut r = (
             self.status,
             Json(serde_json::json!({ "error": self.message })),
         )
-            .into_response()
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        r
     }
 }
 
@@ -167,7 +237,9 @@ struct Ctx {
     chosen: bool,
     path: String,
     query: String,
-    logged_in: bool,
+    /// How the request was let in; None before a login (the login page,
+    /// pages not found), which then show nothing of this hub.
+    access: Option<Access>,
     /// The live-update script asks for the page body only.
     fragment: bool,
 }
@@ -197,7 +269,7 @@ impl<St: Send + Sync> FromRequestParts<St> for Ctx {
             chosen: from_query.is_some(),
             path: parts.uri.path().to_string(),
             query,
-            logged_in: parts.extensions.get::<Access>() == Some(&Access::Session),
+            access: parts.extensions.get::<Access>().cloned(),
             fragment: parts.headers.contains_key("x-shuyuan-fragment"),
         })
     }
@@ -209,8 +281,12 @@ impl Ctx {
             lang: self.lang,
             path: &self.path,
             query: &self.query,
-            hub_name: &s.shared.config.name,
-            logged_in: self.logged_in,
+            hub_name: match self.access {
+                Some(_) => &s.shared.config.name,
+                None => "shuyuan",
+            },
+            logged_in: self.access.as_ref().is_some_and(Access::browser),
+            account: self.access.as_ref().and_then(Access::account),
             now: UnixMillis::now(),
         }
     }
@@ -495,12 +571,19 @@ struct ReviewForm {
     department: Option<String>,
     code: String,
     approve: String,
+    /// Only on an open console: a logged-in administrator is the reviewer.
+    #[serde(default)]
     reviewer: String,
     #[serde(default)]
     remarks: String,
 }
 
-async fn review_form(State(s): S, ctx: Ctx, Form(form): Form<ReviewForm>) -> Response {
+async fn review_form(
+    State(s): S,
+    ctx: Ctx,
+    Extension(access): Extension<Access>,
+    Form(form): Form<ReviewForm>,
+) -> Response {
     let request = ReviewRequest {
         department: form.department.filter(|d| !d.is_empty()),
         code: form.code,
@@ -508,7 +591,7 @@ async fn review_form(State(s): S, ctx: Ctx, Form(form): Form<ReviewForm>) -> Res
         reviewer: form.reviewer,
         remarks: form.remarks,
     };
-    let (status, notice) = match review(&s, &request).await {
+    let (status, notice) = match review(&s, &access, request.clone()).await {
         Ok(_) => (
             StatusCode::OK,
             format!(
@@ -535,12 +618,32 @@ async fn review_form(State(s): S, ctx: Ctx, Form(form): Form<ReviewForm>) -> Res
     }
 }
 
+/// Records a review; the reviewer is the logged-in administrator, or on an
+/// open console or with the local token the name the request states (and
+/// the audit log says it was not verified).
 async fn review(
     s: &AdminState,
-    request: &ReviewRequest,
+    access: &Access,
+    mut request: ReviewRequest,
 ) -> Result<shuyuan_protocol::catalog::Review, ApiError> {
+    let vouched = match access.account() {
+        Some(account) => {
+            let stated = request.reviewer.trim();
+            if !stated.is_empty() && stated != account {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "the reviewer is the administrator logged in ({account}), not {stated:?}: leave reviewer out"
+                    ),
+                ));
+            }
+            request.reviewer = account.to_string();
+            crate::control::Vouched::Login
+        }
+        None => crate::control::Vouched::Stated,
+    };
     let all = s.shared.catalog.city().await.map_err(ApiError::internal)?;
-    crate::control::review(&s.shared.catalog, &s.shared.store, &all, request)
+    crate::control::review(&s.shared.catalog, &s.shared.store, &all, &request, vouched)
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))
 }
@@ -550,10 +653,18 @@ struct LoginQuery {
     next: Option<String>,
 }
 
-/// Only paths of this console are followed after a login.
+/// Only plain paths of this console are followed after a login: one `/`,
+/// then visible ASCII without `\\` (no control characters, which browsers
+/// strip, so `/\t/evil.example` cannot become `//evil.example`).
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
+        Some(n)
+            if n.starts_with('/')
+                && !n[1..].starts_with(['/', '\\'])
+                && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\') =>
+        {
+            n.to_string()
+        }
         _ => "/".to_string(),
     }
 }
@@ -568,43 +679,67 @@ async fn login_page(State(s): S, ctx: Ctx, Query(q): Query<LoginQuery>) -> Respo
 
 #[derive(Debug, Deserialize)]
 struct LoginForm {
+    user: String,
     password: String,
     next: Option<String>,
 }
 
-async fn login_form(State(s): S, ctx: Ctx, Form(form): Form<LoginForm>) -> Response {
+async fn login_form(
+    State(s): S,
+    ctx: Ctx,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Form(form): Form<LoginForm>,
+) -> Response {
     let next = safe_next(form.next.as_deref());
     if !s.auth.required() {
         return Redirect::to(&next).into_response();
     }
-    match s.auth.login(&form.password).await {
-        Some(token) => {
-            tracing::info!("administrator logged in to the console");
+    match s.auth.login(&form.user, &form.password, peer.ip()).await {
+        Ok(token) => {
             let mut r = Redirect::to(&next).into_response();
             if let Ok(v) = HeaderValue::from_str(&s.auth.session_cookie(&token)) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
             }
             r
         }
-        None => {
-            tracing::warn!("console login refused: wrong password");
-            let error = match ctx.lang {
-                Lang::Zh => "密码错误",
-                Lang::En => "Wrong password",
+        Err(refused) => {
+            let e = login_refused(refused);
+            let error = match (ctx.lang, e.status) {
+                (Lang::Zh, StatusCode::UNAUTHORIZED) => "账号或密码错误".to_string(),
+                (Lang::En, StatusCode::UNAUTHORIZED) => "Wrong name or password".to_string(),
+                (Lang::Zh, StatusCode::TOO_MANY_REQUESTS) => format!(
+                    "登录失败次数过多，请 {} 秒后再试",
+                    e.retry_after.unwrap_or(1)
+                ),
+                (Lang::Zh, _) => "正在核对的登录过多，请稍后再试".to_string(),
+                (Lang::En, _) => e.message.clone(),
             };
-            let body = pages::login(&ctx.page(&s), Some(error), &next);
-            ctx.render(&s, StatusCode::UNAUTHORIZED, "login", body)
+            let body = pages::login(&ctx.page(&s), Some(&error), &next);
+            let mut r = ctx.render(&s, e.status, "login", body);
+            if let Some(secs) = e.retry_after {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            r
         }
     }
 }
 
-async fn logout(State(s): S, headers: HeaderMap) -> Response {
-    s.auth.logout(&headers);
+/// The answer to a refused login.
+fn login_refused(refused: LoginRefused) -> ApiError {
+    match refused {
+        LoginRefused::Wrong => ApiError::new(StatusCode::UNAUTHORIZED, "wrong name or password"),
+        LoginRefused::Limited(l) => ApiError::limited(l),
+        LoginRefused::Busy => ApiError::busy(),
+    }
+}
+
+async fn logout(State(s): S, Extension(access): Extension<Access>) -> Response {
+    s.auth.logout(&access);
     let mut r = Redirect::to("/login").into_response();
-    r.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static("shuyuan_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0"),
-    );
+    if let Ok(v) = HeaderValue::from_str(&s.auth.expired_cookie()) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
     r
 }
 
@@ -615,18 +750,41 @@ async fn not_found(State(s): S, ctx: Ctx) -> Response {
     ctx.error(&s, ApiError::not_found(format!("no page {}", ctx.path)))
 }
 
-/// Tells the console's script when what it shows changed.
-async fn events(State(s): S) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let rx = s.monitor.subscribe();
-    let cancel = s.cancel.clone();
-    let stream = futures_util::stream::unfold((rx, cancel), |(mut rx, cancel)| async move {
-        tokio::select! {
-            changed = rx.changed() => {
-                changed.ok()?;
-                let v = *rx.borrow_and_update();
-                Some((Ok(Event::default().event("update").data(v.to_string())), (rx, cancel)))
+/// Tells the console's script when what it shows changed, until the hub
+/// stops or the session that opened the stream ends (logout or expiry).
+async fn events(
+    State(s): S,
+    Extension(access): Extension<Access>,
+) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let session = match access {
+        Access::Session { id, .. } => Some(id),
+        _ => None,
+    };
+    let state = (s.monitor.subscribe(), s.auth.session_ends(), s);
+    let stream = futures_util::stream::unfold(state, move |(mut rx, mut ends, s)| async move {
+        loop {
+            let until = match session {
+                Some(id) => Some(s.auth.session_until(id)?),
+                None => None,
+            };
+            let expiry = async {
+                match until {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                changed = rx.changed() => {
+                    changed.ok()?;
+                    let v = *rx.borrow_and_update();
+                    let event = Event::default().event("update").data(v.to_string());
+                    return Some((Ok(event), (rx, ends, s)));
+                }
+                // A session ended: this stream's? (checked at the loop's top)
+                ended = ends.changed() => ended.ok()?,
+                () = expiry => return None,
+                () = s.cancel.cancelled() => return None,
             }
-            () = cancel.cancelled() => None,
         }
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
@@ -643,11 +801,7 @@ async fn metrics_text(State(s): S) -> Result<Response, ApiError> {
             audit_counts: &counts,
             handshakes_refused: s.shared.peers.refused(),
             deliveries: &s.shared.alerts.counts,
-            logins_ok: s.auth.logins_ok.load(std::sync::atomic::Ordering::Relaxed),
-            logins_failed: s
-                .auth
-                .logins_failed
-                .load(std::sync::atomic::Ordering::Relaxed),
+            logins: metrics::Logins::of(&s.auth),
         },
     );
     Ok((
@@ -715,14 +869,16 @@ async fn api_catalog(
 
 async fn api_review(
     State(s): S,
+    Extension(access): Extension<Access>,
     request: Result<Json<ReviewRequest>, JsonRejection>,
 ) -> Result<Json<shuyuan_protocol::catalog::Review>, ApiError> {
     let Json(request) = request?;
-    Ok(Json(review(&s, &request).await?))
+    Ok(Json(review(&s, &access, request).await?))
 }
 
 #[derive(Debug, Deserialize)]
 struct ApiLogin {
+    user: String,
     password: String,
 }
 
@@ -734,6 +890,7 @@ struct ApiSession {
 
 async fn api_login(
     State(s): S,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     login: Result<Json<ApiLogin>, JsonRejection>,
 ) -> Result<Json<ApiSession>, ApiError> {
     let Json(login) = login?;
@@ -743,17 +900,37 @@ async fn api_login(
             "this console has no password (loopback only): no login is needed",
         ));
     }
-    match s.auth.login(&login.password).await {
-        Some(token) => Ok(Json(ApiSession {
+    match s.auth.login(&login.user, &login.password, peer.ip()).await {
+        Ok(token) => Ok(Json(ApiSession {
             token,
             expires_in_secs: s.auth.session_ttl().as_secs(),
         })),
-        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong password")),
+        Err(refused) => Err(login_refused(refused)),
     }
 }
 
 async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI)
+}
+
+async fn console_css() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        pages::CSS,
+    )
+}
+
+async fn console_js() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        pages::SCRIPT,
+    )
 }
 
 /// Percent-encodes a query value.
@@ -784,6 +961,12 @@ mod tests {
         assert_eq!(safe_next(Some("https://evil.example/")), "/");
         assert_eq!(safe_next(Some("/\\evil.example")), "/");
         assert_eq!(safe_next(None), "/");
+        // Browsers strip tabs and newlines: "/\t/evil" would be "//evil".
+        assert_eq!(safe_next(Some("/\t/evil.example")), "/");
+        assert_eq!(safe_next(Some("/\n/evil.example")), "/");
+        assert_eq!(safe_next(Some("/ /evil.example")), "/");
+        assert_eq!(safe_next(Some("/\u{7f}/evil.example")), "/");
+        assert_eq!(safe_next(Some("/审核")), "/");
     }
 
     #[test]

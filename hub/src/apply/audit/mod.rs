@@ -55,6 +55,9 @@ pub enum AuditKind {
     /// The store could not write for a while (a full disk, an I/O error);
     /// recorded when it writes again, with how long and why.
     StoreFailed,
+    /// Too many failed console logins: an address's, or all addresses',
+    /// password checks are refused for a while.
+    LoginLimited,
 }
 
 impl AuditKind {
