@@ -158,7 +158,7 @@ pub struct Topology<'a> {
     /// further config sections.
     hub_name: Option<String>,
     hub_settings: Vec<String>,
-    admin_password: Option<String>,
+    admin_accounts: Vec<(String, String)>,
     hub_config: String,
     hubs: Vec<HubSpec>,
     agents: Vec<AgentSpec<'a>>,
@@ -178,7 +178,7 @@ impl<'a> Topology<'a> {
         Topology {
             hub_name: None,
             hub_settings: Vec::new(),
-            admin_password: None,
+            admin_accounts: Vec::new(),
             hub_config: String::new(),
             hubs: Vec::new(),
             agents: Vec::new(),
@@ -205,10 +205,10 @@ impl<'a> Topology<'a> {
         self
     }
 
-    /// Gives the sandbox's hub's console a password
+    /// Gives the sandbox's hub's console a named administrator
     /// ([`HubProcess::set_admin`]).
-    pub fn admin_password(mut self, password: &str) -> Self {
-        self.admin_password = Some(password.into());
+    pub fn admin_account(mut self, name: &str, password: &str) -> Self {
+        self.admin_accounts.push((name.into(), password.into()));
         self
     }
 
@@ -251,8 +251,8 @@ impl<'a> Topology<'a> {
         for line in &self.hub_settings {
             sb.hub.add_setting(line)?;
         }
-        if let Some(password) = &self.admin_password {
-            sb.hub.set_admin(password)?;
+        for (name, password) in &self.admin_accounts {
+            sb.hub.set_admin(name, password)?;
         }
         if !self.hub_config.is_empty() {
             sb.hub.append_config(&self.hub_config)?;

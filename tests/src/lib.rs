@@ -333,12 +333,12 @@ impl HubProcess {
         )
     }
 
-    /// Sets `[admin] password_hash` to a hash of `password` made by
-    /// `shuyuan-hub admin-password`.
-    pub fn set_admin(&self, password: &str) -> Result<()> {
+    /// Adds the administrator `name` with `password` to `[admin.accounts]`,
+    /// with the line `shuyuan-hub admin-password NAME` prints.
+    pub fn set_admin(&self, name: &str, password: &str) -> Result<()> {
         let mut child = self
             .cmd()
-            .arg("admin-password")
+            .args(["admin-password", name])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
@@ -354,10 +354,10 @@ impl HubProcess {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let hash = String::from_utf8(out.stdout)?.trim().to_string();
+        let line = String::from_utf8(out.stdout)?.trim().to_string();
         let config = std::fs::read_to_string(&self.config)?.replace(
             "[admin]\nlisten = \"127.0.0.1:0\"\n",
-            &format!("[admin]\nlisten = \"127.0.0.1:0\"\npassword_hash = \"{hash}\"\n"),
+            &format!("[admin]\nlisten = \"127.0.0.1:0\"\naccounts.{line}\n"),
         );
         std::fs::write(&self.config, config)?;
         Ok(())
@@ -738,6 +738,25 @@ impl AgentProcess {
     /// Runs `shuyuan-agent catalog ARGS`.
     pub fn catalog(&self, args: &[&str]) -> Result<String> {
         run(self.cmd().arg("catalog").args(args))
+    }
+
+    /// Fills in what the catalog entry `code` needs and submits it for
+    /// review.
+    pub fn submit_entry(&self, code: &str) -> Result<()> {
+        for (field, value) in [
+            ("resource_class", "基础信息资源"),
+            ("summary", "辖区登记信息"),
+            ("provider", "定海区"),
+            ("share_type", "有条件共享"),
+            ("share_conditions", "用于身份核验"),
+            ("共享依据", "《政务数据共享条例》"),
+            ("share_methods", "比对验证"),
+            ("open_type", "不予开放"),
+            ("status", "submitted"),
+        ] {
+            self.catalog(&["set", code, field, value])?;
+        }
+        Ok(())
     }
 
     /// The department's catalog as JSON (`catalog show --json`).
