@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -204,6 +204,12 @@ impl ApiError {
 
 impl From<QueryRejection> for ApiError {
     fn from(r: QueryRejection) -> Self {
+        ApiError::new(r.status(), r.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
         ApiError::new(r.status(), r.body_text())
     }
 }
@@ -826,15 +832,17 @@ async fn api_overview(State(s): S) -> Result<Json<Overview>, ApiError> {
 
 async fn api_department(
     State(s): S,
-    Path(code): Path<String>,
+    code: Result<Path<String>, PathRejection>,
 ) -> Result<Json<DepartmentView>, ApiError> {
+    let Path(code) = code?;
     Ok(Json(department(&s, &code).await?))
 }
 
 async fn api_resource(
     State(s): S,
-    Path((dept, res)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<ResourceView>, ApiError> {
+    let Path((dept, res)) = path?;
     Ok(Json(resource(&s, &dept, &res).await?))
 }
 
