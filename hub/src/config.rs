@@ -53,6 +53,8 @@ struct RawAdmin {
     password_hash: Option<String>,
     session: Option<String>,
     secure_cookie: Option<bool>,
+    login_failures_per_address: Option<usize>,
+    login_failures_per_minute: Option<usize>,
     /// Administrator name -> argon2 PHC string.
     #[serde(default)]
     accounts: BTreeMap<String, String>,
@@ -159,6 +161,10 @@ pub struct AdminConfig {
     /// The console is served over HTTPS (behind a TLS proxy): the session
     /// cookie is `__Host-` prefixed and `Secure`.
     pub secure_cookie: bool,
+    /// Failed logins one address may make within 15 minutes, and all
+    /// addresses within a minute, before password checks are refused.
+    pub login_failures_per_address: usize,
+    pub login_failures_per_minute: usize,
 }
 
 /// Alerts on state changes.
@@ -284,11 +290,26 @@ impl Config {
                 if session < Duration::from_secs(60) {
                     return Err(err("admin.session", "must be at least 1min".into()));
                 }
+                let limit = |key: &str, value: Option<usize>, default: usize| match value {
+                    None => Ok(default),
+                    Some(n @ 1..=100_000) => Ok(n),
+                    Some(_) => Err(err(key, "must be 1 to 100000".into())),
+                };
                 Some(AdminConfig {
                     listen,
                     accounts,
                     session,
                     secure_cookie: raw.admin.secure_cookie.unwrap_or(false),
+                    login_failures_per_address: limit(
+                        "admin.login_failures_per_address",
+                        raw.admin.login_failures_per_address,
+                        crate::admin::limits::ADDRESS_FAILURES,
+                    )?,
+                    login_failures_per_minute: limit(
+                        "admin.login_failures_per_minute",
+                        raw.admin.login_failures_per_minute,
+                        crate::admin::limits::GLOBAL_FAILURES,
+                    )?,
                 })
             }
         };
@@ -507,6 +528,11 @@ mod tests {
                 "[admin]\nlisten = \"0.0.0.0:7780\"\n".to_string(),
                 "admin.accounts",
                 "beyond loopback",
+            ),
+            (
+                "[admin]\nlogin_failures_per_address = 0\n".to_string(),
+                "admin.login_failures_per_address",
+                "1 to 100000",
             ),
         ] {
             let e = Config::parse(path, &format!("[hub]\n{text}")).unwrap_err();

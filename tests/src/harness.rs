@@ -158,6 +158,7 @@ pub struct Topology<'a> {
     /// further config sections.
     hub_name: Option<String>,
     hub_settings: Vec<String>,
+    admin_settings: Vec<String>,
     admin_accounts: Vec<(String, String)>,
     hub_config: String,
     hubs: Vec<HubSpec>,
@@ -178,6 +179,7 @@ impl<'a> Topology<'a> {
         Topology {
             hub_name: None,
             hub_settings: Vec::new(),
+            admin_settings: Vec::new(),
             admin_accounts: Vec::new(),
             hub_config: String::new(),
             hubs: Vec::new(),
@@ -202,6 +204,12 @@ impl<'a> Topology<'a> {
     /// Adds a `key = value` line to the sandbox's hub's `[hub]` section.
     pub fn hub_setting(mut self, line: &str) -> Self {
         self.hub_settings.push(line.into());
+        self
+    }
+
+    /// Adds a `key = value` line to the sandbox's hub's `[admin]` section.
+    pub fn admin_setting(mut self, line: &str) -> Self {
+        self.admin_settings.push(line.into());
         self
     }
 
@@ -253,6 +261,9 @@ impl<'a> Topology<'a> {
         }
         for (name, password) in &self.admin_accounts {
             sb.hub.set_admin(name, password)?;
+        }
+        for line in &self.admin_settings {
+            sb.hub.add_setting_to("admin", line)?;
         }
         if !self.hub_config.is_empty() {
             sb.hub.append_config(&self.hub_config)?;

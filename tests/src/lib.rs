@@ -409,9 +409,15 @@ impl HubProcess {
 
     /// Adds a `key = value` line to the `[hub]` section.
     pub fn add_setting(&self, line: &str) -> Result<()> {
+        self.add_setting_to("hub", line)
+    }
+
+    /// Adds a `key = value` line to the config's `[section]`.
+    pub fn add_setting_to(&self, section: &str, line: &str) -> Result<()> {
+        let header = format!("[{section}]\n");
         let config = std::fs::read_to_string(&self.config)?.replacen(
-            "[hub]\n",
-            &format!("[hub]\n{line}\n"),
+            &header,
+            &format!("{header}{line}\n"),
             1,
         );
         std::fs::write(&self.config, config)?;

@@ -152,7 +152,10 @@ impl Auth {
         f.sync_all()?;
         Ok(Auth {
             accounts: Accounts::new(config.accounts.clone()),
-            limits: LoginLimits::default(),
+            limits: LoginLimits::new(
+                config.login_failures_per_address,
+                config.login_failures_per_minute,
+            ),
             session_ttl: config.session,
             secure_cookie: config.secure_cookie,
             local_token: SessionId::of(&local_token),
@@ -498,6 +501,8 @@ mod tests {
                 .collect(),
             session: Duration::from_secs(3600),
             secure_cookie: secure,
+            login_failures_per_address: super::super::limits::ADDRESS_FAILURES,
+            login_failures_per_minute: super::super::limits::GLOBAL_FAILURES,
         };
         let said = Arc::new(Mutex::new(Vec::new()));
         let to = said.clone();

@@ -1,9 +1,10 @@
 //! Limits on failed logins, against password guessing.
 //!
 //! Invariant: an address (an IPv6 /64) whose logins failed
-//! [`ADDRESS_FAILURES`] times within [`ADDRESS_WINDOW`] has its password
-//! checks refused until the oldest of those failures leaves the window; and
-//! once [`GLOBAL_FAILURES`] logins failed within [`GLOBAL_WINDOW`] from
+//! `per_address` times (default [`ADDRESS_FAILURES`]) within
+//! [`ADDRESS_WINDOW`] has its password checks refused until the oldest of
+//! those failures leaves the window; and once `global` logins failed
+//! (default [`GLOBAL_FAILURES`]) within [`GLOBAL_WINDOW`] from
 //! anywhere, every password check is refused until the window has room
 //! again. Sessions and tokens already given keep working. Each limit is
 //! announced once when it begins (for the audit log) and every refusal is
@@ -54,8 +55,12 @@ struct Failures {
 }
 
 /// The failed-login limits.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoginLimits {
+    /// Failures one address may make within [`ADDRESS_WINDOW`].
+    pub per_address: usize,
+    /// Failures all addresses may make within [`GLOBAL_WINDOW`].
+    pub global: usize,
     failures: Mutex<Failures>,
     /// Checks refused by each limit since the hub started.
     pub refused_address: AtomicU64,
@@ -92,7 +97,23 @@ fn full(q: &VecDeque<Instant>, limit: usize, window: Duration, now: Instant) -> 
     })
 }
 
+impl Default for LoginLimits {
+    fn default() -> Self {
+        LoginLimits::new(ADDRESS_FAILURES, GLOBAL_FAILURES)
+    }
+}
+
 impl LoginLimits {
+    pub fn new(per_address: usize, global: usize) -> LoginLimits {
+        LoginLimits {
+            per_address: per_address.max(1),
+            global: global.max(1),
+            failures: Mutex::default(),
+            refused_address: AtomicU64::new(0),
+            refused_global: AtomicU64::new(0),
+        }
+    }
+
     /// Whether a password check from `ip` may run now.
     pub fn admit(&self, ip: IpAddr) -> Result<(), Limited> {
         self.admit_at(ip, Instant::now())
@@ -101,7 +122,7 @@ impl LoginLimits {
     fn admit_at(&self, ip: IpAddr, now: Instant) -> Result<(), Limited> {
         let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
         trim(&mut f.all, GLOBAL_WINDOW, now);
-        if let Some(retry_after) = full(&f.all, GLOBAL_FAILURES, GLOBAL_WINDOW, now) {
+        if let Some(retry_after) = full(&f.all, self.global, GLOBAL_WINDOW, now) {
             self.refused_global.fetch_add(1, Ordering::Relaxed);
             return Err(Limited {
                 scope: Scope::Global,
@@ -110,7 +131,7 @@ impl LoginLimits {
         }
         if let Some(q) = f.by_address.get_mut(&bucket(ip)) {
             trim(q, ADDRESS_WINDOW, now);
-            if let Some(retry_after) = full(q, ADDRESS_FAILURES, ADDRESS_WINDOW, now) {
+            if let Some(retry_after) = full(q, self.per_address, ADDRESS_WINDOW, now) {
                 self.refused_address.fetch_add(1, Ordering::Relaxed);
                 return Err(Limited {
                     scope: Scope::Address,
@@ -141,27 +162,29 @@ impl LoginLimits {
             let q = f.by_address.entry(key).or_default();
             trim(q, ADDRESS_WINDOW, now);
             q.push_back(now);
-            if q.len() == ADDRESS_FAILURES {
+            if q.len() == self.per_address {
                 said.push(format!(
-                    "{ADDRESS_FAILURES} failed logins from {key} within {} min: its password checks are refused for up to {} min (per-address limit)",
+                    "{} failed logins from {key} within {} min: its password checks are refused for up to {} min (per-address limit)",
+                    self.per_address,
                     ADDRESS_WINDOW.as_secs() / 60,
                     ADDRESS_WINDOW.as_secs() / 60
                 ));
             }
-            while q.len() > ADDRESS_FAILURES {
+            while q.len() > self.per_address {
                 q.pop_front();
             }
         }
         trim(&mut f.all, GLOBAL_WINDOW, now);
         f.all.push_back(now);
-        if f.all.len() == GLOBAL_FAILURES {
+        if f.all.len() == self.global {
             said.push(format!(
-                "{GLOBAL_FAILURES} failed logins within {} s from all addresses: every password check is refused for up to {} s (global limit); sessions already open keep working",
+                "{} failed logins within {} s from all addresses: every password check is refused for up to {} s (global limit); sessions already open keep working",
+                self.global,
                 GLOBAL_WINDOW.as_secs(),
                 GLOBAL_WINDOW.as_secs()
             ));
         }
-        while f.all.len() > GLOBAL_FAILURES {
+        while f.all.len() > self.global {
             f.all.pop_front();
         }
         (!said.is_empty()).then(|| said.join("; "))

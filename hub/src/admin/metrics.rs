@@ -32,6 +32,9 @@ pub struct Logins {
     pub limited_global: u64,
     /// Password checks refused because too many were running.
     pub busy: u64,
+    /// The limits.
+    pub per_address: usize,
+    pub global: usize,
 }
 
 impl Logins {
@@ -43,6 +46,8 @@ impl Logins {
             limited_address: auth.limits.refused(Scope::Address),
             limited_global: auth.limits.refused(Scope::Global),
             busy: auth.checks_busy.load(Ordering::Relaxed),
+            per_address: auth.limits.per_address,
+            global: auth.limits.global,
         }
     }
 }
@@ -421,14 +426,14 @@ pub fn render(o: &Overview, fed: &FederationView, p: &ProcessFacts<'_>) -> Strin
         "gauge",
         "Failed logins allowed within the window before password checks are refused, per address (an IPv6 /64) and from all addresses; and password checks run at once.",
     );
-    use super::limits::{ADDRESS_FAILURES, ADDRESS_WINDOW, GLOBAL_FAILURES, GLOBAL_WINDOW};
+    use super::limits::{ADDRESS_WINDOW, GLOBAL_WINDOW};
     f.sample(
         "shuyuan_admin_login_limit",
         &[
             ("scope", "address"),
             ("window_seconds", &ADDRESS_WINDOW.as_secs().to_string()),
         ],
-        ADDRESS_FAILURES,
+        p.logins.per_address,
     );
     f.sample(
         "shuyuan_admin_login_limit",
@@ -436,7 +441,7 @@ pub fn render(o: &Overview, fed: &FederationView, p: &ProcessFacts<'_>) -> Strin
             ("scope", "global"),
             ("window_seconds", &GLOBAL_WINDOW.as_secs().to_string()),
         ],
-        GLOBAL_FAILURES,
+        p.logins.global,
     );
     f.sample(
         "shuyuan_admin_login_limit",
