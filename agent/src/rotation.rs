@@ -170,7 +170,8 @@ pub fn begin(config: &Config) -> Result<RotationBody, KeysError> {
         UnixMillis::now(),
     )?;
     let pending = pending_path(config);
-    std::fs::create_dir_all(&config.data_dir).map_err(io("create", &config.data_dir))?;
+    shuyuan_service::owner_only::create_dir(&config.data_dir)
+        .map_err(io("create", &config.data_dir))?;
     let tmp = pending.with_extension("tmp");
     std::fs::write(&tmp, encoding::encode(&rotation)?).map_err(io("write", &tmp))?;
     std::fs::rename(&tmp, &pending).map_err(io("write", &pending))?;

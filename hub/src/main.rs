@@ -917,7 +917,7 @@ fn init(config_path: &Path, key_only: bool) -> Result<()> {
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     let config = Config::load(config_path)?;
     let (key, created) = shuyuan_service::keyfile::load_or_create(&config.key_file)?;
-    std::fs::create_dir_all(&config.data_dir)
+    shuyuan_service::owner_only::create_dir(&config.data_dir)
         .with_context(|| format!("cannot create {}", config.data_dir.display()))?;
     if key_only {
         println!("{}", key.id());

@@ -1,8 +1,16 @@
 //! Who may connect: the enrolled keys, checked during the QUIC handshake.
 //!
 //! Invariant: a key that is not enrolled never completes a handshake; every
-//! refusal is logged with the refused key and counted, and audited at most
-//! once a minute per key so that a flood cannot fill the audit log.
+//! refusal is counted. A refused key is logged and audited by name only
+//! after the client proved it holds that key (the TLS layer asks
+//! [`PeerPolicy::admit`] once the handshake signature verified), so nobody
+//! can put a refusal on record in another department's name; a client that
+//! did not prove its key, or whose certificate holds none, is refused as
+//! "unproven" or "unreadable" without a key. Refusals are audited at most
+//! once a minute per key (or per "unproven", "unreadable"), and at most
+//! [`REFUSAL_ENTRIES`] a minute for all keys together, the rest summed into
+//! one entry a minute, so that a flood of fresh keys cannot fill the audit
+//! log and its size is still on record.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +30,35 @@ use crate::writer::Store;
 /// How many rotations back a batch's signer may be from the key that sends it.
 const MAX_LINEAGE: usize = 16;
 
+/// Handshake refusals audited one by one per
+/// [`crate::throttle::AUDIT_INTERVAL`], all keys together; the refusals
+/// beyond them are summed into one entry.
+pub const REFUSAL_ENTRIES: usize = 5;
+
+/// What a handshake refusal is throttled by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Refused {
+    /// A key whose holder proved it holds it.
+    Key(NodeId),
+    /// A certificate without an ed25519 key.
+    Unreadable,
+    /// A handshake signature that does not verify against the key of the
+    /// certificate.
+    Unproven,
+    /// The refusals beyond [`REFUSAL_ENTRIES`], summed.
+    Beyond,
+}
+
+impl Refused {
+    /// The key an audit entry names.
+    fn key(self) -> Option<NodeId> {
+        match self {
+            Refused::Key(key) => Some(key),
+            Refused::Unreadable | Refused::Unproven | Refused::Beyond => None,
+        }
+    }
+}
+
 /// The enrolled keys, shared with the TLS verifier.
 #[derive(Debug)]
 pub struct Peers {
@@ -31,8 +68,9 @@ pub struct Peers {
     rotations: RwLock<BTreeMap<NodeId, Rotation>>,
     /// Counts revocations, so that open connections learn of them.
     revocations: watch::Sender<u64>,
-    /// Handshake refusals audited at most once per interval per key.
-    throttle: AuditThrottle<NodeId>,
+    /// Handshake refusals audited at most once per interval per key, and
+    /// [`REFUSAL_ENTRIES`] per interval in all.
+    throttle: AuditThrottle<Refused>,
     refused: AtomicU64,
     generation: AtomicU64,
     store: Store,
@@ -53,7 +91,7 @@ impl Peers {
             revoked: RwLock::new(revoked),
             rotations: RwLock::new(rotations),
             revocations: watch::Sender::new(0),
-            throttle: AuditThrottle::new(),
+            throttle: AuditThrottle::capped(REFUSAL_ENTRIES, Refused::Beyond),
             refused: AtomicU64::new(0),
             generation: AtomicU64::new(0),
             store,
@@ -230,28 +268,24 @@ impl Peers {
         self.refused.load(Ordering::Relaxed)
     }
 
-    fn audit_refusal(&self, key: Option<NodeId>, detail: String) {
+    fn audit_refusal(&self, refused: Refused, detail: String) {
         self.refused.fetch_add(1, Ordering::Relaxed);
-        let text = match key {
-            Some(k) => self.throttle.admit(k, detail),
-            None => Some(detail),
-        };
-        if let Some(text) = text {
-            self.audit(key, text);
+        if let Some(text) = self.throttle.admit(refused, detail) {
+            self.audit(refused, text);
         }
     }
 
-    fn audit(&self, key: Option<NodeId>, detail: String) {
+    fn audit(&self, refused: Refused, detail: String) {
         let mut entry = AuditEntry::new(AuditKind::HandshakeRefused, detail);
-        entry.peer = key;
+        entry.peer = refused.key();
         self.store.audit(entry);
     }
 
     /// Audits the handshake refusals held back for longer than the
     /// interval (call it at [`crate::throttle::AUDIT_INTERVAL`]).
     pub fn flush_refusals(&self) {
-        for (key, text) in self.throttle.due() {
-            self.audit(Some(key), text);
+        for (refused, text) in self.throttle.due() {
+            self.audit(refused, text);
         }
     }
 }
@@ -261,7 +295,7 @@ impl PeerPolicy for Peers {
         if let Some(r) = self.rotation(peer).filter(|r| r.retired.is_some()) {
             tracing::warn!(key = %peer, successor = %r.new, "refused a retired key (handshake)");
             self.audit_refusal(
-                Some(*peer),
+                Refused::Key(*peer),
                 format!(
                     "key {peer} was replaced by {} (key rotation) and is retired",
                     r.new
@@ -274,7 +308,7 @@ impl PeerPolicy for Peers {
             Some(NodeKind::Below { via, .. }) => {
                 tracing::warn!(key = %peer, %via, "refused a key registered below child hub {via}: it sends through that hub (handshake)");
                 self.audit_refusal(
-                    Some(*peer),
+                    Refused::Key(*peer),
                     format!("key {peer} is registered below child hub {via}, not enrolled here"),
                 );
                 return false;
@@ -284,18 +318,87 @@ impl PeerPolicy for Peers {
         if let Some(r) = self.revocation(peer) {
             tracing::warn!(key = %peer, reason = %r.reason, "refused a revoked key (handshake)");
             self.audit_refusal(
-                Some(*peer),
+                Refused::Key(*peer),
                 format!("key {peer} was revoked at {}: {}", r.at, r.reason),
             );
             return false;
         }
         tracing::warn!(key = %peer, "refused a key that is not enrolled (handshake)");
-        self.audit_refusal(Some(*peer), format!("key {peer} is not enrolled"));
+        self.audit_refusal(Refused::Key(*peer), format!("key {peer} is not enrolled"));
         false
     }
 
     fn refuse_unreadable(&self, reason: &str) {
         tracing::warn!(%reason, "refused a client certificate without an ed25519 key (handshake)");
-        self.audit_refusal(None, format!("unreadable client certificate: {reason}"));
+        self.audit_refusal(
+            Refused::Unreadable,
+            format!("unreadable client certificate: {reason}"),
+        );
+    }
+
+    fn refuse_unproven(&self, reason: &str) {
+        // The certificate's key is not named: its holder may not be the
+        // client.
+        tracing::warn!(%reason, "refused a client whose handshake signature does not match its certificate (handshake)");
+        self.audit_refusal(
+            Refused::Unproven,
+            format!(
+                "unproven key: the client's handshake signature does not verify against \
+                 the key of its certificate ({reason})"
+            ),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use shuyuan_protocol::NodeKey;
+
+    use super::*;
+    use crate::apply::audit;
+    use crate::store::memory::MemoryEngine;
+
+    async fn refusals(store: &Store) -> Vec<AuditEntry> {
+        store.barrier().await.unwrap();
+        store
+            .read(|t| audit::recent(t, 1000))
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == AuditKind::HandshakeRefused)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_fresh_keys_and_unreadable_certificates_is_audited_within_the_cap() {
+        let (store, _writer) = Store::start(Arc::new(MemoryEngine::new())).unwrap();
+        let peers = Peers::load(store.clone()).unwrap();
+        for seed in 0..20 {
+            assert!(!peers.admit(&NodeKey::from_seed([seed; 32]).id()));
+        }
+        for _ in 0..3 {
+            peers.refuse_unreadable("certificate does not hold an ed25519 key");
+        }
+        let entries = refusals(&store).await;
+        assert_eq!(entries.len(), REFUSAL_ENTRIES, "{entries:#?}");
+        assert_eq!(peers.refused(), 23);
+    }
+
+    #[tokio::test]
+    async fn an_unproven_key_is_refused_without_its_name() {
+        let (store, _writer) = Store::start(Arc::new(MemoryEngine::new())).unwrap();
+        let peers = Peers::load(store.clone()).unwrap();
+        for _ in 0..2 {
+            peers.refuse_unproven("invalid peer certificate: BadSignature");
+        }
+        let entries = refusals(&store).await;
+        assert_eq!(entries.len(), 1, "{entries:#?}");
+        assert_eq!(entries[0].peer, None);
+        assert!(
+            entries[0].detail.starts_with("unproven key"),
+            "{entries:#?}"
+        );
+        assert_eq!(peers.refused(), 2);
     }
 }

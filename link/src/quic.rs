@@ -5,7 +5,10 @@
 //! Invariant: a handshake completes only if the server's key equals the key
 //! the client pinned and the client's key is admitted by the server's
 //! [`PeerPolicy`]; the TLS handshake signatures are still checked, so a peer
-//! must hold the private key of the identity it presents.
+//! must hold the private key of the identity it presents. The policy sees a
+//! client's key only after the client proved it holds it (its handshake
+//! signature verified against that key), so a refusal that names a key was
+//! earned by that key's holder.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -61,12 +64,21 @@ pub enum QuicError {
 
 /// Decides which client keys may complete a handshake with a server.
 pub trait PeerPolicy: Send + Sync + fmt::Debug + 'static {
-    /// Whether `peer` may connect. Called during the handshake; refusing
-    /// implementations should log and count the refusal themselves.
+    /// Whether `peer` may connect. Called during the handshake, once the
+    /// client has proved it holds `peer`'s private key (its handshake
+    /// signature verified); refusing implementations should log and count
+    /// the refusal themselves.
     fn admit(&self, peer: &NodeId) -> bool;
 
     /// A client presented a certificate that holds no ed25519 key.
     fn refuse_unreadable(&self, reason: &str) {
+        let _ = reason;
+    }
+
+    /// A client's handshake signature does not verify against the key in
+    /// its certificate: it has not shown that it holds that key, so the
+    /// key says nothing about who it is and is not passed on.
+    fn refuse_unproven(&self, reason: &str) {
         let _ = reason;
     }
 }
@@ -441,28 +453,17 @@ impl ClientCertVerifier for AdmittedClients {
         &[]
     }
 
+    /// Checks only that the certificate holds an ed25519 key. rustls asks
+    /// before the client has signed the handshake, so the key is not yet
+    /// proven: the policy decides on it in `verify_tls13_signature`.
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let peer = match certificate_key(end_entity) {
-            Ok(peer) => peer,
-            Err(reason) => {
-                self.policy.refuse_unreadable(&reason);
-                return Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::BadEncoding,
-                ));
-            }
-        };
-        if self.policy.admit(&peer) {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ))
-        }
+        client_key(self.policy.as_ref(), end_entity)?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -474,18 +475,41 @@ impl ClientCertVerifier for AdmittedClients {
         refuse_tls12()
     }
 
+    /// The client's CertificateVerify, which every TLS 1.3 handshake with
+    /// a client certificate passes before it completes: once it verifies
+    /// against the certificate's key, the client holds that key, and the
+    /// policy decides whether it may connect.
     fn verify_tls13_signature(
         &self,
         message: &[u8],
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        check_tls13(&self.provider, message, cert, dss)
+        let proven = check_tls13(&self.provider, message, cert, dss).inspect_err(|e| {
+            self.policy.refuse_unproven(&e.to_string());
+        })?;
+        let peer = client_key(self.policy.as_ref(), cert)?;
+        if self.policy.admit(&peer) {
+            Ok(proven)
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         SCHEMES.to_vec()
     }
+}
+
+/// The ed25519 key of a client certificate; a certificate without one is
+/// refused (and reported to `policy`).
+fn client_key(policy: &dyn PeerPolicy, cert: &CertificateDer<'_>) -> Result<NodeId, rustls::Error> {
+    certificate_key(cert).map_err(|reason| {
+        policy.refuse_unreadable(&reason);
+        rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+    })
 }
 
 /// Writes one framed message.
@@ -578,8 +602,10 @@ mod tests {
     use shuyuan_protocol::message::{Ack, MessageV1};
     use std::sync::Mutex;
 
+    /// Admits the keys in `.0`; records the keys it refused (`.1`) and the
+    /// clients that did not prove their key (`.2`).
     #[derive(Debug, Default)]
-    struct Allow(Mutex<Vec<NodeId>>, Mutex<Vec<NodeId>>);
+    struct Allow(Mutex<Vec<NodeId>>, Mutex<Vec<NodeId>>, Mutex<Vec<String>>);
     impl PeerPolicy for Allow {
         fn admit(&self, peer: &NodeId) -> bool {
             let ok = self.0.lock().unwrap().contains(peer);
@@ -588,6 +614,51 @@ mod tests {
             }
             ok
         }
+
+        fn refuse_unproven(&self, reason: &str) {
+            self.2.lock().unwrap().push(reason.to_string());
+        }
+    }
+
+    /// Presents a fixed certificate, whatever key signs the handshake.
+    #[derive(Debug)]
+    struct Present(Arc<rustls::sign::CertifiedKey>);
+    impl rustls::client::ResolvesClientCert for Present {
+        fn resolve(
+            &self,
+            _root_hint_subjects: &[&[u8]],
+            _schemes: &[SignatureScheme],
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+
+    /// A client that presents `cert` but signs the handshake with `signer`.
+    fn presenting(
+        cert: CertificateDer<'static>,
+        signer: &NodeKey,
+        server: NodeId,
+    ) -> quinn::ClientConfig {
+        let provider = provider();
+        let (_, private) = certificate(signer).unwrap();
+        let key = provider.key_provider.load_private_key(private).unwrap();
+        let certified = rustls::sign::CertifiedKey::new(vec![cert], key);
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedServer {
+                pinned: server,
+                provider,
+            }))
+            .with_client_cert_resolver(Arc::new(Present(Arc::new(certified))));
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        quinn::ClientConfig::new(Arc::new(quic))
     }
 
     #[test]
@@ -598,8 +669,7 @@ mod tests {
     }
 
     async fn pair(
-        client_key: &NodeKey,
-        pinned: NodeId,
+        client_config: quinn::ClientConfig,
         policy: Arc<Allow>,
         server_key: &NodeKey,
     ) -> (quinn::Endpoint, Result<(quinn::Connection, NodeId), String>) {
@@ -622,11 +692,7 @@ mod tests {
         let client = client_endpoint(addr).unwrap();
         let result = async {
             let conn = client
-                .connect_with(
-                    client_config(client_key, pinned).unwrap(),
-                    addr,
-                    SERVER_NAME,
-                )
+                .connect_with(client_config, addr, SERVER_NAME)
                 .map_err(|e| e.to_string())?
                 .await
                 .map_err(|e| explain(&e))?;
@@ -663,17 +729,59 @@ mod tests {
         let policy = Arc::new(Allow::default());
         policy.0.lock().unwrap().push(agent.id());
 
-        let (_s, ok) = pair(&agent, hub.id(), policy.clone(), &hub).await;
+        let (_s, ok) = pair(
+            client_config(&agent, hub.id()).unwrap(),
+            policy.clone(),
+            &hub,
+        )
+        .await;
         let (_conn, peer) = ok.unwrap();
         assert_eq!(peer, hub.id());
 
-        let (_s, refused) = pair(&stranger, hub.id(), policy.clone(), &hub).await;
+        let (_s, refused) = pair(
+            client_config(&stranger, hub.id()).unwrap(),
+            policy.clone(),
+            &hub,
+        )
+        .await;
         let err = refused.unwrap_err();
         assert!(err.contains("authentication failed"), "{err}");
         assert_eq!(policy.1.lock().unwrap().as_slice(), &[stranger.id()]);
 
-        let (_s, wrong_hub) = pair(&agent, stranger.id(), policy.clone(), &hub).await;
+        let (_s, wrong_hub) = pair(
+            client_config(&agent, stranger.id()).unwrap(),
+            policy.clone(),
+            &hub,
+        )
+        .await;
         let err = wrong_hub.unwrap_err();
         assert!(err.contains("hub key mismatch"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_policy_sees_a_key_only_once_the_client_proved_it_holds_it() {
+        let hub = NodeKey::from_seed([1; 32]);
+        let victim = NodeKey::from_seed([4; 32]);
+        let impostor = NodeKey::from_seed([5; 32]);
+        let policy = Arc::new(Allow::default());
+        // The victim's certificate is public; its private key is not.
+        let (victim_cert, _) = certificate(&victim).unwrap();
+        for enrolled in [false, true] {
+            if enrolled {
+                policy.0.lock().unwrap().push(victim.id());
+            }
+            let client = presenting(victim_cert.clone(), &impostor, hub.id());
+            let (_s, refused) = pair(client, policy.clone(), &hub).await;
+            let err = refused.unwrap_err();
+            assert!(err.contains("authentication failed"), "{err}");
+        }
+        assert!(
+            policy.1.lock().unwrap().is_empty(),
+            "the victim's key was refused in its name"
+        );
+        assert_eq!(policy.2.lock().unwrap().len(), 2);
+        // The victim itself still gets in.
+        let (_s, ok) = pair(client_config(&victim, hub.id()).unwrap(), policy, &hub).await;
+        ok.unwrap();
     }
 }

@@ -2,7 +2,11 @@
 //! running service.
 //!
 //! A Unix socket in the service's data directory, mode 0600, so only the
-//! service's own user (or root) can use it. One connection carries one
+//! service's own user (or root) can use it: it is bound in a private
+//! directory (0700) beside its place, given its mode there and then renamed
+//! into place, so no other user can connect in the moment between bind and
+//! chmod (a umask set around bind would not do: it is the whole process's,
+//! and other threads create files meanwhile). One connection carries one
 //! request: the client writes a JSON line; the server answers with a JSON
 //! header line, `{"ok":true}` or `{"ok":false,"error":"..."}`, followed by
 //! the response body, streamed until it closes the connection.
@@ -12,7 +16,8 @@
 
 use std::future::Future;
 use std::io::Write;
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -40,25 +45,54 @@ pub enum ControlError {
     Refused(String),
 }
 
-/// Binds the control socket, replacing a stale socket file, mode 0600.
+/// The mode of the control socket.
+pub const SOCKET_MODE: u32 = 0o600;
+
+/// Binds the control socket, replacing a stale socket file; the socket has
+/// mode 0600 from the moment it appears at `path` (see the module doc).
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        // A live service would still answer; a dead one left the file behind.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is in use by a running service", path.display()),
-            ));
+    // A live service would still answer; a dead one left the file behind,
+    // which the rename below replaces.
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is in use by a running service", path.display()),
+        ));
+    }
+    let staging = staging_dir(path)?;
+    let bound = (|| {
+        let inside = staging.join("control.sock");
+        let listener = UnixListener::bind(&inside)?;
+        std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+        std::fs::rename(&inside, path)?;
+        Ok(listener)
+    })();
+    std::fs::remove_dir_all(&staging)?;
+    bound
+}
+
+/// A new directory only this user can enter, beside `path` (so that a
+/// rename from it to `path` stays on one file system); one left behind by a
+/// start that crashed is removed first.
+fn staging_dir(path: &Path) -> std::io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let staging = path.with_file_name(format!(".{name}.{}.bind", std::process::id()));
+    let create = || {
+        std::fs::DirBuilder::new()
+            .mode(crate::owner_only::DIR_MODE)
+            .create(&staging)
+    };
+    match create() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_dir_all(&staging)?;
+            create()?;
         }
-        std::fs::remove_file(path)?;
+        other => other?,
     }
-    let listener = UnixListener::bind(path)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    }
-    Ok(listener)
+    Ok(staging)
 }
 
 /// Serves the control socket until `stop` completes: each connection's
@@ -217,5 +251,38 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ControlError::NotRunning { .. }));
+    }
+
+    #[tokio::test]
+    async fn the_socket_appears_with_mode_0600_and_replaces_a_stale_one() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("c.sock");
+        // A watcher records every mode the socket is seen with while it is
+        // bound again and again (whatever the umask, usually 022).
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let watcher = {
+            let (sock, done) = (sock.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut seen = std::collections::BTreeSet::new();
+                while !done.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&sock) {
+                        seen.insert(format!("{:04o}", m.permissions().mode() & 0o7777));
+                    }
+                }
+                seen
+            })
+        };
+        for _ in 0..300 {
+            // Each listener dropped leaves a stale file for the next bind.
+            drop(bind(&sock).unwrap());
+        }
+        done.store(true, Ordering::Relaxed);
+        let seen = watcher.join().unwrap();
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["0600"]);
+        let _listener = bind(&sock).unwrap();
+        std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the socket is left: {left:?}");
     }
 }

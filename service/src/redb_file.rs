@@ -79,6 +79,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use shuyuan_protocol::UnixMillis;
 
+use crate::owner_only;
+
 /// Why a redb file could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -214,23 +216,25 @@ pub struct FileHealth {
 /// purpose (`testing`, behind the cargo feature of that name).
 pub type Opener = Box<dyn Fn(&Path) -> Result<redb::Database, OpenError> + Send + Sync>;
 
-/// Opens (or creates) a service's redb file, creating its directory. A
-/// `status` or `export` command run while the service was down may hold the
-/// file for a moment, and a reopen waits for transactions of the old
-/// handle, so an open that finds the file locked waits up to five seconds
-/// before giving up.
+/// Opens (or creates) a service's redb file (mode 0600), creating its
+/// directory (0700, see [`crate::owner_only`]). A `status` or `export`
+/// command run while the service was down may hold the file for a moment,
+/// and a reopen waits for transactions of the old handle, so an open that
+/// finds the file locked waits up to five seconds before giving up.
 pub fn open_redb(path: &Path) -> Result<redb::Database, OpenError> {
-    open_waiting(path, || redb::Database::create(path))
+    open_waiting(path, || {
+        redb::Builder::new().create_file(owner_only::open_file(path)?)
+    })
 }
 
-/// Creates the file's directory and the database with `create`, retrying
-/// for up to five seconds while another handle holds the file.
+/// Creates the file's directory (mode 0700) and the database with `create`,
+/// retrying for up to five seconds while another handle holds the file.
 pub fn open_waiting(
     path: &Path,
     create: impl Fn() -> Result<redb::Database, redb::DatabaseError>,
 ) -> Result<redb::Database, OpenError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| OpenError::CreateDir {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        owner_only::create_dir(dir).map_err(|source| OpenError::CreateDir {
             path: path.to_owned(),
             dir: dir.to_owned(),
             source,
@@ -774,12 +778,7 @@ pub mod testing {
     pub fn opener(full: Arc<AtomicBool>) -> Opener {
         Box::new(move |path| {
             open_waiting(path, || {
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(path)
+                let file = crate::owner_only::open_file(path)
                     .map_err(|e| redb::DatabaseError::Storage(redb::StorageError::Io(e)))?;
                 redb::Builder::new().create_with_backend(FullDisk {
                     file: FileBackend::new(file)?,
@@ -1165,5 +1164,19 @@ mod tests {
         assert!(e.to_string().starts_with("cannot open"), "{e}");
         let file = RedbFile::open(&path, MIGRATIONS).unwrap();
         assert_eq!(get(&file, "a").unwrap(), Some(1), "0001 did not run again");
+    }
+
+    #[test]
+    fn a_new_file_and_its_directory_are_for_the_services_user_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        // Whatever the umask of the test run (usually 022).
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let path = data.join("hub.redb");
+        let file = RedbFile::open(&path, MIGRATIONS).unwrap();
+        put(&file, "a", 1).unwrap();
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&path), 0o600);
     }
 }

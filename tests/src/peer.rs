@@ -17,6 +17,11 @@ use shuyuan_protocol::{
 };
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::HubProcess;
 
@@ -187,15 +192,18 @@ impl FeedPeer {
         department: &str,
         resources: &[&str],
     ) -> Result<(FeedPeer, Welcome)> {
-        let hello = MessageV1::Hello(Hello {
-            software: "test-peer".into(),
-            department: department.parse()?,
-            resources: resources
-                .iter()
-                .map(|r| r.parse())
-                .collect::<Result<_, _>>()?,
-        });
-        FeedPeer::open_at(addr, hub_key, key, hello).await
+        FeedPeer::open_at(addr, hub_key, key, hello(department, resources)?).await
+    }
+
+    /// [`FeedPeer::connect`] with a client made by hand (see
+    /// [`presenting`]).
+    pub async fn connect_with(
+        hub: &HubProcess,
+        client: quinn::ClientConfig,
+        department: &str,
+        resources: &[&str],
+    ) -> Result<(FeedPeer, Welcome)> {
+        FeedPeer::open_with(hub.addr, client, hello(department, resources)?).await
     }
 
     async fn open_at(
@@ -204,7 +212,15 @@ impl FeedPeer {
         key: &NodeKey,
         hello: MessageV1,
     ) -> Result<(FeedPeer, Welcome)> {
-        let (endpoint, conn) = dial_at(addr, hub_key, key).await?;
+        FeedPeer::open_with(addr, quic::client_config(key, hub_key)?, hello).await
+    }
+
+    async fn open_with(
+        addr: SocketAddr,
+        client: quinn::ClientConfig,
+        hello: MessageV1,
+    ) -> Result<(FeedPeer, Welcome)> {
+        let (endpoint, conn) = dial_at(addr, client).await?;
         let (mut send, mut recv) = conn
             .open_bi()
             .await
@@ -284,24 +300,162 @@ impl FeedPeer {
     }
 }
 
+/// The `Hello` of `department` sending `resources`.
+fn hello(department: &str, resources: &[&str]) -> Result<MessageV1> {
+    Ok(MessageV1::Hello(Hello {
+        software: "test-peer".into(),
+        department: department.parse()?,
+        resources: resources
+            .iter()
+            .map(|r| r.parse())
+            .collect::<Result<_, _>>()?,
+    }))
+}
+
 /// Completes a QUIC handshake with `hub` as `key`, nothing more: for peers
 /// that then misbehave on purpose. The hub's refusal of the key shows as an
 /// error on the first stream operation, not here (TLS 1.3).
 pub async fn dial(hub: &HubProcess, key: &NodeKey) -> Result<(quinn::Endpoint, quinn::Connection)> {
-    dial_at(hub.addr, hub.key.parse()?, key).await
+    dial_at(hub.addr, quic::client_config(key, hub.key.parse()?)?).await
 }
 
 async fn dial_at(
     addr: SocketAddr,
-    hub_key: NodeId,
-    key: &NodeKey,
+    client: quinn::ClientConfig,
 ) -> Result<(quinn::Endpoint, quinn::Connection)> {
     let endpoint = quic::client_endpoint(addr)?;
     let conn = endpoint
-        .connect_with(quic::client_config(key, hub_key)?, addr, quic::SERVER_NAME)?
+        .connect_with(client, addr, quic::SERVER_NAME)?
         .await
         .map_err(|e| anyhow!(quic::explain(&e)))?;
     Ok((endpoint, conn))
+}
+
+/// A client that presents `cert` as its certificate but signs the TLS
+/// handshake with `signer`, and accepts only the hub `hub_key`: for a
+/// certificate whose key the client does not hold (another node's public
+/// key, see [`certificate_of`]) or one without an ed25519 key
+/// ([`certificate_without_ed25519`]).
+pub fn presenting(
+    cert: CertificateDer<'static>,
+    signer: &NodeKey,
+    hub_key: NodeId,
+) -> Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let (_, private) = quic::certificate(signer)?;
+    let key = provider.key_provider.load_private_key(private)?;
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(vec![cert], key));
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedHub {
+            key: hub_key,
+            provider,
+        }))
+        .with_client_cert_resolver(Arc::new(Present(certified)));
+    tls.alpn_protocols = vec![shuyuan_protocol::message::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// A certificate for the public key `key`, issued by `issuer`: what an
+/// impostor can make without `key`'s private half.
+pub fn certificate_of(key: &NodeId, issuer: &NodeKey) -> Result<CertificateDer<'static>> {
+    /// A public key alone.
+    struct Public([u8; 32]);
+    impl rcgen::PublicKeyData for Public {
+        fn der_bytes(&self) -> &[u8] {
+            &self.0
+        }
+
+        fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+            &rcgen::PKCS_ED25519
+        }
+    }
+    let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(issuer.to_pkcs8_der()?);
+    let issuer_key = rcgen::KeyPair::try_from(&pkcs8)?;
+    let params = rcgen::CertificateParams::new(vec![quic::SERVER_NAME.to_string()])?;
+    let issuer = rcgen::Issuer::from_params(&params, &issuer_key);
+    let cert = params.signed_by(&Public(*key.as_bytes()), &issuer)?;
+    Ok(cert.der().clone())
+}
+
+/// A self-signed certificate with an ECDSA P-256 key, which no node has.
+pub fn certificate_without_ed25519() -> Result<CertificateDer<'static>> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let params = rcgen::CertificateParams::new(vec![quic::SERVER_NAME.to_string()])?;
+    Ok(params.self_signed(&key)?.der().clone())
+}
+
+/// Presents one certificate, whatever key signs the handshake.
+#[derive(Debug)]
+struct Present(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Present {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// Accepts the hub whose certificate holds `key` (and checks its
+/// handshake signature), as an agent does.
+#[derive(Debug)]
+struct PinnedHub {
+    key: NodeId,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedHub {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match quic::certificate_key(end_entity) {
+            Ok(key) if key == self.key => Ok(ServerCertVerified::assertion()),
+            other => Err(rustls::Error::General(format!("not the hub: {other:?}"))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
 }
 
 /// Enrolls each key for its own department `{prefix}{index:04}`, with a

@@ -1,5 +1,7 @@
 //! Keys: a key file other users can read stops the service with the fix
-//! named; a revoked key is cut off at once and refused from then on.
+//! named, and the services make their data directory, redb files and
+//! control socket for their own user only; a revoked key is cut off at
+//! once and refused from then on.
 
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
@@ -40,6 +42,53 @@ fn a_key_file_other_users_can_read_stops_agent_and_hub_with_the_fix() -> Result<
         err.contains(&agent_key.display().to_string()) && err.contains("chmod 600"),
         "{err}"
     );
+    Ok(())
+}
+
+#[test]
+fn hub_and_agent_make_their_data_for_their_own_user_only() -> Result<()> {
+    // Started with the test's umask (usually 022), not systemd's 0077.
+    let Nodes(sb, [], [agent]) = Topology::new()
+        .agent(AgentSpec::household("ga", "GA"))
+        .start()?;
+    agent.wait_drained(Duration::from_secs(60))?;
+    let mode = |p: &std::path::Path| -> Result<String> {
+        Ok(format!(
+            "{:04o}",
+            std::fs::symlink_metadata(p)?.permissions().mode() & 0o7777
+        ))
+    };
+    for (data, expected) in [
+        (sb.hub.dir.join("data"), ["hub.redb", "hub.sock"].as_slice()),
+        (
+            agent.dir.join("data"),
+            ["outbox.redb", "agent.sock"].as_slice(),
+        ),
+    ] {
+        ensure!(
+            mode(&data)? == "0700",
+            "{}: {}",
+            data.display(),
+            mode(&data)?
+        );
+        let mut private = Vec::new();
+        for entry in std::fs::read_dir(&data)? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.ends_with(".redb") || name.ends_with(".sock") {
+                ensure!(
+                    mode(&path)? == "0600",
+                    "{}: {}",
+                    path.display(),
+                    mode(&path)?
+                );
+                private.push(name.into_owned());
+            }
+        }
+        for name in expected {
+            ensure!(private.iter().any(|p| p == name), "{name} in {private:?}");
+        }
+    }
     Ok(())
 }
 

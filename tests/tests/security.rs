@@ -1,15 +1,22 @@
 //! Bad peers: forged, gapped, replayed and foreign batches are refused with
 //! their reason and audited while an honest agent keeps syncing; keys that
-//! are not enrolled are refused at the handshake.
+//! are not enrolled are refused at the handshake. A flood of refused
+//! handshakes fills the audit log only up to a cap, and a key is named as
+//! refused only once its holder proved it holds it.
 
 use std::time::Duration;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow, ensure};
+use serde_json::Value as Json;
 use shuyuan_protocol::batch::BatchHash;
-use shuyuan_protocol::{NodeKey, RejectReason};
+use shuyuan_protocol::{NodeId, NodeKey, RejectReason};
 use shuyuan_tests::data::{self, Rng};
-use shuyuan_tests::peer::{FeedPeer, batch, expect_ack, expect_reject};
-use shuyuan_tests::{AgentProcess, AgentSpec, Nodes, Topology, assert_in_sync, wait_for};
+use shuyuan_tests::peer::{self, FeedPeer, batch, expect_ack, expect_reject};
+use shuyuan_tests::{AgentProcess, AgentSpec, Nodes, Sandbox, Topology, assert_in_sync, wait_for};
+
+/// Handshake refusals the hub audits one by one per minute, all keys
+/// together (`peers::REFUSAL_ENTRIES`).
+const REFUSAL_ENTRIES: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_batches_are_refused_and_audited_while_an_honest_agent_syncs() -> Result<()> {
@@ -180,5 +187,146 @@ async fn unenrolled_keys_are_refused_at_the_handshake() -> Result<()> {
     );
     misled.stop()?;
     agent.stop()?;
+    Ok(())
+}
+
+/// A handshake the hub must refuse: the error the client sees.
+async fn refused(attempt: Result<(FeedPeer, shuyuan_protocol::message::Welcome)>) -> Result<()> {
+    match attempt {
+        Ok(_) => Err(anyhow!("the hub admitted the handshake")),
+        Err(e) => {
+            let e = e.to_string();
+            ensure!(e.contains("authentication failed"), "{e}");
+            Ok(())
+        }
+    }
+}
+
+/// One sample of the hub's `/metrics`.
+async fn metric(sb: &Sandbox, series: &str) -> Result<f64> {
+    let text = reqwest::get(format!("{}/metrics", sb.hub.admin_url()?))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .with_context(|| format!("no {series} in {text}"))
+}
+
+/// The hub's handshake refusals in its audit log, once every audit entry
+/// queued before this call is written: enrolling goes through the same
+/// queue, so the `enrolled` entry of `marker` comes after them.
+fn handshake_refusals(sb: &Sandbox, marker: &str) -> Result<Vec<Json>> {
+    sb.hub.enroll("ZZ", "marker", marker)?;
+    let audit = sb.hub.audit()?;
+    ensure!(
+        audit
+            .iter()
+            .any(|a| a["kind"] == "enrolled" && a["peer"] == marker),
+        "{audit:?}"
+    );
+    Ok(audit
+        .into_iter()
+        .filter(|a| a["kind"] == "handshake_refused")
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_refused_handshakes_is_audited_up_to_a_cap_and_counted_in_full() -> Result<()> {
+    const FRESH_KEYS: usize = 20;
+    const UNREADABLE: usize = 4;
+    let Nodes(sb, [], []) = Topology::new().start()?;
+    let hub_key: NodeId = sb.hub.key.parse()?;
+    for _ in 0..FRESH_KEYS {
+        let key = NodeKey::generate()?;
+        refused(FeedPeer::connect(&sb.hub, &key, "XX", &["R"]).await).await?;
+    }
+    for _ in 0..UNREADABLE {
+        let cert = peer::certificate_without_ed25519()?;
+        let client = peer::presenting(cert, &NodeKey::generate()?, hub_key)?;
+        refused(FeedPeer::connect_with(&sb.hub, client, "XX", &["R"]).await).await?;
+    }
+    // Every refusal is counted ...
+    let counted = metric(&sb, "shuyuan_handshakes_refused_total").await?;
+    assert_eq!(counted, (FRESH_KEYS + UNREADABLE) as f64);
+    // ... but at most the cap is audited one by one; the rest is summed
+    // into one entry a minute (after the minute, so maybe not yet).
+    let marker = NodeKey::generate()?.id().to_string();
+    let refusals = handshake_refusals(&sb, &marker)?;
+    let (sums, single): (Vec<&Json>, Vec<&Json>) = refusals.iter().partition(|a| {
+        a["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("beyond the"))
+    });
+    assert!(
+        (1..=REFUSAL_ENTRIES).contains(&single.len()) && sums.len() <= 1,
+        "{} refused handshakes made {} audit entries: {refusals:#?}",
+        FRESH_KEYS + UNREADABLE,
+        refusals.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_is_named_as_refused_only_once_its_holder_proved_it() -> Result<()> {
+    let Nodes(sb, [], []) = Topology::new().start()?;
+    let hub_key: NodeId = sb.hub.key.parse()?;
+    // Three departments' keys: enrolled, revoked, and enrolled elsewhere.
+    // The impostor has only their public halves.
+    let [enrolled, revoked, elsewhere] = [(); 3].map(|()| NodeKey::generate());
+    let (enrolled, revoked, elsewhere) = (enrolled?, revoked?, elsewhere?);
+    sb.hub.enroll("MZ", "民政局", &enrolled.id().to_string())?;
+    sb.hub.enroll("CZ", "财政局", &revoked.id().to_string())?;
+    let out = sb
+        .hub
+        .cli(&["revoke", &revoked.id().to_string(), "--reason", "replaced"])?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let impostor = NodeKey::generate()?;
+    let victims = [&enrolled, &revoked, &elsewhere];
+    for victim in victims {
+        let cert = peer::certificate_of(&victim.id(), &impostor)?;
+        let client = peer::presenting(cert, &impostor, hub_key)?;
+        refused(FeedPeer::connect_with(&sb.hub, client, "MZ", &["R"]).await).await?;
+    }
+    let marker = NodeKey::generate()?.id().to_string();
+    let refusals = handshake_refusals(&sb, &marker)?;
+    for victim in victims {
+        let key = victim.id().to_string();
+        assert!(
+            !refusals.iter().any(|a| a["peer"] == key.as_str()
+                || a["detail"].as_str().is_some_and(|d| d.contains(&key))),
+            "a refusal in {key}'s name: {refusals:#?}"
+        );
+        assert!(
+            !sb.hub
+                .log()
+                .lines()
+                .any(|l| l.contains("refused") && l.contains(&key)),
+            "the hub logged a refusal in {key}'s name:\n{}",
+            sb.hub.log()
+        );
+    }
+    assert!(
+        refusals.iter().any(|a| a["peer"].is_null()
+            && a["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("unproven key"))),
+        "{refusals:#?}"
+    );
+    // The refusals are counted all the same.
+    let counted = metric(&sb, "shuyuan_handshakes_refused_total").await?;
+    assert_eq!(counted, victims.len() as f64);
+    // The holder of the enrolled key is not affected.
+    let (mut conn, _) = FeedPeer::connect(&sb.hub, &enrolled, "MZ", &["R"]).await?;
+    expect_ack(
+        conn.send(&batch(&enrolled, "MZ:R", 1, BatchHash::GENESIS, "m1")?)
+            .await?,
+        1,
+    );
     Ok(())
 }
