@@ -947,6 +947,20 @@ async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
+/// `name` as a quoted TOML key.
+fn toml_key(name: &str) -> String {
+    let mut out = String::from("\"");
+    for c in name.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -961,18 +975,4 @@ mod tests {
     fn template_is_a_valid_config() {
         Config::parse(Path::new("deploy/hub.toml"), CONFIG_TEMPLATE).unwrap();
     }
-}
-
-/// `name` as a quoted TOML key.
-fn toml_key(name: &str) -> String {
-    let mut out = String::from("\"");
-    for c in name.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
