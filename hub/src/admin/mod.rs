@@ -12,7 +12,7 @@
 
 pub mod accounts;
 pub mod auth;
-mod headers;
+pub mod headers;
 pub mod i18n;
 pub mod limits;
 pub mod metrics;
