@@ -29,6 +29,12 @@ fn insert_big(conn: &rusqlite::Connection, rng: &mut Rng, n: usize) -> Result<()
     Ok(())
 }
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// The agent's acknowledged head of the feed.
 fn acked(agent_status: &Json) -> u64 {
     agent_status["resources"]
@@ -90,9 +96,13 @@ fn a_full_disk_stops_acks_is_reported_and_the_hub_recovers_when_space_returns() 
     let before = agent.status()?;
     std::thread::sleep(Duration::from_secs(5));
     let during = agent.status()?;
+    let now = sb.hub.status()?;
     ensure!(
-        sb.hub.status()?["store"]["failing_since"] == failing["store"]["failing_since"],
-        "the store stays failing while full"
+        now["store"]["failing_since"] == failing["store"]["failing_since"],
+        "the store stays failing while full: was {}, now {}; the hub's log ends:\n{}",
+        failing["store"],
+        now["store"],
+        tail(&sb.hub.log(), 40)
     );
     assert_eq!(
         acked(&before),
