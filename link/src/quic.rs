@@ -282,8 +282,28 @@ pub fn server_endpoint(
 /// Client configuration: presents `key`'s certificate and accepts only a
 /// server whose key is `server`.
 pub fn client_config(key: &NodeKey, server: NodeId) -> Result<quinn::ClientConfig, QuicError> {
-    let (cert, private) = certificate(key)?;
+    let (cert, _) = certificate(key)?;
+    client_config_presenting(cert, key, server)
+}
+
+/// A client that presents `cert` as its certificate and signs the
+/// handshake with `signer`, accepting only a server whose key is `server`.
+/// With `cert` from [`certificate`] of `signer`, an honest node
+/// ([`client_config`]); with a certificate of another node's public key, or
+/// one without an ed25519 key, an impostor, as tests use it to prove the
+/// server refuses one.
+pub fn client_config_presenting(
+    cert: CertificateDer<'static>,
+    signer: &NodeKey,
+    server: NodeId,
+) -> Result<quinn::ClientConfig, QuicError> {
+    let (_, private) = certificate(signer)?;
     let provider = provider();
+    let key = provider
+        .key_provider
+        .load_private_key(private)
+        .map_err(|e| QuicError::Certificate(e.to_string()))?;
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(vec![cert], key));
     let verifier = Arc::new(PinnedServer {
         pinned: server,
         provider: provider.clone(),
@@ -292,13 +312,31 @@ pub fn client_config(key: &NodeKey, server: NodeId) -> Result<quinn::ClientConfi
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(vec![cert], private)?;
+        .with_client_cert_resolver(Arc::new(Present(certified)));
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| QuicError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport());
     Ok(config)
+}
+
+/// Presents one certificate on every handshake.
+#[derive(Debug)]
+struct Present(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Present {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// A client endpoint on an ephemeral port of the right address family.
@@ -620,47 +658,6 @@ mod tests {
         }
     }
 
-    /// Presents a fixed certificate, whatever key signs the handshake.
-    #[derive(Debug)]
-    struct Present(Arc<rustls::sign::CertifiedKey>);
-    impl rustls::client::ResolvesClientCert for Present {
-        fn resolve(
-            &self,
-            _root_hint_subjects: &[&[u8]],
-            _schemes: &[SignatureScheme],
-        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-            Some(self.0.clone())
-        }
-
-        fn has_certs(&self) -> bool {
-            true
-        }
-    }
-
-    /// A client that presents `cert` but signs the handshake with `signer`.
-    fn presenting(
-        cert: CertificateDer<'static>,
-        signer: &NodeKey,
-        server: NodeId,
-    ) -> quinn::ClientConfig {
-        let provider = provider();
-        let (_, private) = certificate(signer).unwrap();
-        let key = provider.key_provider.load_private_key(private).unwrap();
-        let certified = rustls::sign::CertifiedKey::new(vec![cert], key);
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedServer {
-                pinned: server,
-                provider,
-            }))
-            .with_client_cert_resolver(Arc::new(Present(Arc::new(certified))));
-        tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        quinn::ClientConfig::new(Arc::new(quic))
-    }
-
     #[test]
     fn certificate_carries_the_node_key() {
         let key = NodeKey::from_seed([11; 32]);
@@ -770,7 +767,8 @@ mod tests {
             if enrolled {
                 policy.0.lock().unwrap().push(victim.id());
             }
-            let client = presenting(victim_cert.clone(), &impostor, hub.id());
+            let client =
+                client_config_presenting(victim_cert.clone(), &impostor, hub.id()).unwrap();
             let (_s, refused) = pair(client, policy.clone(), &hub).await;
             let err = refused.unwrap_err();
             assert!(err.contains("authentication failed"), "{err}");

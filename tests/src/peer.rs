@@ -17,11 +17,8 @@ use shuyuan_protocol::{
 };
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::CertificateDer;
 
 use crate::HubProcess;
 
@@ -341,21 +338,7 @@ pub fn presenting(
     signer: &NodeKey,
     hub_key: NodeId,
 ) -> Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let (_, private) = quic::certificate(signer)?;
-    let key = provider.key_provider.load_private_key(private)?;
-    let certified = Arc::new(rustls::sign::CertifiedKey::new(vec![cert], key));
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedHub {
-            key: hub_key,
-            provider,
-        }))
-        .with_client_cert_resolver(Arc::new(Present(certified)));
-    tls.alpn_protocols = vec![shuyuan_protocol::message::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    Ok(quic::client_config_presenting(cert, signer, hub_key)?)
 }
 
 /// A certificate for the public key `key`, issued by `issuer`: what an
@@ -385,77 +368,6 @@ pub fn certificate_without_ed25519() -> Result<CertificateDer<'static>> {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let params = rcgen::CertificateParams::new(vec![quic::SERVER_NAME.to_string()])?;
     Ok(params.self_signed(&key)?.der().clone())
-}
-
-/// Presents one certificate, whatever key signs the handshake.
-#[derive(Debug)]
-struct Present(Arc<rustls::sign::CertifiedKey>);
-
-impl rustls::client::ResolvesClientCert for Present {
-    fn resolve(
-        &self,
-        _root_hint_subjects: &[&[u8]],
-        _schemes: &[SignatureScheme],
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// Accepts the hub whose certificate holds `key` (and checks its
-/// handshake signature), as an agent does.
-#[derive(Debug)]
-struct PinnedHub {
-    key: NodeId,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinnedHub {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match quic::certificate_key(end_entity) {
-            Ok(key) if key == self.key => Ok(ServerCertVerified::assertion()),
-            other => Err(rustls::Error::General(format!("not the hub: {other:?}"))),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        vec![SignatureScheme::ED25519]
-    }
 }
 
 /// Enrolls each key for its own department `{prefix}{index:04}`, with a
